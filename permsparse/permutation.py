@@ -1,0 +1,402 @@
+"""Input-channel permutations that make N:M pruning lose less.
+
+A permutation ``p`` reorders the input channels of a layer: the permuted layer is ``W[:, p]`` (position
+``j`` holds original channel ``p[j]``) and its N:M mask is chosen on ``scores[:, p]``. Which channels
+share a group of M decides which weights survive, so a good ``p`` spreads salient channels over groups.
+
+Methods (method.md sections 1, 2):
+
+- ``none``: the identity, the baseline every other method is measured against.
+- ``cp``: Pool & Yu's channel permutation (NVIDIA ASP): greedy swaps of two channels between two groups
+  that raise the retained score, with a few random kicks out of local optima.
+- ``ria``: RIA's permutation (Zhang et al. 2024): deal channels into groups by column-sum bands, then
+  re-assign one slot of every group at a time by a linear assignment.
+- ``output`` [ours]: start from ``ria`` and swap channels to lower the layer's true output error
+  ``sum_r d_r H d_r^T`` (``d`` the pruned-away part of ``W``, ``H = X^T X``), judged exactly.
+
+Retained score and output error of a swap only depend on the two groups it touches, so every search
+here scores many candidate swaps in one batched tensor step instead of a loop over groups.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .masks import nm_mask, parse_pattern
+
+_TOL = 1e-9  # relative gain below which a move counts as no gain (float noise)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def _grouped(scores: torch.Tensor, p: torch.Tensor, m: int) -> torch.Tensor:
+    """``scores[:, p]`` as ``(rows, groups, m)``."""
+    return scores[:, p].reshape(scores.shape[0], -1, m)
+
+
+def _kept(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of the top-``n`` along the last dim: what an N:M mask keeps of one group (ties do not matter)."""
+    return x.topk(n, dim=-1).values.sum(-1)
+
+
+def retained(scores: torch.Tensor, p: torch.Tensor, n: int, m: int) -> float:
+    """Score kept by the N:M mask of ``scores[:, p]``, ``R(p)`` of method.md section 1."""
+    return float(_kept(_grouped(scores.double(), p, m), n).sum())
+
+
+def efficacy(scores: torch.Tensor, p: torch.Tensor, n: int, m: int) -> float:
+    """Share of the identity's gap to the unstructured bound that ``p`` closes (Pool & Yu 2021).
+
+    The bound keeps the top ``in*N/M`` of every row, which no permutation can beat. When the identity
+    already reaches it there is nothing to close, and any ``p`` that also reaches it scores 1.
+    """
+    s = scores.double()
+    ident = retained(s, torch.arange(s.shape[1]), n, m)
+    bound = float(s.topk(s.shape[1] * n // m, dim=1).values.sum())
+    gain = retained(s, p, n, m) - ident
+    if bound - ident <= _TOL * max(abs(bound), 1.0):
+        return 1.0 if gain >= -_TOL * max(abs(bound), 1.0) else float("-inf")
+    return gain / (bound - ident)
+
+
+def _blocked_gram(gram: torch.Tensor, rows: int) -> torch.Tensor:
+    """Gram as ``(k, in, in)``; with ``k > 1`` row block ``i`` of the weight reads ``gram[i]``."""
+    g = gram.unsqueeze(0) if gram.dim() == 2 else gram
+    if g.dim() != 3 or g.shape[1] != g.shape[2]:
+        raise ValueError(f"gram must be (in, in) or (k, in, in), got {tuple(gram.shape)}")
+    if rows % g.shape[0]:
+        raise ValueError(f"{rows} weight rows do not split into {g.shape[0]} gram blocks")
+    return g.double()
+
+
+def _error_and_grad(d: torch.Tensor, h: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """``sum_r d_r H d_r^T`` and ``G = d H`` (block-wise), for a pruned-away part ``d`` of ``(rows, in)``."""
+    k = h.shape[0]
+    g = torch.bmm(d.reshape(k, -1, d.shape[1]), h)
+    return float((g * d.reshape(g.shape)).sum()), g
+
+
+def _mask_in_original_order(scores: torch.Tensor, p: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M mask chosen on ``scores[:, p]``, put back in the original column order."""
+    mask = torch.empty(scores.shape, dtype=torch.bool)
+    mask[:, p] = nm_mask(scores[:, p], n, m)
+    return mask
+
+
+def output_error(weight: torch.Tensor, gram: torch.Tensor, p: torch.Tensor, n: int, m: int,
+                 scores: torch.Tensor) -> float:
+    """Output error ``sum_r d_r H d_r^T`` of pruning ``weight`` with the mask of ``scores[:, p]``.
+
+    ``d = W - W * mask`` is what pruning removes, so this is the squared output change summed over the
+    calibration tokens whose Gram matrix is ``gram`` (``(in, in)``, or ``(k, in, in)`` per row block).
+    """
+    d = weight.double() * ~_mask_in_original_order(scores, p, n, m)
+    return _error_and_grad(d, _blocked_gram(gram, weight.shape[0]))[0]
+
+
+# ---------------------------------------------------------------------------- retained-score searches
+def _rest_stats(rest: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For groups missing one member (``rest`` is ``(..., m-1)``): kept sum and the n-th largest.
+
+    Adding a channel of score ``c`` to such a group keeps ``kept + relu(c - nth)``: the newcomer only
+    counts if it beats the weakest survivor. This turns every "channel into group" question into one
+    subtraction, which is what makes the batched searches below cheap.
+    """
+    top = rest.topk(n, dim=-1).values
+    return top.sum(-1), top[..., -1]
+
+
+def _others(m: int) -> torch.Tensor:
+    """``(m, m-1)``: for each member ``i``, the indices of the other members."""
+    idx = torch.arange(m)
+    return torch.stack([torch.cat([idx[:i], idx[i + 1:]]) for i in range(m)])
+
+
+def _pair_swap_gains(s: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, n: int) -> torch.Tensor:
+    """Retained gain of every swap between groups ``ga[q]`` and ``gb[q]``: ``(pairs, m, m)``.
+
+    ``s`` is ``(rows, groups, m)``; entry ``[q, i, j]`` swaps member ``i`` of ``ga[q]`` with member ``j``
+    of ``gb[q]``. Only those two groups change, so this is exact.
+    """
+    a, b = s[:, ga], s[:, gb]  # (rows, pairs, m)
+    others = _others(s.shape[-1])
+    ka, ta = _rest_stats(a[..., others], n)  # (rows, pairs, m): a without member i
+    kb, tb = _rest_stats(b[..., others], n)
+    into_a = (b.unsqueeze(-2) - ta.unsqueeze(-1)).clamp_(min=0).sum(0) + ka.sum(0).unsqueeze(-1)
+    into_b = (a.unsqueeze(-2) - tb.unsqueeze(-1)).clamp_(min=0).sum(0) + kb.sum(0).unsqueeze(-1)
+    base = _kept(a, n).sum(0) + _kept(b, n).sum(0)
+    return into_a + into_b.transpose(-1, -2) - base[:, None, None]
+
+
+def _round_robin(groups: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs of round ``r`` of a round-robin tournament: ``groups - 1`` (or ``groups``) rounds pair
+    every two groups exactly once, so a full cycle without gain is a true local optimum."""
+    g = groups + groups % 2  # a dummy group sits out when the count is odd
+    i = torch.arange(1, g // 2)
+    a = torch.cat([torch.tensor([g - 1]), (r + i) % (g - 1)])
+    b = torch.cat([torch.tensor([r % (g - 1)]), (r - i) % (g - 1)])
+    keep = (a < groups) & (b < groups)
+    return a[keep], b[keep]
+
+
+def _swap_positions(p: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor) -> None:
+    """Swap the channels at positions ``pos_a[q]`` and ``pos_b[q]`` (all disjoint), in place."""
+    p[pos_a], p[pos_b] = p[pos_b].clone(), p[pos_a].clone()
+
+
+def _cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 2000,
+        perturbations: int = 2, kick: float = 0.05) -> torch.Tensor:
+    """Pool & Yu channel swaps. Each round takes one round-robin matching of the groups (pairs are
+    disjoint by construction), scores all ``m*m`` swaps of every pair at once and applies each pair's
+    best swap if it gains. After a full cycle without gain (a local optimum for single swaps) a kick
+    swaps random channels in a ``kick`` share of the groups, at most ``perturbations`` times; the best
+    permutation seen is returned. ``rounds`` bounds the total work."""
+    s = scores.double()
+    cols, groups = s.shape[1], s.shape[1] // m
+    p = torch.arange(cols)
+    if groups < 2:
+        return p
+    cycle = groups - 1 + groups % 2
+    label = torch.randperm(groups, generator=gen)  # random schedule, reproducible from the seed
+    value = best_value = retained(s, p, n, m)
+    best, idle, kicks = p.clone(), 0, 0
+    for r in range(rounds):
+        a, b = _round_robin(groups, r)
+        a, b = label[a], label[b]
+        gain = _pair_swap_gains(_grouped(s, p, m), a, b, n).flatten(1)
+        top, swap = gain.max(1)
+        ok = top > _TOL * max(abs(value), 1.0)
+        if ok.any():
+            _swap_positions(p, a[ok] * m + swap[ok] // m, b[ok] * m + swap[ok] % m)
+            value += float(top[ok].sum())
+            idle = 0
+        else:
+            idle += 1
+        if idle < cycle:
+            continue
+        if value > best_value:
+            best, best_value = p.clone(), value
+        if kicks == perturbations:
+            break
+        kicks, idle = kicks + 1, 0
+        order = torch.randperm(groups, generator=gen)
+        k = max(1, int(kick * groups) // 2)
+        pick = torch.randint(m, (2, k), generator=gen)
+        _swap_positions(p, order[:k] * m + pick[0], order[k:2 * k] * m + pick[1])
+        value = retained(s, p, n, m)
+    return best if best_value >= value else p
+
+
+def _insert_values(cand: torch.Tensor, nth: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """``out[c, g] = sum_r relu(cand[c, r] - nth[g, r])``, chunked so the broadcast stays in cache."""
+    out = torch.empty(cand.shape[0], nth.shape[0], dtype=cand.dtype)
+    for i in range(0, cand.shape[0], chunk):
+        out[i:i + chunk] = (cand[i:i + chunk, None, :] - nth[None]).clamp_(min=0).sum(-1)
+    return out
+
+
+def _ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 2) -> torch.Tensor:
+    """RIA: snake-deal channels (by descending column sum) so every group gets one channel of each
+    quantile band (slot), then, slot by slot for ``rounds`` rounds, give each group the slot channel
+    that best completes its other ``m-1`` members: an exact linear assignment, so never a loss."""
+    s = scores.double()
+    cols, groups = s.shape[1], s.shape[1] // m
+    order = torch.sort(s.sum(0), descending=True, stable=True).indices
+    band, k = torch.arange(cols) // groups, torch.arange(cols) % groups
+    slots = torch.empty(groups, m, dtype=torch.long)
+    slots[torch.where(band % 2 == 0, k, groups - 1 - k), band] = order
+    others = _others(m)
+    st = s.T.contiguous()  # (in, rows): channel scores contiguous for the inner reduction
+    for _ in range(rounds if groups > 1 else 0):
+        for j in range(m):
+            kept, nth = _rest_stats(s[:, slots[:, others[j]]], n)  # (rows, groups)
+            value = _insert_values(st[slots[:, j]], nth.T.contiguous()) + kept.sum(0)
+            row, col = linear_sum_assignment(value.numpy(), maximize=True)
+            slots[col, j] = slots[row, j].clone()
+    return slots.reshape(-1)
+
+
+# --------------------------------------------------------------------------------- output-aware search
+def _swap_orders(m: int) -> torch.Tensor:
+    """``(m*m, 2m)``: the two groups' members ``[a_0..a_m-1, b_0..b_m-1]`` after swapping ``a_i, b_j``
+    (entry ``i*m + j``); a transposition, so it is its own inverse."""
+    orders = torch.arange(2 * m).repeat(m * m, 1)
+    i, j = torch.arange(m).repeat_interleave(m), torch.arange(m).repeat(m) + m
+    rows = torch.arange(m * m)
+    orders[rows, i], orders[rows, j] = j, i
+    return orders
+
+
+class _OutputError:
+    """The layer's output error under permutation ``p``, kept up to date through swaps.
+
+    Keeps ``d`` (pruned-away part of ``W``) and ``G = d H``. A swap between groups ``a`` and ``b``
+    changes ``d`` only on their ``2m`` channels (``Δ``), so the error changes by
+    ``2 <Δ, G> + Δ H Δ^T`` with ``H`` restricted to those channels: exact, and cheap to batch.
+    Errors are kept in float64 so that thousands of incremental updates do not drift.
+    """
+
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor, scores: torch.Tensor,
+                 p: torch.Tensor, n: int, m: int):
+        self.w, self.s, self.n, self.m = weight.double(), scores.double(), n, m
+        self.h = _blocked_gram(gram, weight.shape[0])
+        self.p = p.clone()
+        self.mask = _mask_in_original_order(self.s, self.p, n, m)
+        self.error, self.g = _error_and_grad(self.w * ~self.mask, self.h)
+        self.kept = float((self.s * self.mask).sum())
+        self.orders = _swap_orders(m)
+
+    def members(self, ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+        """``(pairs, 2m)`` original channels of groups ``ga[q]`` then ``gb[q]``, in position order."""
+        grid = self.p.view(-1, self.m)
+        return torch.cat([grid[ga], grid[gb]], dim=1)
+
+    def swap_changes(self, ga: torch.Tensor, gb: torch.Tensor):
+        """Exact change of error and retained score for all ``m*m`` swaps of each pair ``(ga, gb)``.
+
+        Returns ``(d_error, d_kept, new_mask, delta)``: the first two ``(pairs, m*m)``, the last two
+        ``(pairs, m*m, rows, 2m)`` in the columns of :meth:`members`.
+        """
+        cols = self.members(ga, gb)
+        k, rows = self.h.shape[0], self.w.shape[0]
+        s = self.s[:, cols].permute(1, 0, 2)  # (pairs, rows, 2m)
+        order = self.orders.expand(*s.shape[:2], *self.orders.shape).transpose(1, 2)  # (P, m*m, rows, 2m)
+        swapped = torch.gather(s.unsqueeze(1).expand(order.shape), -1, order)
+        new_mask = torch.gather(nm_mask(swapped, self.n, self.m), -1, order)  # back to member order
+        w = self.w[:, cols].permute(1, 0, 2).unsqueeze(1)
+        delta = w * ~new_mask - (w * ~self.mask[:, cols].permute(1, 0, 2).unsqueeze(1))
+        g = self.g.reshape(rows, -1)[:, cols].permute(1, 0, 2).unsqueeze(1)
+        h = self.h[:, cols.unsqueeze(-1), cols.unsqueeze(-2)].transpose(0, 1)  # (P, k, 2m, 2m)
+        blocks = delta.reshape(*delta.shape[:2], k, rows // k, -1)
+        quad = (torch.matmul(blocks, h.unsqueeze(1)) * blocks).sum((-1, -2, -3))
+        d_error = 2 * (delta * g).sum((-1, -2)) + quad
+        old_kept = (s * self.mask[:, cols].permute(1, 0, 2)).sum((-1, -2))
+        d_kept = (s.unsqueeze(1) * new_mask).sum((-1, -2)) - old_kept.unsqueeze(1)
+        return d_error, d_kept, new_mask, delta
+
+    def apply(self, ga: int, gb: int, swap: int, d_error: float, new_mask: torch.Tensor,
+              delta: torch.Tensor, d_kept: float) -> None:
+        """Commit one swap whose changes :meth:`swap_changes` computed (``new_mask``/``delta`` of it)."""
+        cols = self.members(torch.tensor([ga]), torch.tensor([gb]))[0]
+        k = self.h.shape[0]
+        self.mask[:, cols] = new_mask
+        self.g += torch.bmm(delta.reshape(k, -1, cols.numel()), self.h[:, cols, :])
+        self.error += d_error
+        self.kept += d_kept
+        _swap_positions(self.p, torch.tensor([ga * self.m + swap // self.m]),
+                        torch.tensor([gb * self.m + swap % self.m]))
+
+
+def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: torch.Tensor,
+            chunk_groups: int, weight: torch.Tensor, gram: torch.Tensor, *, rounds: int = 40,
+            pairs: int = 256, accept: int = 32, proxy_weight: float = 0.0,
+            time_limit: float | None = None) -> torch.Tensor:
+    """Swap search on the true output error from ``start`` (the ``ria`` permutation).
+
+    Each round draws ``pairs`` random group pairs (inside the same chunk), scores all their ``m*m``
+    swaps exactly in one batched step, then walks the improving ones best first and commits up to
+    ``accept`` swaps on disjoint groups, re-checking each against the already-updated ``G`` (swaps
+    couple through ``H``, so gains do not simply add). Every commit lowers the objective
+    ``error/error_0 - proxy_weight * kept/kept_0`` (normalised by the start, so the two terms are
+    comparable), hence the result is never worse than the start. ``time_limit`` (seconds) stops early
+    but makes the result depend on machine speed.
+    """
+    state = _OutputError(weight, gram, scores, start, n, m)
+    e0, k0 = state.error, state.kept
+    if e0 <= 0 or chunk_groups < 2:
+        return start
+    scale_k = proxy_weight / k0 if k0 > 0 else 0.0
+    groups, t0 = start.numel() // m, time.perf_counter()
+    for _ in range(rounds):
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            break
+        ga = torch.randint(groups, (pairs,), generator=gen)
+        base = ga - ga % chunk_groups
+        gb = base + (ga - base + 1 + torch.randint(chunk_groups - 1, (pairs,), generator=gen)) % chunk_groups
+        d_error, d_kept, _, _ = state.swap_changes(ga, gb)
+        objective = d_error / e0 - scale_k * d_kept
+        best, swap = objective.min(1)
+        used: set[int] = set()
+        for q in torch.argsort(best)[: int((best < -_TOL).sum())].tolist():
+            a, b = int(ga[q]), int(gb[q])
+            if len(used) >= 2 * accept:
+                break
+            if a in used or b in used:
+                continue
+            d_error, d_kept, new_mask, delta = state.swap_changes(torch.tensor([a]), torch.tensor([b]))
+            objective = d_error[0] / e0 - scale_k * d_kept[0]
+            i = int(objective.argmin())
+            if objective[i] < -_TOL:
+                state.apply(a, b, i, float(d_error[0, i]), new_mask[0, i], delta[0, i], float(d_kept[0, i]))
+                used.update((a, b))
+    return state.p
+
+
+# ------------------------------------------------------------------------------------------ front door
+_SEARCHES = {"none": None, "cp": _cp, "ria": _ria, "output": _output}
+
+
+def permutation_methods() -> list[str]:
+    """Names accepted by :func:`find_permutation`."""
+    return list(_SEARCHES)
+
+
+def needs_gram(method: str) -> bool:
+    """Whether ``method`` needs ``weight`` and the input Gram matrix (only the output-aware search)."""
+    return method == "output"
+
+
+def find_permutation(scores: torch.Tensor, n: int, m: int, method: str, *,
+                     weight: torch.Tensor | None = None, gram: torch.Tensor | None = None,
+                     groups: int = 1, seed: int = 0, **options) -> torch.Tensor:
+    """Permutation ``p`` (``LongTensor`` of length ``in``) of the input channels of ``scores``.
+
+    ``scores`` is ``(rows, in)`` and may stack several weights that read the same input. The N:M mask is
+    then chosen on ``scores[:, p]``. ``groups > 1`` cuts the channels into that many contiguous chunks,
+    each a multiple of ``m``, searched independently (``p`` keeps every channel inside its chunk): this
+    bounds the cost on very wide layers. ``output`` needs ``weight`` (shape of ``scores``) and ``gram``
+    (``(in, in)``, or ``(k, in, in)`` where row block ``i`` of ``weight`` reads ``gram[i]``).
+    ``options`` go to the method (``cp``: rounds, perturbations, kick; ``ria``: rounds; ``output``:
+    rounds, pairs, accept, proxy_weight, time_limit, ria_rounds). The same ``seed`` gives the same ``p``.
+    """
+    n, m = parse_pattern((n, m))
+    if method not in _SEARCHES:
+        raise ValueError(f"unknown permutation method {method!r}; choose one of {', '.join(_SEARCHES)}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (rows, in), got shape {tuple(scores.shape)}")
+    cols = scores.shape[1]
+    if cols % m:
+        raise ValueError(f"{cols} input channels are not divisible by M={m}")
+    if groups < 1 or cols % groups or (cols // groups) % m:
+        raise ValueError(f"groups={groups} must split {cols} channels into equal chunks that are multiples of M={m}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    gen = torch.Generator().manual_seed(seed)
+    if method == "none":
+        if options:
+            raise ValueError(f"method 'none' takes no options, got {sorted(options)}")
+        return torch.arange(cols)
+    if method == "output":
+        if weight is None or gram is None:
+            raise ValueError("method 'output' needs both weight and gram")
+        if weight.shape != scores.shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} differs from scores {tuple(scores.shape)}")
+        ria_options = {"rounds": options.pop("ria_rounds")} if "ria_rounds" in options else {}
+        start = find_permutation(scores, n, m, "ria", groups=groups, seed=seed, **ria_options)
+        return _call(_output, scores, n, m, gen, options, start=start, chunk_groups=cols // groups // m,
+                     weight=weight, gram=gram)
+    width = cols // groups
+    parts = [_call(_SEARCHES[method], scores[:, c:c + width], n, m, gen, options) + c
+             for c in range(0, cols, width)]
+    return torch.cat(parts)
+
+
+def _call(search, scores, n, m, gen, options, **fixed):
+    """Run ``search``, turning an unknown option into a clear ValueError rather than a TypeError."""
+    known = [k for k, v in inspect.signature(search).parameters.items() if v.kind is v.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for this method; known: {known}")
+    return search(scores, n, m, gen, **fixed, **options)

@@ -1,0 +1,356 @@
+"""One-shot pruning of a whole model, block by block (the SparseGPT/Wanda pipeline).
+
+For each block: collect input statistics of its linears with hooks while the dense block runs, choose
+a permutation per site (method.md §4), prune every target linear to N:M on its permuted score, then run
+the pruned block to produce the next block's inputs. The pruned weight is stored in the original
+column order (``W * unpermute(mask)``), so the model runs unchanged and loads anywhere.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import resource
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data
+from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
+from .calibration import InputStats, capture_block_inputs, collect_input_stats, run_block
+from .masks import nm_mask, parse_pattern, unstructured_mask
+from .permutation import find_permutation, needs_gram, permutation_methods
+from .scores import SCORES, compute_score
+
+BINDINGS = ("per-linear", "shared")
+PROPAGATIONS = ("pruned", "dense")
+
+
+@dataclass
+class PruneConfig:
+    """Everything that decides the pruned model; the same config gives the same model.
+
+    ``pattern`` is ``"N:M"`` or an unstructured sparsity such as ``"50%"`` (the reference limit).
+    ``include``/``exclude`` are glob patterns on full linear names (``*mlp.down_proj``).
+    """
+
+    pattern: str = "2:4"
+    score: str = "wanda"
+    perm: str = "none"
+    binding: str = "per-linear"
+    perm_groups: int = 1
+    perm_options: dict = field(default_factory=dict)
+    calib: str = "wikitext2-valid"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    propagate: str = "pruned"
+    strict: bool = False
+    batch_size: int = 8
+
+    def target(self) -> tuple[str, float | tuple[int, int]]:
+        """``("nm", (n, m))`` or ``("unstructured", density)``, validating the pattern."""
+        if self.pattern.endswith("%"):
+            try:
+                sparsity = float(self.pattern[:-1]) / 100
+            except ValueError:
+                raise ValueError(f"pattern {self.pattern!r} is neither N:M nor a percentage like 50%") from None
+            if not 0.0 < sparsity < 1.0:
+                raise ValueError(f"unstructured sparsity {self.pattern} must be between 0% and 100%")
+            return "unstructured", 1.0 - sparsity
+        return "nm", parse_pattern(self.pattern)
+
+    def validate(self) -> None:
+        kind, _ = self.target()
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
+        methods = permutation_methods()
+        if self.perm not in methods:
+            raise ValueError(f"unknown permutation method {self.perm!r}; choose one of {', '.join(methods)}")
+        if kind == "unstructured" and self.perm != "none":
+            raise ValueError("permutations only matter for N:M patterns, not unstructured sparsity")
+        if self.binding not in BINDINGS:
+            raise ValueError(f"unknown binding {self.binding!r}; choose one of {', '.join(BINDINGS)}")
+        if self.propagate not in PROPAGATIONS:
+            raise ValueError(f"unknown propagation {self.propagate!r}; choose one of {', '.join(PROPAGATIONS)}")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ValueError("nsamples must be >= 1 and seqlen >= 2")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PruneReport:
+    """What a run did: per-layer records, the permutations, time and memory."""
+
+    config: dict
+    layers: list[dict] = field(default_factory=list)
+    permutations: dict[str, list[int]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class Site:
+    """Linears whose input columns share one permutation; ``heads`` keeps it within attention heads."""
+
+    name: str
+    linears: tuple[str, ...]
+    heads: AttentionGeometry | None = None
+
+
+def sites_for_group(group: tuple[str, ...], binding: str, adapter: Adapter, geometry: AttentionGeometry) -> list[Site]:
+    """Permutation sites of one input group under a binding (method.md §4).
+
+    ``shared``: one permutation per input (q/k/v together, gate/up together); the attention output
+    projection's permutation stays within heads and is identical for the query heads of one kv head,
+    so it folds into the value rows. ``per-linear``: every linear has its own, unconstrained.
+    """
+    if binding == "per-linear":
+        return [Site(name, (name,)) for name in group]
+    heads = geometry if group == (adapter.attn_output,) else None
+    return [Site("+".join(group), group, heads)]
+
+
+def _select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig, m: int | None) -> tuple[list[list[tuple[str, ...]]], list[str]]:
+    """Per block, the input groups restricted to target linears; plus skipped layers (with reasons).
+
+    Weights are checked for NaN/Inf here, before any work, so a bad checkpoint fails at once.
+    """
+    blocks = adapter.blocks(model)
+    known = {name for group in adapter.input_groups for name in group}
+    per_block, skipped, indivisible = [], [], []
+    for i, block in enumerate(blocks):
+        prefix = f"{adapter.blocks_path}.{i}."
+        extra = tuple((name,) for name, mod in block.named_modules() if is_linear(mod) and name not in known)
+        groups = []
+        for group in tuple(adapter.input_groups) + extra:
+            kept = []
+            for name in group:
+                full = prefix + name
+                if config.include and not any(fnmatch.fnmatch(full, p) for p in config.include):
+                    continue
+                if any(fnmatch.fnmatch(full, p) for p in config.exclude):
+                    continue
+                weight = linear_weight(block.get_submodule(name))
+                if not torch.isfinite(weight).all():
+                    raise FloatingPointError(f"non-finite weights in {full}")
+                if m is not None and weight.shape[1] % m:
+                    indivisible.append(f"{full} (in_features={weight.shape[1]})")
+                    continue
+                kept.append(name)
+            if kept:
+                groups.append(tuple(kept))
+        per_block.append(groups)
+    if indivisible:
+        message = f"in_features not divisible by M={m}: {', '.join(indivisible)}"
+        if config.strict:
+            raise ValueError(message)
+        warnings.warn(f"skipping layers, {message}", stacklevel=3)
+        skipped += indivisible
+    return per_block, skipped
+
+
+def _site_permutation(
+    site: Site, scores: list[torch.Tensor], weights: list[torch.Tensor], gram: torch.Tensor | None,
+    n: int, m: int, config: PruneConfig,
+) -> torch.Tensor:
+    """Search one site's permutation; stacked rows share it (method.md §4)."""
+    width = scores[0].shape[1]
+    if config.perm == "none":
+        return torch.arange(width)
+    options = dict(groups=config.perm_groups, seed=config.seed, **config.perm_options)
+    if site.heads is None:
+        return find_permutation(
+            torch.cat(scores), n, m, config.perm, weight=torch.cat(weights), gram=gram, **options
+        )
+    geo, hd = site.heads, site.heads.head_dim
+    if hd % m:
+        raise ValueError(f"{site.name}: head_dim {hd} is not divisible by M={m}; use --binding per-linear")
+    per_kv = geo.num_heads // geo.num_kv_heads
+    options["groups"] = 1
+    perm = torch.empty(width, dtype=torch.long)
+    for kv in range(geo.num_kv_heads):
+        heads = range(kv * per_kv, (kv + 1) * per_kv)
+        cols = [slice(h * hd, (h + 1) * hd) for h in heads]
+        stacked_gram = None if gram is None else torch.stack([gram[c, c] for _ in scores for c in cols])
+        p = find_permutation(
+            torch.cat([s[:, c] for s in scores for c in cols]), n, m, config.perm,
+            weight=torch.cat([w[:, c] for w in weights for c in cols]), gram=stacked_gram, **options,
+        )
+        for h in heads:
+            perm[h * hd : (h + 1) * hd] = h * hd + p
+    return perm
+
+
+def apply_permuted_mask(weight: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune ``weight`` in place to N:M on ``scores[:, perm]``; return the mask in original order."""
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    mask[:, perm] = nm_mask(scores[:, perm], n, m)
+    weight.mul_(mask.to(weight.dtype))
+    return mask
+
+
+def _kept_fraction(scores: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((scores * mask).sum() / scores.sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def prune_block(
+    block: nn.Module, block_name: str, groups: list[tuple[str, ...]], stats: dict[str, InputStats],
+    config: PruneConfig, adapter: Adapter, geometry: AttentionGeometry, report: PruneReport,
+) -> dict[str, torch.Tensor]:
+    """Prune one block's target linears; returns the masks by full linear name."""
+    kind, target = config.target()
+    masks = {}
+    for group in groups:
+        group_stats = stats.get(group[0])
+        act_norm = group_stats.act_norm if group_stats is not None else None
+        weights = {name: linear_weight(block.get_submodule(name)) for name in group}
+        scores = {name: compute_score(config.score, w, act_norm) for name, w in weights.items()}
+        if kind == "unstructured":
+            for name in group:
+                mask = unstructured_mask(scores[name], target)
+                weights[name].mul_(mask.to(weights[name].dtype))
+                masks[f"{block_name}.{name}"] = mask
+                report.layers.append({"name": f"{block_name}.{name}", "shape": list(weights[name].shape),
+                                      "kept_score": _kept_fraction(scores[name], mask)})
+            continue
+        n, m = target
+        for site in sites_for_group(group, config.binding, adapter, geometry):
+            start = time.perf_counter()
+            gram = group_stats.gram if group_stats is not None else None
+            perm = _site_permutation(site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears],
+                                     gram, n, m, config)
+            seconds = time.perf_counter() - start
+            report.permutations[f"{block_name}.{site.name}"] = perm.tolist()
+            for name in site.linears:
+                identity_kept = _kept_fraction(scores[name], nm_mask(scores[name], n, m))
+                mask = apply_permuted_mask(weights[name], scores[name], perm, n, m)
+                masks[f"{block_name}.{name}"] = mask
+                report.layers.append({
+                    "name": f"{block_name}.{name}", "shape": list(weights[name].shape), "site": site.name,
+                    "kept_score": _kept_fraction(scores[name], mask), "kept_score_identity": identity_kept,
+                    "perm_seconds": seconds,
+                })
+    return masks
+
+
+class ResumeState:
+    """Per-block progress on disk, so an interrupted run resumes where it stopped.
+
+    After each block: its masks (bit-packed) and permutations, then the next block's inputs, each
+    written to a temporary name and renamed, so a crash never leaves a half-written step behind.
+    """
+
+    def __init__(self, folder: Path, config: PruneConfig):
+        self.folder = folder
+        self.fingerprint = config.fingerprint()
+        folder.mkdir(parents=True, exist_ok=True)
+        progress = folder / "progress.json"
+        self.done = 0
+        if progress.is_file():
+            saved = json.loads(progress.read_text())
+            if saved["fingerprint"] != self.fingerprint:
+                raise FileExistsError(
+                    f"{folder} holds progress of a run with another configuration; remove it or pass --overwrite"
+                )
+            self.done = saved["blocks_done"]
+
+    def _atomic(self, path: Path, write) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
+
+    def save(self, index: int, masks: dict[str, torch.Tensor], report: PruneReport, inputs: torch.Tensor) -> None:
+        packed = {name: (list(mask.shape), np.packbits(mask.numpy().ravel())) for name, mask in masks.items()}
+        self._atomic(self.folder / f"block_{index:04d}.pt", lambda p: torch.save(
+            {"masks": packed, "layers": report.layers, "permutations": report.permutations}, p))
+        self._atomic(self.folder / "inputs.pt", lambda p: torch.save(inputs, p))
+        self._atomic(self.folder / "progress.json", lambda p: p.write_text(
+            json.dumps({"fingerprint": self.fingerprint, "blocks_done": index + 1})))
+
+    def restore(self, model: nn.Module, report: PruneReport) -> torch.Tensor | None:
+        """Re-apply the masks of finished blocks; return the saved inputs of the next block."""
+        if self.done == 0:
+            return None
+        state = None
+        for index in range(self.done):
+            state = torch.load(self.folder / f"block_{index:04d}.pt", weights_only=False)
+            for name, (shape, bits) in state["masks"].items():
+                mask = torch.from_numpy(np.unpackbits(bits)[: int(np.prod(shape))].reshape(shape).astype(bool))
+                with torch.no_grad():
+                    weight = linear_weight(model.get_submodule(name))
+                    weight.mul_(mask.to(weight.dtype))
+        report.layers, report.permutations = state["layers"], state["permutations"]
+        return torch.load(self.folder / "inputs.pt")
+
+
+
+
+def prune(
+    model: nn.Module, tokenizer, config: PruneConfig, *, calibration: torch.Tensor | None = None,
+    state_dir: str | Path | None = None, progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place as ``config`` says; see the module docstring for the order of work.
+
+    ``calibration`` (token windows, ``(nsamples, seqlen)``) replaces drawing them from ``config.calib``.
+    ``state_dir`` keeps per-block progress so that an interrupted run resumes where it stopped.
+    """
+    config.validate()
+    start = time.perf_counter()
+    adapter = adapter_for(model)
+    geometry = adapter.attention(model.config)
+    kind, target = config.target()
+    groups_per_block, skipped = _select_targets(model, adapter, config, target[1] if kind == "nm" else None)
+    report = PruneReport(config=asdict(config), skipped=skipped)
+    blocks = adapter.blocks(model)
+    prefix = adapter.blocks_path
+
+    want_gram = needs_gram(config.perm)
+    if config.score == "magnitude" and not want_gram:
+        for i, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):
+            prune_block(block, f"{prefix}.{i}", groups_per_block[i], {}, config, adapter, geometry, report)
+        report.seconds, report.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
+        return report
+
+    samples = calibration
+    if samples is None:
+        ids = data.tokenize(tokenizer, data.load_text(config.calib))
+        samples = data.calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
+    inputs, kwargs = capture_block_inputs(model, adapter, samples, config.batch_size)
+    resume = ResumeState(Path(state_dir), config) if state_dir is not None else None
+    first = 0
+    if resume is not None:
+        restored = resume.restore(model, report)
+        if restored is not None:
+            inputs, first = restored, resume.done
+    bar = tqdm(range(first, len(blocks)), desc="pruning blocks", disable=not progress, initial=first, total=len(blocks))
+    for i in bar:
+        block, name = blocks[i], f"{prefix}.{i}"
+        readers = {group[0]: group[0] for group in groups_per_block[i]}
+        stats, dense_out = collect_input_stats(block, readers, inputs, kwargs, want_gram, name, config.batch_size)
+        masks = prune_block(block, name, groups_per_block[i], stats, config, adapter, geometry, report)
+        inputs = run_block(block, inputs, kwargs, config.batch_size) if config.propagate == "pruned" else dense_out
+        if not torch.isfinite(inputs).all():
+            raise FloatingPointError(f"non-finite activations leaving {name} after pruning")
+        if resume is not None:
+            resume.save(i, masks, report, inputs)
+    report.seconds, report.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
+    return report

@@ -1,0 +1,147 @@
+"""The block-by-block pipeline on a tiny random LLaMA with grouped-query attention."""
+import pytest
+import torch
+
+from permsparse.adapters import adapter_for, linear_weight
+from permsparse.masks import is_nm
+from permsparse.pruning import PruneConfig, prune
+
+from .conftest import tiny_llama
+
+CALIB = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+INPUT = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
+
+
+def target_weights(model):
+    adapter = adapter_for(model)
+    for i, block in enumerate(adapter.blocks(model)):
+        for group in adapter.input_groups:
+            for name in group:
+                yield f"model.layers.{i}.{name}", linear_weight(block.get_submodule(name))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "ria"])
+def test_every_target_linear_becomes_nm_and_the_rest_stays_dense(pattern, score):
+    model, dense = tiny_llama(), tiny_llama()
+    n, m = map(int, pattern.split(":"))
+    report = prune(model, None, PruneConfig(pattern=pattern, score=score, seqlen=32, nsamples=8),
+                   calibration=CALIB, progress=False)
+    names = [name for name, _ in target_weights(model)]
+    assert [layer["name"] for layer in report.layers] == names
+    for _, weight in target_weights(model):
+        assert is_nm(weight, n, m)
+        assert (weight != 0).float().mean().item() == pytest.approx(n / m, abs=0.01)
+    torch.testing.assert_close(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    torch.testing.assert_close(model.model.norm.weight, dense.model.norm.weight)
+
+
+def test_unstructured_half_keeps_half_of_every_row():
+    model = tiny_llama()
+    prune(model, None, PruneConfig(pattern="50%", seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+    for _, weight in target_weights(model):
+        assert ((weight != 0).sum(1) == weight.shape[1] // 2).all()
+
+
+def test_wanda_uses_the_calibration_statistics():
+    """Wanda on real activations differs from magnitude and loses less of the block outputs."""
+    dense = tiny_llama()
+    with torch.no_grad():  # make some input channels loud, as LLM outlier features are
+        for layer in dense.model.layers:
+            layer.input_layernorm.weight[::4] *= 20
+            layer.post_attention_layernorm.weight[::4] *= 20
+    models = {}
+    for score in ("magnitude", "wanda"):
+        model = tiny_llama()
+        model.load_state_dict(dense.state_dict())
+        prune(model, None, PruneConfig(score=score, seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+        models[score] = model
+    with torch.no_grad():
+        reference = dense(INPUT).logits
+        error = {s: (m(INPUT).logits - reference).pow(2).mean().item() for s, m in models.items()}
+    assert error["wanda"] < 0.5 * error["magnitude"], error
+
+
+def test_include_exclude_and_determinism():
+    config = PruneConfig(seqlen=32, nsamples=8, exclude=("*mlp.down_proj",))
+    a, b = tiny_llama(), tiny_llama()
+    prune(a, None, config, calibration=CALIB, progress=False)
+    prune(b, None, config, calibration=CALIB, progress=False)
+    for (name, wa), (_, wb) in zip(target_weights(a), target_weights(b)):
+        assert torch.equal(wa, wb)
+        assert is_nm(wa, 2, 4) != name.endswith("down_proj")
+
+
+def test_dense_propagation_differs_from_pruned_propagation():
+    a, b = tiny_llama(), tiny_llama()
+    prune(a, None, PruneConfig(seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+    prune(b, None, PruneConfig(seqlen=32, nsamples=8, propagate="dense"), calibration=CALIB, progress=False)
+    wa = dict(target_weights(a))["model.layers.1.mlp.down_proj"]
+    wb = dict(target_weights(b))["model.layers.1.mlp.down_proj"]
+    assert not torch.equal(wa, wb)  # block 1 saw other inputs, so Wanda chose other weights
+
+
+def test_nan_weights_name_the_layer():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        prune(model, None, PruneConfig(seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+
+
+def test_inf_activations_name_the_layer():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.0\.self_attn"):
+        prune(model, None, PruneConfig(seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+
+
+def test_indivisible_layers_are_skipped_with_a_warning_or_fail_when_strict():
+    model = tiny_llama()  # hidden 64 and ffn 128: every width divisible by 8 but not by 48
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj .*in_features=64"):
+        prune(model, None, PruneConfig(pattern="2:48", strict=True, seqlen=32, nsamples=8),
+              calibration=CALIB, progress=False)
+    with pytest.warns(UserWarning, match="skipping"):
+        report = prune(model, None, PruneConfig(pattern="2:48", seqlen=32, nsamples=8),
+                       calibration=CALIB, progress=False)
+    assert len(report.skipped) == 14 and report.layers == []
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    config = PruneConfig(seqlen=32, nsamples=8)
+    reference = tiny_llama()
+    prune(reference, None, config, calibration=CALIB, progress=False)
+
+    import permsparse.pruning as pruning
+
+    calls = {"n": 0}
+    original = pruning.prune_block
+
+    def crash_on_second_block(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    model = tiny_llama()
+    monkeypatch.setattr(pruning, "prune_block", crash_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
+    monkeypatch.setattr(pruning, "prune_block", original)
+    resumed = tiny_llama()  # a fresh process: dense weights again, progress on disk
+    report = prune(resumed, None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
+    assert len(report.layers) == 14
+    for (_, wa), (_, wb) in zip(target_weights(reference), target_weights(resumed)):
+        assert torch.equal(wa, wb)
+    with pytest.raises(FileExistsError, match="another configuration"):
+        prune(tiny_llama(), None, PruneConfig(seqlen=32, nsamples=8, score="ria"), calibration=CALIB,
+              state_dir=tmp_path, progress=False)
+
+
+def test_unsupported_architecture_says_what_is_supported():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="unsupported architecture 'bert'.*llama"):
+        prune(model, None, PruneConfig(), calibration=CALIB, progress=False)
