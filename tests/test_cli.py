@@ -1,0 +1,82 @@
+"""The command line end to end on a tiny model saved as a Hugging Face folder."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from permsparse.cli import main
+from permsparse.masks import is_nm
+
+from .conftest import DATA
+
+SHAKESPEARE = str(DATA / "tinyshakespeare" / "input.txt")
+
+
+def prune_args(model, out, *extra):
+    return ["prune", "--model", str(model), "--calib", SHAKESPEARE, "--nsamples", "4", "--seqlen", "64",
+            "--eval-windows", "2", "--out", str(out), *extra]
+
+
+def test_prune_writes_a_plain_checkpoint_that_reloads_to_the_same_logits(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_llama_dir, out)) == 0
+    meta = json.loads((out / "permsparse.json").read_text())
+    assert meta["config"]["pattern"] == "2:4" and meta["format"] == "masked"
+    assert len(meta["layers"]) == 14 and meta["metrics"]["wikitext2"]["windows"] == 2
+    assert not (tmp_path / "pruned.partial").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert is_nm(model.model.layers[1].mlp.down_proj.weight, 2, 4)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    x = torch.randint(0, 512, (1, 16))
+    assert not torch.allclose(model(x).logits, dense(x).logits)
+    # the same command gives the same model
+    again = tmp_path / "again"
+    assert main(prune_args(tiny_llama_dir, again)) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(again)
+    assert torch.equal(model(x).logits, reloaded(x).logits)
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(prune_args(tiny_llama_dir, out)) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(prune_args(tiny_llama_dir, out, "--overwrite")) == 0
+    assert not (out / "keep.txt").exists() and (out / "permsparse.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pattern", "5:4"], "pattern 5:4 is invalid"),
+    (["--pattern", "0:4"], "pattern 0:4 is invalid"),
+    (["--pattern", "2:48", "--strict"], "not divisible by M=48"),
+])
+def test_bad_input_is_one_clear_error(tiny_llama_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_llama_dir, out, *args)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("permsparse: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not out.exists()
+
+
+def test_unknown_model_and_unreachable_data(tmp_path, tiny_llama_dir, capsys):
+    assert main(prune_args(tmp_path / "nowhere", tmp_path / "o")) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "c4", "--nsamples", "2", "--seqlen", "16",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "data source 'c4' is not reachable" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "no-such-set", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown data source" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_prints_and_writes_perplexity(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    assert main(["eval", str(tiny_llama_dir), "--seqlen", "64", "--windows", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["windows"] == 3 and result["seqlen"] == 64 and result["tokens"] == 3 * 63
+    assert result["ppl"] > 100  # a random 512-token model is close to uniform (ppl ~ 512)
+    assert "ppl" in capsys.readouterr().out
