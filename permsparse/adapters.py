@@ -23,6 +23,20 @@ class AttentionGeometry:
 
 
 @dataclass(frozen=True)
+class OutputSlice:
+    """Output rows of a linear that feed another linear: chunk ``index`` of ``chunks`` equal chunks.
+
+    ``OutputSlice("attn.c_attn", 2, 3)`` is the value part of GPT-2's fused q/k/v projection. Between
+    the producer and its consumer only channel-wise operations may happen (activation, gating product,
+    attention's weighted sum over positions), so permuting these rows permutes the consumer's input.
+    """
+
+    linear: str
+    index: int = 0
+    chunks: int = 1
+
+
+@dataclass(frozen=True)
 class Adapter:
     """How to walk one model family.
 
@@ -37,6 +51,27 @@ class Adapter:
     input_groups: tuple[tuple[str, ...], ...]
     attn_output: str
     needs_bos: bool = False
+    # Folding (method.md §4). Block-relative names unless said otherwise; empty means "none".
+    # ``producers``: consumer linear -> the output slices that make its input (folds are exact and free).
+    producers: tuple[tuple[str, tuple[OutputSlice, ...]], ...] = ()
+    # Linears reading the residual stream (through a norm) and writing into it (rows add to it).
+    residual_readers: tuple[str, ...] = ()
+    residual_writers: tuple[str, ...] = ()
+    # Norms acting on the residual stream (weight and bias, if any, are indexed by the hidden dim).
+    block_norms: tuple[str, ...] = ()
+    # Model-level names. Embeddings whose columns are hidden channels; ``token_embedding`` only when no
+    # ``input_projection`` exists (OPT's project_in maps a smaller embedding into the stream).
+    token_embedding: str = ""
+    position_embeddings: tuple[str, ...] = ()
+    input_projection: str = ""
+    final_norms: tuple[str, ...] = ()
+    # Readers of the final hidden state: ``output_projection`` (OPT's project_out) when it exists,
+    # otherwise the LM head.
+    output_projection: str = ""
+    lm_head: str = "lm_head"
+
+    def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
+        return dict(self.producers).get(consumer, ())
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -59,9 +94,62 @@ LLAMA = Adapter(
         ("mlp.down_proj",),
     ),
     attn_output="self_attn.o_proj",
+    producers=(
+        ("self_attn.o_proj", (OutputSlice("self_attn.v_proj"),)),
+        ("mlp.down_proj", (OutputSlice("mlp.gate_proj"), OutputSlice("mlp.up_proj"))),
+    ),
+    residual_readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    block_norms=("input_layernorm", "post_attention_layernorm"),
+    token_embedding="model.embed_tokens",
+    final_norms=("model.norm",),
 )
 
-ADAPTERS: tuple[Adapter, ...] = (LLAMA,)
+GPT2 = Adapter(
+    name="gpt2",
+    model_types=("gpt2",),
+    blocks_path="transformer.h",
+    input_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    attn_output="attn.c_proj",
+    producers=(
+        ("attn.c_proj", (OutputSlice("attn.c_attn", 2, 3),)),
+        ("mlp.c_proj", (OutputSlice("mlp.c_fc"),)),
+    ),
+    residual_readers=("attn.c_attn", "mlp.c_fc"),
+    residual_writers=("attn.c_proj", "mlp.c_proj"),
+    block_norms=("ln_1", "ln_2"),
+    token_embedding="transformer.wte",
+    position_embeddings=("transformer.wpe",),
+    final_norms=("transformer.ln_f",),
+)
+
+OPT = Adapter(
+    name="opt",
+    model_types=("opt",),
+    blocks_path="model.decoder.layers",
+    input_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+    attn_output="self_attn.out_proj",
+    needs_bos=True,
+    producers=(
+        ("self_attn.out_proj", (OutputSlice("self_attn.v_proj"),)),
+        ("fc2", (OutputSlice("fc1"),)),
+    ),
+    residual_readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"),
+    residual_writers=("self_attn.out_proj", "fc2"),
+    block_norms=("self_attn_layer_norm", "final_layer_norm"),
+    token_embedding="model.decoder.embed_tokens",
+    position_embeddings=("model.decoder.embed_positions",),
+    input_projection="model.decoder.project_in",
+    final_norms=("model.decoder.final_layer_norm",),
+    output_projection="model.decoder.project_out",
+)
+
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, GPT2, OPT)
 
 
 def supported_model_types() -> list[str]:

@@ -5,6 +5,7 @@ hidden states, never the whole model's activations.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -40,36 +41,39 @@ def capture_block_inputs(
 ) -> tuple[torch.Tensor, dict]:
     """Hidden states entering block 0 for every sample, and the keyword arguments blocks receive.
 
-    Keyword arguments (rotary embeddings, causal mask, positions) are the same for every window of one
-    length, so they are captured once, with batch 1, and broadcast over larger batches later.
+    Other arguments (rotary embeddings, causal mask, positions), positional ones included, are bound
+    to their parameter names. They are the same for every window of one length, so they are captured
+    once, with batch 1, and broadcast over larger batches later.
     """
     first = adapter.blocks(model)[0]
-    captured: dict = {}
+    signature = inspect.signature(first.forward)
+    calls: list[dict] = []
 
     def hook(_module, args, kwargs):
-        captured.setdefault("hidden", []).append(args[0] if args else kwargs["hidden_states"])
-        captured.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound.update(bound.pop("kwargs", {}))
+        calls.append(bound)
         raise _Captured
+
+    def call(batch: torch.Tensor) -> dict:
+        try:
+            model(batch, use_cache=False)
+        except _Captured:
+            pass
+        return calls.pop()
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for i in range(0, samples.shape[0], batch_size):
-            try:
-                model(samples[i : i + batch_size], use_cache=False)
-            except _Captured:
-                pass
-        try:
-            captured.pop("kwargs")
-            model(samples[:1], use_cache=False)
-        except _Captured:
-            pass
+        hidden_name = next(iter(signature.parameters))
+        hidden = [call(samples[i : i + batch_size])[hidden_name] for i in range(0, samples.shape[0], batch_size)]
+        kwargs = call(samples[:1])
     finally:
         handle.remove()
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("cache", "past_key_values", "use_cache")}
-    return torch.cat(captured["hidden"]), kwargs
+    drop = {hidden_name, "cache", "past_key_values", "layer_past", "use_cache"}
+    return torch.cat(hidden), {k: v for k, v in kwargs.items() if k not in drop}
 
 
-def _block_output(out) -> torch.Tensor:
+def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -77,7 +81,7 @@ def _block_output(out) -> torch.Tensor:
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
     """The block's outputs for all inputs, in mini-batches."""
     return torch.cat(
-        [_block_output(block(inputs[i : i + batch_size], **kwargs)) for i in range(0, inputs.shape[0], batch_size)]
+        [block_output(block(inputs[i : i + batch_size], **kwargs)) for i in range(0, inputs.shape[0], batch_size)]
     )
 
 

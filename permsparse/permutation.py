@@ -96,38 +96,51 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, p: torch.Tensor, n: i
     return _error_and_grad(d, _blocked_gram(gram, weight.shape[0]))[0]
 
 
-# ---------------------------------------------------------------------------- retained-score searches
-def _rest_stats(rest: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For groups missing one member (``rest`` is ``(..., m-1)``): kept sum and the n-th largest.
-
-    Adding a channel of score ``c`` to such a group keeps ``kept + relu(c - nth)``: the newcomer only
-    counts if it beats the weakest survivor. This turns every "channel into group" question into one
-    subtraction, which is what makes the batched searches below cheap.
-    """
-    top = rest.topk(n, dim=-1).values
-    return top.sum(-1), top[..., -1]
-
-
+# ----------------------------------------------------------------------------------- swap arithmetic
 def _others(m: int) -> torch.Tensor:
-    """``(m, m-1)``: for each member ``i``, the indices of the other members."""
+    """``(m, m-1)``: for each member ``i``, the indices of the other members (in position order)."""
     idx = torch.arange(m)
     return torch.stack([torch.cat([idx[:i], idx[i + 1:]]) for i in range(m)])
 
 
-def _pair_swap_gains(s: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, n: int) -> torch.Tensor:
-    """Retained gain of every swap between groups ``ga[q]`` and ``gb[q]``: ``(pairs, m, m)``.
+def _rest_stats(rest: torch.Tensor, coef: torch.Tensor, n: int):
+    """For groups missing one member (``rest``: scores ``(..., m-1)`` in position order): the sum of
+    ``coef`` over the top-``n``, and the score, index and ``coef`` of the ``n``-th (weakest survivor).
 
-    ``s`` is ``(rows, groups, m)``; entry ``[q, i, j]`` swaps member ``i`` of ``ga[q]`` with member ``j``
-    of ``gb[q]``. Only those two groups change, so this is exact.
+    A newcomer joins the kept set exactly when it beats that weakest survivor, and then replaces it.
+    This turns "the group with one member exchanged" into one comparison, which is what makes the
+    batched searches cheap: no mask is ever re-sorted per candidate.
     """
-    a, b = s[:, ga], s[:, gb]  # (rows, pairs, m)
-    others = _others(s.shape[-1])
-    ka, ta = _rest_stats(a[..., others], n)  # (rows, pairs, m): a without member i
-    kb, tb = _rest_stats(b[..., others], n)
-    into_a = (b.unsqueeze(-2) - ta.unsqueeze(-1)).clamp_(min=0).sum(0) + ka.sum(0).unsqueeze(-1)
-    into_b = (a.unsqueeze(-2) - tb.unsqueeze(-1)).clamp_(min=0).sum(0) + kb.sum(0).unsqueeze(-1)
-    base = _kept(a, n).sum(0) + _kept(b, n).sum(0)
-    return into_a + into_b.transpose(-1, -2) - base[:, None, None]
+    top = torch.sort(rest, dim=-1, descending=True, stable=True).indices[..., :n]
+    nth = top[..., -1:]
+    return (coef.gather(-1, top).sum(-1), rest.gather(-1, nth)[..., 0], nth[..., 0],
+            coef.gather(-1, nth)[..., 0])
+
+
+def _exchange(own: torch.Tensor, own_coef: torch.Tensor, new: torch.Tensor, new_coef: torch.Tensor,
+              n: int) -> torch.Tensor:
+    """``[q, i, j]``: sum over rows of ``coef`` over the kept members of group ``own[:, q]`` after its
+    member ``i`` is replaced by ``new[:, q, j]`` (which takes position ``i``, the N:M tie-break).
+
+    ``own``/``new`` are scores ``(rows, pairs, m)``, ``*_coef`` what each member is worth if kept.
+    """
+    m = own.shape[-1]
+    others = _others(m)
+    kept, nth, nth_idx, nth_coef = _rest_stats(own[..., others], own_coef[..., others], n)  # (rows, pairs, m)
+    nth_pos = others.reshape(-1)[torch.arange(m) * (m - 1) + nth_idx]  # its position in the group
+    s, t = new.unsqueeze(-2), nth.unsqueeze(-1)
+    wins = (s > t) | ((s == t) & (torch.arange(m).unsqueeze(-1) < nth_pos.unsqueeze(-1)))
+    return (kept.unsqueeze(-1) + wins * (new_coef.unsqueeze(-2) - nth_coef.unsqueeze(-1))).sum(0)
+
+
+def _swap_sums(s: torch.Tensor, coef: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, n: int) -> torch.Tensor:
+    """``(pairs, m*m)``: sum of ``coef`` over the kept entries of groups ``ga[q]`` and ``gb[q]`` after
+    swapping their members ``i`` and ``j`` (entry ``i*m + j``). ``s``, ``coef``: ``(rows, groups, m)``.
+
+    With ``coef = s`` this is the retained score of the two groups; only they change, so it is exact.
+    """
+    a, b, ca, cb = s[:, ga], s[:, gb], coef[:, ga], coef[:, gb]
+    return (_exchange(a, ca, b, cb, n) + _exchange(b, cb, a, ca, n).transpose(-1, -2)).flatten(1)
 
 
 def _round_robin(groups: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +178,9 @@ def _cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: i
     for r in range(rounds):
         a, b = _round_robin(groups, r)
         a, b = label[a], label[b]
-        gain = _pair_swap_gains(_grouped(s, p, m), a, b, n).flatten(1)
+        grid = _grouped(s, p, m)
+        base = _kept(grid[:, a], n).sum(0) + _kept(grid[:, b], n).sum(0)
+        gain = _swap_sums(grid, grid, a, b, n) - base.unsqueeze(1)
         top, swap = gain.max(1)
         ok = top > _TOL * max(abs(value), 1.0)
         if ok.any():
@@ -211,7 +226,8 @@ def _ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: 
     st = s.T.contiguous()  # (in, rows): channel scores contiguous for the inner reduction
     for _ in range(rounds if groups > 1 else 0):
         for j in range(m):
-            kept, nth = _rest_stats(s[:, slots[:, others[j]]], n)  # (rows, groups)
+            rest = s[:, slots[:, others[j]]]
+            kept, nth = _rest_stats(rest, rest, n)[:2]  # (rows, groups)
             value = _insert_values(st[slots[:, j]], nth.T.contiguous()) + kept.sum(0)
             row, col = linear_sum_assignment(value.numpy(), maximize=True)
             slots[col, j] = slots[row, j].clone()
@@ -232,10 +248,11 @@ def _swap_orders(m: int) -> torch.Tensor:
 class _OutputError:
     """The layer's output error under permutation ``p``, kept up to date through swaps.
 
-    Keeps ``d`` (pruned-away part of ``W``) and ``G = d H``. A swap between groups ``a`` and ``b``
-    changes ``d`` only on their ``2m`` channels (``Δ``), so the error changes by
-    ``2 <Δ, G> + Δ H Δ^T`` with ``H`` restricted to those channels: exact, and cheap to batch.
-    Errors are kept in float64 so that thousands of incremental updates do not drift.
+    Keeps ``d`` (pruned-away part of ``W``, implicitly through the mask) and ``G = d H``. A swap
+    between groups ``a`` and ``b`` changes ``d`` only on their ``2m`` channels, by
+    ``Δ = W * (old_mask - new_mask)``, so the error changes by ``2 <Δ, G> + Δ H Δ^T`` with ``H``
+    restricted to those channels: exact, and cheap to batch. The state is float64 so thousands of
+    incremental updates do not drift; batched screening may run in float32.
     """
 
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, scores: torch.Tensor,
@@ -248,45 +265,44 @@ class _OutputError:
         self.kept = float((self.s * self.mask).sum())
         self.orders = _swap_orders(m)
 
-    def members(self, ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
-        """``(pairs, 2m)`` original channels of groups ``ga[q]`` then ``gb[q]``, in position order."""
-        grid = self.p.view(-1, self.m)
-        return torch.cat([grid[ga], grid[gb]], dim=1)
-
-    def swap_changes(self, ga: torch.Tensor, gb: torch.Tensor):
-        """Exact change of error and retained score for all ``m*m`` swaps of each pair ``(ga, gb)``.
-
-        Returns ``(d_error, d_kept, new_mask, delta)``: the first two ``(pairs, m*m)``, the last two
-        ``(pairs, m*m, rows, 2m)`` in the columns of :meth:`members`.
-        """
-        cols = self.members(ga, gb)
-        k, rows = self.h.shape[0], self.w.shape[0]
-        s = self.s[:, cols].permute(1, 0, 2)  # (pairs, rows, 2m)
-        order = self.orders.expand(*s.shape[:2], *self.orders.shape).transpose(1, 2)  # (P, m*m, rows, 2m)
-        swapped = torch.gather(s.unsqueeze(1).expand(order.shape), -1, order)
-        new_mask = torch.gather(nm_mask(swapped, self.n, self.m), -1, order)  # back to member order
-        w = self.w[:, cols].permute(1, 0, 2).unsqueeze(1)
-        delta = w * ~new_mask - (w * ~self.mask[:, cols].permute(1, 0, 2).unsqueeze(1))
-        g = self.g.reshape(rows, -1)[:, cols].permute(1, 0, 2).unsqueeze(1)
-        h = self.h[:, cols.unsqueeze(-1), cols.unsqueeze(-2)].transpose(0, 1)  # (P, k, 2m, 2m)
-        blocks = delta.reshape(*delta.shape[:2], k, rows // k, -1)
-        quad = (torch.matmul(blocks, h.unsqueeze(1)) * blocks).sum((-1, -2, -3))
-        d_error = 2 * (delta * g).sum((-1, -2)) + quad
-        old_kept = (s * self.mask[:, cols].permute(1, 0, 2)).sum((-1, -2))
-        d_kept = (s.unsqueeze(1) * new_mask).sum((-1, -2)) - old_kept.unsqueeze(1)
-        return d_error, d_kept, new_mask, delta
-
-    def apply(self, ga: int, gb: int, swap: int, d_error: float, new_mask: torch.Tensor,
-              delta: torch.Tensor, d_kept: float) -> None:
-        """Commit one swap whose changes :meth:`swap_changes` computed (``new_mask``/``delta`` of it)."""
-        cols = self.members(torch.tensor([ga]), torch.tensor([gb]))[0]
+    def _cols(self, x: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x[:, cols]`` (``x`` is ``(rows, in)``, ``cols`` is ``(pairs, 2m)``) as ``(pairs, k, 1, rows/k, 2m)``."""
         k = self.h.shape[0]
-        self.mask[:, cols] = new_mask
-        self.g += torch.bmm(delta.reshape(k, -1, cols.numel()), self.h[:, cols, :])
+        return x[:, cols].to(dtype).permute(1, 0, 2).reshape(cols.shape[0], k, 1, -1, cols.shape[1])
+
+    def swap_changes(self, ga: torch.Tensor, gb: torch.Tensor,
+                     dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change of error and of retained score, ``(pairs, m*m)`` each, for every swap of member
+        ``i`` of group ``ga[q]`` with member ``j`` of ``gb[q]`` (entry ``[q, i*m + j]``)."""
+        grid = self.p.view(-1, self.m)
+        cols = torch.cat([grid[ga], grid[gb]], dim=1)  # (pairs, 2m) original channels, position order
+        pairs, k, width = cols.shape[0], self.h.shape[0], cols.shape[1]
+        s = self._cols(self.s, cols, dtype)
+        order = self.orders.view(1, 1, -1, 1, width).expand(pairs, k, self.orders.shape[0], s.shape[3], width)
+        swapped = torch.gather(s.expand(order.shape), -1, order)  # each swap's new position order
+        new = torch.gather(nm_mask(swapped, self.n, self.m), -1, order)  # back to member order (involution)
+        lost = self._cols(self.mask, cols, dtype) - new.to(dtype)  # old mask - new mask
+        delta = self._cols(self.w, cols, dtype) * lost
+        h = self.h[:, cols.unsqueeze(-1), cols.unsqueeze(-2)].transpose(0, 1).to(dtype)  # (pairs, k, 2m, 2m)
+        flat = delta.reshape(pairs * k, -1, width)
+        quad = (torch.bmm(flat, h.reshape(pairs * k, width, width)) * flat).reshape(pairs, k, -1, width)
+        quad = quad.reshape(pairs, k, self.orders.shape[0], -1).sum((1, 3))
+        lin = (delta * self._cols(self.g.reshape(self.w.shape[0], -1), cols, dtype)).sum((1, 3, 4))
+        return 2 * lin + quad, -(s * lost).sum((1, 3, 4))
+
+    def apply(self, ga: int, gb: int, swap: int, d_error: float, d_kept: float) -> None:
+        """Swap member ``swap // m`` of group ``ga`` with member ``swap % m`` of group ``gb``, whose
+        changes :meth:`swap_changes` gave (float64), and update mask and ``G`` to match."""
+        pos = torch.tensor([ga * self.m + swap // self.m, gb * self.m + swap % self.m])
+        _swap_positions(self.p, pos[:1], pos[1:])
+        touched = torch.cat([self.p.view(-1, self.m)[ga], self.p.view(-1, self.m)[gb]])
+        new = nm_mask(self.s[:, touched], self.n, self.m)
+        delta = self.w[:, touched] * (self.mask[:, touched].double() - new.double())
+        self.mask[:, touched] = new
+        k = self.h.shape[0]
+        self.g += torch.bmm(delta.reshape(k, -1, touched.numel()), self.h[:, touched, :])
         self.error += d_error
         self.kept += d_kept
-        _swap_positions(self.p, torch.tensor([ga * self.m + swap // self.m]),
-                        torch.tensor([gb * self.m + swap % self.m]))
 
 
 def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: torch.Tensor,
@@ -315,8 +331,8 @@ def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: t
         ga = torch.randint(groups, (pairs,), generator=gen)
         base = ga - ga % chunk_groups
         gb = base + (ga - base + 1 + torch.randint(chunk_groups - 1, (pairs,), generator=gen)) % chunk_groups
-        d_error, d_kept, _, _ = state.swap_changes(ga, gb)
-        objective = d_error / e0 - scale_k * d_kept
+        d_error, d_kept = state.swap_changes(ga, gb, torch.float32)
+        objective = d_error.double() / e0 - scale_k * d_kept.double()
         best, swap = objective.min(1)
         used: set[int] = set()
         for q in torch.argsort(best)[: int((best < -_TOL).sum())].tolist():
@@ -325,11 +341,11 @@ def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: t
                 break
             if a in used or b in used:
                 continue
-            d_error, d_kept, new_mask, delta = state.swap_changes(torch.tensor([a]), torch.tensor([b]))
+            d_error, d_kept = state.swap_changes(torch.tensor([a]), torch.tensor([b]))
             objective = d_error[0] / e0 - scale_k * d_kept[0]
             i = int(objective.argmin())
             if objective[i] < -_TOL:
-                state.apply(a, b, i, float(d_error[0, i]), new_mask[0, i], delta[0, i], float(d_kept[0, i]))
+                state.apply(a, b, i, float(d_error[0, i]), float(d_kept[0, i]))
                 used.update((a, b))
     return state.p
 

@@ -31,6 +31,14 @@ from .scores import SCORES, compute_score
 
 BINDINGS = ("per-linear", "shared")
 PROPAGATIONS = ("pruned", "dense")
+LEARNED = "learned"
+LEARN_INITS = ("output", "ria", "cp", "none", "random")
+LEARN_LOSSES = ("mse", "smoothl1", "cosine")
+
+
+def perm_choices() -> list[str]:
+    """Every ``--perm`` value: the searches, and the learned permutation."""
+    return [*permutation_methods(), LEARNED]
 
 
 @dataclass
@@ -39,6 +47,9 @@ class PruneConfig:
 
     ``pattern`` is ``"N:M"`` or an unstructured sparsity such as ``"50%"`` (the reference limit).
     ``include``/``exclude`` are glob patterns on full linear names (``*mlp.down_proj``).
+    With ``perm="learned"``, each block's permutations are trained against the dense block's outputs
+    (``learn_loss`` on mini-batches of ``learn_batch`` windows), starting from the ``learn_init`` search;
+    ``learn`` holds :class:`permsparse.learned.LearnConfig` fields (steps, lr, eps_start, ...).
     """
 
     pattern: str = "2:4"
@@ -56,6 +67,10 @@ class PruneConfig:
     propagate: str = "pruned"
     strict: bool = False
     batch_size: int = 8
+    learn_init: str = "output"
+    learn_loss: str = "mse"
+    learn_batch: int = 4
+    learn: dict = field(default_factory=dict)
 
     def target(self) -> tuple[str, float | tuple[int, int]]:
         """``("nm", (n, m))`` or ``("unstructured", density)``, validating the pattern."""
@@ -73,7 +88,7 @@ class PruneConfig:
         kind, _ = self.target()
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
-        methods = permutation_methods()
+        methods = perm_choices()
         if self.perm not in methods:
             raise ValueError(f"unknown permutation method {self.perm!r}; choose one of {', '.join(methods)}")
         if kind == "unstructured" and self.perm != "none":
@@ -82,6 +97,10 @@ class PruneConfig:
             raise ValueError(f"unknown binding {self.binding!r}; choose one of {', '.join(BINDINGS)}")
         if self.propagate not in PROPAGATIONS:
             raise ValueError(f"unknown propagation {self.propagate!r}; choose one of {', '.join(PROPAGATIONS)}")
+        if self.learn_init not in LEARN_INITS:
+            raise ValueError(f"unknown learn_init {self.learn_init!r}; choose one of {', '.join(LEARN_INITS)}")
+        if self.learn_loss not in LEARN_LOSSES:
+            raise ValueError(f"unknown learn_loss {self.learn_loss!r}; choose one of {', '.join(LEARN_LOSSES)}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("nsamples must be >= 1 and seqlen >= 2")
 
@@ -97,6 +116,7 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)
     permutations: dict[str, list[int]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    training: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -104,6 +124,15 @@ class PruneReport:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class BlockData:
+    """What learning a block's permutations needs: its inputs, the dense block's outputs, its kwargs."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    kwargs: dict
 
 
 @dataclass(frozen=True)
@@ -169,16 +198,21 @@ def _select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig, m: 
 
 def _site_permutation(
     site: Site, scores: list[torch.Tensor], weights: list[torch.Tensor], gram: torch.Tensor | None,
-    n: int, m: int, config: PruneConfig,
-) -> torch.Tensor:
-    """Search one site's permutation; stacked rows share it (method.md §4)."""
+    n: int, m: int, config: PruneConfig, method: str,
+) -> torch.Tensor | None:
+    """Search one site's permutation with ``method``; stacked rows share it (method.md §4).
+
+    ``"random"`` (a start for learning only) returns None: the learner draws its own.
+    """
     width = scores[0].shape[1]
-    if config.perm == "none":
+    if method == "random":
+        return None
+    if method == "none":
         return torch.arange(width)
     options = dict(groups=config.perm_groups, seed=config.seed, **config.perm_options)
     if site.heads is None:
         return find_permutation(
-            torch.cat(scores), n, m, config.perm, weight=torch.cat(weights), gram=gram, **options
+            torch.cat(scores), n, m, method, weight=torch.cat(weights), gram=gram, **options
         )
     geo, hd = site.heads, site.heads.head_dim
     if hd % m:
@@ -191,7 +225,7 @@ def _site_permutation(
         cols = [slice(h * hd, (h + 1) * hd) for h in heads]
         stacked_gram = None if gram is None else torch.stack([gram[c, c] for _ in scores for c in cols])
         p = find_permutation(
-            torch.cat([s[:, c] for s in scores for c in cols]), n, m, config.perm,
+            torch.cat([s[:, c] for s in scores for c in cols]), n, m, method,
             weight=torch.cat([w[:, c] for w in weights for c in cols]), gram=stacked_gram, **options,
         )
         for h in heads:
@@ -211,44 +245,70 @@ def _kept_fraction(scores: torch.Tensor, mask: torch.Tensor) -> float:
     return float((scores * mask).sum() / scores.sum().clamp_min(1e-30))
 
 
+def _learning(config: PruneConfig) -> bool:
+    return config.perm == LEARNED
+
+
 @torch.no_grad()
 def prune_block(
     block: nn.Module, block_name: str, groups: list[tuple[str, ...]], stats: dict[str, InputStats],
     config: PruneConfig, adapter: Adapter, geometry: AttentionGeometry, report: PruneReport,
+    block_data: BlockData | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Prune one block's target linears; returns the masks by full linear name."""
+    """Prune one block's target linears; returns the masks by full linear name.
+
+    Permutations come from a search per site, or (``perm="learned"``) from training that starts at the
+    search's result (``block_data`` then holds the block's inputs and dense outputs).
+    """
     kind, target = config.target()
-    masks = {}
+    weights, scores, site_stats = {}, {}, []
     for group in groups:
         group_stats = stats.get(group[0])
         act_norm = group_stats.act_norm if group_stats is not None else None
-        weights = {name: linear_weight(block.get_submodule(name)) for name in group}
-        scores = {name: compute_score(config.score, w, act_norm) for name, w in weights.items()}
-        if kind == "unstructured":
-            for name in group:
-                mask = unstructured_mask(scores[name], target)
-                weights[name].mul_(mask.to(weights[name].dtype))
-                masks[f"{block_name}.{name}"] = mask
-                report.layers.append({"name": f"{block_name}.{name}", "shape": list(weights[name].shape),
-                                      "kept_score": _kept_fraction(scores[name], mask)})
-            continue
-        n, m = target
-        for site in sites_for_group(group, config.binding, adapter, geometry):
-            start = time.perf_counter()
-            gram = group_stats.gram if group_stats is not None else None
-            perm = _site_permutation(site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears],
-                                     gram, n, m, config)
-            seconds = time.perf_counter() - start
-            report.permutations[f"{block_name}.{site.name}"] = perm.tolist()
-            for name in site.linears:
-                identity_kept = _kept_fraction(scores[name], nm_mask(scores[name], n, m))
-                mask = apply_permuted_mask(weights[name], scores[name], perm, n, m)
-                masks[f"{block_name}.{name}"] = mask
-                report.layers.append({
-                    "name": f"{block_name}.{name}", "shape": list(weights[name].shape), "site": site.name,
-                    "kept_score": _kept_fraction(scores[name], mask), "kept_score_identity": identity_kept,
-                    "perm_seconds": seconds,
-                })
+        for name in group:
+            weights[name] = linear_weight(block.get_submodule(name))
+            scores[name] = compute_score(config.score, weights[name], act_norm)
+        if kind == "nm":
+            site_stats += [(site, group_stats) for site in sites_for_group(group, config.binding, adapter, geometry)]
+    masks = {}
+    if kind == "unstructured":
+        for name, weight in weights.items():
+            mask = unstructured_mask(scores[name], target)
+            weight.mul_(mask.to(weight.dtype))
+            masks[f"{block_name}.{name}"] = mask
+            report.layers.append({"name": f"{block_name}.{name}", "shape": list(weight.shape),
+                                  "kept_score": _kept_fraction(scores[name], mask)})
+        return masks
+    n, m = target
+    method = config.learn_init if _learning(config) else config.perm
+    perms, seconds = {}, {}
+    for site, group_stats in site_stats:
+        start = time.perf_counter()
+        gram = group_stats.gram if group_stats is not None else None
+        perms[site.name] = _site_permutation(
+            site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears], gram, n, m, config, method
+        )
+        seconds[site.name] = time.perf_counter() - start
+    if _learning(config):
+        from .training import learn_block_permutations
+
+        with torch.enable_grad():
+            perms, history = learn_block_permutations(
+                block, [site for site, _ in site_stats], weights, scores, perms, n, m, config, geometry, block_data
+            )
+        report.training[block_name] = history
+    for site, _ in site_stats:
+        perm = perms[site.name]
+        report.permutations[f"{block_name}.{site.name}"] = perm.tolist()
+        for name in site.linears:
+            identity_kept = _kept_fraction(scores[name], nm_mask(scores[name], n, m))
+            mask = apply_permuted_mask(weights[name], scores[name], perm, n, m)
+            masks[f"{block_name}.{name}"] = mask
+            report.layers.append({
+                "name": f"{block_name}.{name}", "shape": list(weights[name].shape), "site": site.name,
+                "kept_score": _kept_fraction(scores[name], mask), "kept_score_identity": identity_kept,
+                "search_seconds": seconds[site.name],
+            })
     return masks
 
 
@@ -281,7 +341,8 @@ class ResumeState:
     def save(self, index: int, masks: dict[str, torch.Tensor], report: PruneReport, inputs: torch.Tensor) -> None:
         packed = {name: (list(mask.shape), np.packbits(mask.numpy().ravel())) for name, mask in masks.items()}
         self._atomic(self.folder / f"block_{index:04d}.pt", lambda p: torch.save(
-            {"masks": packed, "layers": report.layers, "permutations": report.permutations}, p))
+            {"masks": packed, "layers": report.layers, "permutations": report.permutations,
+             "training": report.training}, p))
         self._atomic(self.folder / "inputs.pt", lambda p: torch.save(inputs, p))
         self._atomic(self.folder / "progress.json", lambda p: p.write_text(
             json.dumps({"fingerprint": self.fingerprint, "blocks_done": index + 1})))
@@ -298,7 +359,7 @@ class ResumeState:
                 with torch.no_grad():
                     weight = linear_weight(model.get_submodule(name))
                     weight.mul_(mask.to(weight.dtype))
-        report.layers, report.permutations = state["layers"], state["permutations"]
+        report.layers, report.permutations, report.training = state["layers"], state["permutations"], state["training"]
         return torch.load(self.folder / "inputs.pt")
 
 
@@ -323,8 +384,8 @@ def prune(
     blocks = adapter.blocks(model)
     prefix = adapter.blocks_path
 
-    want_gram = needs_gram(config.perm)
-    if config.score == "magnitude" and not want_gram:
+    want_gram = needs_gram(config.learn_init if _learning(config) else config.perm)
+    if config.score == "magnitude" and not want_gram and not _learning(config):
         for i, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):
             prune_block(block, f"{prefix}.{i}", groups_per_block[i], {}, config, adapter, geometry, report)
         report.seconds, report.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
@@ -346,7 +407,8 @@ def prune(
         block, name = blocks[i], f"{prefix}.{i}"
         readers = {group[0]: group[0] for group in groups_per_block[i]}
         stats, dense_out = collect_input_stats(block, readers, inputs, kwargs, want_gram, name, config.batch_size)
-        masks = prune_block(block, name, groups_per_block[i], stats, config, adapter, geometry, report)
+        block_data = BlockData(inputs, dense_out, kwargs) if _learning(config) else None
+        masks = prune_block(block, name, groups_per_block[i], stats, config, adapter, geometry, report, block_data)
         inputs = run_block(block, inputs, kwargs, config.batch_size) if config.propagate == "pruned" else dense_out
         if not torch.isfinite(inputs).all():
             raise FloatingPointError(f"non-finite activations leaving {name} after pruning")

@@ -23,6 +23,41 @@ def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 512, tie: bool = Tru
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gpt2(seed: int = 0, tie: bool = True):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=512, n_embd=64, n_head=4, n_layer=2, n_positions=64, n_inner=128,
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_opt(seed: int = 0, tie: bool = True, proj_dim: int = 64):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2,
+                       max_position_embeddings=64, word_embed_proj_dim=proj_dim, tie_word_embeddings=tie)
+    model = OPTForCausalLM(config).eval()
+    with torch.no_grad():  # random biases and norm parameters, so a forgotten bias permutation shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def tiny_llama_random_norms(tie: bool = True):
+    model = tiny_llama(tie=tie)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+BUILDERS = {"llama": tiny_llama_random_norms, "gpt2": tiny_gpt2, "opt": tiny_opt}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer trained on Tiny Shakespeare (a real tokenizer, made offline)."""

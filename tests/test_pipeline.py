@@ -6,7 +6,7 @@ from permsparse.adapters import adapter_for, linear_weight
 from permsparse.masks import is_nm
 from permsparse.pruning import PruneConfig, prune
 
-from .conftest import tiny_llama
+from .conftest import BUILDERS, tiny_llama
 
 CALIB = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
 INPUT = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
@@ -145,3 +145,23 @@ def test_unsupported_architecture_says_what_is_supported():
     model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="unsupported architecture 'bert'.*llama"):
         prune(model, None, PruneConfig(), calibration=CALIB, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_block_by_block_replay_equals_the_model(family):
+    """Captured block-0 inputs run through every block give the model's own last hidden state, with
+    eager attention too (GPT-2 passes its causal mask positionally)."""
+    from permsparse.calibration import capture_block_inputs, run_block
+
+    model = BUILDERS[family]()
+    model.config._attn_implementation = "eager"
+    adapter = adapter_for(model)
+    hidden, kwargs = capture_block_inputs(model, adapter, CALIB, batch_size=3)
+    assert hidden.shape[0] == CALIB.shape[0]
+    for block in adapter.blocks(model):
+        hidden = run_block(block, hidden, kwargs, batch_size=3)
+    with torch.no_grad():
+        states = model(CALIB, output_hidden_states=True).hidden_states
+    # the last entry has the final norm applied; compare with the input of that norm instead
+    final_norm = dict(model.named_modules())[adapter.final_norms[0]]
+    torch.testing.assert_close(final_norm(hidden), states[-1], atol=1e-5, rtol=1e-5)
