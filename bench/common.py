@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 import os
 import platform
 import sys
@@ -46,8 +47,8 @@ def run_rows(model: str, rows: list[dict], *, seqlen: int, windows: int, full: b
     ctx = mp.get_context("spawn")
     for row in rows:
         start = time.perf_counter()
-        with ctx.Pool(1) as pool:
-            result = pool.apply(_run_row, (model, row, seqlen, windows, full, threads))
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            result = pool.submit(_run_row, model, row, seqlen, windows, full, threads).result()
         result["wall_s"] = time.perf_counter() - start
         print(f"  done: {row['label']:<34} ppl {result['ppl']:9.2f}  ({result['wall_s']:.0f} s)", flush=True)
         results.append(result)

@@ -19,6 +19,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--perms", nargs="*", default=[], help="add 2:4 Wanda rows with these permutation methods")
+    parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")
     args = parser.parse_args()
     calib = dict(calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     rows = [
@@ -28,6 +30,9 @@ def main() -> None:
         {"label": "2:4 wanda", "config": dict(pattern="2:4", score="wanda", **calib)},
         {"label": "2:4 ria", "config": dict(pattern="2:4", score="ria", **calib)},
     ]
+    rows += [{"label": f"2:4 wanda + {perm} ({args.binding})",
+              "config": dict(pattern="2:4", score="wanda", perm=perm, binding=args.binding, **calib)}
+             for perm in args.perms]
     protocol = {**vars(args), "eval": "wikitext2 raw test", "calib": "wikitext2-valid"}
     print(f"one-shot pruning of {args.model}: eval WikiText-2 raw test, seqlen {args.seqlen}, first "
           f"{args.windows} windows{' and all' if args.full else ''}; calibration {args.nsamples} x {args.seqlen} "

@@ -14,8 +14,7 @@ from . import __version__
 from .evaluation import perplexity
 from .export import check_output_free, partial_dir, save_checkpoint
 from .models import SMOLLM2_ALIAS, load_model
-from .permutation import permutation_methods
-from .pruning import BINDINGS, PROPAGATIONS, PruneConfig, prune
+from .pruning import BINDINGS, LEARN_INITS, LEARN_LOSSES, PROPAGATIONS, PruneConfig, perm_choices, prune
 from .scores import SCORES
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
@@ -26,9 +25,26 @@ def _add_prune(sub) -> None:
     p.add_argument("--model", default=SMOLLM2_ALIAS, help=f"hub id, HF folder, .gguf file or {SMOLLM2_ALIAS!r}")
     p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or unstructured sparsity like 50%%")
     p.add_argument("--score", default="wanda", choices=sorted(SCORES))
-    p.add_argument("--perm", default="none", choices=permutation_methods())
-    p.add_argument("--binding", default="per-linear", choices=BINDINGS)
-    p.add_argument("--perm-groups", type=int, default=1, help="search channels in this many contiguous chunks")
+    p.add_argument("--perm", default="none", choices=perm_choices(),
+                   help="channel permutation: a search, or 'learned' (trained from a search's result)")
+    p.add_argument("--binding", default="per-linear", choices=BINDINGS,
+                   help="one permutation per linear, or shared by the linears that read one input (foldable)")
+    p.add_argument("--groups", dest="perm_groups", type=int, default=1,
+                   help="split channels into G contiguous groups, each permuted on its own")
+    learn = p.add_argument_group("learned permutation (--perm learned)")
+    learn.add_argument("--mode", default="blockwise", choices=["blockwise"],
+                       help="train each block against the dense block's outputs (memory of one block)")
+    learn.add_argument("--init", dest="learn_init", default="output", choices=LEARN_INITS,
+                       help="warm start: a search's permutation, or random")
+    learn.add_argument("--loss", dest="learn_loss", default="mse", choices=LEARN_LOSSES)
+    learn.add_argument("--learn-batch", type=int, default=4, help="windows per training step")
+    for flag, kind, help_ in [("--steps", int, "training steps per block"), ("--lr", float, "AdamW learning rate"),
+                              ("--eps-start", float, "Sinkhorn temperature at the start"),
+                              ("--eps-end", float, "Sinkhorn temperature at the end"),
+                              ("--sinkhorn-iters", int, "Sinkhorn iterations")]:
+        learn.add_argument(flag, type=kind, default=None, help=f"{help_} (default: LearnConfig's)")
+    learn.add_argument("--train-mode", default=None, choices=["ste", "soft"],
+                       help="hard forward with Sinkhorn gradient (ste) or the soft permutation")
     p.add_argument("--calib", default="wikitext2-valid", help="calibration source name or text file")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -55,6 +71,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def _learn_options(args) -> dict:
+    """LearnConfig overrides given on the command line."""
+    names = {"steps": "steps", "lr": "lr", "eps_start": "eps_start", "eps_end": "eps_end",
+             "sinkhorn_iters": "sinkhorn_iters", "train_mode": "mode"}
+    return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+
+
 def run_prune(args) -> None:
     check_output_free(args.out, args.overwrite)
     staging = partial_dir(args.out)
@@ -64,6 +87,7 @@ def run_prune(args) -> None:
         pattern=args.pattern, score=args.score, perm=args.perm, binding=args.binding, perm_groups=args.perm_groups,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         include=tuple(args.include), exclude=tuple(args.exclude), propagate=args.propagate, strict=args.strict,
+        learn_init=args.learn_init, learn_loss=args.learn_loss, learn_batch=args.learn_batch, learn=_learn_options(args),
     )
     config.validate()
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))

@@ -32,13 +32,14 @@ _TOL = 1e-9  # relative gain below which a move counts as no gain (float noise)
 
 # --------------------------------------------------------------------------------------------- metrics
 def _grouped(scores: torch.Tensor, p: torch.Tensor, m: int) -> torch.Tensor:
-    """``scores[:, p]`` as ``(rows, groups, m)``."""
-    return scores[:, p].reshape(scores.shape[0], -1, m)
+    """``scores[:, p]`` as ``(groups, m, rows)``: rows innermost, so that the sums over rows that every
+    search ends with run over contiguous memory (a size-``m`` inner dimension is several times slower)."""
+    return scores.T[p].reshape(-1, m, scores.shape[0])
 
 
 def _kept(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum of the top-``n`` along the last dim: what an N:M mask keeps of one group (ties do not matter)."""
-    return x.topk(n, dim=-1).values.sum(-1)
+    """What an N:M mask keeps of each group of ``x`` (``(..., m, rows)``): the sum of the top ``n``."""
+    return x.topk(n, dim=-2).values.sum(-2)
 
 
 def retained(scores: torch.Tensor, p: torch.Tensor, n: int, m: int) -> float:
@@ -97,49 +98,55 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, p: torch.Tensor, n: i
 
 
 # ----------------------------------------------------------------------------------- swap arithmetic
-def _others(m: int) -> torch.Tensor:
-    """``(m, m-1)``: for each member ``i``, the indices of the other members (in position order)."""
-    idx = torch.arange(m)
-    return torch.stack([torch.cat([idx[:i], idx[i + 1:]]) for i in range(m)])
-
-
-def _rest_stats(rest: torch.Tensor, coef: torch.Tensor, n: int):
-    """For groups missing one member (``rest``: scores ``(..., m-1)`` in position order): the sum of
-    ``coef`` over the top-``n``, and the score, index and ``coef`` of the ``n``-th (weakest survivor).
+def _leave_one_out(s: torch.Tensor, coef: torch.Tensor, n: int):
+    """For each member ``i`` of groups of scores ``s`` (``(..., m, rows)``, position order), as if ``i``
+    had left: the sum of ``coef`` over the top-``n`` of the others, and the score, position and ``coef``
+    of the ``n``-th of the others (the weakest survivor). All ``(..., m, rows)``.
 
     A newcomer joins the kept set exactly when it beats that weakest survivor, and then replaces it.
     This turns "the group with one member exchanged" into one comparison, which is what makes the
     batched searches cheap: no mask is ever re-sorted per candidate.
     """
-    top = torch.sort(rest, dim=-1, descending=True, stable=True).indices[..., :n]
-    nth = top[..., -1:]
-    return (coef.gather(-1, top).sum(-1), rest.gather(-1, nth)[..., 0], nth[..., 0],
-            coef.gather(-1, nth)[..., 0])
+    m = s.shape[-2]
+    rank = torch.zeros(s.shape, dtype=torch.uint8)  # members beating each one; ties: lower position
+    for k in range(m):  # m comparisons of whole tensors: faster than sorting tiny groups
+        rank[..., :k, :] += s[..., k:k + 1, :] > s[..., :k, :]
+        rank[..., k + 1:, :] += s[..., k:k + 1, :] >= s[..., k + 1:, :]
+    inside = rank < n  # a kept member leaving lets the (n+1)-th in
+    pos = torch.arange(m, dtype=s.dtype).view(-1, 1)
+    at = [(rank == r).to(s.dtype) for r in (n - 1, n)]  # one-hot: the n-th and the (n+1)-th
+    s_at, c_at, p_at = ([(x * a).sum(-2, keepdim=True) for a in at] for x in (s, coef, pos))
+    kept = (coef * inside).sum(-2, keepdim=True) + inside * (c_at[1] - coef)
+    pick = lambda x: torch.where(inside, x[1], x[0])  # noqa: E731
+    return kept, pick(s_at), pick(p_at), pick(c_at)
 
 
 def _exchange(own: torch.Tensor, own_coef: torch.Tensor, new: torch.Tensor, new_coef: torch.Tensor,
-              n: int) -> torch.Tensor:
-    """``[q, i, j]``: sum over rows of ``coef`` over the kept members of group ``own[:, q]`` after its
-    member ``i`` is replaced by ``new[:, q, j]`` (which takes position ``i``, the N:M tie-break).
+              n: int, chunk: int = 32) -> torch.Tensor:
+    """``[q, i, j]``: sum over rows of ``coef`` over the kept members of group ``own[q]`` after its
+    member ``i`` is replaced by ``new[q, j]`` (which takes position ``i``, the N:M tie-break).
 
-    ``own``/``new`` are scores ``(rows, pairs, m)``, ``*_coef`` what each member is worth if kept.
+    ``own``/``new`` are scores ``(pairs, m, rows)``, ``*_coef`` what each member is worth if kept.
+    The ``(pairs, m, m, rows)`` comparison runs ``chunk`` pairs at a time, to stay in cache.
     """
-    m = own.shape[-1]
-    others = _others(m)
-    kept, nth, nth_idx, nth_coef = _rest_stats(own[..., others], own_coef[..., others], n)  # (rows, pairs, m)
-    nth_pos = others.reshape(-1)[torch.arange(m) * (m - 1) + nth_idx]  # its position in the group
-    s, t = new.unsqueeze(-2), nth.unsqueeze(-1)
-    wins = (s > t) | ((s == t) & (torch.arange(m).unsqueeze(-1) < nth_pos.unsqueeze(-1)))
-    return (kept.unsqueeze(-1) + wins * (new_coef.unsqueeze(-2) - nth_coef.unsqueeze(-1))).sum(0)
+    kept, nth, nth_pos, nth_coef = _leave_one_out(own, own_coef, n)  # (pairs, m, rows)
+    earlier = torch.arange(own.shape[-2]).view(-1, 1) < nth_pos  # newcomer at i wins ties
+    bar = torch.where(earlier, nth.nextafter(torch.tensor(-torch.inf, dtype=nth.dtype)), nth).unsqueeze(-2)
+    s, c, nth_coef = new.unsqueeze(-3), new_coef.unsqueeze(-3), nth_coef.unsqueeze(-2)
+    out = kept.sum(-1).unsqueeze(-1).repeat(1, 1, own.shape[-2])
+    for q in range(0, own.shape[0], chunk):
+        part = slice(q, q + chunk)
+        out[part] += ((s[part] > bar[part]) * (c[part] - nth_coef[part])).sum(-1)
+    return out
 
 
 def _swap_sums(s: torch.Tensor, coef: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, n: int) -> torch.Tensor:
     """``(pairs, m*m)``: sum of ``coef`` over the kept entries of groups ``ga[q]`` and ``gb[q]`` after
-    swapping their members ``i`` and ``j`` (entry ``i*m + j``). ``s``, ``coef``: ``(rows, groups, m)``.
+    swapping their members ``i`` and ``j`` (entry ``i*m + j``). ``s``, ``coef``: ``(groups, m, rows)``.
 
     With ``coef = s`` this is the retained score of the two groups; only they change, so it is exact.
     """
-    a, b, ca, cb = s[:, ga], s[:, gb], coef[:, ga], coef[:, gb]
+    a, b, ca, cb = s[ga], s[gb], coef[ga], coef[gb]
     return (_exchange(a, ca, b, cb, n) + _exchange(b, cb, a, ca, n).transpose(-1, -2)).flatten(1)
 
 
@@ -179,7 +186,7 @@ def _cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: i
         a, b = _round_robin(groups, r)
         a, b = label[a], label[b]
         grid = _grouped(s, p, m)
-        base = _kept(grid[:, a], n).sum(0) + _kept(grid[:, b], n).sum(0)
+        base = _kept(grid[a], n).sum(-1) + _kept(grid[b], n).sum(-1)
         gain = _swap_sums(grid, grid, a, b, n) - base.unsqueeze(1)
         top, swap = gain.max(1)
         ok = top > _TOL * max(abs(value), 1.0)
@@ -222,13 +229,12 @@ def _ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: 
     band, k = torch.arange(cols) // groups, torch.arange(cols) % groups
     slots = torch.empty(groups, m, dtype=torch.long)
     slots[torch.where(band % 2 == 0, k, groups - 1 - k), band] = order
-    others = _others(m)
     st = s.T.contiguous()  # (in, rows): channel scores contiguous for the inner reduction
     for _ in range(rounds if groups > 1 else 0):
         for j in range(m):
-            rest = s[:, slots[:, others[j]]]
-            kept, nth = _rest_stats(rest, rest, n)[:2]  # (rows, groups)
-            value = _insert_values(st[slots[:, j]], nth.T.contiguous()) + kept.sum(0)
+            grid = st[slots]  # (groups, m, rows)
+            kept, nth = (x[:, j] for x in _leave_one_out(grid, grid, n)[:2])  # (groups, rows)
+            value = _insert_values(st[slots[:, j]], nth) + kept.sum(-1)
             row, col = linear_sum_assignment(value.numpy(), maximize=True)
             slots[col, j] = slots[row, j].clone()
     return slots.reshape(-1)
@@ -248,11 +254,10 @@ def _swap_orders(m: int) -> torch.Tensor:
 class _OutputError:
     """The layer's output error under permutation ``p``, kept up to date through swaps.
 
-    Keeps ``d`` (pruned-away part of ``W``, implicitly through the mask) and ``G = d H``. A swap
-    between groups ``a`` and ``b`` changes ``d`` only on their ``2m`` channels, by
-    ``Δ = W * (old_mask - new_mask)``, so the error changes by ``2 <Δ, G> + Δ H Δ^T`` with ``H``
-    restricted to those channels: exact, and cheap to batch. The state is float64 so thousands of
-    incremental updates do not drift; batched screening may run in float32.
+    Keeps the mask and ``G = d H`` (``d`` the pruned-away part of ``W``). A swap between groups ``a``
+    and ``b`` changes ``d`` only on their ``2m`` channels, by ``Δ = W * (old_mask - new_mask)``, so the
+    error changes by ``2 <Δ, G> + Δ H Δ^T`` with ``H`` restricted to those channels. Float64 so that
+    thousands of incremental updates do not drift.
     """
 
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, scores: torch.Tensor,
@@ -263,90 +268,101 @@ class _OutputError:
         self.mask = _mask_in_original_order(self.s, self.p, n, m)
         self.error, self.g = _error_and_grad(self.w * ~self.mask, self.h)
         self.kept = float((self.s * self.mask).sum())
+        diag = self.h.diagonal(dim1=1, dim2=2).repeat_interleave(weight.shape[0] // self.h.shape[0], 0)
+        self.w2h = self.w.square() * diag  # error of pruning one weight alone, W_rc^2 H_cc
         self.orders = _swap_orders(m)
 
-    def _cols(self, x: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``x[:, cols]`` (``x`` is ``(rows, in)``, ``cols`` is ``(pairs, 2m)``) as ``(pairs, k, 1, rows/k, 2m)``."""
-        k = self.h.shape[0]
-        return x[:, cols].to(dtype).permute(1, 0, 2).reshape(cols.shape[0], k, 1, -1, cols.shape[1])
+    def _cols(self, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``x[:, cols]`` (``x``: ``(rows, in)``, ``cols``: ``(pairs, 2m)``) as ``(pairs, k, 1, rows/k, 2m)``."""
+        return x[:, cols].double().permute(1, 0, 2).reshape(cols.shape[0], self.h.shape[0], 1, -1, cols.shape[1])
 
-    def swap_changes(self, ga: torch.Tensor, gb: torch.Tensor,
-                     dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Change of error and of retained score, ``(pairs, m*m)`` each, for every swap of member
-        ``i`` of group ``ga[q]`` with member ``j`` of ``gb[q]`` (entry ``[q, i*m + j]``)."""
+    def swap_changes(self, ga: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact change of error and of retained score, ``(pairs, m*m)`` each, for every swap of
+        member ``i`` of group ``ga[q]`` with member ``j`` of ``gb[q]`` (entry ``[q, i*m + j]``)."""
         grid = self.p.view(-1, self.m)
         cols = torch.cat([grid[ga], grid[gb]], dim=1)  # (pairs, 2m) original channels, position order
-        pairs, k, width = cols.shape[0], self.h.shape[0], cols.shape[1]
-        s = self._cols(self.s, cols, dtype)
-        order = self.orders.view(1, 1, -1, 1, width).expand(pairs, k, self.orders.shape[0], s.shape[3], width)
+        pairs, k, width, swaps = cols.shape[0], self.h.shape[0], cols.shape[1], self.orders.shape[0]
+        s = self._cols(self.s, cols)
+        order = self.orders.view(1, 1, swaps, 1, width).expand(pairs, k, swaps, s.shape[3], width)
         swapped = torch.gather(s.expand(order.shape), -1, order)  # each swap's new position order
         new = torch.gather(nm_mask(swapped, self.n, self.m), -1, order)  # back to member order (involution)
-        lost = self._cols(self.mask, cols, dtype) - new.to(dtype)  # old mask - new mask
-        delta = self._cols(self.w, cols, dtype) * lost
-        h = self.h[:, cols.unsqueeze(-1), cols.unsqueeze(-2)].transpose(0, 1).to(dtype)  # (pairs, k, 2m, 2m)
+        lost = self._cols(self.mask, cols) - new.double()  # old mask - new mask
+        delta = self._cols(self.w, cols) * lost
+        h = self.h[:, cols.unsqueeze(-1), cols.unsqueeze(-2)].transpose(0, 1)  # (pairs, k, 2m, 2m)
         flat = delta.reshape(pairs * k, -1, width)
-        quad = (torch.bmm(flat, h.reshape(pairs * k, width, width)) * flat).reshape(pairs, k, -1, width)
-        quad = quad.reshape(pairs, k, self.orders.shape[0], -1).sum((1, 3))
-        lin = (delta * self._cols(self.g.reshape(self.w.shape[0], -1), cols, dtype)).sum((1, 3, 4))
+        quad = (torch.bmm(flat, h.reshape(pairs * k, width, width)) * flat).reshape(pairs, k, swaps, -1).sum((1, 3))
+        lin = (delta * self._cols(self.g.reshape(self.w.shape[0], -1), cols)).sum((1, 3, 4))
         return 2 * lin + quad, -(s * lost).sum((1, 3, 4))
+
+    def screen(self, ga: torch.Tensor, gb: torch.Tensor, kept_weight: float = 0.0) -> torch.Tensor:
+        """Change of ``error - kept_weight * retained`` for every swap (as :meth:`swap_changes`),
+        cheaply, ignoring ``H``'s off-diagonal inside the ``2m`` channels. With ``U = old - new`` the
+        error change is then ``sum U (2 W G) + |U| W^2 diag(H)``, linear in the new mask like the
+        retained score, so it is a ``coef`` sum over kept entries that :func:`_swap_sums` gives
+        without building a mask. Float32: it only ranks candidates."""
+        old = self.mask.double()
+        wg2 = 2 * self.w * self.g.reshape(self.w.shape[0], -1)
+        coef = (1 - 2 * old) * self.w2h - wg2 - kept_weight * self.s
+        base = old * (wg2 + self.w2h + kept_weight * self.s)
+        s, coef, base = (_grouped(x.float(), self.p, self.m) for x in (self.s, coef, base))
+        return (base[ga] + base[gb]).sum((1, 2)).unsqueeze(1) + _swap_sums(s, coef, ga, gb, self.n)
 
     def apply(self, ga: int, gb: int, swap: int, d_error: float, d_kept: float) -> None:
         """Swap member ``swap // m`` of group ``ga`` with member ``swap % m`` of group ``gb``, whose
-        changes :meth:`swap_changes` gave (float64), and update mask and ``G`` to match."""
+        changes :meth:`swap_changes` gave, and update mask and ``G`` to match."""
         pos = torch.tensor([ga * self.m + swap // self.m, gb * self.m + swap % self.m])
         _swap_positions(self.p, pos[:1], pos[1:])
-        touched = torch.cat([self.p.view(-1, self.m)[ga], self.p.view(-1, self.m)[gb]])
+        grid = self.p.view(-1, self.m)
+        touched = torch.cat([grid[ga], grid[gb]])
         new = nm_mask(self.s[:, touched], self.n, self.m)
         delta = self.w[:, touched] * (self.mask[:, touched].double() - new.double())
         self.mask[:, touched] = new
-        k = self.h.shape[0]
-        self.g += torch.bmm(delta.reshape(k, -1, touched.numel()), self.h[:, touched, :])
+        self.g += torch.bmm(delta.reshape(self.h.shape[0], -1, touched.numel()), self.h[:, touched, :])
         self.error += d_error
         self.kept += d_kept
 
 
 def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: torch.Tensor,
-            chunk_groups: int, weight: torch.Tensor, gram: torch.Tensor, *, rounds: int = 40,
-            pairs: int = 256, accept: int = 32, proxy_weight: float = 0.0,
+            chunk_groups: int, weight: torch.Tensor, gram: torch.Tensor, *, rounds: int = 30,
+            pairs: int = 1024, accept: int = 32, checks: int = 96, proxy_weight: float = 0.0,
             time_limit: float | None = None) -> torch.Tensor:
-    """Swap search on the true output error from ``start`` (the ``ria`` permutation).
+    """Swap search on the true output error, from ``start`` (the ``ria`` permutation).
 
-    Each round draws ``pairs`` random group pairs (inside the same chunk), scores all their ``m*m``
-    swaps exactly in one batched step, then walks the improving ones best first and commits up to
-    ``accept`` swaps on disjoint groups, re-checking each against the already-updated ``G`` (swaps
-    couple through ``H``, so gains do not simply add). Every commit lowers the objective
-    ``error/error_0 - proxy_weight * kept/kept_0`` (normalised by the start, so the two terms are
-    comparable), hence the result is never worse than the start. ``time_limit`` (seconds) stops early
-    but makes the result depend on machine speed.
+    Each round draws ``pairs`` random group pairs (inside one chunk) and screens all their ``m*m``
+    swaps at once (:meth:`_OutputError.screen`). Then, best screened first, at most ``checks`` pairs
+    on groups not yet touched this round are evaluated exactly against the current ``G`` (swaps
+    couple through ``H``, so gains do not simply add) and their best swap is committed if it lowers
+    the objective ``error/error_0 - proxy_weight * kept/kept_0`` (normalised at the start so the two
+    terms are comparable), up to ``accept`` commits. Every commit lowers the objective, so the result
+    is never worse than the start. ``time_limit`` (seconds) stops early but makes the result depend
+    on machine speed.
     """
     state = _OutputError(weight, gram, scores, start, n, m)
-    e0, k0 = state.error, state.kept
-    if e0 <= 0 or chunk_groups < 2:
+    if state.error <= 0 or chunk_groups < 2:
         return start
-    scale_k = proxy_weight / k0 if k0 > 0 else 0.0
-    groups, t0 = start.numel() // m, time.perf_counter()
+    kept_weight = proxy_weight * state.error / state.kept if state.kept > 0 else 0.0  # in error units
+    tol, groups, t0 = _TOL * state.error, start.numel() // m, time.perf_counter()
     for _ in range(rounds):
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             break
         ga = torch.randint(groups, (pairs,), generator=gen)
-        base = ga - ga % chunk_groups
-        gb = base + (ga - base + 1 + torch.randint(chunk_groups - 1, (pairs,), generator=gen)) % chunk_groups
-        d_error, d_kept = state.swap_changes(ga, gb, torch.float32)
-        objective = d_error.double() / e0 - scale_k * d_kept.double()
-        best, swap = objective.min(1)
+        first = ga - ga % chunk_groups
+        gb = first + (ga - first + 1 + torch.randint(chunk_groups - 1, (pairs,), generator=gen)) % chunk_groups
+        best = state.screen(ga, gb, kept_weight).min(1).values
+        order = torch.argsort(best)[: int((best < -tol).sum())][:checks].tolist()
         used: set[int] = set()
-        for q in torch.argsort(best)[: int((best < -_TOL).sum())].tolist():
+        for q in order:
             a, b = int(ga[q]), int(gb[q])
-            if len(used) >= 2 * accept:
-                break
             if a in used or b in used:
                 continue
             d_error, d_kept = state.swap_changes(torch.tensor([a]), torch.tensor([b]))
-            objective = d_error[0] / e0 - scale_k * d_kept[0]
+            objective = d_error[0] - kept_weight * d_kept[0]
             i = int(objective.argmin())
-            if objective[i] < -_TOL:
+            if objective[i] < -tol:
                 state.apply(a, b, i, float(d_error[0, i]), float(d_kept[0, i]))
                 used.update((a, b))
+                if len(used) == 2 * accept:
+                    break
     return state.p
 
 

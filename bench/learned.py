@@ -1,0 +1,61 @@
+"""The learned permutation against every search on SmolLM2-135M, 2:4, one run; ablations by option.
+
+Gap closed = (ppl_none - ppl_method) / (ppl_none - ppl_unstructured50), all with the same host score and
+calibration. Protocol as bench/oneshot.py (WikiText-2 raw test windows of --seqlen; WikiText-2 valid
+calibration).
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import print_table, run_rows, save_json
+
+ABLATIONS = {
+    "groups": [("G=1", {"perm_groups": 1}), ("G=4", {"perm_groups": 4}), ("G=16", {"perm_groups": 16})],
+    "loss": [("loss mse", {"learn_loss": "mse"}), ("loss smoothl1", {"learn_loss": "smoothl1"}),
+             ("loss cosine", {"learn_loss": "cosine"})],
+    "mode": [("ste", {"learn": {"mode": "ste"}}), ("soft", {"learn": {"mode": "soft"}})],
+    "init": [("warm (output)", {"learn_init": "output"}), ("random init", {"learn_init": "random"})],
+    "host": [("host ria", {"score": "ria"}), ("host magnitude", {"score": "magnitude"})],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--binding", default="per-linear")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per block (default: LearnConfig's)")
+    parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
+    parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
+    args = parser.parse_args()
+    base = dict(pattern="2:4", score="wanda", calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen,
+                seed=args.seed, binding=args.binding)
+    learn = {"steps": args.steps} if args.steps else {}
+    rows = [{"label": "dense", "config": None},
+            {"label": "unstructured 50%", "config": {**base, "pattern": "50%", "binding": "per-linear"}}]
+    rows += [{"label": perm, "config": {**base, "perm": perm}} for perm in ("none", "cp", "ria", "output")]
+    rows += [{"label": "learned blockwise", "config": {**base, "perm": "learned", "learn": learn}}]
+    for name in args.ablations:
+        for label, change in ABLATIONS[name]:
+            config = {**base, "perm": "learned", **change}
+            config["learn"] = {**learn, **change.get("learn", {})}
+            rows.append({"label": f"learned, {label}", "config": config})
+    print(f"learned permutation on {args.model}: 2:4, binding {args.binding}; eval WikiText-2 raw test, seqlen "
+          f"{args.seqlen}, first {args.windows} windows; calibration {args.nsamples} x {args.seqlen} of WikiText-2 valid")
+    results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full)
+    by_label = {r["label"]: r["ppl"] for r in results}
+    span = by_label["none"] - by_label["unstructured 50%"]
+    for r in results:
+        r["gap_closed"] = (by_label["none"] - r["ppl"]) / span if r["label"] != "dense" else None
+    print_table(results, [("label", "method", ""), ("ppl", f"ppl@{args.windows}x{args.seqlen}", ".2f"),
+                          ("ppl_full", "ppl full", ".2f"), ("gap_closed", "gap closed", ".3f"),
+                          ("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+    print(f"saved {save_json('learned', vars(args), results)}")
+
+
+if __name__ == "__main__":
+    main()

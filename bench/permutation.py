@@ -1,0 +1,135 @@
+"""Permutation searches on SmolLM2-135M: layer-level quality and cost, then the pruned model's perplexity.
+
+Part 1 (layers): every target linear, Wanda scores and Gram matrices from the dense model on the
+calibration windows; per method the efficacy (retained Wanda score, method.md §1), the output error
+``sum_r d_r H d_r^T`` relative to no permutation and the share of the gap to unstructured 50% it closes,
+and the search seconds. Part 2 (model): 2:4 Wanda pruned with each method, WikiText-2 perplexity, in the
+same run. Part 3: search time on synthetic 4096- and 11008-wide matrices, to project a 7B model.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import print_table, run_rows, save_json
+
+LLAMA2_7B = {"4096": 32 * 6, "11008": 32 * 1}  # per-linear sites of each input width (q,k,v,o,gate,up | down)
+
+
+def layer_table(model_name: str, methods: list[str], nsamples: int, seqlen: int, seed: int, blocks: list[int] | None) -> list[dict]:
+    from permsparse import data, efficacy, find_permutation, load_model
+    from permsparse.adapters import adapter_for, linear_weight
+    from permsparse.calibration import capture_block_inputs, collect_input_stats
+    from permsparse.masks import unstructured_mask
+    from permsparse.permutation import output_error
+    from permsparse.scores import wanda
+
+    model, tokenizer = load_model(model_name)
+    adapter = adapter_for(model)
+    samples = data.calibration_windows(data.tokenize(tokenizer, data.load_text("wikitext2-valid")), nsamples, seqlen, seed)
+    inputs, kwargs = capture_block_inputs(model, adapter, samples)
+    rows = {m: {"label": m, "efficacy": [], "err_vs_none": [], "gap_closed": [], "search_s": 0.0} for m in methods}
+    for i, block in enumerate(adapter.blocks(model)):
+        readers = {g[0]: g[0] for g in adapter.input_groups}
+        stats, inputs = collect_input_stats(block, readers, inputs, kwargs, True, f"block {i}")
+        if blocks is not None and i not in blocks:
+            continue
+        for group in adapter.input_groups:
+            s = stats[group[0]]
+            for name in group:
+                weight = linear_weight(block.get_submodule(name)).float()
+                scores = wanda(weight, s.act_norm)
+                identity = torch.arange(weight.shape[1])
+                err_none = output_error(weight, s.gram, identity, 2, 4, scores)
+                dropped = weight * ~unstructured_mask(scores, 0.5)
+                err_unstructured = float(((dropped @ s.gram) * dropped).sum())
+                for method in methods:
+                    start = time.perf_counter()
+                    p = find_permutation(scores, 2, 4, method, weight=weight, gram=s.gram, seed=seed)
+                    rows[method]["search_s"] += time.perf_counter() - start
+                    err = output_error(weight, s.gram, p, 2, 4, scores)
+                    rows[method]["efficacy"].append(efficacy(scores, p, 2, 4))
+                    rows[method]["err_vs_none"].append(err / err_none)
+                    rows[method]["gap_closed"].append((err_none - err) / max(err_none - err_unstructured, 1e-30))
+        print(f"  layers of block {i} done", flush=True)
+    out = []
+    for r in rows.values():
+        count = len(r["efficacy"])
+        out.append({"label": r["label"], "linears": count, "efficacy": sum(r["efficacy"]) / count,
+                    "err_vs_none": sum(r["err_vs_none"]) / count, "gap_closed": sum(r["gap_closed"]) / count,
+                    "search_s": r["search_s"]})
+    return out
+
+
+def synthetic_timing(methods: list[str], seed: int) -> list[dict]:
+    """Search seconds for one linear of each 7B width (rows 4096), and the projected 7B total."""
+    from permsparse import find_permutation
+    from permsparse.scores import wanda
+
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for method in methods:
+        row = {"label": method}
+        total = 0.0
+        for width, count in LLAMA2_7B.items():
+            cols = int(width)
+            weight = torch.randn(4096, cols, generator=gen)
+            x = torch.randn(1024, cols, generator=gen) * torch.rand(cols, generator=gen).pow(4)
+            gram = x.T @ x
+            scores = wanda(weight, gram.diagonal().sqrt())
+            start = time.perf_counter()
+            find_permutation(scores, 2, 4, method, weight=weight, gram=gram, seed=seed)
+            row[f"s_{width}"] = time.perf_counter() - start
+            total += row[f"s_{width}"] * count
+        row["projected_7b_h"] = total / 3600
+        print(f"  synthetic {method}: {row}", flush=True)
+        results.append(row)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", default=["none", "cp", "ria", "output"])
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blocks", type=int, nargs="*", default=None, help="layer part: only these blocks")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "model", "synthetic"])
+    parser.add_argument("--bindings", nargs="+", default=["per-linear", "shared"])
+    parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    protocol = {**vars(args), "score": "wanda", "pattern": "2:4", "calib": "wikitext2-valid", "eval": "wikitext2 raw test"}
+    print(f"permutation searches on {args.model}, 2:4, Wanda host; calibration {args.nsamples} x {args.seqlen} tokens "
+          f"of WikiText-2 valid, seed {args.seed}; eval WikiText-2 raw test, seqlen {args.seqlen}, first {args.windows} windows")
+    results = {}
+    if "layers" not in args.skip:
+        print("part 1: every target linear (dense-model statistics)")
+        results["layers"] = layer_table(args.model, args.methods, args.nsamples, args.seqlen, args.seed, args.blocks)
+        print_table(results["layers"], [("label", "method", ""), ("linears", "linears", "d"), ("efficacy", "efficacy", ".3f"),
+                                        ("err_vs_none", "error/none", ".3f"), ("gap_closed", "gap closed", ".3f"),
+                                        ("search_s", "search s", ".1f")])
+    if "model" not in args.skip:
+        print("part 2: perplexity of the 2:4 Wanda model per method and binding")
+        calib = dict(pattern="2:4", score="wanda", calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        rows = [{"label": "none", "config": dict(perm="none", **calib)}]
+        rows += [{"label": f"{m} ({b})", "config": dict(perm=m, binding=b, **calib)}
+                 for b in args.bindings for m in args.methods if m != "none"]
+        results["model"] = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full)
+        print_table(results["model"], [("label", "method", ""), ("ppl", f"ppl@{args.windows}x{args.seqlen}", ".2f"),
+                                       ("ppl_full", "ppl full", ".2f"), ("prune_s", "prune s", ".1f"),
+                                       ("peak_rss_mb", "peak MB", ".0f")])
+    if "synthetic" not in args.skip:
+        print("part 3: one linear of each LLaMA-2-7B width (4096 rows), projected over the 7B model's 224 linears")
+        results["synthetic"] = synthetic_timing([m for m in args.methods if m != "none"], args.seed)
+        print_table(results["synthetic"], [("label", "method", ""), ("s_4096", "s @4096", ".1f"),
+                                           ("s_11008", "s @11008", ".1f"), ("projected_7b_h", "7B h (1 CPU thread)", ".2f")])
+    print(f"saved {save_json('permutation', protocol, [results])}")
+
+
+if __name__ == "__main__":
+    main()
