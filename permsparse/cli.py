@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .evaluation import perplexity
-from .export import check_output_free, partial_dir, save_checkpoint
+from .export import FALLBACKS, FORMATS, check_command, check_output_free, export_checkpoint, partial_dir, validate_export
 from .models import SMOLLM2_ALIAS, load_model
 from .pruning import BINDINGS, LEARN_INITS, LEARN_LOSSES, PROPAGATIONS, PruneConfig, perm_choices, prune
 from .scores import SCORES
@@ -59,6 +59,19 @@ def _add_prune(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=16,
                    help="WikiText-2 windows (of --seqlen) to evaluate after pruning; 0 skips")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--export", default="masked", choices=FORMATS,
+                   help="masked: W*unpermute(mask), plain HF; folded: fold exact permutations so those linears "
+                        "are N:M in storage order")
+    p.add_argument("--fold-fallback", default="masked", choices=FALLBACKS,
+                   help="linears that cannot fold: keep masked (plain HF) or store permuted with a runtime gather "
+                        "(needs permsparse.load)")
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="verify a checkpoint: N:M of every pruned linear and the recorded logits")
+    p.add_argument("folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tolerance", type=float, default=None, help="relative logits tolerance (default by dtype)")
 
 
 def _add_eval(sub) -> None:
@@ -80,6 +93,7 @@ def _learn_options(args) -> dict:
 
 def run_prune(args) -> None:
     check_output_free(args.out, args.overwrite)
+    validate_export(args.export, args.fold_fallback, args.pattern)
     staging = partial_dir(args.out)
     if args.overwrite and staging.exists():
         shutil.rmtree(staging)
@@ -97,9 +111,10 @@ def run_prune(args) -> None:
         result = perplexity(model, tokenizer, seqlen=args.seqlen, windows=args.eval_windows)
         metrics["wikitext2"] = result.to_dict()
         print(f"pruned ppl {result.ppl:.2f} (WikiText-2 raw test, first {result.windows} windows of {args.seqlen})")
-    metadata = {"permsparse_version": __version__, "model": args.model, "format": "masked", **asdict(report),
+    metadata = {"permsparse_version": __version__, "model": args.model, **asdict(report),
                 "metrics": metrics}
-    save_checkpoint(model, tokenizer, args.out, metadata, overwrite=args.overwrite)
+    export_checkpoint(model, tokenizer, args.out, metadata, export_format=args.export, fallback=args.fold_fallback,
+                      overwrite=args.overwrite, in_place=True)
     print(f"saved {args.out} ({report.seconds:.1f} s pruning, peak RSS {report.peak_rss_mb:.0f} MB)")
 
 
@@ -112,22 +127,28 @@ def run_eval(args) -> None:
         Path(args.json).write_text(json.dumps({"model": args.model, **result.to_dict()}, indent=1))
 
 
+def run_check(args) -> int:
+    code, lines = check_command(args.folder, args.device, args.tolerance)
+    print("\n".join(lines), file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="permsparse", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
+    _add_check(sub)
     args = parser.parse_args(argv)
     try:
-        {"prune": run_prune, "eval": run_eval}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "check": run_check}[args.command](args) or 0
     except USER_ERRORS as err:
         print(f"permsparse: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("permsparse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

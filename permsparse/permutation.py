@@ -112,29 +112,29 @@ def _leave_one_out(s: torch.Tensor, coef: torch.Tensor, n: int):
     for k in range(m):  # m comparisons of whole tensors: faster than sorting tiny groups
         rank[..., :k, :] += s[..., k:k + 1, :] > s[..., :k, :]
         rank[..., k + 1:, :] += s[..., k:k + 1, :] >= s[..., k + 1:, :]
-    inside = rank < n  # a kept member leaving lets the (n+1)-th in
+    inside = (rank < n).to(s.dtype)  # a kept member leaving lets the (n+1)-th in
     pos = torch.arange(m, dtype=s.dtype).view(-1, 1)
     at = [(rank == r).to(s.dtype) for r in (n - 1, n)]  # one-hot: the n-th and the (n+1)-th
     s_at, c_at, p_at = ([(x * a).sum(-2, keepdim=True) for a in at] for x in (s, coef, pos))
     kept = (coef * inside).sum(-2, keepdim=True) + inside * (c_at[1] - coef)
-    pick = lambda x: torch.where(inside, x[1], x[0])  # noqa: E731
+    pick = lambda x: x[0] + inside * (x[1] - x[0])  # noqa: E731  (exact: picks one of the two)
     return kept, pick(s_at), pick(p_at), pick(c_at)
 
 
-def _exchange(own: torch.Tensor, own_coef: torch.Tensor, new: torch.Tensor, new_coef: torch.Tensor,
-              n: int, chunk: int = 32) -> torch.Tensor:
-    """``[q, i, j]``: sum over rows of ``coef`` over the kept members of group ``own[q]`` after its
-    member ``i`` is replaced by ``new[q, j]`` (which takes position ``i``, the N:M tie-break).
+def _exchange(stats: list[torch.Tensor], new: torch.Tensor, new_coef: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """``[q, i, j]``: sum over rows of ``coef`` over the kept members of a group after its member ``i``
+    is replaced by ``new[q, j]`` (which takes position ``i``, the N:M tie-break).
 
-    ``own``/``new`` are scores ``(pairs, m, rows)``, ``*_coef`` what each member is worth if kept.
-    The ``(pairs, m, m, rows)`` comparison runs ``chunk`` pairs at a time, to stay in cache.
+    ``stats`` is :func:`_leave_one_out` of the receiving groups, ``new``/``new_coef`` the incoming
+    scores and worths ``(pairs, m, rows)``. The ``(pairs, m, m, rows)`` comparison runs ``chunk``
+    pairs at a time, to stay in cache.
     """
-    kept, nth, nth_pos, nth_coef = _leave_one_out(own, own_coef, n)  # (pairs, m, rows)
-    earlier = torch.arange(own.shape[-2]).view(-1, 1) < nth_pos  # newcomer at i wins ties
-    bar = torch.where(earlier, nth.nextafter(torch.tensor(-torch.inf, dtype=nth.dtype)), nth).unsqueeze(-2)
-    s, c, nth_coef = new.unsqueeze(-3), new_coef.unsqueeze(-3), nth_coef.unsqueeze(-2)
-    out = kept.sum(-1).unsqueeze(-1).repeat(1, 1, own.shape[-2])
-    for q in range(0, own.shape[0], chunk):
+    kept, nth, nth_pos, nth_coef = stats
+    earlier = torch.arange(new.shape[-2]).view(-1, 1) < nth_pos  # newcomer at i wins ties: lower the
+    bar = nth + earlier * (nth.nextafter(torch.tensor(-torch.inf, dtype=nth.dtype)) - nth)  # bar 1 ulp
+    s, c, bar, nth_coef = new.unsqueeze(-3), new_coef.unsqueeze(-3), bar.unsqueeze(-2), nth_coef.unsqueeze(-2)
+    out = kept.sum(-1).unsqueeze(-1).repeat(1, 1, new.shape[-2])
+    for q in range(0, new.shape[0], chunk):
         part = slice(q, q + chunk)
         out[part] += ((s[part] > bar[part]) * (c[part] - nth_coef[part])).sum(-1)
     return out
@@ -146,19 +146,36 @@ def _swap_sums(s: torch.Tensor, coef: torch.Tensor, ga: torch.Tensor, gb: torch.
 
     With ``coef = s`` this is the retained score of the two groups; only they change, so it is exact.
     """
-    a, b, ca, cb = s[ga], s[gb], coef[ga], coef[gb]
-    return (_exchange(a, ca, b, cb, n) + _exchange(b, cb, a, ca, n).transpose(-1, -2)).flatten(1)
+    stats = _leave_one_out(s, coef, n)  # once per group, however many pairs use it
+    into_a = _exchange([x[ga] for x in stats], s[gb], coef[gb])
+    into_b = _exchange([x[gb] for x in stats], s[ga], coef[ga])
+    return (into_a + into_b.transpose(-1, -2)).flatten(1)
 
 
-def _round_robin(groups: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs of round ``r`` of a round-robin tournament: ``groups - 1`` (or ``groups``) rounds pair
-    every two groups exactly once, so a full cycle without gain is a true local optimum."""
+def _round_robin(groups: int, rounds: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group pairs of the given rounds of a round-robin tournament. Every round is a perfect
+    matching, and ``groups - 1`` (or ``groups``, when odd) rounds pair every two groups exactly once,
+    so a full cycle without gain is a true local optimum for single swaps."""
     g = groups + groups % 2  # a dummy group sits out when the count is odd
-    i = torch.arange(1, g // 2)
-    a = torch.cat([torch.tensor([g - 1]), (r + i) % (g - 1)])
-    b = torch.cat([torch.tensor([r % (g - 1)]), (r - i) % (g - 1)])
+    r, i = torch.tensor(rounds).unsqueeze(1), torch.arange(1, g // 2)
+    a = torch.cat([torch.full_like(r, g - 1), (r + i) % (g - 1)], 1).flatten()
+    b = torch.cat([r % (g - 1), (r - i) % (g - 1)], 1).flatten()
     keep = (a < groups) & (b < groups)
     return a[keep], b[keep]
+
+
+def _disjoint(gain: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, tol: float) -> list[int]:
+    """Indices of pairs with ``gain > tol``, best first, skipping pairs that touch a group already
+    taken: moves on disjoint groups can all be made in one round."""
+    order = torch.argsort(gain, descending=True, stable=True)
+    order = order[gain[order] > tol]
+    used: set[int] = set()
+    picked = []
+    for q, a, b in zip(order.tolist(), ga[order].tolist(), gb[order].tolist()):
+        if a not in used and b not in used:
+            used.update((a, b))
+            picked.append(q)
+    return picked
 
 
 def _swap_positions(p: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor) -> None:
@@ -166,36 +183,36 @@ def _swap_positions(p: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor) -
     p[pos_a], p[pos_b] = p[pos_b].clone(), p[pos_a].clone()
 
 
-def _cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 2000,
+def _cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 40, pairs: int = 1024,
         perturbations: int = 2, kick: float = 0.05) -> torch.Tensor:
-    """Pool & Yu channel swaps. Each round takes one round-robin matching of the groups (pairs are
-    disjoint by construction), scores all ``m*m`` swaps of every pair at once and applies each pair's
-    best swap if it gains. After a full cycle without gain (a local optimum for single swaps) a kick
-    swaps random channels in a ``kick`` share of the groups, at most ``perturbations`` times; the best
-    permutation seen is returned. ``rounds`` bounds the total work."""
+    """Pool & Yu channel swaps. Each round scores all ``m*m`` swaps of about ``pairs`` group pairs
+    (the next matchings of a round-robin schedule) at once and makes the best improving swaps on
+    disjoint groups (their gains add exactly). After a full cycle of the schedule without gain (a
+    local optimum for single swaps) a kick swaps random channels in a ``kick`` share of the groups,
+    at most ``perturbations`` times; the best permutation seen is returned. ``rounds`` bounds the work."""
     s = scores.double()
     cols, groups = s.shape[1], s.shape[1] // m
     p = torch.arange(cols)
     if groups < 2:
         return p
-    cycle = groups - 1 + groups % 2
+    cycle, per = groups - 1 + groups % 2, max(1, pairs // (groups // 2))
     label = torch.randperm(groups, generator=gen)  # random schedule, reproducible from the seed
     value = best_value = retained(s, p, n, m)
-    best, idle, kicks = p.clone(), 0, 0
+    best, idle, kicks, tol = p.clone(), 0, 0, _TOL * max(abs(value), 1.0)
     for r in range(rounds):
-        a, b = _round_robin(groups, r)
+        a, b = _round_robin(groups, range(r * per, (r + 1) * per))
         a, b = label[a], label[b]
         grid = _grouped(s, p, m)
-        base = _kept(grid[a], n).sum(-1) + _kept(grid[b], n).sum(-1)
-        gain = _swap_sums(grid, grid, a, b, n) - base.unsqueeze(1)
+        gain = _swap_sums(grid, grid, a, b, n) - (_kept(grid[a], n) + _kept(grid[b], n)).sum(-1, keepdim=True)
         top, swap = gain.max(1)
-        ok = top > _TOL * max(abs(value), 1.0)
-        if ok.any():
-            _swap_positions(p, a[ok] * m + swap[ok] // m, b[ok] * m + swap[ok] % m)
-            value += float(top[ok].sum())
+        picked = torch.tensor(_disjoint(top, a, b, tol), dtype=torch.long)
+        if picked.numel():
+            swap = swap[picked]
+            _swap_positions(p, a[picked] * m + swap // m, b[picked] * m + swap % m)
+            value += float(top[picked].sum())
             idle = 0
         else:
-            idle += 1
+            idle += per
         if idle < cycle:
             continue
         if value > best_value:

@@ -80,3 +80,20 @@ def test_eval_prints_and_writes_perplexity(tiny_llama_dir, tmp_path, capsys):
     assert result["windows"] == 3 and result["seqlen"] == 64 and result["tokens"] == 3 * 63
     assert result["ppl"] > 100  # a random 512-token model is close to uniform (ppl ~ 512)
     assert "ppl" in capsys.readouterr().out
+
+
+def test_folded_export_checks_and_a_tampered_one_fails(tiny_llama_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "folded"
+    assert main(prune_args(tiny_llama_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 0
+    meta = json.loads((out / "permsparse.json").read_text())
+    assert meta["format"] == "folded" and meta["fold"]["verified"]
+    assert main(["check", str(out)]) == 0
+    weights = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    row = weights[name][0]
+    weights[name][0, int((row == 0).nonzero()[0])] = 1.0  # a weight in a pruned slot
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    assert main(["check", str(out)]) == 1
+    assert "model.layers.0.mlp.down_proj" in capsys.readouterr().err
