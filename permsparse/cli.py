@@ -114,7 +114,7 @@ def run_prune(args) -> None:
     metadata = {"permsparse_version": __version__, "model": args.model, **asdict(report),
                 "metrics": metrics}
     export_checkpoint(model, tokenizer, args.out, metadata, export_format=args.export, fallback=args.fold_fallback,
-                      overwrite=args.overwrite, in_place=True)
+                      hidden_perm=report.hidden_permutation, overwrite=args.overwrite, in_place=True)
     print(f"saved {args.out} ({report.seconds:.1f} s pruning, peak RSS {report.peak_rss_mb:.0f} MB)")
 
 

@@ -29,7 +29,7 @@ from .masks import nm_mask, parse_pattern, unstructured_mask
 from .permutation import find_permutation, needs_gram, permutation_methods
 from .scores import SCORES, compute_score
 
-BINDINGS = ("per-linear", "shared")
+BINDINGS = ("per-linear", "shared", "global")
 PROPAGATIONS = ("pruned", "dense")
 LEARNED = "learned"
 LEARN_INITS = ("output", "ria", "cp", "none", "random")
@@ -117,6 +117,7 @@ class PruneReport:
     permutations: dict[str, list[int]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     training: dict[str, dict] = field(default_factory=dict)
+    hidden_permutation: list[int] | None = None
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -142,6 +143,7 @@ class Site:
     name: str
     linears: tuple[str, ...]
     heads: AttentionGeometry | None = None
+    hidden: bool = False
 
 
 def sites_for_group(group: tuple[str, ...], binding: str, adapter: Adapter, geometry: AttentionGeometry) -> list[Site]:
@@ -149,12 +151,15 @@ def sites_for_group(group: tuple[str, ...], binding: str, adapter: Adapter, geom
 
     ``shared``: one permutation per input (q/k/v together, gate/up together); the attention output
     projection's permutation stays within heads and is identical for the query heads of one kv head,
-    so it folds into the value rows. ``per-linear``: every linear has its own, unconstrained.
+    so it folds into the value rows. ``global``: as shared, but readers of the residual stream all use
+    one hidden-dimension permutation of the whole model, so every permutation folds.
+    ``per-linear``: every linear has its own, unconstrained.
     """
     if binding == "per-linear":
         return [Site(name, (name,)) for name in group]
     heads = geometry if group == (adapter.attn_output,) else None
-    return [Site("+".join(group), group, heads)]
+    hidden = binding == "global" and all(name in adapter.residual_readers for name in group)
+    return [Site("+".join(group), group, heads, hidden)]
 
 
 def _select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig, m: int | None) -> tuple[list[list[tuple[str, ...]]], list[str]]:
@@ -253,7 +258,7 @@ def _learning(config: PruneConfig) -> bool:
 def prune_block(
     block: nn.Module, block_name: str, groups: list[tuple[str, ...]], stats: dict[str, InputStats],
     config: PruneConfig, adapter: Adapter, geometry: AttentionGeometry, report: PruneReport,
-    block_data: BlockData | None = None,
+    block_data: BlockData | None = None, hidden_perm: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune one block's target linears; returns the masks by full linear name.
 
@@ -284,6 +289,9 @@ def prune_block(
     perms, seconds = {}, {}
     for site, group_stats in site_stats:
         start = time.perf_counter()
+        if site.hidden:
+            perms[site.name], seconds[site.name] = hidden_perm, 0.0
+            continue
         gram = group_stats.gram if group_stats is not None else None
         perms[site.name] = _site_permutation(
             site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears], gram, n, m, config, method
@@ -292,10 +300,12 @@ def prune_block(
     if _learning(config):
         from .training import learn_block_permutations
 
+        trainable = [site for site, _ in site_stats if not site.hidden]
         with torch.enable_grad():
-            perms, history = learn_block_permutations(
-                block, [site for site, _ in site_stats], weights, scores, perms, n, m, config, geometry, block_data
+            learned, history = learn_block_permutations(
+                block, trainable, weights, scores, perms, n, m, config, geometry, block_data
             )
+        perms.update(learned)
         report.training[block_name] = history
     for site, _ in site_stats:
         perm = perms[site.name]
@@ -365,6 +375,29 @@ class ResumeState:
 
 
 
+@torch.no_grad()
+def hidden_permutation(
+    model: nn.Module, adapter: Adapter, groups_per_block: list[list[tuple[str, ...]]], inputs: torch.Tensor,
+    kwargs: dict, config: PruneConfig, pattern: tuple[int, int], progress: bool,
+) -> torch.Tensor:
+    """One permutation of the hidden dimension for every reader of the residual stream (``global``).
+
+    Chosen once, before pruning, on the stacked host scores of all residual readers of the dense model
+    (rows normalised per linear so no layer dominates), with the ``cp`` or ``ria`` search (``ria`` when
+    the configured method needs per-linear Gram matrices).
+    """
+    method = config.perm if config.perm in ("cp", "ria") else "ria"
+    stacked = []
+    for i, block in enumerate(tqdm(adapter.blocks(model), desc="global permutation statistics", disable=not progress)):
+        readers = [g for g in groups_per_block[i] if all(name in adapter.residual_readers for name in g)]
+        stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs, kwargs, False, f"block {i}")
+        for group in readers:
+            for name in group:
+                score = compute_score(config.score, linear_weight(block.get_submodule(name)), stats[group[0]].act_norm)
+                stacked.append(score / score.sum().clamp_min(1e-30))
+    return find_permutation(torch.cat(stacked), *pattern, method, groups=config.perm_groups, seed=config.seed)
+
+
 def prune(
     model: nn.Module, tokenizer, config: PruneConfig, *, calibration: torch.Tensor | None = None,
     state_dir: str | Path | None = None, progress: bool = True,
@@ -384,8 +417,9 @@ def prune(
     blocks = adapter.blocks(model)
     prefix = adapter.blocks_path
 
-    want_gram = needs_gram(config.learn_init if _learning(config) else config.perm)
-    if config.score == "magnitude" and not want_gram and not _learning(config):
+    search = config.learn_init if _learning(config) else config.perm
+    want_gram = needs_gram(search)
+    if config.score == "magnitude" and not want_gram and not _learning(config) and config.binding != "global":
         for i, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress)):
             prune_block(block, f"{prefix}.{i}", groups_per_block[i], {}, config, adapter, geometry, report)
         report.seconds, report.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
@@ -396,6 +430,10 @@ def prune(
         ids = data.tokenize(tokenizer, data.load_text(config.calib))
         samples = data.calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
     inputs, kwargs = capture_block_inputs(model, adapter, samples, config.batch_size)
+    hidden_perm = None
+    if config.binding == "global" and search != "none":
+        hidden_perm = hidden_permutation(model, adapter, groups_per_block, inputs, kwargs, config, target, progress)
+        report.hidden_permutation = hidden_perm.tolist()
     resume = ResumeState(Path(state_dir), config) if state_dir is not None else None
     first = 0
     if resume is not None:
@@ -408,7 +446,8 @@ def prune(
         readers = {group[0]: group[0] for group in groups_per_block[i]}
         stats, dense_out = collect_input_stats(block, readers, inputs, kwargs, want_gram, name, config.batch_size)
         block_data = BlockData(inputs, dense_out, kwargs) if _learning(config) else None
-        masks = prune_block(block, name, groups_per_block[i], stats, config, adapter, geometry, report, block_data)
+        masks = prune_block(block, name, groups_per_block[i], stats, config, adapter, geometry, report, block_data,
+                            hidden_perm)
         inputs = run_block(block, inputs, kwargs, config.batch_size) if config.propagate == "pruned" else dense_out
         if not torch.isfinite(inputs).all():
             raise FloatingPointError(f"non-finite activations leaving {name} after pruning")

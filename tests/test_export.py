@@ -2,6 +2,7 @@
 import copy
 import json
 import warnings
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -220,3 +221,24 @@ def test_semi_structured_without_gpu_warns_and_keeps_dense(tmp_path):
     assert masked and all("masked layout" in info["not_converted"][n] for n in masked)
     assert all("CUDA GPU" in info["not_converted"][n] for n in read_metadata(out)["fold"]["folded"])
     torch.testing.assert_close(logits(deployed), logits(model), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_global_binding_folds_every_pruned_linear(family, tmp_path):
+    """With one hidden permutation for all residual readers, every permutation folds: the whole model is
+    N:M in storage order, as a plain HF checkpoint with the masked model's logits."""
+    model = BUILDERS[family]()
+    tokens = torch.randint(3, 512, (4, 24), generator=torch.Generator().manual_seed(5))
+    report = prune(model, None, PruneConfig(perm="ria", binding="global", seqlen=24, nsamples=4),
+                   calibration=tokens, progress=False)
+    assert report.hidden_permutation is not None
+    assert sorted(report.hidden_permutation) == list(range(len(report.hidden_permutation)))
+    out = export_checkpoint(model, None, tmp_path / "g", asdict(report), export_format="folded",
+                            hidden_perm=report.hidden_permutation)
+    meta = json.loads((out / "permsparse.json").read_text())
+    assert meta["fold"]["storage_nm_share"] == 1.0 and not meta["fold"]["not_folded"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    x = torch.randint(3, 512, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+    assert check_checkpoint(out).ok
