@@ -43,7 +43,8 @@ def collect(layers: list[int], windows: int, seqlen: int) -> dict[str, dict[str,
         for name in LINEARS:
             mod = model.model.layers[i].get_submodule(name)
             key = f"{i}.{name}"
-            stats[key] = {"weight": mod.weight.detach().clone(), "gram": torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64)}
+            gram = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64)
+            stats[key] = {"weight": mod.weight.detach().clone(), "gram": gram}
 
             def hook(_m, args, key=key):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
@@ -78,7 +79,8 @@ def main() -> None:
         stats = collect(args.layers, args.windows, args.seqlen)
         if args.cache:
             torch.save(stats, args.cache)
-    print(f"{'linear':26s} {'in':>5s} {'method':7s} {'efficacy':>8s} {'err/none':>8s} {'err/unst':>8s} {'gap':>6s} {'sec':>6s}")
+    print(f"{'linear':26s} {'in':>5s} {'method':7s} {'efficacy':>8s} {'err/none':>8s} {'err/unst':>8s} "
+          f"{'gap':>6s} {'sec':>6s}")
     closed: dict[str, list[float]] = {k: [] for k in args.methods}
     seconds: dict[str, float] = {k: 0.0 for k in args.methods}
     for key, v in stats.items():

@@ -18,6 +18,7 @@ from common import print_table, run_rows, save_json
 LLAMA2_7B = {"4096": 32 * 6, "11008": 32 * 1}  # per-linear sites of each input width (q,k,v,o,gate,up | down)
 
 
+@torch.no_grad()
 def layer_table(model_name: str, methods: list[str], nsamples: int, seqlen: int, seed: int, blocks: list[int] | None) -> list[dict]:
     from permsparse import data, efficacy, find_permutation, load_model
     from permsparse.adapters import adapter_for, linear_weight
@@ -63,6 +64,7 @@ def layer_table(model_name: str, methods: list[str], nsamples: int, seqlen: int,
     return out
 
 
+@torch.no_grad()
 def synthetic_timing(methods: list[str], seed: int) -> list[dict]:
     """Search seconds for one linear of each 7B width (rows 4096), and the projected 7B total."""
     from permsparse import find_permutation

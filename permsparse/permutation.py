@@ -121,7 +121,8 @@ def _leave_one_out(s: torch.Tensor, coef: torch.Tensor, n: int):
     return kept, pick(s_at), pick(p_at), pick(c_at)
 
 
-def _exchange(stats: list[torch.Tensor], new: torch.Tensor, new_coef: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+def _exchange(stats: list[torch.Tensor], new: torch.Tensor, new_coef: torch.Tensor,
+              chunk: int = 32) -> torch.Tensor:
     """``[q, i, j]``: sum over rows of ``coef`` over the kept members of a group after its member ``i``
     is replaced by ``new[q, j]`` (which takes position ``i``, the N:M tie-break).
 
@@ -132,7 +133,8 @@ def _exchange(stats: list[torch.Tensor], new: torch.Tensor, new_coef: torch.Tens
     kept, nth, nth_pos, nth_coef = stats
     earlier = torch.arange(new.shape[-2]).view(-1, 1) < nth_pos  # newcomer at i wins ties: lower the
     bar = nth + earlier * (nth.nextafter(torch.tensor(-torch.inf, dtype=nth.dtype)) - nth)  # bar 1 ulp
-    s, c, bar, nth_coef = new.unsqueeze(-3), new_coef.unsqueeze(-3), bar.unsqueeze(-2), nth_coef.unsqueeze(-2)
+    s, c = new.unsqueeze(-3), new_coef.unsqueeze(-3)
+    bar, nth_coef = bar.unsqueeze(-2), nth_coef.unsqueeze(-2)
     out = kept.sum(-1).unsqueeze(-1).repeat(1, 1, new.shape[-2])
     for q in range(0, new.shape[0], chunk):
         part = slice(q, q + chunk)
@@ -140,7 +142,8 @@ def _exchange(stats: list[torch.Tensor], new: torch.Tensor, new_coef: torch.Tens
     return out
 
 
-def _swap_sums(s: torch.Tensor, coef: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, n: int) -> torch.Tensor:
+def _swap_sums(s: torch.Tensor, coef: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor,
+               n: int) -> torch.Tensor:
     """``(pairs, m*m)``: sum of ``coef`` over the kept entries of groups ``ga[q]`` and ``gb[q]`` after
     swapping their members ``i`` and ``j`` (entry ``i*m + j``). ``s``, ``coef``: ``(groups, m, rows)``.
 
@@ -150,18 +153,6 @@ def _swap_sums(s: torch.Tensor, coef: torch.Tensor, ga: torch.Tensor, gb: torch.
     into_a = _exchange([x[ga] for x in stats], s[gb], coef[gb])
     into_b = _exchange([x[gb] for x in stats], s[ga], coef[ga])
     return (into_a + into_b.transpose(-1, -2)).flatten(1)
-
-
-def _round_robin(groups: int, rounds: range) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group pairs of the given rounds of a round-robin tournament. Every round is a perfect
-    matching, and ``groups - 1`` (or ``groups``, when odd) rounds pair every two groups exactly once,
-    so a full cycle without gain is a true local optimum for single swaps."""
-    g = groups + groups % 2  # a dummy group sits out when the count is odd
-    r, i = torch.tensor(rounds).unsqueeze(1), torch.arange(1, g // 2)
-    a = torch.cat([torch.full_like(r, g - 1), (r + i) % (g - 1)], 1).flatten()
-    b = torch.cat([r % (g - 1), (r - i) % (g - 1)], 1).flatten()
-    keep = (a < groups) & (b < groups)
-    return a[keep], b[keep]
 
 
 def _disjoint(gain: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, tol: float) -> list[int]:
@@ -183,57 +174,70 @@ def _swap_positions(p: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor) -
     p[pos_a], p[pos_b] = p[pos_b].clone(), p[pos_a].clone()
 
 
-def _cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 40, pairs: int = 1024,
-        perturbations: int = 2, kick: float = 0.05) -> torch.Tensor:
-    """Pool & Yu channel swaps. Each round scores all ``m*m`` swaps of about ``pairs`` group pairs
-    (the next matchings of a round-robin schedule) at once and makes the best improving swaps on
-    disjoint groups (their gains add exactly). After a full cycle of the schedule without gain (a
-    local optimum for single swaps) a kick swaps random channels in a ``kick`` share of the groups,
-    at most ``perturbations`` times; the best permutation seen is returned. ``rounds`` bounds the work."""
-    s = scores.double()
-    cols, groups = s.shape[1], s.shape[1] // m
-    p = torch.arange(cols)
-    if groups < 2:
-        return p
-    cycle, per = groups - 1 + groups % 2, max(1, pairs // (groups // 2))
-    label = torch.randperm(groups, generator=gen)  # random schedule, reproducible from the seed
-    value = best_value = retained(s, p, n, m)
-    best, idle, kicks, tol = p.clone(), 0, 0, _TOL * max(abs(value), 1.0)
-    for r in range(rounds):
-        a, b = _round_robin(groups, range(r * per, (r + 1) * per))
-        a, b = label[a], label[b]
-        grid = _grouped(s, p, m)
-        gain = _swap_sums(grid, grid, a, b, n) - (_kept(grid[a], n) + _kept(grid[b], n)).sum(-1, keepdim=True)
-        top, swap = gain.max(1)
-        picked = torch.tensor(_disjoint(top, a, b, tol), dtype=torch.long)
-        if picked.numel():
-            swap = swap[picked]
-            _swap_positions(p, a[picked] * m + swap // m, b[picked] * m + swap % m)
-            value += float(top[picked].sum())
-            idle = 0
-        else:
-            idle += per
-        if idle < cycle:
-            continue
-        if value > best_value:
-            best, best_value = p.clone(), value
-        if kicks == perturbations:
-            break
-        kicks, idle = kicks + 1, 0
-        order = torch.randperm(groups, generator=gen)
-        k = max(1, int(kick * groups) // 2)
-        pick = torch.randint(m, (2, k), generator=gen)
-        _swap_positions(p, order[:k] * m + pick[0], order[k:2 * k] * m + pick[1])
-        value = retained(s, p, n, m)
-    return best if best_value >= value else p
-
-
 def _insert_values(cand: torch.Tensor, nth: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """``out[c, g] = sum_r relu(cand[c, r] - nth[g, r])``, chunked so the broadcast stays in cache."""
+    """``out[c, g] = sum_r relu(cand[c, r] - nth[g, r])``: what channel ``c`` adds to a group whose
+    weakest survivor is ``nth[g]`` (see :func:`_leave_one_out`). Chunked so the broadcast stays in cache."""
     out = torch.empty(cand.shape[0], nth.shape[0], dtype=cand.dtype)
     for i in range(0, cand.shape[0], chunk):
         out[i:i + chunk] = (cand[i:i + chunk, None, :] - nth[None]).clamp_(min=0).sum(-1)
     return out
+
+
+def _replacement_gains(st: torch.Tensor, p: torch.Tensor, groups: torch.Tensor, n: int,
+                       m: int) -> torch.Tensor:
+    """``out[j, c]``: retained-score change of the group at position ``j`` (for all positions of
+    ``groups``) if channel ``c`` took the place of its channel. ``st`` is ``scores.T`` (``(in, rows)``).
+
+    Only the row's own group enters, so a swap of positions ``j, l`` gains exactly
+    ``out[j, p[l]] + out[l, p[j]]``, and after a swap only the rows of the two groups change.
+    """
+    grid = st[p].view(-1, m, st.shape[1])[groups]
+    kept, nth = _leave_one_out(grid, grid, n)[:2]
+    loss = (kept.sum(-1) - _kept(grid, n).sum(-1, keepdim=True)).reshape(-1, 1)
+    return _insert_values(st, nth.reshape(-1, st.shape[1])).T + loss
+
+
+def _cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 12,
+        perturbations: int = 2, kick: float = 0.05) -> torch.Tensor:
+    """Pool & Yu channel swaps. Keeps the exact gain of every swap of two channels in different
+    groups (see :func:`_replacement_gains`); each round makes the best improving swaps on disjoint
+    groups (their gains add) and refreshes the rows of the groups that changed. At a local optimum
+    (no improving swap at all) a kick swaps random channels in a ``kick`` share of the groups, at
+    most ``perturbations`` times; the best permutation seen is returned. ``rounds`` bounds the work:
+    a round costs up to ``in * in * rows`` operations, so the default stops before convergence on
+    wide layers."""
+    st = scores.T.float().contiguous()
+    cols, groups = st.shape[0], st.shape[0] // m
+    p = torch.arange(cols)
+    if groups < 2:
+        return p
+    group_of = torch.arange(cols) // m
+    valid = (group_of.unsqueeze(1) < group_of.unsqueeze(0)).flatten()  # each unordered pair once
+    value = best_value = retained(scores, p, n, m)
+    best, kicks, tol = p.clone(), 0, 1e-4 * max(value, 1e-30) / cols  # float32 gains: ignore noise
+    gains = _replacement_gains(st, p, torch.arange(groups), n, m)
+    for _ in range(rounds):
+        swap = gains[:, p]
+        swap = (swap + swap.T).flatten().masked_fill_(~valid, -torch.inf)
+        top = swap.topk(min(8 * groups, swap.numel()))
+        j, l = top.indices // cols, top.indices % cols
+        picked = _disjoint(top.values, group_of[j], group_of[l], tol)
+        if not picked:  # local optimum
+            if value > best_value:
+                best, best_value = p.clone(), value
+            if kicks == perturbations:
+                break
+            kicks += 1
+            order = torch.randperm(groups, generator=gen)[: 2 * max(1, int(kick * groups) // 2)]
+            j, l = order.view(2, -1) * m + torch.randint(m, (2, order.numel() // 2), generator=gen)
+            picked = list(range(j.numel()))
+        j, l = j[picked], l[picked]
+        _swap_positions(p, j, l)
+        touched = torch.cat([group_of[j], group_of[l]])
+        rows = (touched.unsqueeze(1) * m + torch.arange(m)).flatten()
+        gains[rows] = _replacement_gains(st, p, touched, n, m)
+        value = retained(scores, p, n, m)
+    return best if best_value >= value else p
 
 
 def _ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 2) -> torch.Tensor:
@@ -290,8 +294,10 @@ class _OutputError:
         self.orders = _swap_orders(m)
 
     def _cols(self, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``x[:, cols]`` (``x``: ``(rows, in)``, ``cols``: ``(pairs, 2m)``) as ``(pairs, k, 1, rows/k, 2m)``."""
-        return x[:, cols].double().permute(1, 0, 2).reshape(cols.shape[0], self.h.shape[0], 1, -1, cols.shape[1])
+        """``x[:, cols]`` (``x``: ``(rows, in)``, ``cols``: ``(pairs, 2m)``) as
+        ``(pairs, k, 1, rows/k, 2m)``: row blocks apart, one slot for the swaps."""
+        pairs, width = cols.shape
+        return x[:, cols].double().permute(1, 0, 2).reshape(pairs, self.h.shape[0], 1, -1, width)
 
     def swap_changes(self, ga: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact change of error and of retained score, ``(pairs, m*m)`` each, for every swap of
@@ -307,7 +313,8 @@ class _OutputError:
         delta = self._cols(self.w, cols) * lost
         h = self.h[:, cols.unsqueeze(-1), cols.unsqueeze(-2)].transpose(0, 1)  # (pairs, k, 2m, 2m)
         flat = delta.reshape(pairs * k, -1, width)
-        quad = (torch.bmm(flat, h.reshape(pairs * k, width, width)) * flat).reshape(pairs, k, swaps, -1).sum((1, 3))
+        quad = torch.bmm(flat, h.reshape(pairs * k, width, width)) * flat
+        quad = quad.reshape(pairs, k, swaps, -1).sum((1, 3))
         lin = (delta * self._cols(self.g.reshape(self.w.shape[0], -1), cols)).sum((1, 3, 4))
         return 2 * lin + quad, -(s * lost).sum((1, 3, 4))
 
@@ -340,19 +347,18 @@ class _OutputError:
 
 
 def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: torch.Tensor,
-            chunk_groups: int, weight: torch.Tensor, gram: torch.Tensor, *, rounds: int = 30,
-            pairs: int = 1024, accept: int = 32, checks: int = 96, proxy_weight: float = 0.0,
+            chunk_groups: int, weight: torch.Tensor, gram: torch.Tensor, *, rounds: int = 10,
+            pairs: int = 1024, checks: int = 128, proxy_weight: float = 0.0,
             time_limit: float | None = None) -> torch.Tensor:
     """Swap search on the true output error, from ``start`` (the ``ria`` permutation).
 
     Each round draws ``pairs`` random group pairs (inside one chunk) and screens all their ``m*m``
-    swaps at once (:meth:`_OutputError.screen`). Then, best screened first, at most ``checks`` pairs
-    on groups not yet touched this round are evaluated exactly against the current ``G`` (swaps
-    couple through ``H``, so gains do not simply add) and their best swap is committed if it lowers
-    the objective ``error/error_0 - proxy_weight * kept/kept_0`` (normalised at the start so the two
-    terms are comparable), up to ``accept`` commits. Every commit lowers the objective, so the result
-    is never worse than the start. ``time_limit`` (seconds) stops early but makes the result depend
-    on machine speed.
+    swaps at once (:meth:`_OutputError.screen`). Then, best screened first and on disjoint groups,
+    at most ``checks`` pairs are evaluated exactly against the current ``G`` (swaps couple through
+    ``H``, so gains do not simply add) and their best swap is made if it lowers the objective
+    ``error/error_0 - proxy_weight * kept/kept_0`` (normalised at the start so the two terms are
+    comparable). Every move lowers the objective, so the result is never worse than the start.
+    ``time_limit`` (seconds) stops early but makes the result depend on machine speed.
     """
     state = _OutputError(weight, gram, scores, start, n, m)
     if state.error <= 0 or chunk_groups < 2:
@@ -364,22 +370,16 @@ def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: t
             break
         ga = torch.randint(groups, (pairs,), generator=gen)
         first = ga - ga % chunk_groups
-        gb = first + (ga - first + 1 + torch.randint(chunk_groups - 1, (pairs,), generator=gen)) % chunk_groups
-        best = state.screen(ga, gb, kept_weight).min(1).values
-        order = torch.argsort(best)[: int((best < -tol).sum())][:checks].tolist()
-        used: set[int] = set()
-        for q in order:
-            a, b = int(ga[q]), int(gb[q])
-            if a in used or b in used:
-                continue
-            d_error, d_kept = state.swap_changes(torch.tensor([a]), torch.tensor([b]))
+        step = 1 + torch.randint(chunk_groups - 1, (pairs,), generator=gen)  # another group, same chunk
+        gb = first + (ga - first + step) % chunk_groups
+        gain = -state.screen(ga, gb, kept_weight).min(1).values
+        for q in _disjoint(gain, ga, gb, tol)[:checks]:
+            a, b = ga[q : q + 1], gb[q : q + 1]
+            d_error, d_kept = state.swap_changes(a, b)
             objective = d_error[0] - kept_weight * d_kept[0]
             i = int(objective.argmin())
             if objective[i] < -tol:
-                state.apply(a, b, i, float(d_error[0, i]), float(d_kept[0, i]))
-                used.update((a, b))
-                if len(used) == 2 * accept:
-                    break
+                state.apply(int(a), int(b), i, float(d_error[0, i]), float(d_kept[0, i]))
     return state.p
 
 
@@ -408,7 +408,7 @@ def find_permutation(scores: torch.Tensor, n: int, m: int, method: str, *,
     bounds the cost on very wide layers. ``output`` needs ``weight`` (shape of ``scores``) and ``gram``
     (``(in, in)``, or ``(k, in, in)`` where row block ``i`` of ``weight`` reads ``gram[i]``).
     ``options`` go to the method (``cp``: rounds, perturbations, kick; ``ria``: rounds; ``output``:
-    rounds, pairs, accept, proxy_weight, time_limit, ria_rounds). The same ``seed`` gives the same ``p``.
+    rounds, pairs, checks, proxy_weight, time_limit, ria_rounds). The same ``seed`` gives the same ``p``.
     """
     n, m = parse_pattern((n, m))
     if method not in _SEARCHES:
@@ -419,7 +419,8 @@ def find_permutation(scores: torch.Tensor, n: int, m: int, method: str, *,
     if cols % m:
         raise ValueError(f"{cols} input channels are not divisible by M={m}")
     if groups < 1 or cols % groups or (cols // groups) % m:
-        raise ValueError(f"groups={groups} must split {cols} channels into equal chunks that are multiples of M={m}")
+        raise ValueError(
+            f"groups={groups} must split {cols} channels into equal chunks that are multiples of M={m}")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
     gen = torch.Generator().manual_seed(seed)

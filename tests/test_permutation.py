@@ -1,0 +1,188 @@
+"""Permutation searches: validity, objectives, exactness of the incremental updates, and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from permsparse.masks import nm_mask
+from permsparse.permutation import (
+    _OutputError, _grouped, _swap_sums, efficacy, find_permutation, needs_gram, output_error,
+    permutation_methods, retained,
+)
+
+PATTERNS = [(2, 4), (4, 8), (1, 4)]
+
+
+def layer(rows: int, cols: int, seed: int = 0, blocks: int = 1, ties: bool = False):
+    """Random weight, Wanda-like score and input Gram (one per row block when ``blocks > 1``)."""
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        w = torch.randint(-3, 4, (rows, cols), generator=g).float()
+    else:
+        w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(blocks, 4 * cols, cols, generator=g) * torch.rand(cols, generator=g) * 3
+    gram = x.transpose(1, 2) @ x
+    scores = w.abs() * x.square().sum((0, 1)).sqrt()
+    return w, (gram[0] if blocks == 1 else gram), scores
+
+
+def valid(p: torch.Tensor, cols: int) -> bool:
+    return p.dtype == torch.long and torch.equal(p.sort().values, torch.arange(cols))
+
+
+def bound(scores: torch.Tensor, n: int, m: int) -> float:
+    return float(scores.double().topk(scores.shape[1] * n // m, dim=1).values.sum())
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("method", permutation_methods())
+def test_valid_permutation_and_bound(method, n, m):
+    w, gram, s = layer(24, 48, seed=n + m)
+    p = find_permutation(s, n, m, method, weight=w, gram=gram)
+    assert valid(p, 48)
+    assert retained(s, p, n, m) <= bound(s, n, m) + 1e-6
+
+
+@pytest.mark.parametrize("method", permutation_methods())
+def test_groups_keep_channels_in_chunks(method):
+    w, gram, s = layer(16, 64)
+    p = find_permutation(s, 2, 4, method, weight=w, gram=gram, groups=4)
+    assert valid(p, 64)
+    assert torch.equal(p.view(4, 16) // 16, torch.arange(4).view(4, 1).expand(4, 16))
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("seed", range(3))
+def test_each_method_beats_identity_on_its_objective(n, m, seed):
+    w, gram, s = layer(32, 64, seed=seed)
+    ident = torch.arange(64)
+    for method in ("cp", "ria"):
+        assert retained(s, find_permutation(s, n, m, method, seed=seed), n, m) >= retained(s, ident, n, m)
+    ria = find_permutation(s, n, m, "ria")
+    out = find_permutation(s, n, m, "output", weight=w, gram=gram, seed=seed)
+    assert output_error(w, gram, out, n, m, s) <= output_error(w, gram, ria, n, m, s) + 1e-9
+    assert output_error(w, gram, out, n, m, s) < output_error(w, gram, ident, n, m, s)
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("method", ["cp", "ria"])
+def test_known_optimum_is_found(method, n, m):
+    """Salient channels clustered by the identity: a permutation spreading them reaches the bound."""
+    g = torch.Generator().manual_seed(1)
+    groups, rows = 8, 16
+    strong = torch.zeros(groups * m, dtype=torch.bool)
+    strong[: groups * n] = True  # n strong channels per group once spread, all in the first groups now
+    noise = torch.rand(rows, groups * m, generator=g)
+    s = noise + 10 * strong * torch.rand(rows, groups * m, generator=g).add(1)
+    assert efficacy(s, torch.arange(groups * m), n, m) == 0.0
+    assert efficacy(s, find_permutation(s, n, m, method), n, m) > 0.999
+
+
+def test_efficacy_is_one_at_bound():
+    s = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.1]])
+    assert efficacy(s, torch.tensor([0, 2, 4, 6, 1, 3, 5, 7]), 2, 4) == pytest.approx(1.0)
+    assert efficacy(s, torch.arange(8), 2, 4) == 0.0
+
+
+@pytest.mark.parametrize("method", ["cp", "ria", "output"])
+def test_deterministic(method):
+    w, gram, s = layer(24, 64, seed=3)
+    runs = [find_permutation(s, 2, 4, method, weight=w, gram=gram, seed=7) for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("ties", [False, True])
+def test_incremental_error_equals_recomputation(blocks, ties):
+    """Predicted changes of swaps equal full recomputation, and so does the state after many swaps."""
+    w, gram, s = layer(12 * blocks, 32, seed=5, blocks=blocks, ties=ties)
+    state = _OutputError(w, gram, s, torch.randperm(32, generator=torch.Generator().manual_seed(0)), 2, 4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        a = torch.randint(8, (1,), generator=g)
+        b = (a + 1 + torch.randint(7, (1,), generator=g)) % 8
+        d_error, d_kept = state.swap_changes(a, b)
+        i = int(torch.randint(16, (1,), generator=g))
+        before = state.error
+        state.apply(int(a), int(b), i, float(d_error[0, i]), float(d_kept[0, i]))
+        assert state.error - before == pytest.approx(float(d_error[0, i]), rel=1e-9, abs=1e-9)
+        assert state.error == pytest.approx(output_error(w, gram, state.p, 2, 4, s), rel=1e-9)
+    fresh = _OutputError(w, gram, s, state.p, 2, 4)
+    assert torch.equal(state.mask, fresh.mask)
+    assert torch.allclose(state.g, fresh.g, rtol=1e-9, atol=1e-9)
+    assert state.kept == pytest.approx(retained(s, state.p, 2, 4), rel=1e-12)
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_screen_is_exact_for_diagonal_gram(n, m, ties):
+    """The cheap screen drops only H's off-diagonal: with a diagonal H it equals the exact change,
+    including the N:M tie-break (integer weights tie a lot)."""
+    w, gram, s = layer(16, 8 * m, seed=2, ties=ties)
+    diag = torch.diag(gram.diagonal())
+    state = _OutputError(w, diag, s, torch.arange(8 * m), n, m)
+    ga, gb = torch.tensor([0, 1, 2, 5]), torch.tensor([3, 7, 4, 6])
+    d_error, d_kept = state.swap_changes(ga, gb)
+    scale = float(d_error.abs().max())
+    assert torch.allclose(state.screen(ga, gb).double(), d_error, atol=1e-5 * scale)
+    assert torch.allclose(state.screen(ga, gb, 0.5).double(), d_error - 0.5 * d_kept, atol=1e-5 * scale)
+
+
+def test_swap_sums_match_masks():
+    """The leave-one-out arithmetic gives the retained score of every swap, as nm_mask would."""
+    _, _, s = layer(8, 32, seed=4, ties=True)
+    p = torch.arange(32)
+    ga, gb = torch.tensor([0, 2]), torch.tensor([5, 3])
+    got = _swap_sums(_grouped(s, p, 4), _grouped(s, p, 4), ga, gb, 2)
+    for q in range(2):
+        for k in range(16):
+            q_p = p.clone()
+            i, j = int(ga[q]) * 4 + k // 4, int(gb[q]) * 4 + k % 4
+            q_p[i], q_p[j] = p[j], p[i]
+            cols = torch.cat([q_p.view(-1, 4)[ga[q]], q_p.view(-1, 4)[gb[q]]])
+            want = (s[:, cols] * nm_mask(s[:, cols], 2, 4)).sum()
+            assert float(got[q, k]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_block_gram_equals_sum_of_separate_errors():
+    w, gram, s = layer(18, 32, seed=6, blocks=3)
+    p = find_permutation(s, 2, 4, "ria")
+    block = [slice(6 * i, 6 * (i + 1)) for i in range(3)]
+    parts = sum(output_error(w[b], gram[i], p, 2, 4, s[b]) for i, b in enumerate(block))
+    assert output_error(w, gram, p, 2, 4, s) == pytest.approx(parts, rel=1e-12)
+    out = find_permutation(s, 2, 4, "output", weight=w, gram=gram)
+    assert output_error(w, gram, out, 2, 4, s) <= output_error(w, gram, p, 2, 4, s) + 1e-9
+
+
+def test_proxy_blend_keeps_more_score():
+    w, gram, s = layer(32, 64, seed=8)
+    plain = find_permutation(s, 2, 4, "output", weight=w, gram=gram)
+    blended = find_permutation(s, 2, 4, "output", weight=w, gram=gram, proxy_weight=5.0)
+    assert valid(blended, 64)
+    assert retained(s, blended, 2, 4) >= retained(s, plain, 2, 4) - 1e-6
+
+
+def test_identity_and_needs_gram():
+    _, _, s = layer(4, 16)
+    assert torch.equal(find_permutation(s, 2, 4, "none"), torch.arange(16))
+    assert needs_gram("output") and not needs_gram("ria")
+
+
+def test_bad_input_is_a_clear_error():
+    w, gram, s = layer(8, 16)
+    with pytest.raises(ValueError, match="not divisible by M"):
+        find_permutation(s[:, :14], 2, 4, "ria")
+    with pytest.raises(ValueError, match="groups=3"):
+        find_permutation(s, 2, 4, "cp", groups=3)
+    with pytest.raises(ValueError, match="groups=8"):
+        find_permutation(s, 2, 4, "cp", groups=8)  # chunks of 2 channels are not multiples of 4
+    with pytest.raises(ValueError, match="needs both weight and gram"):
+        find_permutation(s, 2, 4, "output", weight=w)
+    with pytest.raises(ValueError, match="unknown permutation method"):
+        find_permutation(s, 2, 4, "magic")
+    with pytest.raises(ValueError, match="unknown option"):
+        find_permutation(s, 2, 4, "ria", bogus=1)
+    with pytest.raises(ValueError, match="invalid"):
+        find_permutation(s, 4, 4, "ria")
+    with pytest.raises(ValueError, match="gram blocks"):
+        find_permutation(s, 2, 4, "output", weight=w, gram=torch.stack([gram] * 3))
