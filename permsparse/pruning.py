@@ -28,6 +28,7 @@ from .calibration import InputStats, capture_block_inputs, collect_input_stats, 
 from .masks import nm_mask, parse_pattern, unstructured_mask
 from .permutation import find_permutation, needs_gram, permutation_methods
 from .scores import SCORES, compute_score
+from .training import learn_block_permutations
 
 BINDINGS = ("per-linear", "shared", "global")
 PROPAGATIONS = ("pruned", "dense")
@@ -48,7 +49,8 @@ class PruneConfig:
     ``pattern`` is ``"N:M"`` or an unstructured sparsity such as ``"50%"`` (the reference limit).
     ``include``/``exclude`` are glob patterns on full linear names (``*mlp.down_proj``).
     With ``perm="learned"``, each block's permutations are trained against the dense block's outputs
-    (``learn_loss`` on mini-batches of ``learn_batch`` windows), starting from the ``learn_init`` search;
+    (``learn_loss`` on mini-batches of ``learn_batch`` windows), refining the ``learn_init`` search's
+    result within blocks of ``learn_block`` channels;
     ``learn`` holds :class:`permsparse.learned.LearnConfig` fields (steps, lr, eps_start, ...).
     """
 
@@ -70,6 +72,7 @@ class PruneConfig:
     learn_init: str = "output"
     learn_loss: str = "mse"
     learn_batch: int = 4
+    learn_block: int = 64
     learn: dict = field(default_factory=dict)
 
     def target(self) -> tuple[str, float | tuple[int, int]]:
@@ -297,10 +300,8 @@ def prune_block(
             site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears], gram, n, m, config, method
         )
         seconds[site.name] = time.perf_counter() - start
-    if _learning(config):
-        from .training import learn_block_permutations
-
-        trainable = [site for site, _ in site_stats if not site.hidden]
+    trainable = [site for site, _ in site_stats if not site.hidden]
+    if _learning(config) and trainable:
         with torch.enable_grad():
             learned, history = learn_block_permutations(
                 block, trainable, weights, scores, perms, n, m, config, geometry, block_data
