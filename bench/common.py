@@ -41,6 +41,16 @@ def _run_row(model: str, row: dict, seqlen: int, windows: int, full: bool, threa
     return result
 
 
+def add_protocol_args(parser) -> None:
+    """The options every benchmark shares: model, evaluation windows, calibration, seed, full test set."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=16, help="first K evaluation windows")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
+
+
 def run_rows(model: str, rows: list[dict], *, seqlen: int, windows: int, full: bool, threads: int = 1) -> list[dict]:
     """Run every row in a fresh process, printing each as it finishes."""
     results = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import print_table, run_rows, save_json
+from common import add_protocol_args, print_table, run_rows, save_json
 
 ABLATIONS = {
     "groups": [("G=1", {"perm_groups": 1}), ("G=4", {"perm_groups": 4}), ("G=16", {"perm_groups": 16})],
@@ -22,15 +22,12 @@ ABLATIONS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    add_protocol_args(parser)
     parser.add_argument("--binding", default="per-linear")
     parser.add_argument("--steps", type=int, default=None, help="training steps per block (default: LearnConfig's)")
     parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
-    parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
+    parser.add_argument("--rows", nargs="*", default=None,
+                        help="run only these rows of the main table (e.g. 'learned blockwise'); default all")
     args = parser.parse_args()
     base = dict(pattern="2:4", score="wanda", calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen,
                 seed=args.seed, binding=args.binding)
@@ -39,6 +36,8 @@ def main() -> None:
             {"label": "unstructured 50%", "config": {**base, "pattern": "50%", "binding": "per-linear"}}]
     rows += [{"label": perm, "config": {**base, "perm": perm}} for perm in ("none", "cp", "ria", "output")]
     rows += [{"label": "learned blockwise", "config": {**base, "perm": "learned", "learn": learn}}]
+    if args.rows is not None:
+        rows = [r for r in rows if r["label"] in args.rows]
     for name in args.ablations:
         for label, change in ABLATIONS[name]:
             config = {**base, "perm": "learned", **change}
@@ -48,9 +47,10 @@ def main() -> None:
           f"{args.seqlen}, first {args.windows} windows; calibration {args.nsamples} x {args.seqlen} of WikiText-2 valid")
     results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full)
     by_label = {r["label"]: r["ppl"] for r in results}
-    span = by_label["none"] - by_label["unstructured 50%"]
-    for r in results:
-        r["gap_closed"] = (by_label["none"] - r["ppl"]) / span if r["label"] != "dense" else None
+    if "none" in by_label and "unstructured 50%" in by_label:
+        span = by_label["none"] - by_label["unstructured 50%"]
+        for r in results:
+            r["gap_closed"] = (by_label["none"] - r["ppl"]) / span if r["label"] != "dense" else None
     print_table(results, [("label", "method", ""), ("ppl", f"ppl@{args.windows}x{args.seqlen}", ".2f"),
                           ("ppl_full", "ppl full", ".2f"), ("gap_closed", "gap closed", ".3f"),
                           ("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])

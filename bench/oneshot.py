@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from common import print_table, run_rows, save_json
+from common import add_protocol_args, print_table, run_rows, save_json
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
+    add_protocol_args(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--perms", nargs="*", default=[], help="add 2:4 Wanda rows with these permutation methods")
     parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")

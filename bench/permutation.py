@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common import print_table, run_rows, save_json
+from common import add_protocol_args, print_table, run_rows, save_json
 
 LLAMA2_7B = {"4096": 32 * 6, "11008": 32 * 1}  # per-linear sites of each input width (q,k,v,o,gate,up | down)
 
@@ -93,16 +93,11 @@ def synthetic_timing(methods: list[str], seed: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_protocol_args(parser)
     parser.add_argument("--methods", nargs="+", default=["none", "cp", "ria", "output"])
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--blocks", type=int, nargs="*", default=None, help="layer part: only these blocks")
     parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "model", "synthetic"])
     parser.add_argument("--bindings", nargs="+", default=["per-linear", "shared"])
-    parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     protocol = {**vars(args), "score": "wanda", "pattern": "2:4", "calib": "wikitext2-valid", "eval": "wikitext2 raw test"}

@@ -308,15 +308,15 @@ class LearnConfig:
     true objective; the best judged one is returned.
     """
 
-    steps: int = 100
-    lr: float = 0.05
+    steps: int = 30
+    lr: float = 0.1
     weight_decay: float = 0.0
     eps_start: float = 0.5
     eps_end: float = 0.05
     sinkhorn_iters: int = 20
     mode: Literal["ste", "soft"] = "ste"
     relax: Relax = "mask"
-    eval_every: int = 10
+    eval_every: int = 5
     warm_sharpness: float = 0.9
     seed: int = 0
 
