@@ -32,6 +32,7 @@ def _run_row(model: str, row: dict, seqlen: int, windows: int, full: bool, threa
         report = prune(model_, tokenizer, PruneConfig(**row["config"]), progress=False)
         result["prune_s"] = report.seconds
         result["layers"] = report.layers
+        result["training"] = report.training
     ids = eval_tokens(tokenizer)
     fixed = perplexity(model_, tokenizer, seqlen=seqlen, windows=windows, ids=ids, progress=False)
     result["ppl"] = fixed.ppl
