@@ -21,7 +21,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) bench/oneshot.py --perms cp ria output learned
+	$(PY) bench/oneshot.py --perms cp ria output learned --jobs 2
 
 clean:
 	rm -rf $(VENV) bench/results

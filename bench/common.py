@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,20 +49,24 @@ def add_protocol_args(parser) -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
 
 
-def run_rows(model: str, rows: list[dict], *, seqlen: int, windows: int, full: bool, threads: int = 1) -> list[dict]:
-    """Run every row in a fresh process, printing each as it finishes."""
-    results = []
+def run_rows(
+    model: str, rows: list[dict], *, seqlen: int, windows: int, full: bool, threads: int = 1, jobs: int = 1
+) -> list[dict]:
+    """Run every row in a fresh process (``jobs`` at a time), printing each as it finishes.
+
+    With ``jobs > 1`` rows share the machine, so their seconds include that contention.
+    """
     ctx = mp.get_context("spawn")
-    for row in rows:
-        start = time.perf_counter()
-        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            result = pool.submit(_run_row, model, row, seqlen, windows, full, threads).result()
-        result["wall_s"] = time.perf_counter() - start
-        print(f"  done: {row['label']:<34} ppl {result['ppl']:9.2f}  ({result['wall_s']:.0f} s)", flush=True)
-        results.append(result)
-    return results
+    with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_run_row, model, row, seqlen, windows, full, threads) for row in rows]
+        for future in as_completed(futures):
+            result = future.result()
+            print(f"  done: {result['label']:<34} ppl {result['ppl']:9.2f}  ({result['prune_s']:.0f} s pruning)",
+                  flush=True)
+        return [future.result() for future in futures]
 
 
 def print_table(results: list[dict], columns: list[tuple[str, str, str]]) -> None:

@@ -45,7 +45,7 @@ def main() -> None:
             rows.append({"label": f"learned, {label}", "config": config})
     print(f"learned permutation on {args.model}: 2:4, binding {args.binding}; eval WikiText-2 raw test, seqlen "
           f"{args.seqlen}, first {args.windows} windows; calibration {args.nsamples} x {args.seqlen} of WikiText-2 valid")
-    results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full)
+    results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full, jobs=args.jobs)
     by_label = {r["label"]: r["ppl"] for r in results}
     if "none" in by_label and "unstructured 50%" in by_label:
         span = by_label["none"] - by_label["unstructured 50%"]

@@ -32,7 +32,7 @@ def main() -> None:
     print(f"one-shot pruning of {args.model}: eval WikiText-2 raw test, seqlen {args.seqlen}, first "
           f"{args.windows} windows{' and all' if args.full else ''}; calibration {args.nsamples} x {args.seqlen} "
           f"tokens of WikiText-2 valid, seed {args.seed}")
-    results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full, threads=args.threads)
+    results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full, threads=args.threads, jobs=args.jobs)
     print_table(results, [("label", "method", ""), ("ppl", f"ppl@{args.windows}x{args.seqlen}", ".2f"),
                           ("ppl_full", "ppl full", ".2f"), ("prune_s", "prune s", ".1f"),
                           ("peak_rss_mb", "peak MB", ".0f")])

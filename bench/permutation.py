@@ -116,7 +116,7 @@ def main() -> None:
         rows = [{"label": "none", "config": dict(perm="none", **calib)}]
         rows += [{"label": f"{m} ({b})", "config": dict(perm=m, binding=b, **calib)}
                  for b in args.bindings for m in args.methods if m != "none"]
-        results["model"] = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full)
+        results["model"] = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full, jobs=args.jobs)
         print_table(results["model"], [("label", "method", ""), ("ppl", f"ppl@{args.windows}x{args.seqlen}", ".2f"),
                                        ("ppl_full", "ppl full", ".2f"), ("prune_s", "prune s", ".1f"),
                                        ("peak_rss_mb", "peak MB", ".0f")])
