@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, linear_weight
-from .masks import parse_pattern
+from .folding import fold_permutations, permutations_by_linear, permute_columns
+from .masks import parse_target
 
 METADATA = "permsparse.json"
 FORMATS = ("masked", "folded")
@@ -160,16 +161,11 @@ def as_metadata(report_or_metadata) -> dict:
 
 def metadata_pattern(metadata: dict) -> tuple[str, float | tuple[int, int]]:
     """``("nm", (n, m))`` or ``("unstructured", density)`` from ``metadata["config"]["pattern"]``."""
-    pattern = str(metadata.get("config", {}).get("pattern", "2:4"))
-    if pattern.endswith("%"):
-        return "unstructured", 1.0 - float(pattern[:-1]) / 100
-    return "nm", parse_pattern(pattern)
+    return parse_target(str(metadata.get("config", {}).get("pattern", "2:4")))
 
 
 def site_permutations(metadata: dict) -> dict[str, torch.Tensor]:
     """Full linear name -> the permutation its mask was chosen through (from the pruning report)."""
-    from .folding import permutations_by_linear
-
     report = SimpleNamespace(layers=metadata.get("layers", []), permutations=metadata.get("permutations", {}))
     return permutations_by_linear(report)
 
@@ -250,12 +246,6 @@ def save_checkpoint(
     return _write(model, tokenizer, out, metadata, overwrite)
 
 
-@torch.no_grad()
-def _permute_columns(module: nn.Module, perm: torch.Tensor) -> None:
-    weight = linear_weight(module)
-    weight.copy_(weight[:, perm.to(weight.device)])
-
-
 def _residual_readers(model: nn.Module) -> set[str]:
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
@@ -275,8 +265,6 @@ def fold_for_export(
     hidden permutation a reader that did not fold is N:M through ``argsort(hidden)[p]``, which is what is
     recorded.
     """
-    from .folding import fold_permutations
-
     validate_export("folded", fallback, metadata.get("config", {}).get("pattern", "2:4"))
     names = [layer["name"] for layer in metadata.get("layers", [])]
     perms = site_permutations(metadata)
@@ -303,7 +291,7 @@ def fold_for_export(
             continue
         not_folded[name] = result["not_folded"].get(name, "permutation not folded")
         if fallback == "gather":
-            _permute_columns(model.get_submodule(name), q)
+            permute_columns(model.get_submodule(name), q)
             layouts[name] = {"layout": "gather", "perm": q.tolist()}
             gathered.append(name)
         else:

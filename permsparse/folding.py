@@ -56,10 +56,10 @@ def _permute_rows(module: nn.Module, perm: torch.Tensor, start: int = 0) -> None
 
 
 @torch.no_grad()
-def _permute_columns(module: nn.Module, perm: torch.Tensor) -> None:
+def permute_columns(module: nn.Module, perm: torch.Tensor) -> None:
     """Reorder the input columns of a linear: new column j = old column perm[j]."""
     weight = linear_weight(module)
-    weight.copy_(weight[:, perm])
+    weight.copy_(weight[:, perm.to(weight.device)])
 
 
 @torch.no_grad()
@@ -160,7 +160,7 @@ def global_hidden_permutation(model: nn.Module, perm: torch.Tensor) -> list[str]
         touched.append(name)
     for name, module in parts["readers"]:
         if once(linear_weight(module), "columns"):
-            _permute_columns(module, p)
+            permute_columns(module, p)
         touched.append(name)
     return touched
 
@@ -266,7 +266,7 @@ def fold_permutations(
     if hidden is not None:
         global_hidden_permutation(model, hidden)
     for full, module, p, edits in folds:
-        _permute_columns(module, p)
+        permute_columns(module, p)
         for producer, start, row_perm in edits:
             _permute_rows(producer, row_perm, start)
         folded.append(full)

@@ -24,6 +24,19 @@ def parse_pattern(pattern: str | tuple[int, int]) -> tuple[int, int]:
     return n, m
 
 
+def parse_target(pattern: str) -> tuple[str, tuple[int, int] | float]:
+    """``"2:4"`` -> ``("nm", (2, 4))``; an unstructured sparsity ``"50%"`` -> ``("unstructured", 0.5)`` (density)."""
+    if pattern.endswith("%"):
+        try:
+            sparsity = float(pattern[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"pattern {pattern!r} is neither N:M nor a percentage like 50%") from None
+        if not 0.0 < sparsity < 1.0:
+            raise ValueError(f"unstructured sparsity {pattern} must be between 0% and 100%")
+        return "unstructured", 1.0 - sparsity
+    return "nm", parse_pattern(pattern)
+
+
 def _stable_topk_in_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the top-``k`` entries along the last dim; ties go to the lower index.
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import data
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_input_stats, run_block
-from .masks import nm_mask, parse_pattern, unstructured_mask
+from .masks import nm_mask, parse_target, unstructured_mask
 from .permutation import find_permutation, needs_gram, permutation_methods
 from .scores import SCORES, compute_score
 from .training import learn_block_permutations
@@ -77,15 +77,7 @@ class PruneConfig:
 
     def target(self) -> tuple[str, float | tuple[int, int]]:
         """``("nm", (n, m))`` or ``("unstructured", density)``, validating the pattern."""
-        if self.pattern.endswith("%"):
-            try:
-                sparsity = float(self.pattern[:-1]) / 100
-            except ValueError:
-                raise ValueError(f"pattern {self.pattern!r} is neither N:M nor a percentage like 50%") from None
-            if not 0.0 < sparsity < 1.0:
-                raise ValueError(f"unstructured sparsity {self.pattern} must be between 0% and 100%")
-            return "unstructured", 1.0 - sparsity
-        return "nm", parse_pattern(self.pattern)
+        return parse_target(self.pattern)
 
     def validate(self) -> None:
         kind, _ = self.target()
