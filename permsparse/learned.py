@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .masks import nm_mask
+from .masks import nm_mask, permuted_nm_mask
 
 Mode = Literal["soft", "ste", "hard"]
 Relax = Literal["mask", "weight"]
@@ -68,17 +68,9 @@ def perm_matrix(local: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return eye.scatter_(1, local.unsqueeze(1), 1.0)
 
 
-def unpermute(mask: Tensor, p: Tensor) -> Tensor:
-    """Bring a mask chosen in permuted order back to original column order: ``out[:, p] = mask``."""
-    out = torch.empty_like(mask)
-    out[:, p] = mask
-    return out
-
-
 def hard_masked_weight(weight: Tensor, scores: Tensor, p: Tensor, n: int, m: int) -> Tensor:
     """Exact effective weight of permutation ``p``: ``W * unpermute(nm_mask(S[:, p]))``."""
-    mask = nm_mask(scores[:, p], n, m)
-    return weight * unpermute(mask, p).to(weight.dtype)
+    return weight * permuted_nm_mask(scores, p, n, m).to(weight.dtype)
 
 
 def relaxed_weight(

@@ -63,6 +63,16 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _stable_topk_in_groups(grouped, n).reshape(scores.shape)
 
 
+def permuted_nm_mask(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M mask chosen on ``scores[:, perm]``, put back in the original column order.
+
+    This is what a permutation does to a layer: the effective pruned weight is ``W * mask``.
+    """
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    mask[:, perm] = nm_mask(scores[:, perm], n, m)
+    return mask
+
+
 def unstructured_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top ``density`` fraction of every row (per-output pruning, as Wanda does).
 

@@ -25,7 +25,7 @@ import time
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .masks import nm_mask, parse_pattern
+from .masks import nm_mask, parse_pattern, permuted_nm_mask
 
 _TOL = 1e-9  # relative gain below which a move counts as no gain (float noise)
 
@@ -79,13 +79,6 @@ def _error_and_grad(d: torch.Tensor, h: torch.Tensor) -> tuple[float, torch.Tens
     return float((g * d.reshape(g.shape)).sum()), g
 
 
-def _mask_in_original_order(scores: torch.Tensor, p: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """N:M mask chosen on ``scores[:, p]``, put back in the original column order."""
-    mask = torch.empty(scores.shape, dtype=torch.bool)
-    mask[:, p] = nm_mask(scores[:, p], n, m)
-    return mask
-
-
 def output_error(weight: torch.Tensor, gram: torch.Tensor, p: torch.Tensor, n: int, m: int,
                  scores: torch.Tensor) -> float:
     """Output error ``sum_r d_r H d_r^T`` of pruning ``weight`` with the mask of ``scores[:, p]``.
@@ -93,7 +86,7 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, p: torch.Tensor, n: i
     ``d = W - W * mask`` is what pruning removes, so this is the squared output change summed over the
     calibration tokens whose Gram matrix is ``gram`` (``(in, in)``, or ``(k, in, in)`` per row block).
     """
-    d = weight.double() * ~_mask_in_original_order(scores, p, n, m)
+    d = weight.double() * ~permuted_nm_mask(scores, p, n, m)
     return _error_and_grad(d, _blocked_gram(gram, weight.shape[0]))[0]
 
 
@@ -286,7 +279,7 @@ class _OutputError:
         self.w, self.s, self.n, self.m = weight.double(), scores.double(), n, m
         self.h = _blocked_gram(gram, weight.shape[0])
         self.p = p.clone()
-        self.mask = _mask_in_original_order(self.s, self.p, n, m)
+        self.mask = permuted_nm_mask(self.s, self.p, n, m)
         self.error, self.g = _error_and_grad(self.w * ~self.mask, self.h)
         self.kept = float((self.s * self.mask).sum())
         diag = self.h.diagonal(dim1=1, dim2=2).repeat_interleave(weight.shape[0] // self.h.shape[0], 0)

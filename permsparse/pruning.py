@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import data
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_input_stats, run_block
-from .masks import nm_mask, parse_target, unstructured_mask
+from .masks import nm_mask, parse_target, permuted_nm_mask, unstructured_mask
 from .permutation import find_permutation, needs_gram, permutation_methods
 from .scores import SCORES, compute_score
 from .training import learn_block_permutations
@@ -235,8 +235,7 @@ def _site_permutation(
 
 def apply_permuted_mask(weight: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune ``weight`` in place to N:M on ``scores[:, perm]``; return the mask in original order."""
-    mask = torch.empty_like(scores, dtype=torch.bool)
-    mask[:, perm] = nm_mask(scores[:, perm], n, m)
+    mask = permuted_nm_mask(scores, perm, n, m)
     weight.mul_(mask.to(weight.dtype))
     return mask
 

@@ -60,3 +60,15 @@ def test_unstructured_keeps_at_least_as_much_score_as_nm():
     nm = (scores * nm_mask(scores, 2, 4)).sum()
     un = (scores * unstructured_mask(scores, 0.5)).sum()
     assert un >= nm
+
+
+def test_permuted_mask_is_nm_through_the_permutation_and_identity_is_plain():
+    from permsparse.masks import permuted_nm_mask
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(6, 16, generator=g)
+    perm = torch.randperm(16, generator=g)
+    mask = permuted_nm_mask(scores, perm, 2, 4)
+    assert torch.equal(mask[:, perm], nm_mask(scores[:, perm], 2, 4))
+    assert not is_nm(mask.float(), 2, 4) or torch.equal(perm, torch.arange(16))
+    assert torch.equal(permuted_nm_mask(scores, torch.arange(16), 2, 4), nm_mask(scores, 2, 4))
