@@ -10,8 +10,14 @@ import argparse
 
 from common import add_protocol_args, print_table, run_rows, save_json
 
+from permsparse import PruneConfig
+
 ABLATIONS = {
-    "groups": [("G=1", {"perm_groups": 1}), ("G=4", {"perm_groups": 4}), ("G=16", {"perm_groups": 16})],
+    # a warm start is refined within blocks of learn_block channels: G = width / learn_block blocks per site
+    "block": [("block 32", {"learn_block": 32}), ("block 64", {"learn_block": 64}), ("block 192", {"learn_block": 192})],
+    # a random start learns over width / G channels per block (learn_block only applies to warm starts)
+    "groups": [("random, G=4", {"learn_init": "random", "perm_groups": 4}),
+               ("random, G=16", {"learn_init": "random", "perm_groups": 16})],
     "loss": [("loss mse", {"learn_loss": "mse"}), ("loss smoothl1", {"learn_loss": "smoothl1"}),
              ("loss cosine", {"learn_loss": "cosine"})],
     "mode": [("ste", {"learn": {"mode": "ste"}}), ("soft", {"learn": {"mode": "soft"}})],
@@ -27,7 +33,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per block (default: LearnConfig's)")
     parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
     parser.add_argument("--rows", nargs="*", default=None,
-                        help="run only these rows of the main table (e.g. 'learned blockwise'); default all")
+                        help="run only the rows with these labels (e.g. 'learned blockwise' 'learned, soft'); default all")
+    parser.add_argument("--save-as", default="learned", help="name of the JSON file under bench/results")
     args = parser.parse_args()
     base = dict(pattern="2:4", score="wanda", calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen,
                 seed=args.seed, binding=args.binding)
@@ -36,13 +43,17 @@ def main() -> None:
             {"label": "unstructured 50%", "config": {**base, "pattern": "50%", "binding": "per-linear"}}]
     rows += [{"label": perm, "config": {**base, "perm": perm}} for perm in ("none", "cp", "ria", "output")]
     rows += [{"label": "learned blockwise", "config": {**base, "perm": "learned", "learn": learn}}]
-    if args.rows is not None:
-        rows = [r for r in rows if r["label"] in args.rows]
+    default = {**base, "perm": "learned", "learn": learn}
     for name in args.ablations:
         for label, change in ABLATIONS[name]:
             config = {**base, "perm": "learned", **change}
             config["learn"] = {**learn, **change.get("learn", {})}
-            rows.append({"label": f"learned, {label}", "config": config})
+            same = PruneConfig(**config) == PruneConfig(**default)
+            if same and any(r["label"] == "learned blockwise" for r in rows):
+                continue  # the main table's learned row already is this ablation's default
+            rows.append({"label": f"learned, {label}" + (" (default)" if same else ""), "config": config})
+    if args.rows is not None:
+        rows = [r for r in rows if r["label"] in args.rows]
     print(f"learned permutation on {args.model}: 2:4, binding {args.binding}; eval WikiText-2 raw test, seqlen "
           f"{args.seqlen}, first {args.windows} windows; calibration {args.nsamples} x {args.seqlen} of WikiText-2 valid")
     results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full, jobs=args.jobs)
@@ -54,7 +65,7 @@ def main() -> None:
     print_table(results, [("label", "method", ""), ("ppl", f"ppl@{args.windows}x{args.seqlen}", ".2f"),
                           ("ppl_full", "ppl full", ".2f"), ("gap_closed", "gap closed", ".3f"),
                           ("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
-    print(f"saved {save_json('learned', vars(args), results)}")
+    print(f"saved {save_json(args.save_as, vars(args), results)}")
 
 
 if __name__ == "__main__":

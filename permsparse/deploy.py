@@ -52,7 +52,7 @@ def attach_gathers(model: nn.Module, perms: dict[str, torch.Tensor]) -> list[str
             raise ValueError(f"{name} already has a runtime gather")
         perm = torch.as_tensor(perm, dtype=torch.long)
         width = linear_weight(module).shape[1]
-        if perm.numel() != width or not torch.equal(perm.sort().values, torch.arange(width)):
+        if perm.numel() != width or not torch.equal(perm.sort().values, torch.arange(width, device=perm.device)):
             raise ValueError(f"gather of {name} is not a permutation of its {width} inputs")
         module.register_buffer(GATHER_BUFFER, perm.to(linear_weight(module).device), persistent=False)
         module._permsparse_gather_handle = module.register_forward_pre_hook(_gather_hook)
