@@ -12,6 +12,8 @@ from common import add_protocol_args, print_table, run_rows, save_json
 
 from permsparse import PruneConfig
 
+E2E_BATCH = 2  # windows per e2e step: a whole model's forward and backward each
+
 ABLATIONS = {
     # a warm start is refined within blocks of learn_block channels: G = width / learn_block blocks per site
     "block": [("block 32", {"learn_block": 32}), ("block 64", {"learn_block": 64}), ("block 192", {"learn_block": 192})],
@@ -23,6 +25,9 @@ ABLATIONS = {
     "mode": [("ste", {"learn": {"mode": "ste"}}), ("soft", {"learn": {"mode": "soft"}})],
     "init": [("warm (output)", {"learn_init": "output"}), ("random init", {"learn_init": "random"})],
     "host": [("host ria", {"score": "ria"}), ("host magnitude", {"score": "magnitude"})],
+    # e2e objective: CE + alpha * distillation (default alpha 1), CE alone, distillation alone
+    "objective": [("e2e, CE only", {"learn_mode": "e2e", "learn_alpha": 0.0, "learn_batch": E2E_BATCH}),
+                  ("e2e, distill only", {"learn_mode": "e2e", "learn_ce": False, "learn_batch": E2E_BATCH})],
 }
 
 
@@ -42,7 +47,10 @@ def main() -> None:
     rows = [{"label": "dense", "config": None},
             {"label": "unstructured 50%", "config": {**base, "pattern": "50%", "binding": "per-linear"}}]
     rows += [{"label": perm, "config": {**base, "perm": perm}} for perm in ("none", "cp", "ria", "output")]
-    rows += [{"label": "learned blockwise", "config": {**base, "perm": "learned", "learn": learn}}]
+    rows += [{"label": "ria (dense statistics)", "config": {**base, "perm": "ria", "propagate": "dense"}}]
+    rows += [{"label": "learned blockwise", "config": {**base, "perm": "learned", "learn": learn}},
+             {"label": "learned e2e", "config": {**base, "perm": "learned", "learn_mode": "e2e", "learn_batch": E2E_BATCH,
+                                                 "learn": learn}}]
     default = {**base, "perm": "learned", "learn": learn}
     for name in args.ablations:
         for label, change in ABLATIONS[name]:

@@ -14,7 +14,7 @@ from . import __version__
 from .evaluation import perplexity
 from .export import FALLBACKS, FORMATS, check_command, check_output_free, export_checkpoint, partial_dir, validate_export
 from .models import SMOLLM2_ALIAS, load_model
-from .pruning import BINDINGS, LEARN_INITS, LEARN_LOSSES, PROPAGATIONS, PruneConfig, perm_choices, prune
+from .pruning import BINDINGS, LEARN_INITS, LEARN_LOSSES, LEARN_MODES, PROPAGATIONS, PruneConfig, perm_choices, prune
 from .scores import SCORES
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
@@ -32,8 +32,13 @@ def _add_prune(sub) -> None:
     p.add_argument("--groups", dest="perm_groups", type=int, default=1,
                    help="split channels into G contiguous groups, each permuted on its own")
     learn = p.add_argument_group("learned permutation (--perm learned)")
-    learn.add_argument("--mode", default="blockwise", choices=["blockwise"],
-                       help="train each block against the dense block's outputs (memory of one block)")
+    learn.add_argument("--mode", dest="learn_mode", default="blockwise", choices=LEARN_MODES,
+                       help="blockwise: each block against the dense block's outputs (memory of one block); "
+                            "e2e: the whole model at once on CE + alpha * distillation")
+    learn.add_argument("--alpha", dest="learn_alpha", type=float, default=1.0,
+                       help="e2e: weight of the layer-wise distillation (0: cross-entropy only)")
+    learn.add_argument("--no-ce", dest="learn_ce", action="store_false",
+                       help="e2e: drop the cross-entropy term (distillation only)")
     learn.add_argument("--init", dest="learn_init", default="output", choices=LEARN_INITS,
                        help="warm start: a search's permutation, or random")
     learn.add_argument("--loss", dest="learn_loss", default="mse", choices=LEARN_LOSSES)
@@ -101,7 +106,8 @@ def run_prune(args) -> None:
         pattern=args.pattern, score=args.score, perm=args.perm, binding=args.binding, perm_groups=args.perm_groups,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         include=tuple(args.include), exclude=tuple(args.exclude), propagate=args.propagate, strict=args.strict,
-        learn_init=args.learn_init, learn_loss=args.learn_loss, learn_batch=args.learn_batch, learn=_learn_options(args),
+        learn_mode=args.learn_mode, learn_init=args.learn_init, learn_loss=args.learn_loss, learn_alpha=args.learn_alpha,
+        learn_ce=args.learn_ce, learn_batch=args.learn_batch, learn=_learn_options(args),
     )
     config.validate()
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))

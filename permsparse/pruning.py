@@ -28,13 +28,14 @@ from .calibration import InputStats, capture_block_inputs, collect_input_stats, 
 from .masks import nm_mask, parse_target, permuted_nm_mask, unstructured_mask
 from .permutation import find_permutation, needs_gram, permutation_methods
 from .scores import SCORES, compute_score
-from .training import learn_block_permutations
+from .training import learn_block_permutations, learn_model_permutations
 
 BINDINGS = ("per-linear", "shared", "global")
 PROPAGATIONS = ("pruned", "dense")
 LEARNED = "learned"
 LEARN_INITS = ("output", "ria", "cp", "none", "random")
 LEARN_LOSSES = ("mse", "smoothl1", "cosine")
+LEARN_MODES = ("blockwise", "e2e")
 
 
 def perm_choices() -> list[str]:
@@ -48,9 +49,10 @@ class PruneConfig:
 
     ``pattern`` is ``"N:M"`` or an unstructured sparsity such as ``"50%"`` (the reference limit).
     ``include``/``exclude`` are glob patterns on full linear names (``*mlp.down_proj``).
-    With ``perm="learned"``, each block's permutations are trained against the dense block's outputs
-    (``learn_loss`` on mini-batches of ``learn_batch`` windows), refining the ``learn_init`` search's
-    result within blocks of ``learn_block`` channels;
+    With ``perm="learned"`` the permutations are trained, refining the ``learn_init`` search's result
+    within blocks of ``learn_block`` channels, on mini-batches of ``learn_batch`` windows:
+    ``learn_mode="blockwise"`` trains each block against the dense block's outputs (``learn_loss``);
+    ``"e2e"`` trains all at once on ``CE + learn_alpha * distillation`` (``learn_ce=False`` drops CE);
     ``learn`` holds :class:`permsparse.learned.LearnConfig` fields (steps, lr, eps_start, ...).
     """
 
@@ -69,8 +71,11 @@ class PruneConfig:
     propagate: str = "pruned"
     strict: bool = False
     batch_size: int = 8
+    learn_mode: str = "blockwise"
     learn_init: str = "output"
     learn_loss: str = "mse"
+    learn_alpha: float = 1.0
+    learn_ce: bool = True
     learn_batch: int = 4
     learn_block: int = 64
     learn: dict = field(default_factory=dict)
@@ -94,6 +99,10 @@ class PruneConfig:
             raise ValueError(f"unknown propagation {self.propagate!r}; choose one of {', '.join(PROPAGATIONS)}")
         if self.learn_init not in LEARN_INITS:
             raise ValueError(f"unknown learn_init {self.learn_init!r}; choose one of {', '.join(LEARN_INITS)}")
+        if self.learn_mode not in LEARN_MODES:
+            raise ValueError(f"unknown learn_mode {self.learn_mode!r}; choose one of {', '.join(LEARN_MODES)}")
+        if self.learn_mode == "e2e" and not self.learn_ce and self.learn_alpha <= 0:
+            raise ValueError("the e2e objective is empty: keep cross-entropy or give learn_alpha > 0")
         if self.learn_loss not in LEARN_LOSSES:
             raise ValueError(f"unknown learn_loss {self.learn_loss!r}; choose one of {', '.join(LEARN_LOSSES)}")
         if self.nsamples < 1 or self.seqlen < 2:
@@ -248,6 +257,85 @@ def _learning(config: PruneConfig) -> bool:
     return config.perm == LEARNED
 
 
+@dataclass
+class BlockPlan:
+    """One block's target linears, host scores, permutation sites and their (searched) permutations.
+
+    Nothing is pruned yet: learning may replace ``perms`` before :func:`_apply_plan` prunes.
+    """
+
+    name: str
+    weights: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    sites: list[Site]
+    perms: dict[str, torch.Tensor | None]
+    seconds: dict[str, float]
+
+    @property
+    def trainable(self) -> list[Site]:
+        """Sites a learner may change (not the model-wide hidden permutation of ``global``)."""
+        return [site for site in self.sites if not site.hidden]
+
+
+def _weights_and_scores(block: nn.Module, groups: list[tuple[str, ...]], stats: dict[str, InputStats],
+                        config: PruneConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    weights, scores = {}, {}
+    for group in groups:
+        group_stats = stats.get(group[0])
+        act_norm = group_stats.act_norm if group_stats is not None else None
+        for name in group:
+            weights[name] = linear_weight(block.get_submodule(name))
+            scores[name] = compute_score(config.score, weights[name], act_norm)
+    return weights, scores
+
+
+@torch.no_grad()
+def _plan_block(
+    block: nn.Module, block_name: str, groups: list[tuple[str, ...]], stats: dict[str, InputStats],
+    config: PruneConfig, adapter: Adapter, geometry: AttentionGeometry, hidden_perm: torch.Tensor | None,
+) -> BlockPlan:
+    """Scores and sites of one block, each site's permutation searched (``learn_init`` when learning)."""
+    n, m = config.target()[1]
+    weights, scores = _weights_and_scores(block, groups, stats, config)
+    method = config.learn_init if _learning(config) else config.perm
+    plan = BlockPlan(block_name, weights, scores, [], {}, {})
+    for group in groups:
+        group_stats = stats.get(group[0])
+        for site in sites_for_group(group, config.binding, adapter, geometry):
+            plan.sites.append(site)
+            start = time.perf_counter()
+            if site.hidden:
+                plan.perms[site.name], plan.seconds[site.name] = hidden_perm, 0.0
+                continue
+            gram = group_stats.gram if group_stats is not None else None
+            plan.perms[site.name] = _site_permutation(
+                site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears], gram, n, m,
+                config, method,
+            )
+            plan.seconds[site.name] = time.perf_counter() - start
+    return plan
+
+
+@torch.no_grad()
+def _apply_plan(plan: BlockPlan, n: int, m: int, report: PruneReport) -> dict[str, torch.Tensor]:
+    """Prune every linear of ``plan`` on its site's permutation; record it; return masks by full name."""
+    masks = {}
+    for site in plan.sites:
+        perm = plan.perms[site.name]
+        report.permutations[f"{plan.name}.{site.name}"] = perm.tolist()
+        for name in site.linears:
+            scores, weight = plan.scores[name], plan.weights[name]
+            identity_kept = _kept_fraction(scores, nm_mask(scores, n, m))
+            mask = apply_permuted_mask(weight, scores, perm, n, m)
+            masks[f"{plan.name}.{name}"] = mask
+            report.layers.append({
+                "name": f"{plan.name}.{name}", "shape": list(weight.shape), "site": site.name,
+                "kept_score": _kept_fraction(scores, mask), "kept_score_identity": identity_kept,
+                "search_seconds": plan.seconds[site.name],
+            })
+    return masks
+
+
 @torch.no_grad()
 def prune_block(
     block: nn.Module, block_name: str, groups: list[tuple[str, ...]], stats: dict[str, InputStats],
@@ -256,21 +344,13 @@ def prune_block(
 ) -> dict[str, torch.Tensor]:
     """Prune one block's target linears; returns the masks by full linear name.
 
-    Permutations come from a search per site, or (``perm="learned"``) from training that starts at the
-    search's result (``block_data`` then holds the block's inputs and dense outputs).
+    Permutations come from a search per site, or (``perm="learned"``, blockwise) from training that
+    starts at the search's result (``block_data`` then holds the block's inputs and dense outputs).
     """
     kind, target = config.target()
-    weights, scores, site_stats = {}, {}, []
-    for group in groups:
-        group_stats = stats.get(group[0])
-        act_norm = group_stats.act_norm if group_stats is not None else None
-        for name in group:
-            weights[name] = linear_weight(block.get_submodule(name))
-            scores[name] = compute_score(config.score, weights[name], act_norm)
-        if kind == "nm":
-            site_stats += [(site, group_stats) for site in sites_for_group(group, config.binding, adapter, geometry)]
-    masks = {}
     if kind == "unstructured":
+        masks = {}
+        weights, scores = _weights_and_scores(block, groups, stats, config)
         for name, weight in weights.items():
             mask = unstructured_mask(scores[name], target)
             weight.mul_(mask.to(weight.dtype))
@@ -279,39 +359,15 @@ def prune_block(
                                   "kept_score": _kept_fraction(scores[name], mask)})
         return masks
     n, m = target
-    method = config.learn_init if _learning(config) else config.perm
-    perms, seconds = {}, {}
-    for site, group_stats in site_stats:
-        start = time.perf_counter()
-        if site.hidden:
-            perms[site.name], seconds[site.name] = hidden_perm, 0.0
-            continue
-        gram = group_stats.gram if group_stats is not None else None
-        perms[site.name] = _site_permutation(
-            site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears], gram, n, m, config, method
-        )
-        seconds[site.name] = time.perf_counter() - start
-    trainable = [site for site, _ in site_stats if not site.hidden]
-    if _learning(config) and trainable:
+    plan = _plan_block(block, block_name, groups, stats, config, adapter, geometry, hidden_perm)
+    if _learning(config) and config.learn_mode == "blockwise" and plan.trainable:
         with torch.enable_grad():
             learned, history = learn_block_permutations(
-                block, trainable, weights, scores, perms, n, m, config, geometry, block_data
+                block, plan.trainable, plan.weights, plan.scores, plan.perms, n, m, config, geometry, block_data
             )
-        perms.update(learned)
+        plan.perms.update(learned)
         report.training[block_name] = history
-    for site, _ in site_stats:
-        perm = perms[site.name]
-        report.permutations[f"{block_name}.{site.name}"] = perm.tolist()
-        for name in site.linears:
-            identity_kept = _kept_fraction(scores[name], nm_mask(scores[name], n, m))
-            mask = apply_permuted_mask(weights[name], scores[name], perm, n, m)
-            masks[f"{block_name}.{name}"] = mask
-            report.layers.append({
-                "name": f"{block_name}.{name}", "shape": list(weights[name].shape), "site": site.name,
-                "kept_score": _kept_fraction(scores[name], mask), "kept_score_identity": identity_kept,
-                "search_seconds": seconds[site.name],
-            })
-    return masks
+    return _apply_plan(plan, n, m, report)
 
 
 class ResumeState:
@@ -390,6 +446,33 @@ def hidden_permutation(
     return find_permutation(torch.cat(stacked), *pattern, method, groups=config.perm_groups, seed=config.seed)
 
 
+def _prune_end_to_end(
+    model: nn.Module, adapter: Adapter, geometry: AttentionGeometry, groups_per_block: list[list[tuple[str, ...]]],
+    inputs: torch.Tensor, kwargs: dict, samples: torch.Tensor, config: PruneConfig, report: PruneReport,
+    hidden_perm: torch.Tensor | None, progress: bool,
+) -> None:
+    """``learn_mode="e2e"``: search every block's start on dense-model statistics, train all at once, prune.
+
+    Not resumable mid-way (the whole model trains as one); an interrupted run starts again.
+    """
+    n, m = config.target()[1]
+    plans = []
+    blocks = adapter.blocks(model)
+    for i in tqdm(range(len(blocks)), desc="statistics and starts", disable=not progress):
+        name, readers = f"{adapter.blocks_path}.{i}", {group[0]: group[0] for group in groups_per_block[i]}
+        stats, inputs = collect_input_stats(blocks[i], readers, inputs, kwargs, needs_gram(config.learn_init), name,
+                                            config.batch_size)
+        plans.append(_plan_block(blocks[i], name, groups_per_block[i], stats, config, adapter, geometry, hidden_perm))
+    if any(plan.trainable for plan in plans):
+        with torch.enable_grad():
+            learned, report.training["model"] = learn_model_permutations(
+                model, plans, n, m, config, geometry, samples, progress)
+        for plan in plans:
+            plan.perms.update(learned.get(plan.name, {}))
+    for plan in plans:
+        _apply_plan(plan, n, m, report)
+
+
 def prune(
     model: nn.Module, tokenizer, config: PruneConfig, *, calibration: torch.Tensor | None = None,
     state_dir: str | Path | None = None, progress: bool = True,
@@ -426,6 +509,11 @@ def prune(
     if config.binding == "global" and search != "none":
         hidden_perm = hidden_permutation(model, adapter, groups_per_block, inputs, kwargs, config, target, progress)
         report.hidden_permutation = hidden_perm.tolist()
+    if _learning(config) and config.learn_mode == "e2e":
+        _prune_end_to_end(model, adapter, geometry, groups_per_block, inputs, kwargs, samples, config, report,
+                          hidden_perm, progress)
+        report.seconds, report.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
+        return report
     resume = ResumeState(Path(state_dir), config) if state_dir is not None else None
     first = 0
     if resume is not None:

@@ -1,8 +1,12 @@
-"""Training the learned permutations of one block against the dense block's outputs ("blockwise").
+"""Training the learned permutations, with every model weight frozen (only cost matrices train).
 
-All model weights stay frozen; only the permutation cost matrices train (permsparse.learned). Memory
-is one block's, so a 7B model fits where its one-shot pruning does. The pruned block's outputs then
-feed the next block, as in one-shot pruning.
+Two modes (method.md §3):
+
+- ``blockwise``: one block at a time against the dense block's outputs. Memory is one block's, so a
+  7B model fits where its one-shot pruning does; the pruned block's outputs feed the next block.
+- ``e2e``: every permutation of the model at once, as in the paper: cross-entropy of the pruned model
+  on the calibration windows plus ``alpha`` times the layer-wise distillation of every block's output
+  against the dense model's. Costs a whole model's forward and backward per step.
 """
 from __future__ import annotations
 
@@ -58,6 +62,23 @@ def site_spec(
     return SiteSpec(site.name, linears, block_size, tie, init), base
 
 
+def _specs(sites, weights, scores, init, config, geometry, prefix: str = "") -> tuple[list[SiteSpec], list[torch.Tensor]]:
+    """Site specs (linear names prefixed by ``prefix``) and their base permutations."""
+    specs, bases = [], []
+    for site in sites:
+        spec, base = site_spec(site, weights, scores, init[site.name], config.learn_block, config.perm_groups, geometry)
+        linears = {prefix + name: value for name, value in spec.linears.items()}
+        specs.append(SiteSpec(prefix + spec.name, linears, spec.block_size, spec.tie, spec.init_perm))
+        bases.append(base)
+    return specs, bases
+
+
+def _summary(history: dict) -> dict:
+    summary = {k: history[k] for k in ("init_eval", "best_eval", "best_step", "improved", "seconds")}
+    summary["loss_first"], summary["loss_last"] = history["loss"][0], history["loss"][-1]
+    return summary
+
+
 def learn_block_permutations(
     block: nn.Module, sites: list, weights: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
     init: dict[str, torch.Tensor | None], n: int, m: int, config, geometry: AttentionGeometry, data,
@@ -68,9 +89,7 @@ def learn_block_permutations(
     judged on the first ``EVAL_SAMPLES`` windows and the best judged set is returned (never worse than
     the start).
     """
-    specs, bases = zip(*[
-        site_spec(s, weights, scores, init[s.name], config.learn_block, config.perm_groups, geometry) for s in sites
-    ])
+    specs, bases = _specs(sites, weights, scores, init, config, geometry)
     # the learner's weights are in the base order; the block reads them in the original order
     inverse = {name: torch.argsort(base) for spec, base in zip(specs, bases) for name in spec.linears}
     transposed = {name for name in weights if isinstance(block.get_submodule(name), Conv1D)}
@@ -94,6 +113,72 @@ def learn_block_permutations(
     learn_config = LearnConfig(**{"seed": config.seed, **config.learn})
     learned, history = learn_permutations(list(specs), train_loss, n, m, learn_config, eval_fn=judge, progress=False)
     perms = {spec.name: base[learned[spec.name]] for spec, base in zip(specs, bases)}
-    summary = {k: history[k] for k in ("init_eval", "best_eval", "best_step", "improved", "seconds")}
-    summary["loss_first"], summary["loss_last"] = history["loss"][0], history["loss"][-1]
-    return perms, summary
+    return perms, _summary(history)
+
+
+def learn_model_permutations(
+    model: nn.Module, plans: list, n: int, m: int, config, geometry: AttentionGeometry, windows: torch.Tensor,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Learn every trainable site of every block at once (``e2e``) on the calibration ``windows``.
+
+    ``plans`` are the blocks' :class:`permsparse.pruning.BlockPlan` (name, weights, scores, sites and
+    searched start permutations). The objective is ``CE + alpha * mean_l distill(h_l, h_l^dense)``
+    (``config.learn_ce``, ``config.learn_alpha``, ``config.learn_loss``) on mini-batches of
+    ``config.learn_batch`` windows; the hard permutations are judged on the first ``EVAL_SAMPLES``
+    windows and the best judged set is kept. Returns the permutations per block name and a summary.
+    """
+    specs, bases, owners = [], [], []
+    for plan in plans:
+        block_specs, block_bases = _specs(plan.trainable, plan.weights, plan.scores, plan.perms, config, geometry,
+                                          prefix=f"{plan.name}.")
+        specs += block_specs
+        bases += block_bases
+        owners += [(plan.name, site.name) for site in plan.trainable]
+    inverse = {name: torch.argsort(base) for spec, base in zip(specs, bases) for name in spec.linears}
+    dtypes = {name: model.get_submodule(name).weight.dtype for name in inverse}
+    transposed = {name for name in inverse if isinstance(model.get_submodule(name), Conv1D)}
+    distill = config.learn_alpha > 0
+    count = windows.shape[0]
+    teacher = None
+    if distill:  # the dense model's block outputs, once: the weights are not changed until training ends
+        with torch.no_grad():
+            teacher = torch.cat([
+                torch.stack(model(windows[i:i + config.batch_size], output_hidden_states=True,
+                                  use_cache=False).hidden_states[1:], 1)
+                for i in range(0, count, config.batch_size)
+            ])
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def objective(effective: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        original = {k: w[:, inverse[k]] for k, w in effective.items()}
+        params = {f"{k}.weight": (w.T if k in transposed else w).to(dtypes[k]) for k, w in original.items()}
+        ids = windows[index]
+        out = functional_call(model, params, (ids,), {"output_hidden_states": distill, "use_cache": False})
+        loss = torch.zeros(())
+        if config.learn_ce:
+            logits = out.logits[:, :-1].float()
+            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        if distill:
+            layers = [distillation_loss(config.learn_loss, h.float(), t.float())
+                      for h, t in zip(out.hidden_states[1:], teacher[index].unbind(1))]
+            loss = loss + config.learn_alpha * torch.stack(layers).mean()
+        return loss
+
+    fixed = torch.arange(min(EVAL_SAMPLES, count))
+    learn_config = LearnConfig(**{"seed": config.seed, **config.learn})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # frozen: no gradient is computed or kept for any model weight
+        p.requires_grad_(False)
+    try:
+        learned, history = learn_permutations(
+            specs, lambda w: objective(w, torch.randint(0, count, (config.learn_batch,), generator=generator)),
+            n, m, learn_config, eval_fn=lambda w: objective(w, fixed), progress=progress,
+        )
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    perms: dict[str, dict[str, torch.Tensor]] = {}
+    for spec, base, (block, site) in zip(specs, bases, owners):
+        perms.setdefault(block, {})[site] = base[learned[spec.name]]
+    return perms, _summary(history)

@@ -64,3 +64,49 @@ def test_learning_refines_its_warm_start_within_blocks():
     position = torch.argsort(start)  # where the warm start put each channel
     moved_to = torch.argsort(perm)
     assert torch.equal(position // 16, moved_to // 16)
+
+
+@pytest.mark.parametrize("binding", ["per-linear", "shared"])
+def test_end_to_end_learning_gives_valid_foldable_permutations_never_worse_than_the_start(binding):
+    model, report = learned(binding, learn_mode="e2e", learn_batch=2)
+    history = report.training["model"]
+    assert set(report.training) == {"model"} and history["best_eval"] <= history["init_eval"]
+    adapter = adapter_for(model)
+    for i, block in enumerate(adapter.blocks(model)):
+        for layer in [l for l in report.layers if l["name"].startswith(f"model.layers.{i}.")]:
+            name = layer["name"].split(f"model.layers.{i}.")[1]
+            perm = torch.tensor(report.permutations[f"model.layers.{i}.{layer['site']}"])
+            assert sorted(perm.tolist()) == list(range(len(perm)))
+            assert is_nm(linear_weight(block.get_submodule(name))[:, perm], 2, 4)
+    if binding == "shared":
+        local = torch.tensor(report.permutations["model.layers.1.self_attn.o_proj"]).reshape(4, 16) - 16 * torch.arange(4)[:, None]
+        assert ((local >= 0) & (local < 16)).all() and torch.equal(local[0], local[1])
+
+
+@pytest.mark.parametrize("objective", [dict(learn_alpha=0.0), dict(learn_ce=False), dict()])
+def test_end_to_end_training_from_a_random_start_lowers_its_objective(objective):
+    """CE only, distillation only and both: the judged objective of the kept permutations falls."""
+    model = tiny_llama()
+    config = PruneConfig(perm="learned", learn_init="random", learn_mode="e2e", seqlen=32, nsamples=8, learn_batch=4,
+                         learn={"steps": 20, "eval_every": 2, "lr": 0.3}, **objective)
+    history = prune(model, None, config, calibration=CALIB, progress=False).training["model"]
+    assert history["best_eval"] < history["init_eval"]
+    for p in model.parameters():
+        assert p.requires_grad  # frozen only while training
+
+
+def test_end_to_end_learning_runs_on_gpt2_conv1d_linears():
+    from .conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    config = PruneConfig(perm="learned", learn_init="ria", learn_mode="e2e", seqlen=32, nsamples=4, learn_batch=2,
+                         learn={"steps": 4, "eval_every": 2})
+    report = prune(model, None, config, calibration=CALIB[:4], progress=False)
+    block = adapter_for(model).blocks(model)[0]
+    perm = torch.tensor(report.permutations["transformer.h.0.mlp.c_proj"])
+    assert is_nm(linear_weight(block.get_submodule("mlp.c_proj"))[:, perm], 2, 4)
+
+
+def test_an_empty_end_to_end_objective_is_refused():
+    with pytest.raises(ValueError, match="objective is empty"):
+        learned("per-linear", learn_mode="e2e", learn_ce=False, learn_alpha=0.0)
