@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="*", default=None, help="layer part: only these blocks")
     parser.add_argument("--skip", nargs="*", default=[], choices=["layers", "model", "synthetic"])
     parser.add_argument("--bindings", nargs="+", default=["per-linear", "shared"])
+    parser.add_argument("--propagate", default="pruned", choices=["pruned", "dense"],
+                        help="model part: statistics of each block from the pruned (default) or dense model")
     parser.add_argument("--chunk", type=int, default=1024, help="synthetic part: widest chunk of channels searched as one")
     parser.add_argument("--save-as", default="permutation", help="name of the JSON file under bench/results")
     args = parser.parse_args()
@@ -125,8 +127,9 @@ def main() -> None:
                                         ("err_vs_none", "error/none", ".3f"), ("gap_closed", "gap closed", ".3f"),
                                         ("search_s", "search s", ".1f")])
     if "model" not in args.skip:
-        print("part 2: perplexity of the 2:4 Wanda model per method and binding")
-        calib = dict(pattern="2:4", score="wanda", calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        print(f"part 2: perplexity of the 2:4 Wanda model per method and binding ({args.propagate}-model statistics)")
+        calib = dict(pattern="2:4", score="wanda", calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen,
+                     seed=args.seed, propagate=args.propagate)
         rows = [{"label": "none", "config": dict(perm="none", **calib)}]
         rows += [{"label": f"{m} ({b})", "config": dict(perm=m, binding=b, **calib)}
                  for b in args.bindings for m in args.methods if m != "none"]

@@ -97,3 +97,16 @@ def test_folded_export_checks_and_a_tampered_one_fails(tiny_llama_dir, tmp_path,
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     assert main(["check", str(out)]) == 1
     assert "model.layers.0.mlp.down_proj" in capsys.readouterr().err
+
+
+def test_learned_end_to_end_from_the_command_line_records_its_training(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "e2e"
+    assert main(prune_args(tiny_llama_dir, out, "--perm", "learned", "--mode", "e2e", "--init", "ria", "--steps", "3",
+                           "--alpha", "0.5", "--learn-batch", "2", "--export", "folded", "--binding", "shared")) == 0
+    meta = json.loads((out / "permsparse.json").read_text())
+    assert meta["config"]["learn_mode"] == "e2e" and meta["config"]["learn_alpha"] == 0.5
+    assert meta["training"]["model"]["best_eval"] <= meta["training"]["model"]["init_eval"]
+    assert main(["check", str(out)]) == 0
+    assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--mode", "e2e", "--no-ce",
+                           "--alpha", "0")) == 2
+    assert "objective is empty" in capsys.readouterr().err
