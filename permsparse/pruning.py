@@ -293,8 +293,10 @@ def _weights_and_scores(block: nn.Module, groups: list[tuple[str, ...]], stats: 
 def _plan_block(
     block: nn.Module, block_name: str, groups: list[tuple[str, ...]], stats: dict[str, InputStats],
     config: PruneConfig, adapter: Adapter, geometry: AttentionGeometry, hidden_perm: torch.Tensor | None,
+    starts: dict[str, torch.Tensor | None] | None = None,
 ) -> BlockPlan:
-    """Scores and sites of one block, each site's permutation searched (``learn_init`` when learning)."""
+    """Scores and sites of one block, each site's permutation searched (``learn_init`` when learning),
+    or taken from ``starts`` (site name -> permutation) when a resumed run already searched them."""
     n, m = config.target()[1]
     weights, scores = _weights_and_scores(block, groups, stats, config)
     method = config.learn_init if _learning(config) else config.perm
@@ -304,8 +306,9 @@ def _plan_block(
         for site in sites_for_group(group, config.binding, adapter, geometry):
             plan.sites.append(site)
             start = time.perf_counter()
-            if site.hidden:
-                plan.perms[site.name], plan.seconds[site.name] = hidden_perm, 0.0
+            if site.hidden or (starts is not None and site.name in starts):
+                plan.perms[site.name] = hidden_perm if site.hidden else starts[site.name]
+                plan.seconds[site.name] = 0.0
                 continue
             gram = group_stats.gram if group_stats is not None else None
             plan.perms[site.name] = _site_permutation(
@@ -449,20 +452,35 @@ def hidden_permutation(
 def _prune_end_to_end(
     model: nn.Module, adapter: Adapter, geometry: AttentionGeometry, groups_per_block: list[list[tuple[str, ...]]],
     inputs: torch.Tensor, kwargs: dict, samples: torch.Tensor, config: PruneConfig, report: PruneReport,
-    hidden_perm: torch.Tensor | None, progress: bool,
+    hidden_perm: torch.Tensor | None, progress: bool, state_dir: Path | None,
 ) -> None:
     """``learn_mode="e2e"``: search every block's start on dense-model statistics, train all at once, prune.
 
-    Not resumable mid-way (the whole model trains as one); an interrupted run starts again.
+    The searched starts are saved in ``state_dir``, so an interrupted run resumes with training (the
+    statistics pass is repeated: it is cheap next to the searches); training itself starts again.
     """
     n, m = config.target()[1]
+    saved = None if state_dir is None else state_dir / "e2e_starts.pt"
+    starts = {}
+    if saved is not None and saved.is_file():
+        state = torch.load(saved)
+        if state["fingerprint"] != config.fingerprint():
+            raise FileExistsError(f"{saved.parent} holds progress of a run with another configuration; remove it "
+                                  "or pass --overwrite")
+        starts = state["starts"]
     plans = []
     blocks = adapter.blocks(model)
     for i in tqdm(range(len(blocks)), desc="statistics and starts", disable=not progress):
         name, readers = f"{adapter.blocks_path}.{i}", {group[0]: group[0] for group in groups_per_block[i]}
-        stats, inputs = collect_input_stats(blocks[i], readers, inputs, kwargs, needs_gram(config.learn_init), name,
-                                            config.batch_size)
-        plans.append(_plan_block(blocks[i], name, groups_per_block[i], stats, config, adapter, geometry, hidden_perm))
+        want_gram = needs_gram(config.learn_init) and name not in starts
+        stats, inputs = collect_input_stats(blocks[i], readers, inputs, kwargs, want_gram, name, config.batch_size)
+        plans.append(_plan_block(blocks[i], name, groups_per_block[i], stats, config, adapter, geometry, hidden_perm,
+                                 starts.get(name)))
+    if saved is not None and not starts:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state = {"fingerprint": config.fingerprint(), "starts": {plan.name: plan.perms for plan in plans}}
+        torch.save(state, saved.with_name(saved.name + ".tmp"))
+        os.replace(saved.with_name(saved.name + ".tmp"), saved)
     if any(plan.trainable for plan in plans):
         with torch.enable_grad():
             learned, report.training["model"] = learn_model_permutations(
@@ -511,7 +529,7 @@ def prune(
         report.hidden_permutation = hidden_perm.tolist()
     if _learning(config) and config.learn_mode == "e2e":
         _prune_end_to_end(model, adapter, geometry, groups_per_block, inputs, kwargs, samples, config, report,
-                          hidden_perm, progress)
+                          hidden_perm, progress, None if state_dir is None else Path(state_dir))
         report.seconds, report.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
         return report
     resume = ResumeState(Path(state_dir), config) if state_dir is not None else None

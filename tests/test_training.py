@@ -110,3 +110,29 @@ def test_end_to_end_learning_runs_on_gpt2_conv1d_linears():
 def test_an_empty_end_to_end_objective_is_refused():
     with pytest.raises(ValueError, match="objective is empty"):
         learned("per-linear", learn_mode="e2e", learn_ce=False, learn_alpha=0.0)
+
+
+def test_an_interrupted_end_to_end_run_resumes_without_searching_again(tmp_path, monkeypatch):
+    import permsparse.pruning as pruning
+
+    config = PruneConfig(perm="learned", learn_init="ria", learn_mode="e2e", seqlen=32, nsamples=8, learn_batch=2,
+                         learn={"steps": 4, "eval_every": 2})
+    reference = tiny_llama()
+    prune(reference, None, config, calibration=CALIB, progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pruning, "learn_model_permutations", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_llama(), None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the resumed run searched again")
+
+    monkeypatch.setattr(pruning, "_site_permutation", no_search)
+    resumed = tiny_llama()
+    prune(resumed, None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
