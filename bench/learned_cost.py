@@ -72,7 +72,7 @@ def main() -> None:
     init = {name: torch.arange(w.shape[1]) for name, w in weights.items()}
     rows = []
     for steps in (1, args.steps):
-        prune_config = PruneConfig(perm="learned", seqlen=args.seqlen, nsamples=args.windows, learn={"steps": steps})
+        prune_config = PruneConfig(perm="learned", learn_mode="blockwise", seqlen=args.seqlen, nsamples=args.windows, learn={"steps": steps})
         if args.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -32,9 +32,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--groups", dest="perm_groups", type=int, default=1,
                    help="split channels into G contiguous groups, each permuted on its own")
     learn = p.add_argument_group("learned permutation (--perm learned)")
-    learn.add_argument("--mode", dest="learn_mode", default="blockwise", choices=LEARN_MODES,
-                       help="blockwise: each block against the dense block's outputs (memory of one block); "
-                            "e2e: the whole model at once on CE + alpha * distillation")
+    learn.add_argument("--mode", dest="learn_mode", default="e2e", choices=LEARN_MODES,
+                       help="e2e: the whole model at once on CE + alpha * distillation (best; memory of training "
+                            "the whole model); blockwise: each block against the dense block's outputs (memory of "
+                            "one block, for large models)")
     learn.add_argument("--alpha", dest="learn_alpha", type=float, default=1.0,
                        help="e2e: weight of the layer-wise distillation (0: cross-entropy only)")
     learn.add_argument("--no-ce", dest="learn_ce", action="store_false",
@@ -42,7 +43,8 @@ def _add_prune(sub) -> None:
     learn.add_argument("--init", dest="learn_init", default="output", choices=LEARN_INITS,
                        help="warm start: a search's permutation, or random")
     learn.add_argument("--loss", dest="learn_loss", default="mse", choices=LEARN_LOSSES)
-    learn.add_argument("--learn-batch", type=int, default=4, help="windows per training step")
+    learn.add_argument("--learn-batch", type=int, default=None,
+                       help="windows per training step (default 2 for e2e, 4 for blockwise)")
     for flag, kind, help_ in [("--steps", int, "training steps per block"), ("--lr", float, "AdamW learning rate"),
                               ("--eps-start", float, "Sinkhorn temperature at the start"),
                               ("--eps-end", float, "Sinkhorn temperature at the end"),

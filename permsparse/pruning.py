@@ -50,9 +50,10 @@ class PruneConfig:
     ``pattern`` is ``"N:M"`` or an unstructured sparsity such as ``"50%"`` (the reference limit).
     ``include``/``exclude`` are glob patterns on full linear names (``*mlp.down_proj``).
     With ``perm="learned"`` the permutations are trained, refining the ``learn_init`` search's result
-    within blocks of ``learn_block`` channels, on mini-batches of ``learn_batch`` windows:
-    ``learn_mode="blockwise"`` trains each block against the dense block's outputs (``learn_loss``);
-    ``"e2e"`` trains all at once on ``CE + learn_alpha * distillation`` (``learn_ce=False`` drops CE);
+    within blocks of ``learn_block`` channels, on mini-batches of ``learn_batch`` windows (default
+    :meth:`learn_batch_size`): ``learn_mode="e2e"`` (default) trains all at once on
+    ``CE + learn_alpha * distillation`` (``learn_ce=False`` drops CE); ``"blockwise"`` trains each block
+    against the dense block's outputs (``learn_loss``), in one block's memory, for models too large for e2e;
     ``learn`` holds :class:`permsparse.learned.LearnConfig` fields (steps, lr, eps_start, ...).
     """
 
@@ -71,14 +72,21 @@ class PruneConfig:
     propagate: str = "pruned"
     strict: bool = False
     batch_size: int = 8
-    learn_mode: str = "blockwise"
+    learn_mode: str = "e2e"
     learn_init: str = "output"
     learn_loss: str = "mse"
     learn_alpha: float = 1.0
     learn_ce: bool = True
-    learn_batch: int = 4
+    learn_batch: int | None = None
     learn_block: int = 64
     learn: dict = field(default_factory=dict)
+
+    def learn_batch_size(self) -> int:
+        """Windows per training step: ``learn_batch``, else 2 for e2e (each step is a whole model's forward
+        and backward) and 4 for blockwise (one block's); the defaults that were measured."""
+        if self.learn_batch is not None:
+            return self.learn_batch
+        return 2 if self.learn_mode == "e2e" else 4
 
     def target(self) -> tuple[str, float | tuple[int, int]]:
         """``("nm", (n, m))`` or ``("unstructured", density)``, validating the pattern."""

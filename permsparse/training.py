@@ -85,7 +85,7 @@ def learn_block_permutations(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Learn every site's permutation of ``block`` so the pruned block reproduces the dense outputs.
 
-    Training draws mini-batches of ``config.learn_batch`` windows (seeded); the hard permutations are
+    Training draws mini-batches of ``config.learn_batch_size()`` windows (seeded); the hard permutations are
     judged on the first ``EVAL_SAMPLES`` windows and the best judged set is returned (never worse than
     the start).
     """
@@ -103,7 +103,7 @@ def learn_block_permutations(
         return distillation_loss(config.learn_loss, out.float(), data.targets[index].float())
 
     def train_loss(effective):
-        return run(effective, torch.randint(0, count, (config.learn_batch,), generator=generator))
+        return run(effective, torch.randint(0, count, (config.learn_batch_size(),), generator=generator))
 
     fixed = torch.arange(min(EVAL_SAMPLES, count))
 
@@ -125,7 +125,7 @@ def learn_model_permutations(
     ``plans`` are the blocks' :class:`permsparse.pruning.BlockPlan` (name, weights, scores, sites and
     searched start permutations). The objective is ``CE + alpha * mean_l distill(h_l, h_l^dense)``
     (``config.learn_ce``, ``config.learn_alpha``, ``config.learn_loss``) on mini-batches of
-    ``config.learn_batch`` windows; the hard permutations are judged on the first ``EVAL_SAMPLES``
+    ``config.learn_batch_size()`` windows; the hard permutations are judged on the first ``EVAL_SAMPLES``
     windows and the best judged set is kept. Returns the permutations per block name and a summary.
     """
     specs, bases, owners = [], [], []
@@ -172,7 +172,7 @@ def learn_model_permutations(
         p.requires_grad_(False)
     try:
         learned, history = learn_permutations(
-            specs, lambda w: objective(w, torch.randint(0, count, (config.learn_batch,), generator=generator)),
+            specs, lambda w: objective(w, torch.randint(0, count, (config.learn_batch_size(),), generator=generator)),
             n, m, learn_config, eval_fn=lambda w: objective(w, fixed), progress=progress,
         )
     finally:

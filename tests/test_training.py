@@ -1,4 +1,4 @@
-"""Learned permutations inside the pruning pipeline (blockwise training) on a tiny GQA LLaMA."""
+"""Learned permutations inside the pruning pipeline (blockwise and e2e training) on a tiny GQA LLaMA."""
 import pytest
 import torch
 
@@ -12,9 +12,11 @@ CALIB = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1
 
 
 def learned(binding: str, **extra):
+    """A tiny model pruned with learned permutations (blockwise unless ``extra`` says otherwise)."""
     model = tiny_llama()
-    config = PruneConfig(perm="learned", learn_init="ria", binding=binding, seqlen=32, nsamples=8, learn_block=16,
-                         learn={"steps": 12, "eval_every": 3, "lr": 0.2}, **extra)
+    settings = dict(perm="learned", learn_mode="blockwise", learn_init="ria", binding=binding, seqlen=32, nsamples=8,
+                    learn_block=16, learn={"steps": 12, "eval_every": 3, "lr": 0.2})
+    config = PruneConfig(**{**settings, **extra})
     return model, prune(model, None, config, calibration=CALIB, progress=False)
 
 
