@@ -41,9 +41,10 @@ def main() -> None:
                         help="the learned row the ablations change")
     parser.add_argument("--rows", nargs="*", default=None,
                         help="run only the rows with these labels (e.g. 'learned blockwise' 'learned, soft'); default all")
+    parser.add_argument("--calib", default="wikitext2-valid", help="calibration text of every row")
     parser.add_argument("--save-as", default="learned", help="name of the JSON file under bench/results")
     args = parser.parse_args()
-    base = dict(pattern="2:4", score="wanda", calib="wikitext2-valid", nsamples=args.nsamples, seqlen=args.seqlen,
+    base = dict(pattern="2:4", score="wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                 seed=args.seed, binding=args.binding)
     learn = {"steps": args.steps} if args.steps else {}
     rows = [{"label": "dense", "config": None},
@@ -70,7 +71,7 @@ def main() -> None:
     if args.rows is not None:
         rows = [r for r in rows if r["label"] in args.rows]
     print(f"learned permutation on {args.model}: 2:4, binding {args.binding}; eval WikiText-2 raw test, seqlen "
-          f"{args.seqlen}, first {args.windows} windows; calibration {args.nsamples} x {args.seqlen} of WikiText-2 valid")
+          f"{args.seqlen}, first {args.windows} windows; calibration {args.nsamples} x {args.seqlen} of {args.calib}")
     results = run_rows(args.model, rows, seqlen=args.seqlen, windows=args.windows, full=args.full, jobs=args.jobs)
     by_label = {r["label"]: r["ppl"] for r in results}
     if "none" in by_label and "unstructured 50%" in by_label:

@@ -139,6 +139,7 @@ def learn_model_permutations(
     dtypes = {name: model.get_submodule(name).weight.dtype for name in inverse}
     transposed = {name for name in inverse if isinstance(model.get_submodule(name), Conv1D)}
     distill = config.learn_alpha > 0
+    windows = windows.to(next(model.parameters()).device)
     count = windows.shape[0]
     teacher = None
     if distill:  # the dense model's block outputs, once: the weights are not changed until training ends
