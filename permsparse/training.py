@@ -73,6 +73,24 @@ def _specs(sites, weights, scores, init, config, geometry, prefix: str = "") -> 
     return specs, bases
 
 
+def _parameter_map(module: nn.Module, specs: list[SiteSpec], bases: list[torch.Tensor]):
+    """A function from the learner's effective weights (in each site's base order) to the parameters
+    ``functional_call(module, ...)`` takes: original column order, Conv1D transposed, the module's dtype."""
+    inverse = {name: torch.argsort(base) for spec, base in zip(specs, bases) for name in spec.linears}
+    modules = {name: module.get_submodule(name) for name in inverse}
+
+    def parameters(effective: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, weight in effective.items():
+            weight = weight[:, inverse[name]]
+            if isinstance(modules[name], Conv1D):
+                weight = weight.T
+            out[f"{name}.weight"] = weight.to(modules[name].weight.dtype)
+        return out
+
+    return parameters
+
+
 def _summary(history: dict) -> dict:
     summary = {k: history[k] for k in ("init_eval", "best_eval", "best_step", "improved", "seconds")}
     summary["loss_first"], summary["loss_last"] = history["loss"][0], history["loss"][-1]
@@ -90,16 +108,12 @@ def learn_block_permutations(
     the start).
     """
     specs, bases = _specs(sites, weights, scores, init, config, geometry)
-    # the learner's weights are in the base order; the block reads them in the original order
-    inverse = {name: torch.argsort(base) for spec, base in zip(specs, bases) for name in spec.linears}
-    transposed = {name for name in weights if isinstance(block.get_submodule(name), Conv1D)}
+    parameters = _parameter_map(block, specs, bases)
     generator = torch.Generator().manual_seed(config.seed)
     count = data.inputs.shape[0]
 
     def run(effective: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        original = {k: w[:, inverse[k]] for k, w in effective.items()}
-        params = {f"{k}.weight": (w.T if k in transposed else w).to(weights[k].dtype) for k, w in original.items()}
-        out = block_output(functional_call(block, params, (data.inputs[index],), data.kwargs))
+        out = block_output(functional_call(block, parameters(effective), (data.inputs[index],), data.kwargs))
         return distillation_loss(config.learn_loss, out.float(), data.targets[index].float())
 
     def train_loss(effective):
@@ -135,9 +149,7 @@ def learn_model_permutations(
         specs += block_specs
         bases += block_bases
         owners += [(plan.name, site.name) for site in plan.trainable]
-    inverse = {name: torch.argsort(base) for spec, base in zip(specs, bases) for name in spec.linears}
-    dtypes = {name: model.get_submodule(name).weight.dtype for name in inverse}
-    transposed = {name for name in inverse if isinstance(model.get_submodule(name), Conv1D)}
+    parameters = _parameter_map(model, specs, bases)
     distill = config.learn_alpha > 0
     windows = windows.to(next(model.parameters()).device)
     count = windows.shape[0]
@@ -152,10 +164,8 @@ def learn_model_permutations(
     generator = torch.Generator().manual_seed(config.seed)
 
     def objective(effective: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        original = {k: w[:, inverse[k]] for k, w in effective.items()}
-        params = {f"{k}.weight": (w.T if k in transposed else w).to(dtypes[k]) for k, w in original.items()}
         ids = windows[index]
-        out = functional_call(model, params, (ids,), {"output_hidden_states": distill, "use_cache": False})
+        out = functional_call(model, parameters(effective), (ids,), {"output_hidden_states": distill, "use_cache": False})
         loss = torch.zeros(())
         if config.learn_ce:
             logits = out.logits[:, :-1].float()
