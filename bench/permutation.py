@@ -9,6 +9,7 @@ same run. Part 3: search time on synthetic 4096- and 11008-wide matrices, to pro
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -58,9 +59,13 @@ def layer_table(model_name: str, methods: list[str], nsamples: int, seqlen: int,
     out = []
     for r in rows.values():
         count = len(r["efficacy"])
-        out.append({"label": r["label"], "linears": count, "efficacy": sum(r["efficacy"]) / count,
-                    "err_vs_none": sum(r["err_vs_none"]) / count, "gap_closed": sum(r["gap_closed"]) / count,
-                    "search_s": r["search_s"]})
+        row = {"label": r["label"], "linears": count, "efficacy": sum(r["efficacy"]) / count,
+               "err_vs_none": sum(r["err_vs_none"]) / count, "gap_closed": sum(r["gap_closed"]) / count,
+               "search_s": r["search_s"]}
+        if "ria" in rows:  # the yardstick: share of ria's remaining gap to unstructured, per layer
+            ria = rows["ria"]["gap_closed"]
+            row["of_ria_gap"] = sum((g - b) / max(1 - b, 1e-30) for g, b in zip(r["gap_closed"], ria)) / count
+        out.append(row)
     return out
 
 
@@ -113,18 +118,22 @@ def main() -> None:
     parser.add_argument("--propagate", default="pruned", choices=["pruned", "dense"],
                         help="model part: statistics of each block from the pruned (default) or dense model")
     parser.add_argument("--chunk", type=int, default=1024, help="synthetic part: widest chunk of channels searched as one")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads of the layer and synthetic parts (model rows use one each, --jobs at once)")
     parser.add_argument("--save-as", default="permutation", help="name of the JSON file under bench/results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     protocol = {**vars(args), "score": "wanda", "pattern": "2:4", "calib": "wikitext2-valid", "eval": "wikitext2 raw test"}
     print(f"permutation searches on {args.model}, 2:4, Wanda host; calibration {args.nsamples} x {args.seqlen} tokens "
-          f"of WikiText-2 valid, seed {args.seed}; eval WikiText-2 raw test, seqlen {args.seqlen}, first {args.windows} windows")
+          f"of WikiText-2 valid, seed {args.seed}; eval WikiText-2 raw test, seqlen {args.seqlen}, first {args.windows} windows; "
+          f"{args.threads} torch threads for the layer and synthetic parts")
     results = {}
     if "layers" not in args.skip:
         print("part 1: every target linear (dense-model statistics)")
         results["layers"] = layer_table(args.model, args.methods, args.nsamples, args.seqlen, args.seed, args.blocks)
         print_table(results["layers"], [("label", "method", ""), ("linears", "linears", "d"), ("efficacy", "efficacy", ".3f"),
                                         ("err_vs_none", "error/none", ".3f"), ("gap_closed", "gap closed", ".3f"),
+                                        ("of_ria_gap", "of ria's gap", ".3f"),
                                         ("search_s", "search s", ".1f")])
     if "model" not in args.skip:
         print(f"part 2: perplexity of the 2:4 Wanda model per method and binding ({args.propagate}-model statistics)")
@@ -138,11 +147,13 @@ def main() -> None:
                                        ("ppl_full", "ppl full", ".2f"), ("prune_s", "prune s", ".1f"),
                                        ("peak_rss_mb", "peak MB", ".0f")])
     if "synthetic" not in args.skip:
-        print("part 3: one linear of each LLaMA-2-7B width (4096 rows), projected over the 7B model's 224 linears")
+        print("part 3: one linear of each LLaMA-2-7B width (4096 rows), projected over the 7B model's 224 linears "
+              "(per-linear binding)")
         results["synthetic"] = synthetic_timing([m for m in args.methods if m != "none"], args.seed, args.chunk)
         print_table(results["synthetic"], [("label", "method", ""), ("s_4096", "s @4096", ".1f"),
                                            ("efficacy_4096", "eff @4096", ".3f"), ("s_11008", "s @11008", ".1f"),
-                                           ("efficacy_11008", "eff @11008", ".3f"), ("projected_7b_h", "7B h (1 CPU thread)", ".2f")])
+                                           ("efficacy_11008", "eff @11008", ".3f"),
+                                           ("projected_7b_h", f"7B h ({args.threads} threads)", ".2f")])
     print(f"saved {save_json(args.save_as, protocol, [results])}")
 
 
