@@ -23,12 +23,16 @@ class InputStats:
     """Statistics of one linear input over the calibration tokens.
 
     ``sq_sum[j] = sum_t x_tj^2`` gives Wanda's ``||X_j||_2``; ``gram = X^T X`` (optional) gives the
-    exact output error of a pruned weight, ``sum_r d_r H d_r^T``.
+    exact output error of a pruned weight, ``sum_r d_r H d_r^T``. ``drift = (X_dense - X)^T X``
+    (optional, :func:`collect_drift`), where ``X`` comes from the pruned model and ``X_dense`` from the
+    dense one, turns that into the error against the dense model's outputs, which is what the pruned
+    model is judged on: ``||X_dense W^T - X (W - d)^T||^2 = const + 2 <W drift, d> + sum_r d_r H d_r^T``.
     """
 
     sq_sum: torch.Tensor
     gram: torch.Tensor | None
     tokens: int
+    drift: torch.Tensor | None = None
 
     @property
     def act_norm(self) -> torch.Tensor:
@@ -135,3 +139,42 @@ def collect_input_stats(
         if s.gram is not None:
             s.gram = s.gram.float()
     return stats, outputs
+
+
+@torch.no_grad()
+def collect_drift(
+    block: nn.Module, readers: dict[str, str], inputs: torch.Tensor, reference: torch.Tensor, kwargs: dict,
+    stats: dict[str, InputStats], batch_size: int = 8,
+) -> torch.Tensor:
+    """Fill ``stats[key].drift`` with ``(X_dense - X)^T X`` for each hooked linear of the (still dense)
+    block, where ``X`` is its input when the block reads ``inputs`` (the pruned model's hidden states)
+    and ``X_dense`` when it reads ``reference`` (the dense model's); return the block's outputs on
+    ``reference``, the next block's reference. Accumulated batch by batch, so it holds one batch of
+    activations per linear, never all tokens.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def make_hook(key: str):
+        def hook(_module, args):
+            seen[key] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        return hook
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(make_hook(key)) for key, name in readers.items()]
+    outputs = []
+    try:
+        for i in range(0, inputs.shape[0], batch_size):
+            block(inputs[i : i + batch_size], **kwargs)
+            pruned = dict(seen)
+            outputs.append(block_output(block(reference[i : i + batch_size], **kwargs)))
+            for key, x in pruned.items():
+                s = stats[key]
+                if s.drift is None:
+                    s.drift = x.new_zeros(x.shape[1], x.shape[1])
+                s.drift += (seen[key] - x).T @ x
+    finally:
+        for h in handles:
+            h.remove()
+    for s in stats.values():
+        if s.drift is not None:
+            s.drift = s.drift.float()
+    return torch.cat(outputs)

@@ -60,6 +60,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--exclude", nargs="*", default=[], help="glob patterns of linear names to keep dense")
     p.add_argument("--propagate", default="pruned", choices=PROPAGATIONS,
                    help="feed each block the pruned (default) or dense previous block's outputs")
+    p.add_argument("--compensate", action="store_true",
+                   help="--perm output: aim each linear at the dense model's outputs from the pruned model's inputs, "
+                        "so its permutation can make up for error from earlier layers (one more dense pass per block)")
     p.add_argument("--strict", action="store_true", help="fail on layers whose in_features is not divisible by M")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
@@ -107,9 +110,9 @@ def run_prune(args) -> None:
     config = PruneConfig(
         pattern=args.pattern, score=args.score, perm=args.perm, binding=args.binding, perm_groups=args.perm_groups,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        include=tuple(args.include), exclude=tuple(args.exclude), propagate=args.propagate, strict=args.strict,
-        learn_mode=args.learn_mode, learn_init=args.learn_init, learn_loss=args.learn_loss, learn_alpha=args.learn_alpha,
-        learn_ce=args.learn_ce, learn_batch=args.learn_batch, learn=_learn_options(args),
+        include=tuple(args.include), exclude=tuple(args.exclude), propagate=args.propagate,
+        compensate=args.compensate, strict=args.strict, learn_mode=args.learn_mode, learn_init=args.learn_init,
+        learn_loss=args.learn_loss, learn_alpha=args.learn_alpha, learn_ce=args.learn_ce, learn_batch=args.learn_batch, learn=_learn_options(args),
     )
     config.validate()
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))

@@ -284,16 +284,25 @@ class _OutputError:
     Keeps the mask and ``G = d H`` (``d`` the pruned-away part of ``W``). A swap between groups ``a``
     and ``b`` changes ``d`` only on their ``2m`` channels, by ``Δ = W * (old_mask - new_mask)``, so the
     error changes by ``2 <Δ, G> + Δ H Δ^T`` with ``H`` restricted to those channels. Float64 so that
-    thousands of incremental updates do not drift.
+    thousands of incremental updates do not drift. ``drift`` adds the linear term that makes the error
+    the one against the dense model's outputs (:class:`permsparse.calibration.InputStats`); it only
+    shifts ``G``, so the swap arithmetic is unchanged.
     """
 
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, scores: torch.Tensor,
-                 p: torch.Tensor, n: int, m: int):
+                 p: torch.Tensor, n: int, m: int, drift: torch.Tensor | None = None):
         self.w, self.s, self.n, self.m = weight.double(), scores.double(), n, m
         self.h = _blocked_gram(gram, weight.shape[0])
         self.p = p.clone()
         self.mask = permuted_nm_mask(self.s, self.p, n, m)
-        self.error, self.g = _error_and_grad(self.w * ~self.mask, self.h)
+        d = self.w * ~self.mask
+        self.error, self.g = _error_and_grad(d, self.h)
+        self.scale = self.error  # the start's sum_r d_r H d_r^T, a positive yardstick for the objective
+        if drift is not None:  # error against the dense outputs: + 2 <W drift, d>, a constant shift of G
+            shift = torch.bmm(self.w.reshape(self.h.shape[0], -1, self.w.shape[1]),
+                              _blocked_gram(drift, weight.shape[0]))
+            self.error += 2 * float((shift * d.reshape(shift.shape)).sum())
+            self.g += shift
         self.kept = float((self.s * self.mask).sum())
         diag = self.h.diagonal(dim1=1, dim2=2).repeat_interleave(weight.shape[0] // self.h.shape[0], 0)
         self.w2h = self.w.square() * diag  # error of pruning one weight alone, W_rc^2 H_cc
@@ -353,8 +362,8 @@ class _OutputError:
 
 
 def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: torch.Tensor,
-            chunk_groups: int, weight: torch.Tensor, gram: torch.Tensor, *, rounds: int = 10,
-            pairs: int = 1024, checks: int = 128, proxy_weight: float = 1.0,
+            chunk_groups: int, weight: torch.Tensor, gram: torch.Tensor, drift: torch.Tensor | None, *,
+            rounds: int = 10, pairs: int = 1024, checks: int = 128, proxy_weight: float = 1.0,
             time_limit: float | None = None) -> torch.Tensor:
     """Swap search on the true output error, from ``start`` (the ``ria`` permutation).
 
@@ -371,11 +380,11 @@ def _output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: t
     comparable). Every move lowers the objective, so the result is never worse than the start.
     ``time_limit`` (seconds) stops early but makes the result depend on machine speed.
     """
-    state = _OutputError(weight, gram, scores, start, n, m)
-    if state.error <= 0 or chunk_groups < 2:
+    state = _OutputError(weight, gram, scores, start, n, m, drift)
+    if state.scale <= 0 or chunk_groups < 2:
         return start
-    kept_weight = proxy_weight * state.error / state.kept if state.kept > 0 else 0.0  # in error units
-    tol, groups, t0 = _TOL * state.error, start.numel() // m, time.perf_counter()
+    kept_weight = proxy_weight * state.scale / state.kept if state.kept > 0 else 0.0  # in error units
+    tol, groups, t0 = _TOL * state.scale, start.numel() // m, time.perf_counter()
     for _ in range(rounds):
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             break
@@ -410,16 +419,20 @@ def needs_gram(method: str) -> bool:
 
 def find_permutation(scores: torch.Tensor, n: int, m: int, method: str, *,
                      weight: torch.Tensor | None = None, gram: torch.Tensor | None = None,
-                     groups: int = 1, seed: int = 0, **options) -> torch.Tensor:
+                     drift: torch.Tensor | None = None, groups: int = 1, seed: int = 0,
+                     **options) -> torch.Tensor:
     """Permutation ``p`` (``LongTensor`` of length ``in``) of the input channels of ``scores``.
 
     ``scores`` is ``(rows, in)`` and may stack several weights that read the same input. The N:M mask is
     then chosen on ``scores[:, p]``. ``groups > 1`` cuts the channels into that many contiguous chunks,
     each a multiple of ``m``, searched independently (``p`` keeps every channel inside its chunk): this
     bounds the cost on very wide layers. ``output`` needs ``weight`` (shape of ``scores``) and ``gram``
-    (``(in, in)``, or ``(k, in, in)`` where row block ``i`` of ``weight`` reads ``gram[i]``).
-    ``options`` go to the method (``cp``: rounds, perturbations, kick; ``ria``: rounds; ``output``:
-    rounds, pairs, checks, proxy_weight, time_limit, ria_rounds). The same ``seed`` gives the same ``p``.
+    (``(in, in)``, or ``(k, in, in)`` where row block ``i`` of ``weight`` reads ``gram[i]``); with
+    ``drift`` (same shape, ``(X_dense - X)^T X``) it aims at the dense model's outputs instead of
+    ``W``'s outputs on the same inputs (see :class:`permsparse.calibration.InputStats`).
+    ``options`` go to the method (``cp``: rounds, perturbations, kick, candidates; ``ria``: rounds;
+    ``output``: rounds, pairs, checks, proxy_weight, time_limit, ria_rounds). The same ``seed`` gives the
+    same ``p``.
     """
     n, m = parse_pattern((n, m))
     if method not in _SEARCHES:
@@ -447,7 +460,7 @@ def find_permutation(scores: torch.Tensor, n: int, m: int, method: str, *,
         ria_options = {"rounds": options.pop("ria_rounds")} if "ria_rounds" in options else {}
         start = find_permutation(scores, n, m, "ria", groups=groups, seed=seed, **ria_options)
         return _call(_output, scores, n, m, gen, options, start=start, chunk_groups=cols // groups // m,
-                     weight=weight, gram=gram)
+                     weight=weight, gram=gram, drift=drift)
     width = cols // groups
     parts = [_call(_SEARCHES[method], scores[:, c:c + width], n, m, gen, options) + c
              for c in range(0, cols, width)]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
-from .calibration import InputStats, capture_block_inputs, collect_input_stats, run_block
+from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .masks import nm_mask, parse_target, permuted_nm_mask, unstructured_mask
 from .permutation import find_permutation, needs_gram, permutation_methods
 from .scores import SCORES, compute_score
@@ -55,6 +55,9 @@ class PruneConfig:
     ``CE + learn_alpha * distillation`` (``learn_ce=False`` drops CE); ``"blockwise"`` trains each block
     against the dense block's outputs (``learn_loss``), in one block's memory, for models too large for e2e;
     ``learn`` holds :class:`permsparse.learned.LearnConfig` fields (steps, lr, eps_start, ...).
+    ``compensate`` (``perm="output"``, ``propagate="pruned"``) makes the search minimise each linear's
+    error against the dense model's outputs rather than against its own dense weights on the pruned
+    inputs (:func:`permsparse.calibration.collect_drift`), at the price of a dense pass per block.
     """
 
     pattern: str = "2:4"
@@ -70,6 +73,7 @@ class PruneConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     propagate: str = "pruned"
+    compensate: bool = False
     strict: bool = False
     batch_size: int = 8
     learn_mode: str = "e2e"
@@ -113,6 +117,8 @@ class PruneConfig:
             raise ValueError("the e2e objective is empty: keep cross-entropy or give learn_alpha > 0")
         if self.learn_loss not in LEARN_LOSSES:
             raise ValueError(f"unknown learn_loss {self.learn_loss!r}; choose one of {', '.join(LEARN_LOSSES)}")
+        if self.compensate and (self.propagate != "pruned" or _learning(self) or not needs_gram(self.perm)):
+            raise ValueError("compensate applies to the output-aware search (--perm output) with --propagate pruned")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("nsamples must be >= 1 and seqlen >= 2")
 
@@ -214,7 +220,7 @@ def _select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig, m: 
 
 
 def _site_permutation(
-    site: Site, scores: list[torch.Tensor], weights: list[torch.Tensor], gram: torch.Tensor | None,
+    site: Site, scores: list[torch.Tensor], weights: list[torch.Tensor], stats: InputStats | None,
     n: int, m: int, config: PruneConfig, method: str,
 ) -> torch.Tensor | None:
     """Search one site's permutation with ``method``; stacked rows share it (method.md §4).
@@ -227,9 +233,10 @@ def _site_permutation(
     if method == "none":
         return torch.arange(width)
     options = dict(groups=config.perm_groups, seed=config.seed, **config.perm_options)
+    gram, drift = (None, None) if stats is None else (stats.gram, stats.drift)
     if site.heads is None:
         return find_permutation(
-            torch.cat(scores), n, m, method, weight=torch.cat(weights), gram=gram, **options
+            torch.cat(scores), n, m, method, weight=torch.cat(weights), gram=gram, drift=drift, **options
         )
     geo, hd = site.heads, site.heads.head_dim
     if hd % m:
@@ -240,10 +247,11 @@ def _site_permutation(
     for kv in range(geo.num_kv_heads):
         heads = range(kv * per_kv, (kv + 1) * per_kv)
         cols = [slice(h * hd, (h + 1) * hd) for h in heads]
-        stacked_gram = None if gram is None else torch.stack([gram[c, c] for _ in scores for c in cols])
+        per_head = lambda x: None if x is None else torch.stack([x[c, c] for _ in scores for c in cols])  # noqa: E731
         p = find_permutation(
             torch.cat([s[:, c] for s in scores for c in cols]), n, m, method,
-            weight=torch.cat([w[:, c] for w in weights for c in cols]), gram=stacked_gram, **options,
+            weight=torch.cat([w[:, c] for w in weights for c in cols]), gram=per_head(gram),
+            drift=per_head(drift), **options,
         )
         for h in heads:
             perm[h * hd : (h + 1) * hd] = h * hd + p
@@ -318,10 +326,9 @@ def _plan_block(
                 plan.perms[site.name] = hidden_perm if site.hidden else starts[site.name]
                 plan.seconds[site.name] = 0.0
                 continue
-            gram = group_stats.gram if group_stats is not None else None
             plan.perms[site.name] = _site_permutation(
-                site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears], gram, n, m,
-                config, method,
+                site, [scores[s] for s in site.linears], [weights[s].float() for s in site.linears], group_stats,
+                n, m, config, method,
             )
             plan.seconds[site.name] = time.perf_counter() - start
     return plan
@@ -407,17 +414,19 @@ class ResumeState:
         write(tmp)
         os.replace(tmp, path)
 
-    def save(self, index: int, masks: dict[str, torch.Tensor], report: PruneReport, inputs: torch.Tensor) -> None:
+    def save(self, index: int, masks: dict[str, torch.Tensor], report: PruneReport, inputs: torch.Tensor,
+             reference: torch.Tensor | None) -> None:
         packed = {name: (list(mask.shape), np.packbits(mask.numpy().ravel())) for name, mask in masks.items()}
         self._atomic(self.folder / f"block_{index:04d}.pt", lambda p: torch.save(
             {"masks": packed, "layers": report.layers, "permutations": report.permutations,
              "training": report.training}, p))
-        self._atomic(self.folder / "inputs.pt", lambda p: torch.save(inputs, p))
+        self._atomic(self.folder / "inputs.pt", lambda p: torch.save({"inputs": inputs, "reference": reference}, p))
         self._atomic(self.folder / "progress.json", lambda p: p.write_text(
             json.dumps({"fingerprint": self.fingerprint, "blocks_done": index + 1})))
 
-    def restore(self, model: nn.Module, report: PruneReport) -> torch.Tensor | None:
-        """Re-apply the masks of finished blocks; return the saved inputs of the next block."""
+    def restore(self, model: nn.Module, report: PruneReport) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Re-apply the masks of finished blocks; return the saved inputs of the next block, and the dense
+        model's (``compensate``)."""
         if self.done == 0:
             return None
         state = None
@@ -429,7 +438,8 @@ class ResumeState:
                     weight = linear_weight(model.get_submodule(name))
                     weight.mul_(mask.to(weight.dtype))
         report.layers, report.permutations, report.training = state["layers"], state["permutations"], state["training"]
-        return torch.load(self.folder / "inputs.pt")
+        saved = torch.load(self.folder / "inputs.pt")
+        return saved["inputs"], saved["reference"]
 
 
 
@@ -542,22 +552,27 @@ def prune(
         return report
     resume = ResumeState(Path(state_dir), config) if state_dir is not None else None
     first = 0
+    reference = inputs if config.compensate else None  # the dense model's hidden states, when compensating
     if resume is not None:
         restored = resume.restore(model, report)
         if restored is not None:
-            inputs, first = restored, resume.done
+            (inputs, reference), first = restored, resume.done
     bar = tqdm(range(first, len(blocks)), desc="pruning blocks", disable=not progress, initial=first, total=len(blocks))
     for i in bar:
         block, name = blocks[i], f"{prefix}.{i}"
         readers = {group[0]: group[0] for group in groups_per_block[i]}
         stats, dense_out = collect_input_stats(block, readers, inputs, kwargs, want_gram, name, config.batch_size)
+        if reference is not None:
+            next_reference = collect_drift(block, readers, inputs, reference, kwargs, stats, config.batch_size)
         block_data = BlockData(inputs, dense_out, kwargs) if _learning(config) else None
         masks = prune_block(block, name, groups_per_block[i], stats, config, adapter, geometry, report, block_data,
                             hidden_perm)
         inputs = run_block(block, inputs, kwargs, config.batch_size) if config.propagate == "pruned" else dense_out
+        if reference is not None:
+            reference = next_reference
         if not torch.isfinite(inputs).all():
             raise FloatingPointError(f"non-finite activations leaving {name} after pruning")
         if resume is not None:
-            resume.save(i, masks, report, inputs)
+            resume.save(i, masks, report, inputs, reference)
     report.seconds, report.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
     return report

@@ -108,8 +108,10 @@ def test_indivisible_layers_are_skipped_with_a_warning_or_fail_when_strict():
     assert len(report.skipped) == 14 and report.layers == []
 
 
-def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
-    config = PruneConfig(seqlen=32, nsamples=8)
+@pytest.mark.parametrize("config", [PruneConfig(seqlen=32, nsamples=8),
+                                    PruneConfig(seqlen=32, nsamples=8, perm="output", compensate=True)],
+                         ids=["wanda", "output-compensate"])
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, config):
     reference = tiny_llama()
     prune(reference, None, config, calibration=CALIB, progress=False)
 
@@ -165,3 +167,36 @@ def test_block_by_block_replay_equals_the_model(family):
     # the last entry has the final norm applied; compare with the input of that norm instead
     final_norm = dict(model.named_modules())[adapter.final_norms[0]]
     torch.testing.assert_close(final_norm(hidden), states[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_drift_is_the_dense_minus_pruned_input_correlation():
+    """collect_drift gives (X_dense - X)^T X for a linear's inputs, recorded here by hand."""
+    from permsparse.calibration import capture_block_inputs, collect_drift, collect_input_stats
+
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    inputs, kwargs = capture_block_inputs(model, adapter, CALIB[:4])
+    reference = inputs + 0.1 * torch.randn(inputs.shape, generator=torch.Generator().manual_seed(0))
+    block, name = adapter.blocks(model)[0], "mlp.down_proj"
+    stats, _ = collect_input_stats(block, {name: name}, inputs, kwargs, True, "block 0", batch_size=3)
+    seen = []
+    handle = block.get_submodule(name).register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 128)))
+    with torch.no_grad():
+        block(inputs, **kwargs), block(reference, **kwargs)
+    handle.remove()
+    out = collect_drift(block, {name: name}, inputs, reference, kwargs, stats, batch_size=3)
+    x, x_dense = seen[0].double(), seen[1].double()
+    assert torch.allclose(stats[name].drift.double(), (x_dense - x).T @ x, rtol=1e-4, atol=1e-3)
+    assert out.shape == reference.shape
+
+
+def test_compensate_changes_the_output_search_and_is_refused_elsewhere():
+    a, b = tiny_llama(), tiny_llama()
+    prune(a, None, PruneConfig(seqlen=32, nsamples=8, perm="output"), calibration=CALIB, progress=False)
+    prune(b, None, PruneConfig(seqlen=32, nsamples=8, perm="output", compensate=True), calibration=CALIB,
+          progress=False)
+    assert all(((w != 0).sum(1) == w.shape[1] // 2).all() for _, w in target_weights(b))  # 2:4 after its permutation
+    assert any(not torch.equal(wa, wb) for (_, wa), (_, wb) in zip(target_weights(a), target_weights(b)))
+    for bad in (dict(perm="ria"), dict(perm="output", propagate="dense")):
+        with pytest.raises(ValueError, match="compensate"):
+            PruneConfig(compensate=True, **bad).validate()
