@@ -6,6 +6,7 @@ hidden states, never the whole model's activations.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,17 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: 
     )
 
 
+@contextmanager
+def _input_hooks(block: nn.Module, readers: dict[str, str], make_hook):
+    """Forward pre-hooks ``make_hook(key, linear_name)`` on each named linear of ``block``, removed on exit."""
+    handles = [block.get_submodule(name).register_forward_pre_hook(make_hook(key, name)) for key, name in readers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_input_stats(
     block: nn.Module,
@@ -127,14 +139,8 @@ def collect_input_stats(
 
         return hook
 
-    handles = [
-        block.get_submodule(name).register_forward_pre_hook(make_hook(key, name)) for key, name in readers.items()
-    ]
-    try:
+    with _input_hooks(block, readers, make_hook):
         outputs = run_block(block, inputs, kwargs, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
     for s in stats.values():
         if s.gram is not None:
             s.gram = s.gram.float()
@@ -154,14 +160,13 @@ def collect_drift(
     """
     seen: dict[str, torch.Tensor] = {}
 
-    def make_hook(key: str):
+    def make_hook(key: str, _linear_name: str):
         def hook(_module, args):
             seen[key] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
         return hook
 
-    handles = [block.get_submodule(name).register_forward_pre_hook(make_hook(key)) for key, name in readers.items()]
     outputs = []
-    try:
+    with _input_hooks(block, readers, make_hook):
         for i in range(0, inputs.shape[0], batch_size):
             block(inputs[i : i + batch_size], **kwargs)
             pruned = dict(seen)
@@ -171,9 +176,6 @@ def collect_drift(
                 if s.drift is None:
                     s.drift = x.new_zeros(x.shape[1], x.shape[1])
                 s.drift += (seen[key] - x).T @ x
-    finally:
-        for h in handles:
-            h.remove()
     for s in stats.values():
         if s.drift is not None:
             s.drift = s.drift.float()
