@@ -62,7 +62,7 @@ def _add_prune(sub) -> None:
                    help="feed each block the pruned (default) or dense previous block's outputs")
     p.add_argument("--no-compensate", dest="compensate", action="store_false",
                    help="--perm output aims each linear at the dense model's outputs from the pruned model's inputs, "
-                        "so its permutation makes up for error from earlier layers (one more dense pass per block); "
+                        "so its permutation makes up for error from earlier layers (two more passes of each block); "
                         "this aims at the linear's own outputs on the pruned inputs instead")
     p.add_argument("--strict", action="store_true", help="fail on layers whose in_features is not divisible by M")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
