@@ -1,18 +1,24 @@
-"""permsparse: N:M structured sparsity for Transformers, with learned channel permutations."""
+"""permsparse: N:M structured sparsity for Transformers, with learned channel permutations.
+
+The public API: configure with :class:`PruneConfig` (a :class:`Search` or :class:`Learned`
+permutation, a :class:`Calibration`), call :func:`prune` on a loaded model, save with
+:func:`export_checkpoint`, and :func:`load` / :func:`check_checkpoint` the result.
+"""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .deploy import load
+from .checkpoint.check import check_checkpoint
+from .checkpoint.load import load
+from .checkpoint.save import ExportConfig, export_checkpoint
+from .config import Calibration, Learned, PruneConfig, Search
 from .evaluation import Perplexity, perplexity
-from .masks import is_nm, nm_mask, parse_pattern, unstructured_mask
 from .models import load_model
-from .permutation import efficacy, find_permutation, permutation_methods, retained
-from .pruning import PruneConfig, PruneReport, prune
-from .scores import magnitude, ria, wanda
+from .permute.metrics import efficacy, retained
+from .permute.search import find_permutation
+from .pipeline import prune
+from .report import PruneReport
 
 __all__ = [
-    "Perplexity", "PruneConfig", "PruneReport", "efficacy", "find_permutation", "is_nm", "load", "load_model",
-    "magnitude", "nm_mask", "parse_pattern", "perplexity", "permutation_methods", "prune", "retained", "ria",
-    "unstructured_mask", "wanda",
+    "Calibration", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Search",
+    "check_checkpoint", "efficacy", "export_checkpoint", "find_permutation", "load", "load_model", "perplexity",
+    "prune", "retained",
 ]

@@ -2,10 +2,12 @@
 
 The pipeline never asks "is this LLaMA?": it asks the adapter for the blocks, for which linears read
 the same input (they share statistics and, with shared binding, one permutation), and for the
-attention geometry that constrains the output-projection permutation (method.md §4).
+attention geometry that constrains the output-projection permutation (docs/method.md, "Binding").
+How a linear stores its weight (GPT-2's Conv1D keeps it transposed) is also known only here.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,7 @@ class Adapter:
     input_groups: tuple[tuple[str, ...], ...]
     attn_output: str
     needs_bos: bool = False
-    # Folding (method.md §4). Block-relative names unless said otherwise; empty means "none".
+    # Folding (docs/method.md, "Binding"). Block-relative names unless said otherwise; empty means "none".
     # ``producers``: consumer linear -> the output slices that make its input (folds are exact and free).
     producers: tuple[tuple[str, tuple[OutputSlice, ...]], ...] = ()
     # Linears reading the residual stream (through a norm) and writing into it (rows add to it).
@@ -168,9 +170,35 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as ``(out, in)``: GPT-2's Conv1D stores it transposed."""
+    """The weight as ``(out, in)`` (a view: writing to it writes the module's weight)."""
     return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def stored_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An ``(out, in)`` weight in the layout ``module`` stores it (GPT-2's Conv1D: transposed)."""
+    return weight.T if isinstance(module, Conv1D) else weight
 
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+@contextmanager
+def replaced_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
+    """Run ``model`` with the named linears' weights replaced by the given ``(out, in)`` tensors.
+
+    The tensors may carry a gradient (they are used as they are, not copied into the parameters), so
+    a loss computed and back-propagated inside the block trains whatever they were computed from.
+    The original parameters come back on exit.
+    """
+    saved = []
+    try:
+        for name, weight in weights.items():
+            module = model.get_submodule(name)
+            saved.append((module, module._parameters.pop("weight")))
+            module.weight = stored_layout(module, weight.to(saved[-1][1].dtype))
+        yield model
+    finally:
+        for module, parameter in reversed(saved):
+            del module.weight
+            module.register_parameter("weight", parameter)

@@ -1,10 +1,14 @@
 """Text sources for calibration and evaluation, and how they become token windows.
 
 Named sources resolve from ``$PERMSPARSE_DATA``, else a ``shared/data`` folder beside the checkout,
-else the Hugging Face hub through ``datasets``. Any existing text file path works too.
+else the Hugging Face hub through ``datasets``. Any existing text file path works too. A source is a
+list of documents: tokenised one by one and joined with the tokenizer's EOS token into one stream, so
+windows cut from it may span documents as in Wanda's and SparseGPT's C4 recipe, but never glue two
+documents without a boundary.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +20,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Source:
-    """A named text: its file under the data folder, and how the hub serves it (if it does)."""
+    """A named text: its file under the data folder, how to read it, and how the hub serves it."""
 
     local: str | None
     hub: tuple[str, str | None, str] | None  # (dataset, config, split)
-    strip_unk: bool = False
+    kind: str = "text"  # text | wikitext-raw | wikitext-tokenised | jsonl | alpaca
+    description: str = ""
 
 
 SOURCES: dict[str, Source] = {
-    "wikitext2": Source("wikitext-2-raw/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test")),
-    "wikitext2-valid": Source("wikitext-2/valid.txt", ("wikitext", "wikitext-2-raw-v1", "validation"), True),
-    "shakespeare": Source("tinyshakespeare/input.txt", None),
-    "c4": Source(None, ("allenai/c4", "en", "validation")),
+    "wikitext2": Source("wikitext-2-raw/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test"), "wikitext-raw",
+                        "WikiText-2 raw test (the evaluation text)"),
+    "wikitext2-valid": Source("wikitext-2/valid.txt", ("wikitext", "wikitext-2-raw-v1", "validation"),
+                              "wikitext-tokenised", "WikiText-2 validation"),
+    "shakespeare": Source("tinyshakespeare/input.txt", None, "text", "Tiny Shakespeare"),
+    "c4": Source("calib/c4/c4_sample.jsonl", ("allenai/c4", "en", "train"), "jsonl",
+                 "C4 en train, shard 00000 (the Wanda/SparseGPT calibration shard): its first 1,000 documents"),
+    "c4-demo": Source("calib/c4_demo/c4_demo.jsonl", None, "jsonl", "300 other C4 documents"),
+    "alpaca": Source("calib/alpaca/alpaca_5000.json", None, "alpaca", "5,000 Stanford Alpaca instructions"),
 }
 
 
@@ -38,47 +48,57 @@ def data_dirs() -> list[Path]:
     return dirs
 
 
-def _from_hub(name: str, source: Source) -> str:
+def _read_local(file: Path, kind: str) -> list[str]:
+    text = file.read_text(encoding="utf-8")
+    if kind == "wikitext-raw":  # one non-empty row per line, joined with blank lines as the hub rows are
+        return ["\n\n".join(line for line in text.splitlines() if line.strip())]
+    if kind == "wikitext-tokenised":
+        return [text.replace(" <unk>", "")]
+    if kind == "jsonl":
+        return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+    if kind == "alpaca":
+        return ["\n".join(part for part in (item["instruction"], item["input"], item["output"]) if part)
+                for item in json.loads(text)]
+    return [text]
+
+
+def _from_hub(source: Source) -> list[str]:
     dataset, config, split = source.hub
-    try:
-        import datasets
-    except ImportError as err:
-        raise FileNotFoundError("the `datasets` package is not installed") from err
-    if dataset == "allenai/c4":  # one shard, as in SparseGPT/Wanda: the full set is terabytes
-        rows = datasets.load_dataset(
-            dataset, data_files={split: f"en/c4-{split}.00000-of-00008.json.gz"}, split=split
-        )["text"][:3000]
-    else:
-        rows = datasets.load_dataset(dataset, config, split=split)["text"]
-    return "\n\n".join(rows)
+    import datasets  # optional: only when no local copy exists
+
+    if dataset == "allenai/c4":  # one shard, as Wanda and SparseGPT calibrate on: the full set is terabytes
+        rows = datasets.load_dataset(dataset, data_files={split: f"en/c4-{split}.00000-of-01024.json.gz"},
+                                     split=split)["text"][:1000]
+        return list(rows)
+    return ["\n\n".join(datasets.load_dataset(dataset, config, split=split)["text"])]
 
 
-def load_text(source: str) -> str:
-    """The text of a named source or a file path; one clear error when nothing provides it."""
+def load_documents(source: str) -> list[str]:
+    """The documents of a named source or a text file; one clear error when nothing provides it."""
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return [path.read_text(encoding="utf-8")]
     if source not in SOURCES:
-        raise FileNotFoundError(
-            f"unknown data source {source!r}: not a file, nor one of {', '.join(SOURCES)}"
-        )
+        raise FileNotFoundError(f"unknown data source {source!r}: not a file, nor one of {', '.join(SOURCES)}")
     spec = SOURCES[source]
+    tried = []
     if spec.local:
         for folder in data_dirs():
             file = folder / spec.local
             if file.is_file():
-                text = file.read_text(encoding="utf-8")
-                if spec.local.endswith("wiki.test.raw"):
-                    # One non-empty row per line; joined with blank lines as the hub rows usually are.
-                    text = "\n\n".join(line for line in text.splitlines() if line.strip())
-                return text.replace(" <unk>", "") if spec.strip_unk else text
-    tried = [str(d / spec.local) for d in data_dirs()] if spec.local else []
+                return _read_local(file, spec.kind)
+            tried.append(str(file))
     if spec.hub:
         try:
-            return _from_hub(source, spec)
+            return _from_hub(spec)
         except Exception as err:  # offline, missing package, unknown split: all mean "not reachable"
             tried.append(f"hub {spec.hub[0]} ({type(err).__name__})")
     raise FileNotFoundError(f"data source {source!r} is not reachable; tried: {'; '.join(tried)}")
+
+
+def load_text(source: str) -> str:
+    """A source's documents joined by blank lines (for evaluation texts, which are one document)."""
+    return "\n\n".join(load_documents(source))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -87,10 +107,20 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def token_stream(tokenizer, source: str) -> torch.Tensor:
+    """A source's documents tokenised one by one and joined with EOS (blank lines without one)."""
+    documents = load_documents(source)
+    if len(documents) == 1 or tokenizer.eos_token_id is None:
+        return tokenize(tokenizer, "\n\n".join(documents))
+    ids = tokenizer(documents, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None, bos_id: int | None = None) -> torch.Tensor:
     """Non-overlapping ``seqlen`` windows, tail dropped; the first ``windows`` if given.
 
-    With ``bos_id`` every window starts with BOS followed by ``seqlen - 1`` text tokens (Gemma).
+    With ``bos_id`` every window starts with BOS followed by ``seqlen - 1`` text tokens.
     """
     step = seqlen - (bos_id is not None)
     count = ids.numel() // step
@@ -104,10 +134,25 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None, bos
     return out
 
 
-def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens (seeded), as SparseGPT and Wanda draw them."""
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                        holdout: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nsamples`` random windows of ``seqlen`` tokens (seeded), as SparseGPT and Wanda draw them, and
+    ``holdout`` more that overlap none of them (nor each other): text training never sees."""
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration text of {ids.numel()} tokens is shorter than seqlen {seqlen}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen).tolist()
+    taken = sorted(starts)
+    held: list[int] = []
+    for _ in range(100 * holdout):
+        if len(held) == holdout:
+            break
+        s = int(torch.randint(0, ids.numel() - seqlen, (1,), generator=gen))
+        if all(abs(s - t) >= seqlen for t in taken):
+            held.append(s)
+            taken.append(s)
+    if len(held) < holdout:
+        raise ValueError(f"calibration text of {ids.numel()} tokens is too short for {holdout} held-out windows of "
+                         f"{seqlen} beside {nsamples} training windows; lower --holdout or --nsamples")
+    cut = lambda ss: torch.stack([ids[s:s + seqlen] for s in ss]) if ss else ids.new_zeros(0, seqlen)  # noqa: E731
+    return cut(starts), cut(held)

@@ -1,4 +1,4 @@
-"""Perplexity by the standard protocol (method.md §5).
+"""Perplexity by the standard protocol (docs/method.md, "Evaluation").
 
 The evaluation text is tokenised once, cut into non-overlapping windows of ``seqlen`` (tail dropped),
 each window scored alone, and ``ppl = exp(mean NLL)`` over all predicted tokens.
@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from . import data
 from .adapters import adapter_for
 
 
+LOGIT_CHUNK = 2**24  # logits computed at once (floats): positions per chunk = this / (batch * vocab)
+
+
 @dataclass
 class Perplexity:
+    """A perplexity and its protocol: the text, the window length and count, the tokens it predicts."""
+
     ppl: float
     nll: float
     seqlen: int
@@ -28,8 +34,27 @@ class Perplexity:
     source: str
     seconds: float
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def _chunk_nll(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
+def next_token_nll(lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of ``ids`` from the final hidden states, in chunks of positions.
+
+    Never a whole batch's full-vocabulary logits: with a gradient each chunk's logits are recomputed
+    in the backward pass instead of stored.
+    """
+    batch, length = ids.shape
+    step = max(1, LOGIT_CHUNK // (batch * lm_head.weight.shape[0]))
+    total = torch.zeros((), device=hidden.device)
+    for s in range(0, length - 1, step):
+        e = min(s + step, length - 1)
+        h, y = hidden[:, s:e], ids[:, s + 1:e + 1]
+        total = total + (checkpoint(_chunk_nll, lm_head, h, y, use_reentrant=False) if h.requires_grad
+                         else _chunk_nll(lm_head, h, y))
+    return total
 
 
 def eval_tokens(tokenizer, source: str = "wikitext2") -> torch.Tensor:
@@ -55,8 +80,8 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     for i in tqdm(range(0, len(batches), batch_size), desc=f"perplexity (seqlen {seqlen})", disable=not progress):
         batch = batches[i : i + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        hidden = model.base_model(batch, use_cache=False).last_hidden_state
+        nll = next_token_nll(model.get_output_embeddings(), hidden, batch)
         if not torch.isfinite(nll):
             raise FloatingPointError("non-finite loss during evaluation: the model produces NaN/Inf logits")
         total_nll += nll.item()

@@ -1,47 +1,22 @@
-"""N:M and unstructured masks.
+"""N:M and unstructured masks, and the checks of N:M patterns and permutations.
 
 An N:M mask keeps at most N weights in every run of M consecutive weights along the *input*
 dimension (the last dimension of an ``(out, in)`` weight). It is chosen from an importance score of
 the same shape: the top-N of each group win, and among equal scores the lower index wins, so the same
 scores always give the same mask (dequantised GGUF weights tie in ~15% of 4-groups).
+
+A permutation ``p`` of the input channels means the permuted layer is ``W[:, p]``: position ``j``
+holds original channel ``p[j]``.
 """
 from __future__ import annotations
 
 import torch
 
 
-def parse_pattern(pattern: str | tuple[int, int]) -> tuple[int, int]:
-    """Turn ``"2:4"`` (or ``(2, 4)``) into ``(2, 4)``; reject anything that is not 0 < n < m."""
-    if isinstance(pattern, str):
-        parts = pattern.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"pattern {pattern!r} is not of the form N:M (e.g. 2:4)")
-        n, m = (int(p) for p in parts)
-    else:
-        n, m = pattern
-    if not 0 < n < m:
-        raise ValueError(f"pattern {n}:{m} is invalid: need 0 < N < M (e.g. 2:4, 4:8, 1:4)")
-    return n, m
-
-
-def parse_target(pattern: str) -> tuple[str, tuple[int, int] | float]:
-    """``"2:4"`` -> ``("nm", (2, 4))``; an unstructured sparsity ``"50%"`` -> ``("unstructured", 0.5)`` (density)."""
-    if pattern.endswith("%"):
-        try:
-            sparsity = float(pattern[:-1]) / 100
-        except ValueError:
-            raise ValueError(f"pattern {pattern!r} is neither N:M nor a percentage like 50%") from None
-        if not 0.0 < sparsity < 1.0:
-            raise ValueError(f"unstructured sparsity {pattern} must be between 0% and 100%")
-        return "unstructured", 1.0 - sparsity
-    return "nm", parse_pattern(pattern)
-
-
-def _stable_topk_in_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the top-``k`` entries along the last dim; ties go to the lower index.
 
-    Sorting ``(score, -index)`` lexicographically is done with a stable descending sort: stable
-    sort keeps the original (ascending index) order among equal keys.
+    A stable descending sort keeps the original (ascending index) order among equal keys.
     """
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     mask = torch.zeros_like(scores, dtype=torch.bool)
@@ -54,13 +29,12 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     ``scores`` has shape ``(..., in)`` with ``in`` divisible by ``m``. Returns a bool tensor of the
     same shape. NaN scores are rejected, since they would make the choice arbitrary.
     """
-    n, m = parse_pattern((n, m))
     if scores.shape[-1] % m:
         raise ValueError(f"last dimension {scores.shape[-1]} is not divisible by M={m}")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
     grouped = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
-    return _stable_topk_in_groups(grouped, n).reshape(scores.shape)
+    return _stable_topk(grouped, n).reshape(scores.shape)
 
 
 def permuted_nm_mask(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -80,13 +54,31 @@ def unstructured_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density {density} must be in (0, 1]")
-    keep = int(round(scores.shape[-1] * density))
-    return _stable_topk_in_groups(scores, keep)
+    return _stable_topk(scores, int(round(scores.shape[-1] * density)))
+
+
+def nm_violation(weight: torch.Tensor, n: int, m: int) -> str:
+    """Empty when every group of ``m`` consecutive entries along the last dim has at most ``n``
+    non-zeros; else a description of the first offending group and how many there are."""
+    if weight.shape[-1] % m:
+        return f"in_features {weight.shape[-1]} not divisible by {m}"
+    counts = (weight != 0).reshape(-1, weight.shape[-1] // m, m).sum(-1)
+    bad = (counts > n).nonzero()
+    if not len(bad):
+        return ""
+    row, group = bad[0].tolist()
+    return (f"{len(bad)} groups with more than {n} non-zeros (first: row {row}, columns {group * m}.."
+            f"{group * m + m - 1} holds {int(counts[row, group])})")
 
 
 def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of ``m`` consecutive entries along the last dim has at most ``n`` non-zeros."""
-    if weight.shape[-1] % m:
-        return False
-    nonzero = (weight != 0).reshape(*weight.shape[:-1], weight.shape[-1] // m, m).sum(-1)
-    return bool((nonzero <= n).all())
+    return not nm_violation(weight, n, m)
+
+
+def as_permutation(perm, width: int, what: str = "permutation") -> torch.Tensor:
+    """``perm`` as a CPU LongTensor, or a ValueError when it is not a permutation of ``range(width)``."""
+    p = torch.as_tensor(perm, dtype=torch.long).flatten().cpu()
+    if p.numel() != width or not torch.equal(torch.sort(p).values, torch.arange(width)):
+        raise ValueError(f"{what} is not a permutation of {width} channels")
+    return p

@@ -9,6 +9,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Calibration and held-out windows for the tiny models (vocabulary 512).
+CALIB = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+HOLDOUT = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+INPUT = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors: many small operations run fastest, and alike on every machine, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 512, tie: bool = True):

@@ -22,8 +22,9 @@ def test_prune_writes_a_plain_checkpoint_that_reloads_to_the_same_logits(tiny_ll
     out = tmp_path / "pruned"
     assert main(prune_args(tiny_llama_dir, out)) == 0
     meta = json.loads((out / "permsparse.json").read_text())
-    assert meta["config"]["pattern"] == "2:4" and meta["format"] == "masked"
-    assert len(meta["layers"]) == 14 and meta["metrics"]["wikitext2"]["windows"] == 2
+    assert meta["config"]["pattern"] == "2:4" and meta["export"] == "masked"
+    assert len(meta["report"]["layers"]) == 14 and meta["metrics"]["wikitext2"]["windows"] == 2
+    assert meta["command"].startswith("permsparse prune --model")
     assert not (tmp_path / "pruned.partial").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert is_nm(model.model.layers[1].mlp.down_proj.weight, 2, 4)
@@ -62,15 +63,21 @@ def test_bad_input_is_one_clear_error(tiny_llama_dir, tmp_path, capsys, args, me
     assert not out.exists()
 
 
-def test_unknown_model_and_unreachable_data(tmp_path, tiny_llama_dir, capsys):
+def test_unknown_model_unknown_data_and_test_text_calibration(tmp_path, tiny_llama_dir, capsys):
     assert main(prune_args(tmp_path / "nowhere", tmp_path / "o")) == 2
     assert "unknown model" in capsys.readouterr().err
-    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "c4", "--nsamples", "2", "--seqlen", "16",
-                 "--out", str(tmp_path / "o")]) == 2
-    assert "data source 'c4' is not reachable" in capsys.readouterr().err
     assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "no-such-set", "--out", str(tmp_path / "o")]) == 2
     assert "unknown data source" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "wikitext2", "--out", str(tmp_path / "o")]) == 2
+    assert "--allow-test-calibration" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_flags_of_the_other_permutation_kind_are_refused(tiny_llama_dir, tmp_path, capsys):
+    assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "ria", "--steps", "3")) == 2
+    assert "--steps only apply to --perm learned" in capsys.readouterr().err
+    assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--chunks", "2")) == 2
+    assert "--chunks only apply to a permutation search" in capsys.readouterr().err
 
 
 def test_eval_prints_and_writes_perplexity(tiny_llama_dir, tmp_path, capsys):
@@ -88,7 +95,7 @@ def test_folded_export_checks_and_a_tampered_one_fails(tiny_llama_dir, tmp_path,
     out = tmp_path / "folded"
     assert main(prune_args(tiny_llama_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 0
     meta = json.loads((out / "permsparse.json").read_text())
-    assert meta["format"] == "folded" and meta["fold"]["verified"]
+    assert meta["export"] == "folded" and meta["fold"]["verified"]
     assert main(["check", str(out)]) == 0
     weights = load_file(out / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.weight"
@@ -101,12 +108,13 @@ def test_folded_export_checks_and_a_tampered_one_fails(tiny_llama_dir, tmp_path,
 
 def test_learned_end_to_end_from_the_command_line_records_its_training(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "e2e"
-    assert main(prune_args(tiny_llama_dir, out, "--perm", "learned", "--mode", "e2e", "--init", "ria", "--steps", "3",
-                           "--alpha", "0.5", "--learn-batch", "2", "--export", "folded", "--binding", "shared")) == 0
+    assert main(prune_args(tiny_llama_dir, out, "--perm", "learned", "--scope", "e2e", "--init", "ria", "--steps", "3",
+                           "--hidden", "0.5", "--batch", "2", "--export", "folded", "--binding", "shared")) == 0
     meta = json.loads((out / "permsparse.json").read_text())
-    assert meta["config"]["learn_mode"] == "e2e" and meta["config"]["learn_alpha"] == 0.5
-    assert meta["training"]["model"]["best_eval"] <= meta["training"]["model"]["init_eval"]
+    permutation = meta["config"]["permutation"]
+    assert permutation["kind"] == "learned" and permutation["scope"] == "e2e" and permutation["hidden"] == 0.5
+    (training,) = meta["report"]["training"]
+    assert training["scope"] == "model" and training["best_judged"] <= training["init_judged"]
     assert main(["check", str(out)]) == 0
-    assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--mode", "e2e", "--no-ce",
-                           "--alpha", "0")) == 2
+    assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--ce", "0", "--hidden", "0")) == 2
     assert "objective is empty" in capsys.readouterr().err

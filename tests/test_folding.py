@@ -2,17 +2,13 @@
 import pytest
 import torch
 
+from permsparse import PruneConfig, Search, prune
 from permsparse.adapters import adapter_for, linear_weight
-from permsparse.folding import (
-    fold_permutations, global_hidden_permutation, head_permutation, permutations_by_linear,
-)
-from permsparse.masks import is_nm
-from permsparse.pruning import PruneConfig, apply_permuted_mask, prune
+from permsparse.checkpoint.fold import fold_permutations, global_hidden_permutation, head_permutation
+from permsparse.masks import is_nm, permuted_nm_mask
 
-from .conftest import BUILDERS, tiny_llama, tiny_opt
+from .conftest import BUILDERS, CALIB, INPUT, tiny_llama, tiny_opt
 
-INPUT = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(2))
-CALIB = torch.randint(3, 512, (4, 24), generator=torch.Generator().manual_seed(1))
 ATOL = 1e-5
 
 
@@ -76,7 +72,7 @@ def test_producer_folds_keep_dense_logits(family, kinds):
     perms = random_perms(model, kinds)
     before = state(model)
     report = fold_permutations(model, perms)
-    assert report["folded"] == list(perms) and not report["not_folded"]
+    assert report.folded == list(perms) and not report.not_folded
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed  # the folds did something
     torch.testing.assert_close(logits(model), dense, atol=ATOL, rtol=1e-4)
@@ -109,7 +105,7 @@ def test_everything_folds_with_a_global_permutation(family):
     hidden = torch.randperm(64, generator=torch.Generator().manual_seed(7))
     perms = random_perms(model, {"attn", "mlp", "reader"}, hidden)
     report = fold_permutations(model, perms, hidden_perm=hidden)
-    assert report["hidden_perm_applied"] and sorted(report["folded"]) == sorted(perms)
+    assert report.hidden_perm_applied and sorted(report.folded) == sorted(perms)
     torch.testing.assert_close(logits(model), dense, atol=ATOL, rtol=1e-4)
 
 
@@ -121,7 +117,7 @@ def test_attention_permutation_across_heads_is_refused_and_leaves_the_model(fami
     cross = torch.arange(64).roll(8)  # moves channels into the neighbouring head
     before = state(model)
     report = fold_permutations(model, {name: cross})
-    assert report["folded"] == [] and "crosses heads" in report["not_folded"][name]
+    assert report.folded == [] and "crosses heads" in report.not_folded[name]
     assert_same_state(before, state(model))
 
 
@@ -133,7 +129,7 @@ def test_gqa_permutation_must_agree_between_query_heads_of_one_kv_head():
     assert value_rows is None and "kv head" in reason
     before = state(model)
     report = fold_permutations(model, {"model.layers.1.self_attn.o_proj": inconsistent})
-    assert "model.layers.1.self_attn.o_proj" in report["not_folded"]
+    assert "model.layers.1.self_attn.o_proj" in report.not_folded
     assert_same_state(before, state(model))
 
 
@@ -144,11 +140,11 @@ def test_residual_readers_need_the_global_permutation(family):
     perms = random_perms(model, {"reader"}, hidden)
     before = state(model)
     report = fold_permutations(model, perms)
-    assert not report["folded"] and all("no global permutation" in r for r in report["not_folded"].values())
+    assert not report.folded and all("no global permutation" in r for r in report.not_folded.values())
     assert_same_state(before, state(model))
     other = {name: torch.randperm(64) for name in perms}
     report = fold_permutations(model, other, hidden_perm=hidden)
-    assert not report["folded"] and all("differs" in r for r in report["not_folded"].values())
+    assert not report.folded and all("differs" in r for r in report.not_folded.values())
 
 
 def prune_through(model, perms, n=2, m=4):
@@ -156,7 +152,7 @@ def prune_through(model, perms, n=2, m=4):
     with torch.no_grad():
         for name, perm in perms.items():
             weight = linear_weight(model.get_submodule(name))
-            apply_permuted_mask(weight, weight.abs().float(), perm, n, m)
+            weight.mul_(permuted_nm_mask(weight.abs().float(), perm, n, m))
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -169,7 +165,7 @@ def test_folding_masked_pruned_model_gives_nm_storage_and_same_logits(family):
     stored = {name: is_nm(linear_weight(model.get_submodule(name)), 2, 4) for name in perms}
     assert not all(stored.values())  # masked storage is N:M only through p
     report = fold_permutations(model, perms, hidden_perm=hidden)
-    assert sorted(report["folded"]) == sorted(perms)
+    assert sorted(report.folded) == sorted(perms)
     for name in perms:
         assert is_nm(linear_weight(model.get_submodule(name)), 2, 4), name
     torch.testing.assert_close(logits(model), masked, atol=ATOL, rtol=1e-4)
@@ -179,16 +175,16 @@ def test_folding_masked_pruned_model_gives_nm_storage_and_same_logits(family):
 def test_pipeline_shared_binding_folds_attention_output_and_mlp(family):
     """prune(binding="shared") then fold: o/down (and their kin) become N:M in storage, logits unchanged."""
     model = BUILDERS[family]()
-    report = prune(model, None, PruneConfig(seqlen=INPUT.shape[1], nsamples=4, binding="shared", perm="ria"),
-                   calibration=CALIB, progress=False)
-    perms = permutations_by_linear(report)
+    report = prune(model, None, PruneConfig(binding="shared", permutation=Search("ria")), windows=CALIB[:4],
+                   progress=False)
+    perms = {name: torch.tensor(site.perm) for site in report.sites for name in site.linears}
     assert sorted(perms) == sorted(name for name, _ in linears(model))
     masked = logits(model)
     folded = fold_permutations(model, perms)
     adapter = adapter_for(model)
     consumers = {c for c, _ in adapter.producers}
-    assert sorted(folded["folded"]) == sorted(n for n, rel in linears(model) if rel in consumers)
-    assert all("residual reader" in r for r in folded["not_folded"].values())
-    for name in folded["folded"]:
+    assert sorted(folded.folded) == sorted(n for n, rel in linears(model) if rel in consumers)
+    assert all("residual reader" in r for r in folded.not_folded.values())
+    for name in folded.folded:
         assert is_nm(linear_weight(model.get_submodule(name)), 2, 4), name
     torch.testing.assert_close(logits(model), masked, atol=ATOL, rtol=1e-4)

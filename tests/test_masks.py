@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from permsparse.masks import is_nm, nm_mask, parse_pattern, unstructured_mask
+from permsparse.config import parse_pattern
+from permsparse.masks import as_permutation, is_nm, nm_mask, nm_violation, unstructured_mask
 
 
 @settings(max_examples=60, deadline=None)
@@ -37,7 +38,12 @@ def test_nm_mask_hand_case():
     assert nm_mask(scores, 1, 4).int().tolist() == [[0, 1, 0, 0], [0, 0, 0, 1]]
 
 
-@pytest.mark.parametrize("bad", ["5:4", "0:4", "4:4", "2-4", "a:b", "2:4:8"])
+def test_patterns_parse_to_nm_or_density():
+    assert parse_pattern("2:4") == (2, 4) and parse_pattern("4:8") == (4, 8)
+    assert parse_pattern("50%") == pytest.approx(0.5) and parse_pattern("70%") == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("bad", ["5:4", "0:4", "4:4", "2-4", "a:b", "2:4:8", "0%", "100%", "x%"])
 def test_bad_patterns_are_rejected(bad):
     with pytest.raises(ValueError, match="pattern"):
         parse_pattern(bad)
@@ -72,3 +78,17 @@ def test_permuted_mask_is_nm_through_the_permutation_and_identity_is_plain():
     assert torch.equal(mask[:, perm], nm_mask(scores[:, perm], 2, 4))
     assert not is_nm(mask.float(), 2, 4) or torch.equal(perm, torch.arange(16))
     assert torch.equal(permuted_nm_mask(scores, torch.arange(16), 2, 4), nm_mask(scores, 2, 4))
+
+
+def test_nm_violation_names_the_first_bad_group():
+    weight = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    assert nm_violation(weight[:, :4], 2, 4) == ""
+    assert "1 groups" in nm_violation(weight, 2, 4) and "columns 4..7 holds 3" in nm_violation(weight, 2, 4)
+    assert "not divisible" in nm_violation(weight[:, :6], 2, 4)
+
+
+def test_as_permutation_accepts_permutations_only():
+    assert torch.equal(as_permutation([2, 0, 1], 3), torch.tensor([2, 0, 1]))
+    for bad in ([0, 0, 1], [0, 1], [1, 2, 3]):
+        with pytest.raises(ValueError, match="not a permutation of 3"):
+            as_permutation(bad, 3)

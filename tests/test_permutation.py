@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from permsparse.masks import nm_mask, permuted_nm_mask
-from permsparse.permutation import (
-    _OutputError, _grouped, _swap_sums, efficacy, find_permutation, needs_gram, output_error,
-    permutation_methods, retained,
-)
+from permsparse.permute.metrics import efficacy, grouped, output_error, retained
+from permsparse.permute.output import OutputError
+from permsparse.permute.search import SEARCHES, find_permutation, needs_gram
+from permsparse.permute.swaps import swap_sums
 
 PATTERNS = [(2, 4), (4, 8), (1, 4)]
 
@@ -35,7 +35,7 @@ def bound(scores: torch.Tensor, n: int, m: int) -> float:
 
 
 @pytest.mark.parametrize("n,m", PATTERNS)
-@pytest.mark.parametrize("method", permutation_methods())
+@pytest.mark.parametrize("method", list(SEARCHES))
 def test_valid_permutation_and_bound(method, n, m):
     w, gram, s = layer(24, 48, seed=n + m)
     p = find_permutation(s, n, m, method, weight=w, gram=gram)
@@ -43,10 +43,10 @@ def test_valid_permutation_and_bound(method, n, m):
     assert retained(s, p, n, m) <= bound(s, n, m) + 1e-6
 
 
-@pytest.mark.parametrize("method", permutation_methods())
+@pytest.mark.parametrize("method", list(SEARCHES))
 def test_groups_keep_channels_in_chunks(method):
     w, gram, s = layer(16, 64)
-    p = find_permutation(s, 2, 4, method, weight=w, gram=gram, groups=4)
+    p = find_permutation(s, 2, 4, method, weight=w, gram=gram, chunks=4)
     assert valid(p, 64)
     assert torch.equal(p.view(4, 16) // 16, torch.arange(4).view(4, 1).expand(4, 16))
 
@@ -96,7 +96,7 @@ def test_deterministic(method):
 def test_incremental_error_equals_recomputation(blocks, ties):
     """Predicted changes of swaps equal full recomputation, and so does the state after many swaps."""
     w, gram, s = layer(12 * blocks, 32, seed=5, blocks=blocks, ties=ties)
-    state = _OutputError(w, gram, s, torch.randperm(32, generator=torch.Generator().manual_seed(0)), 2, 4)
+    state = OutputError(w, gram, s, torch.randperm(32, generator=torch.Generator().manual_seed(0)), 2, 4)
     g = torch.Generator().manual_seed(1)
     for _ in range(25):
         a = torch.randint(8, (1,), generator=g)
@@ -107,7 +107,7 @@ def test_incremental_error_equals_recomputation(blocks, ties):
         state.apply(int(a), int(b), i, float(d_error[0, i]), float(d_kept[0, i]))
         assert state.error - before == pytest.approx(float(d_error[0, i]), rel=1e-9, abs=1e-9)
         assert state.error == pytest.approx(output_error(w, gram, state.p, 2, 4, s), rel=1e-9)
-    fresh = _OutputError(w, gram, s, state.p, 2, 4)
+    fresh = OutputError(w, gram, s, state.p, 2, 4)
     assert torch.equal(state.mask, fresh.mask)
     assert torch.allclose(state.g, fresh.g, rtol=1e-9, atol=1e-9)
     assert state.kept == pytest.approx(retained(s, state.p, 2, 4), rel=1e-12)
@@ -126,7 +126,7 @@ def test_drift_makes_the_error_the_error_against_dense_outputs():
     def true_error(p):
         return float((x_dense @ w.T - x @ (w * permuted_nm_mask(s, p, 2, 4)).T).square().sum())
 
-    state = _OutputError(w, gram, s, torch.arange(32), 2, 4, drift)
+    state = OutputError(w, gram, s, torch.arange(32), 2, 4, drift)
     constant = true_error(state.p) - state.error
     for _ in range(20):
         a = torch.randint(8, (1,), generator=g)
@@ -146,7 +146,7 @@ def test_screen_is_exact_for_diagonal_gram(n, m, ties):
     including the N:M tie-break (integer weights tie a lot)."""
     w, gram, s = layer(16, 8 * m, seed=2, ties=ties)
     diag = torch.diag(gram.diagonal())
-    state = _OutputError(w, diag, s, torch.arange(8 * m), n, m)
+    state = OutputError(w, diag, s, torch.arange(8 * m), n, m)
     ga, gb = torch.tensor([0, 1, 2, 5]), torch.tensor([3, 7, 4, 6])
     d_error, d_kept = state.swap_changes(ga, gb)
     scale = float(d_error.abs().max())
@@ -159,7 +159,7 @@ def test_swap_sums_match_masks():
     _, _, s = layer(8, 32, seed=4, ties=True)
     p = torch.arange(32)
     ga, gb = torch.tensor([0, 2]), torch.tensor([5, 3])
-    got = _swap_sums(_grouped(s, p, 4), _grouped(s, p, 4), ga, gb, 2)
+    got = swap_sums(grouped(s, p, 4), grouped(s, p, 4), ga, gb, 2)
     for q in range(2):
         for k in range(16):
             q_p = p.clone()
@@ -198,10 +198,10 @@ def test_bad_input_is_a_clear_error():
     w, gram, s = layer(8, 16)
     with pytest.raises(ValueError, match="not divisible by M"):
         find_permutation(s[:, :14], 2, 4, "ria")
-    with pytest.raises(ValueError, match="groups=3"):
-        find_permutation(s, 2, 4, "cp", groups=3)
-    with pytest.raises(ValueError, match="groups=8"):
-        find_permutation(s, 2, 4, "cp", groups=8)  # chunks of 2 channels are not multiples of 4
+    with pytest.raises(ValueError, match="chunks=3"):
+        find_permutation(s, 2, 4, "cp", chunks=3)
+    with pytest.raises(ValueError, match="chunks=8"):
+        find_permutation(s, 2, 4, "cp", chunks=8)  # chunks of 2 channels are not multiples of 4
     with pytest.raises(ValueError, match="needs both weight and gram"):
         find_permutation(s, 2, 4, "output", weight=w)
     with pytest.raises(ValueError, match="unknown permutation method"):

@@ -2,14 +2,11 @@
 import pytest
 import torch
 
+from permsparse import Calibration, PruneConfig, Search, prune
 from permsparse.adapters import adapter_for, linear_weight
 from permsparse.masks import is_nm
-from permsparse.pruning import PruneConfig, prune
 
-from .conftest import BUILDERS, tiny_llama
-
-CALIB = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
-INPUT = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
+from .conftest import BUILDERS, CALIB, INPUT, tiny_llama
 
 
 def target_weights(model):
@@ -25,10 +22,10 @@ def target_weights(model):
 def test_every_target_linear_becomes_nm_and_the_rest_stays_dense(pattern, score):
     model, dense = tiny_llama(), tiny_llama()
     n, m = map(int, pattern.split(":"))
-    report = prune(model, None, PruneConfig(pattern=pattern, score=score, seqlen=32, nsamples=8),
-                   calibration=CALIB, progress=False)
+    report = prune(model, None, PruneConfig(pattern=pattern, score=score),
+                   windows=CALIB, progress=False)
     names = [name for name, _ in target_weights(model)]
-    assert [layer["name"] for layer in report.layers] == names
+    assert [layer.name for layer in report.layers] == names
     for _, weight in target_weights(model):
         assert is_nm(weight, n, m)
         assert (weight != 0).float().mean().item() == pytest.approx(n / m, abs=0.01)
@@ -38,7 +35,7 @@ def test_every_target_linear_becomes_nm_and_the_rest_stays_dense(pattern, score)
 
 def test_unstructured_half_keeps_half_of_every_row():
     model = tiny_llama()
-    prune(model, None, PruneConfig(pattern="50%", seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+    prune(model, None, PruneConfig(pattern="50%"), windows=CALIB, progress=False)
     for _, weight in target_weights(model):
         assert ((weight != 0).sum(1) == weight.shape[1] // 2).all()
 
@@ -54,7 +51,7 @@ def test_wanda_uses_the_calibration_statistics():
     for score in ("magnitude", "wanda"):
         model = tiny_llama()
         model.load_state_dict(dense.state_dict())
-        prune(model, None, PruneConfig(score=score, seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+        prune(model, None, PruneConfig(score=score), windows=CALIB, progress=False)
         models[score] = model
     with torch.no_grad():
         reference = dense(INPUT).logits
@@ -63,10 +60,10 @@ def test_wanda_uses_the_calibration_statistics():
 
 
 def test_include_exclude_and_determinism():
-    config = PruneConfig(seqlen=32, nsamples=8, exclude=("*mlp.down_proj",))
+    config = PruneConfig(exclude=("*mlp.down_proj",))
     a, b = tiny_llama(), tiny_llama()
-    prune(a, None, config, calibration=CALIB, progress=False)
-    prune(b, None, config, calibration=CALIB, progress=False)
+    prune(a, None, config, windows=CALIB, progress=False)
+    prune(b, None, config, windows=CALIB, progress=False)
     for (name, wa), (_, wb) in zip(target_weights(a), target_weights(b)):
         assert torch.equal(wa, wb)
         assert is_nm(wa, 2, 4) != name.endswith("down_proj")
@@ -74,8 +71,8 @@ def test_include_exclude_and_determinism():
 
 def test_dense_propagation_differs_from_pruned_propagation():
     a, b = tiny_llama(), tiny_llama()
-    prune(a, None, PruneConfig(seqlen=32, nsamples=8), calibration=CALIB, progress=False)
-    prune(b, None, PruneConfig(seqlen=32, nsamples=8, propagate="dense"), calibration=CALIB, progress=False)
+    prune(a, None, PruneConfig(), windows=CALIB, progress=False)
+    prune(b, None, PruneConfig(calibration=Calibration(propagate="dense")), windows=CALIB, progress=False)
     wa = dict(target_weights(a))["model.layers.1.mlp.down_proj"]
     wb = dict(target_weights(b))["model.layers.1.mlp.down_proj"]
     assert not torch.equal(wa, wb)  # block 1 saw other inputs, so Wanda chose other weights
@@ -86,7 +83,7 @@ def test_nan_weights_name_the_layer():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(FloatingPointError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        prune(model, None, PruneConfig(seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+        prune(model, None, PruneConfig(), windows=CALIB, progress=False)
 
 
 def test_inf_activations_name_the_layer():
@@ -94,31 +91,31 @@ def test_inf_activations_name_the_layer():
     with torch.no_grad():
         model.model.layers[0].input_layernorm.weight[0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"model\.layers\.0\.self_attn"):
-        prune(model, None, PruneConfig(seqlen=32, nsamples=8), calibration=CALIB, progress=False)
+        prune(model, None, PruneConfig(), windows=CALIB, progress=False)
 
 
 def test_indivisible_layers_are_skipped_with_a_warning_or_fail_when_strict():
     model = tiny_llama()  # hidden 64 and ffn 128: every width divisible by 8 but not by 48
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj .*in_features=64"):
-        prune(model, None, PruneConfig(pattern="2:48", strict=True, seqlen=32, nsamples=8),
-              calibration=CALIB, progress=False)
+        prune(model, None, PruneConfig(pattern="2:48", strict=True),
+              windows=CALIB, progress=False)
     with pytest.warns(UserWarning, match="skipping"):
-        report = prune(model, None, PruneConfig(pattern="2:48", seqlen=32, nsamples=8),
-                       calibration=CALIB, progress=False)
+        report = prune(model, None, PruneConfig(pattern="2:48"),
+                       windows=CALIB, progress=False)
     assert len(report.skipped) == 14 and report.layers == []
 
 
-@pytest.mark.parametrize("config", [PruneConfig(seqlen=32, nsamples=8),
-                                    PruneConfig(seqlen=32, nsamples=8, perm="output")],
+@pytest.mark.parametrize("config", [PruneConfig(),
+                                    PruneConfig(permutation=Search("output"))],
                          ids=["wanda", "output-compensate"])
 def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, config):
     reference = tiny_llama()
-    prune(reference, None, config, calibration=CALIB, progress=False)
+    prune(reference, None, config, windows=CALIB, progress=False)
 
-    import permsparse.pruning as pruning
+    import permsparse.pipeline as pipeline
 
     calls = {"n": 0}
-    original = pruning.prune_block
+    original = pipeline.apply_plan
 
     def crash_on_second_block(*args, **kwargs):
         calls["n"] += 1
@@ -127,17 +124,17 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, con
         return original(*args, **kwargs)
 
     model = tiny_llama()
-    monkeypatch.setattr(pruning, "prune_block", crash_on_second_block)
+    monkeypatch.setattr(pipeline, "apply_plan", crash_on_second_block)
     with pytest.raises(KeyboardInterrupt):
-        prune(model, None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
-    monkeypatch.setattr(pruning, "prune_block", original)
+        prune(model, None, config, windows=CALIB, state_dir=tmp_path, progress=False)
+    monkeypatch.setattr(pipeline, "apply_plan", original)
     resumed = tiny_llama()  # a fresh process: dense weights again, progress on disk
-    report = prune(resumed, None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
+    report = prune(resumed, None, config, windows=CALIB, state_dir=tmp_path, progress=False)
     assert len(report.layers) == 14
     for (_, wa), (_, wb) in zip(target_weights(reference), target_weights(resumed)):
         assert torch.equal(wa, wb)
     with pytest.raises(FileExistsError, match="another configuration"):
-        prune(tiny_llama(), None, PruneConfig(seqlen=32, nsamples=8, score="ria"), calibration=CALIB,
+        prune(tiny_llama(), None, PruneConfig(score="ria"), windows=CALIB,
               state_dir=tmp_path, progress=False)
 
 
@@ -146,7 +143,7 @@ def test_unsupported_architecture_says_what_is_supported():
 
     model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="unsupported architecture 'bert'.*llama"):
-        prune(model, None, PruneConfig(), calibration=CALIB, progress=False)
+        prune(model, None, PruneConfig(), windows=CALIB, progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
@@ -192,13 +189,13 @@ def test_drift_is_the_dense_minus_pruned_input_correlation():
 
 def test_compensation_changes_the_output_search_only():
     a, b = tiny_llama(), tiny_llama()
-    prune(a, None, PruneConfig(seqlen=32, nsamples=8, perm="output", compensate=False), calibration=CALIB,
+    prune(a, None, PruneConfig(permutation=Search("output", compensate=False)), windows=CALIB,
           progress=False)
-    prune(b, None, PruneConfig(seqlen=32, nsamples=8, perm="output"), calibration=CALIB, progress=False)
+    prune(b, None, PruneConfig(permutation=Search("output")), windows=CALIB, progress=False)
     assert all(((w != 0).sum(1) == w.shape[1] // 2).all() for _, w in target_weights(b))  # 2:4 after its permutation
     assert any(not torch.equal(wa, wb) for (_, wa), (_, wb) in zip(target_weights(a), target_weights(b)))
     c, d = tiny_llama(), tiny_llama()  # ria has nothing to compensate with: the flag changes nothing
-    prune(c, None, PruneConfig(seqlen=32, nsamples=8, perm="ria", compensate=False), calibration=CALIB,
+    prune(c, None, PruneConfig(permutation=Search("ria", compensate=False)), windows=CALIB,
           progress=False)
-    prune(d, None, PruneConfig(seqlen=32, nsamples=8, perm="ria"), calibration=CALIB, progress=False)
+    prune(d, None, PruneConfig(permutation=Search("ria")), windows=CALIB, progress=False)
     assert all(torch.equal(wc, wd) for (_, wc), (_, wd) in zip(target_weights(c), target_weights(d)))

@@ -1,8 +1,7 @@
 """Short checks on the real SmolLM2-135M (the embedded default), with real WikiText-2 text."""
 import pytest
-import torch
 
-from permsparse import PruneConfig, load_model, perplexity, prune
+from permsparse import Calibration, PruneConfig, load_model, perplexity, prune
 from permsparse.evaluation import eval_tokens
 
 pytestmark = pytest.mark.real
@@ -19,12 +18,12 @@ def pruned_ppl(smollm2, **config):
     model, tokenizer, dense_state, ids = smollm2
     model.load_state_dict(dense_state)
     if config:
-        prune(model, tokenizer, PruneConfig(nsamples=8, seqlen=SEQLEN, **config), progress=False)
+        prune(model, tokenizer, PruneConfig(calibration=Calibration(nsamples=8, seqlen=SEQLEN), **config),
+              progress=False)
     return perplexity(model, tokenizer, seqlen=SEQLEN, windows=WINDOWS, ids=ids, progress=False).ppl
 
 
 def test_wanda_beats_magnitude_and_dense_is_in_band(smollm2):
-    torch.set_num_threads(1)
     dense = pruned_ppl(smollm2)
     magnitude = pruned_ppl(smollm2, score="magnitude")
     wanda = pruned_ppl(smollm2, score="wanda")

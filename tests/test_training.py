@@ -1,140 +1,170 @@
-"""Learned permutations inside the pruning pipeline (blockwise and e2e training) on a tiny GQA LLaMA."""
+"""The learned permutation inside the pipeline (e2e and blockwise) on tiny random models."""
+import copy
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from permsparse import Calibration, Learned, PruneConfig, export_checkpoint, prune
 from permsparse.adapters import adapter_for, linear_weight
-from permsparse.masks import is_nm
-from permsparse.pruning import PruneConfig, prune
+from permsparse.calibration import capture_block_inputs, collect_input_stats, run_block
+from permsparse.masks import is_nm, permuted_nm_mask
+from permsparse.permute.learned import hidden_distance, judge_model
+from permsparse.scores import compute_score
 
-from .conftest import tiny_llama
+from .conftest import CALIB, HOLDOUT, tiny_gpt2, tiny_llama
 
-CALIB = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
-
-
-def learned(binding: str, **extra):
-    """A tiny model pruned with learned permutations (blockwise unless ``extra`` says otherwise)."""
-    model = tiny_llama()
-    settings = dict(perm="learned", learn_mode="blockwise", learn_init="ria", binding=binding, seqlen=32, nsamples=8,
-                    learn_block=16, learn={"steps": 12, "eval_every": 3, "lr": 0.2})
-    config = PruneConfig(**{**settings, **extra})
-    return model, prune(model, None, config, calibration=CALIB, progress=False)
+BINDINGS = ["per-linear", "shared", "global"]
 
 
-@pytest.mark.parametrize("binding", ["per-linear", "shared"])
-def test_learned_permutations_are_valid_and_never_worse_than_their_start(binding):
-    model, report = learned(binding)
-    for perm in report.permutations.values():
-        assert sorted(perm) == list(range(len(perm)))
-    for history in report.training.values():
-        assert history["best_eval"] <= history["init_eval"]
-    adapter = adapter_for(model)
-    for i, block in enumerate(adapter.blocks(model)):
-        for layer in [l for l in report.layers if l["name"].startswith(f"model.layers.{i}.")]:
-            name = layer["name"].split(f"model.layers.{i}.")[1]
-            perm = torch.tensor(report.permutations[f"model.layers.{i}.{layer['site']}"])
-            assert is_nm(linear_weight(block.get_submodule(name))[:, perm], 2, 4)
+def config(scope="blockwise", binding="per-linear", propagate="dense", include=(), **learned):
+    settings = dict(init="ria", scope=scope, steps=12, judge_every=3, lr=0.2, tile=16, batch=2)
+    return PruneConfig(permutation=Learned(**{**settings, **learned}), binding=binding,
+                       calibration=Calibration(propagate=propagate), include=include)
 
 
-def test_shared_attention_output_permutation_stays_within_heads_and_kv_groups():
-    _, report = learned("shared")
-    for i in range(2):
-        perm = torch.tensor(report.permutations[f"model.layers.{i}.self_attn.o_proj"]).reshape(4, 16)
-        local = perm - 16 * torch.arange(4)[:, None]
+def learned(cfg: PruneConfig, model=None):
+    model = tiny_llama() if model is None else model
+    return model, prune(model, None, cfg, windows=CALIB, holdout=HOLDOUT, progress=False)
+
+
+def dense_statistics(dense, adapter):
+    """Wanda's act norms of every target linear, from the dense model with dense propagation."""
+    inputs, kwargs = capture_block_inputs(dense, adapter, CALIB)
+    norms = {}
+    for i, block in enumerate(adapter.blocks(dense)):
+        readers = {g[0]: g[0] for g in adapter.input_groups}
+        stats, inputs = collect_input_stats(block, readers, inputs, kwargs, False, f"block {i}")
+        for group in adapter.input_groups:
+            for name in group:
+                norms[f"{adapter.blocks_path}.{i}.{name}"] = stats[group[0]].act_norm
+    return norms
+
+
+@pytest.mark.parametrize("scope", ["e2e", "blockwise"])
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_every_pruned_weight_is_the_dense_weight_times_the_mask_of_its_permuted_score(scope, binding):
+    model, report = learned(config(scope, binding))
+    dense = tiny_llama()
+    adapter = adapter_for(dense)
+    norms = dense_statistics(dense, adapter)
+    assert len(report.layers) == 14 and report.training
+    for site in report.sites:
+        perm = torch.tensor(site.perm)
+        assert sorted(site.perm) == list(range(len(site.perm)))
+        for name in site.linears:
+            weight = linear_weight(dense.get_submodule(name))
+            mask = permuted_nm_mask(compute_score("wanda", weight, norms[name]), perm, 2, 4)
+            pruned = linear_weight(model.get_submodule(name))
+            assert torch.equal(pruned, weight * mask), name
+            assert is_nm(pruned[:, perm], 2, 4)
+    if binding == "global":  # every reader of the residual stream uses the one hidden permutation
+        readers = [s for s in report.sites if s.name.endswith(("q_proj", "gate_proj"))]
+        assert readers and all(s.perm == report.hidden_perm for s in readers)
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_the_exported_model_reproduces_the_recorded_e2e_objective(binding, tmp_path):
+    """The objective of the kept permutations, recomputed on the saved checkpoint against the dense
+    model, is the one recorded: training judged the model that was saved (all sites pruned)."""
+    cfg = config("e2e", binding, steps=6, judge_every=2)
+    model, report = learned(cfg)
+    out = export_checkpoint(model, None, tmp_path / "e2e", cfg, report)
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    recomputed = judge_model(saved, tiny_llama(), HOLDOUT, cfg.learned)
+    (record,) = report.training
+    assert recomputed == pytest.approx(record.best_judged, rel=1e-5)
+    assert record.best_judged == min(v for _, v in record.judged) <= record.init_judged
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_the_pruned_blocks_reproduce_the_recorded_blockwise_objective(binding):
+    cfg = config("blockwise", binding, steps=6, judge_every=2)
+    model, report = learned(cfg)
+    dense = tiny_llama()
+    adapter = adapter_for(dense)
+    inputs, kwargs = capture_block_inputs(dense, adapter, HOLDOUT)
+    for record, pruned, block in zip(report.training, adapter.blocks(model), adapter.blocks(dense)):
+        target = run_block(block, inputs, kwargs)
+        num, den = hidden_distance("mse", run_block(pruned, inputs, kwargs), target)
+        assert float(num / den) == pytest.approx(record.best_judged, rel=1e-5), record.scope
+        inputs = target
+
+
+def test_the_shared_attention_output_permutation_stays_within_heads_and_kv_groups():
+    _, report = learned(config("blockwise", "shared"))
+    for site in [s for s in report.sites if s.name.endswith("o_proj")]:
+        local = torch.tensor(site.perm).reshape(4, 16) - 16 * torch.arange(4)[:, None]
         assert ((local >= 0) & (local < 16)).all()  # within each head
         assert torch.equal(local[0], local[1]) and torch.equal(local[2], local[3])  # same for one kv head
 
 
-def test_learning_refines_its_warm_start_within_blocks():
-    """With learn_block=16 every channel stays within its block of 16 positions of the warm start."""
-    from permsparse.permutation import find_permutation
-    from permsparse.scores import wanda
+def test_learning_refines_its_warm_start_within_tiles():
+    """Every channel stays within its tile of 16 positions of the warm start (ria)."""
+    from permsparse.permute.search import find_permutation
 
-    model, report = learned("per-linear", include=("model.layers.0.mlp.down_proj",))
+    _, report = learned(config("blockwise", include=("model.layers.0.mlp.down_proj",)))
     dense = tiny_llama()
-    perm = torch.tensor(report.permutations["model.layers.0.mlp.down_proj"])
-    assert report.training["model.layers.0"]["seconds"] > 0
-    # the warm start is ria on the Wanda scores of the block's dense inputs; recompute those inputs
-    from permsparse.calibration import capture_block_inputs, collect_input_stats
-
-    adapter = adapter_for(dense)
-    inputs, kwargs = capture_block_inputs(dense, adapter, CALIB)
-    stats, _ = collect_input_stats(dense.model.layers[0], {"mlp.down_proj": "mlp.down_proj"}, inputs, kwargs,
-                                   False, "b")
-    with torch.no_grad():
-        scores = wanda(dense.model.layers[0].mlp.down_proj.weight, stats["mlp.down_proj"].act_norm)
-    start = find_permutation(scores, 2, 4, "ria", seed=0)
-    position = torch.argsort(start)  # where the warm start put each channel
-    moved_to = torch.argsort(perm)
-    assert torch.equal(position // 16, moved_to // 16)
+    norms = dense_statistics(dense, adapter_for(dense))
+    name = "model.layers.0.mlp.down_proj"
+    start = find_permutation(compute_score("wanda", dense.get_submodule(name).weight, norms[name]), 2, 4, "ria")
+    (site,) = report.sites
+    assert torch.equal(torch.argsort(start) // 16, torch.argsort(torch.tensor(site.perm)) // 16)
+    assert report.training[0].seconds > 0
 
 
-@pytest.mark.parametrize("binding", ["per-linear", "shared"])
-def test_end_to_end_learning_gives_valid_foldable_permutations_never_worse_than_the_start(binding):
-    model, report = learned(binding, learn_mode="e2e", learn_batch=2)
-    history = report.training["model"]
-    assert set(report.training) == {"model"} and history["best_eval"] <= history["init_eval"]
-    adapter = adapter_for(model)
-    for i, block in enumerate(adapter.blocks(model)):
-        for layer in [l for l in report.layers if l["name"].startswith(f"model.layers.{i}.")]:
-            name = layer["name"].split(f"model.layers.{i}.")[1]
-            perm = torch.tensor(report.permutations[f"model.layers.{i}.{layer['site']}"])
-            assert sorted(perm.tolist()) == list(range(len(perm)))
-            assert is_nm(linear_weight(block.get_submodule(name))[:, perm], 2, 4)
-    if binding == "shared":
-        local = torch.tensor(report.permutations["model.layers.1.self_attn.o_proj"]).reshape(4, 16) - 16 * torch.arange(4)[:, None]
-        assert ((local >= 0) & (local < 16)).all() and torch.equal(local[0], local[1])
+@pytest.mark.parametrize("objective", [dict(hidden=0.0), dict(ce=0.0), dict()], ids=["ce", "hidden", "both"])
+def test_e2e_training_from_random_costs_lowers_its_objective(objective):
+    model, report = learned(config("e2e", init="random", steps=20, judge_every=2, lr=0.3, batch=4, **objective))
+    (record,) = report.training
+    assert record.best_judged < record.init_judged
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while training
 
 
-@pytest.mark.parametrize("objective", [dict(learn_alpha=0.0), dict(learn_ce=False), dict()])
-def test_end_to_end_training_from_a_random_start_lowers_its_objective(objective):
-    """CE only, distillation only and both: the judged objective of the kept permutations falls."""
-    model = tiny_llama()
-    config = PruneConfig(perm="learned", learn_init="random", learn_mode="e2e", seqlen=32, nsamples=8, learn_batch=4,
-                         learn={"steps": 20, "eval_every": 2, "lr": 0.3}, **objective)
-    history = prune(model, None, config, calibration=CALIB, progress=False).training["model"]
-    assert history["best_eval"] < history["init_eval"]
-    for p in model.parameters():
-        assert p.requires_grad  # frozen only while training
+def test_e2e_learning_runs_on_gpt2_conv1d_linears():
+    model, report = learned(config("e2e", steps=4, judge_every=2), tiny_gpt2())
+    site = next(s for s in report.sites if s.name == "transformer.h.0.mlp.c_proj")
+    assert is_nm(linear_weight(model.get_submodule("transformer.h.0.mlp.c_proj"))[:, torch.tensor(site.perm)], 2, 4)
 
 
-def test_end_to_end_learning_runs_on_gpt2_conv1d_linears():
-    from .conftest import tiny_gpt2
-
-    model = tiny_gpt2()
-    config = PruneConfig(perm="learned", learn_init="ria", learn_mode="e2e", seqlen=32, nsamples=4, learn_batch=2,
-                         learn={"steps": 4, "eval_every": 2})
-    report = prune(model, None, config, calibration=CALIB[:4], progress=False)
-    block = adapter_for(model).blocks(model)[0]
-    perm = torch.tensor(report.permutations["transformer.h.0.mlp.c_proj"])
-    assert is_nm(linear_weight(block.get_submodule("mlp.c_proj"))[:, perm], 2, 4)
-
-
-def test_an_empty_end_to_end_objective_is_refused():
+def test_an_empty_e2e_objective_is_refused():
     with pytest.raises(ValueError, match="objective is empty"):
-        learned("per-linear", learn_mode="e2e", learn_ce=False, learn_alpha=0.0)
+        Learned(ce=0.0, hidden=0.0)
 
 
-def test_an_interrupted_end_to_end_run_resumes_without_searching_again(tmp_path, monkeypatch):
-    import permsparse.pruning as pruning
+def test_an_interrupted_e2e_run_resumes_mid_training_to_the_same_model(tmp_path, monkeypatch):
+    """Killed right after the learner saved its state, the same command resumes: no search again,
+    training continues from the saved step, and the model equals an uninterrupted run's."""
+    import permsparse.pipeline as pipeline
+    from permsparse.resume import Progress
 
-    config = PruneConfig(perm="learned", learn_init="ria", learn_mode="e2e", seqlen=32, nsamples=8, learn_batch=2,
-                         learn={"steps": 4, "eval_every": 2})
-    reference = tiny_llama()
-    prune(reference, None, config, calibration=CALIB, progress=False)
+    cfg = config("e2e", steps=12, judge_every=2)
+    reference, _ = learned(cfg)
+    original = Progress.save
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def save_then_die(self, key, value):
+        original(self, key, value)
+        if key == "training":
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(pruning, "learn_model_permutations", interrupted)
+    monkeypatch.setattr(Progress, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prune(tiny_llama(), None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
-    monkeypatch.undo()
-
-    def no_search(*args, **kwargs):
-        raise AssertionError("the resumed run searched again")
-
-    monkeypatch.setattr(pruning, "_site_permutation", no_search)
+        prune(tiny_llama(), None, cfg, windows=CALIB, holdout=HOLDOUT, state_dir=tmp_path, progress=False)
+    monkeypatch.setattr(Progress, "save", original)
+    assert torch.load(tmp_path / "training.pt", weights_only=False)["step"] == 5
+    monkeypatch.setattr(pipeline, "search_site", lambda *a, **k: pytest.fail("the resumed run searched again"))
     resumed = tiny_llama()
-    prune(resumed, None, config, calibration=CALIB, state_dir=tmp_path, progress=False)
+    prune(resumed, None, cfg, windows=CALIB, holdout=HOLDOUT, state_dir=tmp_path, progress=False)
     for a, b in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+    with pytest.raises(FileExistsError, match="another configuration"):
+        prune(tiny_llama(), None, config("e2e", steps=3), windows=CALIB, holdout=HOLDOUT, state_dir=tmp_path,
+              progress=False)
+
+
+def test_a_learned_run_needs_held_out_windows():
+    with pytest.raises(ValueError, match="held-out"):
+        prune(tiny_llama(), None, config("e2e"), windows=CALIB, progress=False)
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    prune(model, None, PruneConfig(), windows=CALIB, progress=False)  # a search needs none

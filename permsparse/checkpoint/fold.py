@@ -3,7 +3,7 @@
 A pruned linear is stored "masked": ``W * unpermute(mask)`` in the original column order, where the mask
 was chosen on ``S[:, p]``. It is N:M only *through* ``p``. Folding stores ``W[:, p]`` instead and permutes
 whatever produces that input the same way, so the model computes exactly the same function
-(method.md §4):
+(docs/method.md, "Binding"):
 
 - a linear fed by other linears through channel-wise operations only (LLaMA ``down_proj`` <- gate/up,
   ``o_proj`` <- v): permute the producers' output rows (and biases). For the attention output this is
@@ -18,20 +18,24 @@ Which linears feed which, and what makes up the residual stream, is the adapter'
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .adapters import Adapter, AttentionGeometry, adapter_for, linear_weight
+from ..adapters import Adapter, AttentionGeometry, adapter_for, linear_weight
+from ..masks import as_permutation
+from ..report import PruneReport
+from .record import FoldRecord, Layout
 
-__all__ = ["fold_permutations", "global_hidden_permutation", "permutations_by_linear", "head_permutation"]
 
+@dataclass
+class FoldResult:
+    """What :func:`fold_permutations` did: the linears folded, and why the others were not."""
 
-def _as_perm(p, width: int) -> torch.Tensor | None:
-    """``p`` as a LongTensor when it is a permutation of ``range(width)``, else None."""
-    p = torch.as_tensor(p, dtype=torch.long).flatten()
-    if p.numel() != width or not torch.equal(torch.sort(p).values, torch.arange(width)):
-        return None
-    return p
+    folded: list[str]
+    not_folded: dict[str, str]
+    hidden_perm_applied: bool
 
 
 def _optional(model: nn.Module, name: str) -> nn.Module | None:
@@ -134,10 +138,7 @@ def global_hidden_permutation(model: nn.Module, perm: torch.Tensor) -> list[str]
     adapter = adapter_for(model)
     if not adapter.residual_writers:
         raise ValueError(f"adapter {adapter.name!r} describes no residual stream; cannot permute it")
-    width = _hidden_size(model, adapter)
-    p = _as_perm(perm, width)
-    if p is None:
-        raise ValueError(f"hidden permutation is not a permutation of range({width})")
+    p = as_permutation(perm, _hidden_size(model, adapter), "hidden permutation")
     parts, touched, done = _stream(model, adapter), [], set()
 
     def once(tensor: torch.Tensor, key: str) -> bool:
@@ -165,31 +166,10 @@ def global_hidden_permutation(model: nn.Module, perm: torch.Tensor) -> list[str]
     return touched
 
 
-def permutations_by_linear(report) -> dict[str, torch.Tensor]:
-    """Full linear name -> its input permutation, from a :class:`permsparse.pruning.PruneReport`.
-
-    ``report.permutations`` is keyed by site (``model.layers.0.self_attn.q_proj+self_attn.k_proj+...``
-    under shared binding); ``report.layers`` says which site each linear belongs to.
-    """
-    out = {}
-    for layer in report.layers:
-        site = layer.get("site")
-        if site is None:
-            continue
-        name = layer["name"]
-        rel = next((r for r in site.split("+") if name.endswith("." + r)), None)
-        if rel is None:
-            continue
-        key = f"{name[: -len(rel) - 1]}.{site}"
-        if key in report.permutations:
-            out[name] = torch.as_tensor(report.permutations[key], dtype=torch.long)
-    return out
-
-
 @torch.no_grad()
 def fold_permutations(
     model: nn.Module, perms: dict[str, torch.Tensor], *, hidden_perm: torch.Tensor | None = None
-) -> dict:
+) -> FoldResult:
     """Fold every exact input permutation into ``model`` in place; report what folded and why not.
 
     ``perms`` maps full linear names to the input permutation ``p`` through which each linear's mask was
@@ -198,7 +178,6 @@ def fold_permutations(
     equals its ``p``; with ``hidden_perm`` the whole stream is permuted first
     (:func:`global_hidden_permutation`), for every reader, listed in ``perms`` or not.
 
-    Returns ``{"folded": [names], "not_folded": {name: reason}, "hidden_perm_applied": bool}``.
     A folded linear stores its weight in permuted order, so a mask chosen through ``p`` is N:M in storage
     order. A linear that is not folded is left as it was (apart from the global permutation, which
     leaves every reader exact).
@@ -211,12 +190,7 @@ def fold_permutations(
     not_folded: dict[str, str] = {}
     folds: list[tuple[str, nn.Module, torch.Tensor, list[tuple[nn.Module, int, torch.Tensor]]]] = []
 
-    hidden = None
-    if hidden_perm is not None:
-        width = _hidden_size(model, adapter)
-        hidden = _as_perm(hidden_perm, width)
-        if hidden is None:
-            raise ValueError(f"hidden_perm is not a permutation of range({width})")
+    hidden = None if hidden_perm is None else as_permutation(hidden_perm, _hidden_size(model, adapter), "hidden_perm")
 
     for full, perm in perms.items():
         module = _optional(model, full)
@@ -224,8 +198,9 @@ def fold_permutations(
             not_folded[full] = "no such linear"
             continue
         width = linear_weight(module).shape[1]
-        p = _as_perm(perm, width)
-        if p is None:
+        try:
+            p = as_permutation(perm, width)
+        except ValueError:
             not_folded[full] = f"not a permutation of its {width} input channels"
             continue
         block_index, rel = None, full
@@ -272,4 +247,69 @@ def fold_permutations(
         folded.append(full)
     order = {name: i for i, name in enumerate(perms)}
     folded.sort(key=order.__getitem__)
-    return {"folded": folded, "not_folded": not_folded, "hidden_perm_applied": hidden is not None}
+    return FoldResult(folded, not_folded, hidden is not None)
+
+
+@torch.no_grad()
+def fold_for_export(model: nn.Module, report: PruneReport, fallback: str = "masked",
+                    verified: str = "") -> tuple[dict[str, Layout], FoldRecord]:
+    """Fold every exact permutation of a masked pruned model in place; return the layouts and a record.
+
+    Linears whose permutation is the identity need nothing. The others go through
+    :func:`fold_permutations` (with the report's global hidden permutation, if any); those that do not
+    fold stay masked (``fallback="masked"``) or get their columns permuted and a recorded runtime gather
+    (``fallback="gather"``). After a global hidden permutation a reader that did not fold is N:M through
+    ``argsort(hidden)[p]``, which is what is recorded.
+    """
+    names = [layer.name for layer in report.layers]
+    perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
+    identity = {name for name, p in perms.items() if torch.equal(p, torch.arange(p.numel()))}
+    identity |= {name for name in names if name not in perms}
+    hidden = None if report.hidden_perm is None else torch.as_tensor(report.hidden_perm)
+    to_fold = {name: perms[name] for name in names if name in perms and (hidden is not None or name not in identity)}
+    result = fold_permutations(model, to_fold, hidden_perm=hidden)
+    adapter = adapter_for(model)
+    readers = {f"{adapter.blocks_path}.{i}.{rel}" for i in range(len(adapter.blocks(model)))
+               for rel in adapter.residual_readers} if hidden is not None else set()
+    inverse = torch.argsort(hidden) if hidden is not None else None
+    folded = set(result.folded)
+    layouts: dict[str, Layout] = {}
+    not_folded, gathered, kept_identity = {}, [], []
+    for name in names:
+        if name in folded:
+            layouts[name] = Layout("nm")
+            continue
+        p = perms.get(name)
+        if p is None:
+            p = torch.arange(linear_weight(model.get_submodule(name)).shape[1])
+        q = inverse[p] if name in readers else p
+        if torch.equal(q, torch.arange(q.numel())):
+            layouts[name] = Layout("nm")
+            kept_identity.append(name)
+            continue
+        not_folded[name] = result.not_folded.get(name, "permutation not folded")
+        if fallback == "gather":
+            permute_columns(model.get_submodule(name), q)
+            layouts[name] = Layout("gather", q.tolist())
+            gathered.append(name)
+        else:
+            layouts[name] = Layout("masked", q.tolist())
+    total = max(len(names), 1)
+    record = FoldRecord(fallback, [n for n in names if n in folded], kept_identity, not_folded, gathered,
+                        result.hidden_perm_applied, (len(folded) + len(kept_identity)) / total,
+                        (len(folded) + len(kept_identity) + len(gathered)) / total, verified)
+    return layouts, record
+
+
+def masked_layouts(report: PruneReport, unstructured: bool) -> dict[str, Layout]:
+    """Layouts of a masked export: every pruned linear N:M through its permutation (``nm`` where that is
+    the identity), or ``unstructured``."""
+    if unstructured:
+        return {layer.name: Layout("unstructured") for layer in report.layers}
+    perms = {name: site.perm for site in report.sites for name in site.linears}
+    layouts = {}
+    for layer in report.layers:
+        perm = perms.get(layer.name)
+        identity = perm is None or perm == list(range(len(perm)))
+        layouts[layer.name] = Layout("nm") if identity else Layout("masked", perm)
+    return layouts

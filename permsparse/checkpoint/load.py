@@ -1,6 +1,6 @@
 """Loading a permsparse checkpoint for inference: runtime input gathers and GPU 2:4 kernels.
 
-:func:`load` reads a checkpoint written by :mod:`permsparse.export` with ``from_pretrained`` and
+:func:`load` reads a checkpoint written by :mod:`permsparse.checkpoint.save` with ``from_pretrained`` and
 
 - re-attaches a runtime input gather ``x[..., p]`` (a forward pre-hook) to every linear exported with
   ``fallback="gather"``, whose weight is stored permuted (N:M in storage order); without it the model
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import linear_weight
-from .export import metadata_pattern, read_metadata, storage_permutations
-from .masks import is_nm
+from ..adapters import linear_weight
+from ..masks import as_permutation, is_nm
+from .record import read_record
 
 GATHER_BUFFER = "permsparse_gather"
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -50,10 +50,7 @@ def attach_gathers(model: nn.Module, perms: dict[str, torch.Tensor]) -> list[str
         module = model.get_submodule(name)
         if hasattr(module, "_permsparse_gather_handle"):
             raise ValueError(f"{name} already has a runtime gather")
-        perm = torch.as_tensor(perm, dtype=torch.long)
-        width = linear_weight(module).shape[1]
-        if perm.numel() != width or not torch.equal(perm.sort().values, torch.arange(width, device=perm.device)):
-            raise ValueError(f"gather of {name} is not a permutation of its {width} inputs")
+        perm = as_permutation(perm, linear_weight(module).shape[1], f"gather of {name}")
         module.register_buffer(GATHER_BUFFER, perm.to(linear_weight(module).device), persistent=False)
         module._permsparse_gather_handle = module.register_forward_pre_hook(_gather_hook)
         done.append(name)
@@ -130,7 +127,7 @@ def convert_semi_structured(model: nn.Module, names: list[str], backend: str = "
         module = model.get_submodule(name)
         weight = getattr(module, "weight", None)
         if not isinstance(module, nn.Linear):
-            reason = f"{type(module).__name__} is not an nn.Linear (GPT-2's Conv1D stores the weight transposed)"
+            reason = f"{type(module).__name__} is not an nn.Linear"
         elif not weight.is_cuda:
             reason = f"weight on {weight.device}, not a CUDA device"
         elif weight.dtype not in SEMI_STRUCTURED_DTYPES:
@@ -163,25 +160,23 @@ def load(
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    metadata = read_metadata(folder)
+    record = read_record(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()
-    layouts = storage_permutations(metadata)
-    gathers = {name: perm for name, (layout, perm) in layouts.items() if layout == "gather"}
+    gathers = {name: torch.as_tensor(entry.perm) for name, entry in record.layouts.items() if entry.layout == "gather"}
     attach_gathers(model, gathers)
     model.to(device)
-    info = {"folder": str(folder), "format": metadata.get("format", "masked"), "gathers": sorted(gathers),
-            "semi_structured": None}
+    info = {"folder": str(folder), "format": record.export, "gathers": sorted(gathers), "semi_structured": None}
     if semi_structured:
-        kind, target = metadata_pattern(metadata)
-        if kind != "nm" or tuple(target) != (2, 4):
-            reason = f"pattern {metadata.get('config', {}).get('pattern')}: GPU semi-structured kernels need 2:4"
-            info["semi_structured"] = {"backend": None, "converted": [], "not_converted": dict.fromkeys(layouts, reason)}
+        if record.config.nm != (2, 4):
+            reason = f"pattern {record.config.pattern}: GPU semi-structured kernels need 2:4"
+            info["semi_structured"] = {"backend": None, "converted": [],
+                                       "not_converted": dict.fromkeys(record.layouts, reason)}
         else:
-            storage = [name for name, (layout, _) in layouts.items() if layout in ("nm", "gather")]
+            storage = [name for name, entry in record.layouts.items() if entry.layout in ("nm", "gather")]
             info["semi_structured"] = convert_semi_structured(model, storage, backend)
-            for name, (layout, _) in layouts.items():
-                if layout == "masked":
+            for name, entry in record.layouts.items():
+                if entry.layout == "masked":
                     info["semi_structured"]["not_converted"][name] = (
                         "2:4 only through its permutation (masked layout); export folded to make it 2:4 in storage")
     model.permsparse_deploy = info

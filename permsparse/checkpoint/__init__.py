@@ -1,0 +1,1 @@
+"""Pruned checkpoints: the record (``permsparse.json``), folding, saving, loading and checking."""

@@ -1,0 +1,109 @@
+"""``permsparse.json``: the typed, versioned record of a pruned checkpoint, read and written here only.
+
+Beside the Hugging Face files, a checkpoint folder holds one JSON record: what was pruned and how
+(the config and the run's report), how every pruned linear is stored (its layout), what folded, the
+logits of a fixed input recorded at export (so ``permsparse check`` can prove the reload exact), and
+the metrics measured. Reading is strict: a record of another format version, or with a missing or
+unknown field, is an error, never a default.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import PruneConfig
+from ..evaluation import Perplexity
+from ..report import PruneReport
+from ..serial import RecordError, from_dict, to_dict
+
+FILENAME = "permsparse.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Layout:
+    """How one pruned linear is stored.
+
+    ``nm``: N:M in storage order (folded, or no permutation needed); ``masked``: ``W * unpermute(mask)``
+    in the original order, N:M as ``W[:, perm]``; ``gather``: stored permuted (N:M in storage order),
+    the input must be gathered as ``x[..., perm]`` at run time; ``unstructured``: no N:M pattern.
+    """
+
+    layout: Literal["nm", "masked", "gather", "unstructured"]
+    perm: list[int] | None = None
+
+
+@dataclass
+class FoldRecord:
+    """What a folded export did: which permutations folded exactly, and why the others did not."""
+
+    fallback: Literal["masked", "gather"]
+    folded: list[str]
+    identity: list[str]
+    not_folded: dict[str, str]
+    gathered: list[str]
+    hidden_perm_applied: bool
+    folded_share: float
+    storage_nm_share: float
+    verified: str
+
+
+@dataclass
+class LogitsSummary:
+    """A small fingerprint of a logits tensor: max |logit|, per-position norms, seeded samples, a hash."""
+
+    shape: list[int]
+    max_abs: float
+    position_norms: list[float]
+    sample_index: list[int]
+    sample: list[float]
+    sha256: str
+
+
+@dataclass
+class Reference:
+    """The fixed, seeded input of the logits check and the fingerprint of the logits recorded at export."""
+
+    seed: int
+    tokens: list[list[int]]
+    dtype: str
+    tolerance: float
+    logits: LogitsSummary
+
+
+@dataclass
+class CheckpointRecord:
+    """Everything ``permsparse.json`` holds."""
+
+    format_version: int
+    permsparse_version: str
+    model: str
+    config: PruneConfig
+    report: PruneReport
+    export: Literal["masked", "folded"]
+    layouts: dict[str, Layout]
+    fold: FoldRecord | None
+    plain_hf: bool  # from_pretrained(DIR) alone gives the pruned model's outputs (no runtime gather needed)
+    reference: Reference
+    metrics: dict[str, Perplexity] = field(default_factory=dict)
+    command: str = ""
+
+
+def write_record(folder: str | Path, record: CheckpointRecord) -> Path:
+    path = Path(folder) / FILENAME
+    path.write_text(json.dumps(to_dict(record), indent=1))
+    return path
+
+
+def read_record(folder: str | Path) -> CheckpointRecord:
+    """The record of a checkpoint folder; FileNotFoundError when there is none, RecordError when malformed."""
+    path = Path(folder) / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {FILENAME}: not a permsparse checkpoint")
+    data = json.loads(path.read_text())
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise RecordError(f"{path}: format version {version!r}, this permsparse reads version {FORMAT_VERSION}")
+    return from_dict(CheckpointRecord, data, FILENAME)

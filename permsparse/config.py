@@ -1,0 +1,227 @@
+"""What decides a pruned model: one small typed config per concern, validated when it is built.
+
+``PruneConfig`` holds the sparsity pattern, the host score that chooses the mask, which linears are
+pruned, how permutations are bound to linears, the calibration data, and the permutation: either a
+:class:`Search` (a heuristic chosen per site) or a :class:`Learned` one (trained from a search's
+result). Each field's help text lives beside it; the command line is built from these fields
+(:mod:`permsparse.cli`), so a default is written once, here. The same config gives the same model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .serial import from_dict, to_dict
+
+SEARCH_METHODS = ("none", "cp", "ria", "output")
+TEST_SOURCES = ("wikitext2",)  # evaluation text: refused for calibration unless asked for explicitly
+
+
+def option(default, help: str, flag: str | None = None):
+    """A config field with its command-line help (and flag, when it is not ``--field-name``)."""
+    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_choices(record) -> None:
+    """Every ``Literal`` field of ``record`` holds one of its values."""
+    hints = typing.get_type_hints(type(record))
+    for f in dataclasses.fields(record):
+        kind = hints[f.name]
+        if typing.get_origin(kind) is Literal and getattr(record, f.name) not in typing.get_args(kind):
+            choices = ", ".join(map(str, typing.get_args(kind)))
+            raise ValueError(f"unknown {f.name.replace('_', ' ')} {getattr(record, f.name)!r}; choose one of {choices}")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | float:
+    """``"2:4"`` -> ``(2, 4)``; an unstructured sparsity ``"50%"`` -> its density ``0.5``."""
+    if pattern.endswith("%"):
+        try:
+            sparsity = float(pattern[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"pattern {pattern!r} is neither N:M nor a percentage like 50%") from None
+        if not 0.0 < sparsity < 1.0:
+            raise ValueError(f"unstructured sparsity pattern {pattern} must be between 0% and 100%")
+        return 1.0 - sparsity
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"pattern {pattern!r} is not of the form N:M (e.g. 2:4) nor a percentage like 50%")
+    n, m = (int(p) for p in parts)
+    if not 0 < n < m:
+        raise ValueError(f"pattern {n}:{m} is invalid: need 0 < N < M (e.g. 2:4, 4:8, 1:4)")
+    return n, m
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration windows: text source, how many, how long, and how blocks see them."""
+
+    source: str = option("wikitext2-valid", "calibration text: a source name (wikitext2-valid, shakespeare, c4, "
+                         "c4-demo, alpaca) or a text file", flag="--calib")
+    nsamples: int = option(32, "calibration windows")
+    seqlen: int = option(512, "tokens per calibration window")
+    seed: int = option(0, "seed of the window draw and of every search and learner")
+    holdout: int = option(8, "further windows of the calibration text, disjoint from the training windows, on which "
+                          "a learned permutation is judged (the best judged one is kept)")
+    propagate: Literal["pruned", "dense"] = option(
+        "pruned", "each block is calibrated on the pruned or the dense outputs of the blocks before it "
+        "(the e2e learned permutation always uses the dense model's)")
+    batch_size: int = option(8, "windows per forward pass while collecting statistics")
+    allow_test_text: bool = option(False, "allow calibrating on an evaluation text (wikitext2, the test split)",
+                                   flag="--allow-test-calibration")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.nsamples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch_size < 1:
+            raise ValueError("need nsamples >= 1, seqlen >= 2, holdout >= 0 and batch size >= 1")
+        if self.source in TEST_SOURCES and not self.allow_test_text:
+            raise ValueError(f"calibration source {self.source!r} is the evaluation text: calibrate on wikitext2-valid, "
+                             "c4 or another source, or pass --allow-test-calibration if you mean it")
+
+
+@dataclass(frozen=True)
+class Search:
+    """A permutation found by a heuristic search, per site (see :mod:`permsparse.permute.search`)."""
+
+    KIND = "search"
+    method: Literal["none", "cp", "ria", "output"] = option(
+        "none", "input-channel permutation: none, cp (Pool & Yu's channel swaps), ria (RIA's bands and per-slot "
+        "assignment), output (swaps that lower each linear's output error), or learned", flag="--perm")
+    chunks: int = option(1, "split the channels into this many contiguous chunks, each searched on its own "
+                         "(bounds the cost on very wide layers)")
+    compensate: bool = option(True, "output search with pruned propagation: aim each linear at the dense model's "
+                              "outputs from the pruned model's inputs (two more passes of each block); off aims at "
+                              "the linear's own outputs on the pruned inputs")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.chunks < 1:
+            raise ValueError("chunks must be >= 1")
+
+
+@dataclass(frozen=True)
+class Learned:
+    """A permutation trained with every model weight frozen (only cost matrices train).
+
+    It starts at the ``init`` search's result and refines it within tiles of ``tile`` channels: per
+    tile a cost matrix, its log-domain Sinkhorn relaxation in the backward pass and its Hungarian
+    solution in the forward pass (``forward="hard"``). The best hard permutation judged on the
+    held-out windows is kept, so learning never returns worse than its start on that judgment.
+    """
+
+    KIND = "learned"
+    init: Literal["output", "ria", "cp", "none", "random"] = option(
+        "output", "warm start: a search's permutation, or random costs")
+    scope: Literal["e2e", "blockwise"] = option(
+        "e2e", "e2e: every permutation of the model at once on the objective below; blockwise: one block at a time "
+        "against the dense block's outputs (memory of one block, for models too large for e2e)")
+    ce: float = option(1.0, "e2e: weight of the cross-entropy of the pruned model on the calibration windows")
+    hidden: float = option(1.0, "e2e: weight of the distillation of every block's output against the dense model's")
+    hidden_loss: Literal["mse", "smoothl1", "cosine"] = option(
+        "mse", "distance of a pruned block's output to the dense one (e2e and blockwise), scale-free")
+    steps: int = option(30, "training steps (e2e: for the model; blockwise: per block)")
+    batch: int = option(0, "windows per training step; 0: 2 for e2e, 4 for blockwise")
+    lr: float = option(0.1, "AdamW learning rate of the cost matrices (normalised costs: units of their spread)")
+    eps_start: float = option(0.5, "Sinkhorn temperature at the first step")
+    eps_end: float = option(0.05, "Sinkhorn temperature at the last step (geometric annealing)")
+    sinkhorn_iters: int = option(20, "Sinkhorn iterations per step")
+    forward: Literal["hard", "soft"] = option(
+        "hard", "permutation used in the training forward pass: hard (Hungarian, with the Sinkhorn gradient) or "
+        "soft (the Sinkhorn matrix)")
+    tile: int = option(64, "channels per learned tile; the attention output's tiles are its heads")
+    warm_sharpness: float = option(0.9, "share of each row's soft mass on the warm start at eps_start")
+    judge_every: int = option(5, "steps between judgments of the hard permutations on the held-out windows")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.steps < 1 or self.batch < 0 or self.tile < 1 or self.sinkhorn_iters < 1 or self.judge_every < 1:
+            raise ValueError("need steps, tile, sinkhorn iters and judge every >= 1 and batch >= 0")
+        if not 0 < self.eps_end <= self.eps_start:
+            raise ValueError(f"need 0 < eps_end <= eps_start, got {self.eps_end} and {self.eps_start}")
+        if not 0 < self.warm_sharpness < 1:
+            raise ValueError("warm sharpness must be in (0, 1)")
+        if min(self.ce, self.hidden) < 0:
+            raise ValueError("objective weights must be >= 0")
+        if self.scope == "e2e" and self.ce == 0 and self.hidden == 0:
+            raise ValueError("the e2e objective is empty: give --ce or --hidden a weight above 0")
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.batch or (2 if self.scope == "e2e" else 4)
+
+    def eps_at(self, step: int) -> float:
+        """Geometric annealing: ``eps_start`` at step 0, ``eps_end`` at the last step."""
+        frac = step / max(self.steps - 1, 1)
+        return self.eps_start * (self.eps_end / self.eps_start) ** frac
+
+
+Permutation = typing.Union[Search, Learned]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides the pruned model (see the module docstring)."""
+
+    pattern: str = option("2:4", "N:M (2:4, 4:8, 1:4, ...) or an unstructured sparsity like 50% (the reference "
+                          "limit for N:M at the same density)")
+    score: Literal["magnitude", "wanda", "ria"] = option(
+        "wanda", "host score choosing the mask: magnitude |W|, wanda |W|*||X_j||, ria (relative importance * "
+        "||X_j||^0.5)")
+    permutation: Permutation = field(default_factory=Search)
+    binding: Literal["per-linear", "shared", "global"] = option(
+        "per-linear", "per-linear: each linear its own permutation; shared: linears reading one input share one "
+        "(the attention output's stays within heads), so o/down fold; global: as shared plus one hidden "
+        "permutation for the residual stream, so every permutation folds")
+    calibration: Calibration = field(default_factory=Calibration)
+    include: tuple[str, ...] = option((), "glob patterns of full linear names to prune (default: all)")
+    exclude: tuple[str, ...] = option((), "glob patterns of full linear names to keep dense")
+    strict: bool = option(False, "fail on layers whose in_features is not divisible by M instead of skipping them")
+
+    def __post_init__(self):
+        check_choices(self)
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        target = parse_pattern(self.pattern)
+        if isinstance(target, float) and self.permuted:
+            raise ValueError("permutations only matter for N:M patterns, not unstructured sparsity")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(n, m)`` for an N:M pattern, None for unstructured."""
+        target = parse_pattern(self.pattern)
+        return None if isinstance(target, float) else target
+
+    @property
+    def density(self) -> float:
+        """Share of weights kept."""
+        target = parse_pattern(self.pattern)
+        return target if isinstance(target, float) else target[0] / target[1]
+
+    @property
+    def learned(self) -> Learned | None:
+        return self.permutation if isinstance(self.permutation, Learned) else None
+
+    @property
+    def start(self) -> str:
+        """The search that chooses each site's permutation (a learned one's warm start)."""
+        return self.permutation.init if self.learned else self.permutation.method
+
+    @property
+    def permuted(self) -> bool:
+        return self.learned is not None or self.permutation.method != "none"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneConfig":
+        return from_dict(cls, data)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

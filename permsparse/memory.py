@@ -1,0 +1,117 @@
+"""What a run will hold, estimated before the heavy work, so a run that cannot fit stops at once.
+
+The estimate counts what grows with the configuration on top of the loaded model: the calibration
+windows' hidden states (block by block), the statistics of one block, and for the ``e2e`` learned
+permutation one training step's graph (the relaxed weights, the masks, every block's activations at
+``--batch`` windows, the dense model's hidden states of that batch, one chunk of logits). It is an
+estimate: the run stops when it exceeds the memory available, with the flags that lower it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, linear_weight
+from .config import PruneConfig
+
+GIB = 2**30
+# Floats kept per token and block for the backward pass of a decoder block, in units of the hidden
+# width and of the MLP width (norm inputs, q/k/v/o, rotary, attention output, gate/up/act/down).
+ACT_PER_HIDDEN, ACT_PER_FFN = 12, 5
+LOGIT_CHUNK_BYTES = 3 * 2**24 * 4  # logits, log-softmax and gradient of one chunk (permute.learned)
+
+
+class InsufficientMemory(MemoryError):
+    """A run would not fit; the message says how much it needs and which flags lower it."""
+
+
+@dataclass
+class Estimate:
+    """Bytes a run needs beyond the loaded model, by part."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        big = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"{name} {size / GIB:.1f}" for name, size in big)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _ffn_width(model: nn.Module, adapter: Adapter) -> int:
+    block = adapter.blocks(model)[0]
+    widths = [linear_weight(m).shape[1] for _, m in block.named_modules() if hasattr(m, "weight")
+              and getattr(m, "weight") is not None and getattr(m.weight, "dim", lambda: 0)() == 2]
+    return max(widths) if widths else 0
+
+
+def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: torch.Tensor,
+             holdout: torch.Tensor) -> Estimate:
+    """What ``prune`` will hold for ``model`` under ``config`` with these calibration windows."""
+    cfg = model.config
+    hidden = cfg.hidden_size
+    layers = len(adapter.blocks(model))
+    ffn = _ffn_width(model, adapter)
+    heads = getattr(cfg, "num_attention_heads", 1)
+    dtype_bytes = next(model.parameters()).element_size()
+    count, seqlen = windows.shape[0] + holdout.shape[0], windows.shape[1]
+    stream = count * seqlen * hidden * 4
+    est = Estimate()
+    batch = config.calibration.batch_size
+    est.parts["one block's forward"] = batch * seqlen * (4 * hidden + 3 * ffn + heads * seqlen) * 4
+    learned = config.learned
+    if learned is not None and learned.scope == "e2e":
+        est.parts["hidden states"] = 2 * stream
+        linears = sum(linear_weight(m).numel() for name, m in model.named_modules()
+                      if name.startswith(adapter.blocks_path + ".") and hasattr(m, "weight")
+                      and getattr(m.weight, "dim", lambda: 0)() == 2)
+        b = learned.windows_per_step
+        est.parts["relaxed weights"] = linears * (dtype_bytes + 1)
+        est.parts["training activations"] = (layers * b * seqlen * (ACT_PER_HIDDEN * hidden + ACT_PER_FFN * ffn) * 4
+                                             + layers * b * heads * seqlen * seqlen * 4)
+        est.parts["dense hidden states"] = (layers + 1) * b * seqlen * hidden * 4
+        est.parts["logits"] = LOGIT_CHUNK_BYTES
+    else:
+        compensating = (learned is None and config.permutation.method == "output" and config.permutation.compensate
+                        and config.calibration.propagate == "pruned")
+        est.parts["hidden states"] = (3 if compensating else 2) * stream
+        if config.start == "output":
+            est.parts["statistics"] = 4 * max(hidden, ffn) ** 2 * 8 * (2 if compensating else 1)
+    return est
+
+
+def check_memory(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: torch.Tensor,
+                 holdout: torch.Tensor) -> Estimate:
+    """Stop before any heavy work when the estimate exceeds the memory available."""
+    device = next(model.parameters()).device
+    est = estimate(model, adapter, config, windows, holdout)
+    free = available_bytes(device)
+    if est.total > free:
+        learned = config.learned
+        if learned is not None and learned.scope == "e2e":
+            flags = "lower --batch (windows per step) or --seqlen, or use --scope blockwise"
+        else:
+            flags = "lower --nsamples or --seqlen"
+        raise InsufficientMemory(
+            f"this run needs about {est.total / GIB:.1f} GiB beyond the model ({est.describe()} GiB) and "
+            f"{free / GIB:.1f} GiB are available on {device}: {flags}")
+    return est

@@ -1,0 +1,1 @@
+"""Input-channel permutations: searches (cp, ria, output), sites, and the learned permutation."""

@@ -1,0 +1,263 @@
+"""The learned permutation on a model: what it trains on, and the objective it is judged by.
+
+Two scopes (``Learned.scope``):
+
+- ``e2e``: every permutation of the model at once, as in the paper. The objective is
+  ``ce * CE + hidden * mean_l dist(h_l, h_l^dense)``: the pruned model's next-token cross-entropy on
+  the calibration windows plus the distance of every block's output to the dense model's. The dense
+  model's outputs are recomputed for each batch (the weights are frozen, so the dense forward is the
+  same model without the relaxed weights), never held for the whole calibration set, and the
+  cross-entropy is taken in chunks of positions, never as full-vocabulary logits of a whole batch.
+- ``blockwise``: one block at a time against the dense block's outputs, in one block's memory.
+
+Either way the best hard permutations judged on the held-out windows are kept (:mod:`.trainer`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapters import AttentionGeometry, linear_weight, replaced_weights
+from ..calibration import block_output
+from ..config import Learned, PruneConfig
+from ..evaluation import next_token_nll
+from ..report import TrainingRecord
+from ..scores import compute_score
+from .sites import Site
+from .trainer import LearnLinear, LearnSite, hard_weight, learn_permutations
+
+# ------------------------------------------------------------------------------------------ objective
+@dataclass
+class Terms:
+    """Sums that make up the objective over some windows; terms of disjoint batches add up, so the
+    judgment over many windows is computed batch by batch and equals the one over all at once."""
+
+    nll: Tensor = field(default_factory=lambda: torch.zeros(()))
+    tokens: int = 0
+    hidden_num: Tensor = field(default_factory=lambda: torch.zeros(()))
+    hidden_den: Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    def __add__(self, other: "Terms") -> "Terms":
+        return Terms(self.nll + other.nll, self.tokens + other.tokens, self.hidden_num + other.hidden_num,
+                     self.hidden_den + other.hidden_den)
+
+    def value(self, learned: Learned) -> Tensor:
+        loss = torch.zeros((), device=self.nll.device)
+        if learned.ce > 0:
+            loss = loss + learned.ce * self.nll / max(self.tokens, 1)
+        if learned.hidden > 0:
+            loss = loss + learned.hidden * (self.hidden_num / self.hidden_den.clamp_min(1e-12)).mean()
+        return loss
+
+
+def hidden_distance(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(numerator, denominator)`` of the scale-free distance of a block's output to the dense one.
+
+    ``mse``: squared error over the target's power; ``cosine``: mean of ``1 - cos`` over tokens;
+    ``smoothl1``: Smooth-L1 of both scaled by the target's mean magnitude, averaged.
+    """
+    output, target = output.float(), target.float()
+    if kind == "mse":
+        return (output - target).pow(2).sum(), target.pow(2).sum()
+    if kind == "cosine":
+        cos = F.cosine_similarity(output, target, dim=-1)
+        return (1 - cos).sum(), torch.tensor(float(cos.numel()), device=cos.device)
+    if kind == "smoothl1":
+        scale = target.abs().mean().clamp_min(1e-12)
+        return (F.smooth_l1_loss(output / scale, target / scale, reduction="sum"),
+                torch.tensor(float(target.numel()), device=target.device))
+    raise ValueError(f"unknown hidden loss {kind!r}")
+
+
+@torch.no_grad()
+def dense_states(teacher: nn.Module, ids: Tensor, learned: Learned) -> tuple[Tensor, ...] | None:
+    """The dense model's block outputs on ``ids`` that the objective distils towards (None if unused)."""
+    if learned.hidden <= 0:
+        return None
+    return teacher.base_model(ids, output_hidden_states=True, use_cache=False).hidden_states[1:]
+
+
+def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: tuple[Tensor, ...] | None) -> Terms:
+    """The objective's terms of the causal LM ``student`` on ``ids``, against the dense model's block
+    outputs ``dense`` (:func:`dense_states`, computed before the student's weights are replaced)."""
+    out = student.base_model(ids, output_hidden_states=dense is not None, use_cache=False)
+    terms = Terms()
+    if learned.ce > 0:
+        terms.nll = next_token_nll(student.get_output_embeddings(), out.last_hidden_state, ids)
+        terms.tokens = ids[:, 1:].numel()
+    if dense is not None:
+        pairs = [hidden_distance(learned.hidden_loss, h, t) for h, t in zip(out.hidden_states[1:], dense)]
+        terms.hidden_num = torch.stack([p[0] for p in pairs])
+        terms.hidden_den = torch.stack([p[1] for p in pairs])
+    return terms
+
+
+@torch.no_grad()
+def judge_model(student: nn.Module, teacher: nn.Module, windows: Tensor, learned: Learned,
+                weights: dict[str, Tensor] | None = None) -> float:
+    """The objective of ``student`` (with ``weights`` replaced, if given) against ``teacher`` on
+    ``windows`` (the held-out set), batch by batch. The two may be one module."""
+    total = Terms()
+    for i in range(0, windows.shape[0], learned.windows_per_step):
+        ids = windows[i:i + learned.windows_per_step]
+        dense = dense_states(teacher, ids, learned)
+        with replaced_weights(student, weights or {}):
+            total = total + model_terms(student, ids, learned, dense)
+    return float(total.value(learned))
+
+
+# -------------------------------------------------------------------------------------- learning sites
+@dataclass
+class Plan:
+    """One block's target linears, host statistics, permutation sites and their permutations.
+
+    Nothing is pruned yet: learning may replace ``perms`` before the pipeline prunes.
+    """
+
+    name: str
+    module: nn.Module
+    act_norms: dict[str, Tensor | None]
+    sites: list[Site]
+    perms: dict[str, Tensor | None]
+    seconds: dict[str, float]
+
+    def scores(self, linear: str, score: str) -> Tensor:
+        """The host score of a linear (block-relative name), from its current weight."""
+        return compute_score(score, linear_weight(self.module.get_submodule(linear)), self.act_norms[linear])
+
+
+def _tile(width: int, tile: int, m: int) -> int:
+    """The largest multiple of ``m`` that divides ``width`` and is at most ``tile`` (``m`` at least)."""
+    return max((t for t in range(m, min(tile, width) + 1, m) if width % t == 0), default=width)
+
+
+def learn_sites(plan: Plan, config: PruneConfig, geometry: AttentionGeometry, m: int,
+                prefix: str = "") -> tuple[list[LearnSite], dict[str, Tensor]]:
+    """The trainable sites of ``plan`` as the trainer takes them (linear names prefixed by ``prefix``),
+    and the exact pruned weights of its fixed sites (the global hidden permutation's readers)."""
+    learned: Learned = config.learned
+    n = config.nm[0]
+    sites, fixed = [], {}
+    for site in plan.sites:
+        linears = {}
+        for name in site.linears:
+            module = plan.module.get_submodule(name)
+            linears[prefix + name] = LearnLinear(linear_weight(module),
+                                                 lambda name=name: plan.scores(name, config.score))
+        if site.hidden:
+            for name, linear in linears.items():
+                fixed[name] = hard_weight(linear, plan.perms[site.name], n, m)
+            continue
+        width = next(iter(linears.values())).weight.shape[1]
+        base = plan.perms[site.name]
+        warm = base is not None
+        base = torch.arange(width) if base is None else base
+        if site.heads is not None:
+            per_kv = site.heads.num_heads // site.heads.num_kv_heads
+            tile, tie = site.heads.head_dim, [h // per_kv for h in range(site.heads.num_heads)]
+        else:
+            tile, tie = _tile(width, learned.tile, m), None
+        sites.append(LearnSite(prefix + site.name, base, tile, linears, tie, warm))
+    return sites, fixed
+
+
+def _schedule(count: int, learned: Learned, seed: int) -> Tensor:
+    """The training windows of every step, ``(steps, batch)``, drawn once so a resumed run sees the same."""
+    return torch.randint(0, count, (learned.steps, learned.windows_per_step), generator=torch.Generator().manual_seed(seed))
+
+
+def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: Tensor, config: PruneConfig,
+                geometry: AttentionGeometry, *, progress: bool = True, state: dict | None = None,
+                save_state=None) -> tuple[dict[str, dict[str, Tensor]], TrainingRecord]:
+    """``e2e``: learn every trainable site of every block at once; returns permutations per block name."""
+    learned: Learned = config.learned
+    n, m = config.nm
+    sites, fixed, owners = [], {}, []
+    for plan in plans:
+        block_sites, block_fixed = learn_sites(plan, config, geometry, m, prefix=f"{plan.name}.")
+        sites += block_sites
+        fixed.update(block_fixed)
+        owners += [(plan.name, site.name[len(plan.name) + 1:]) for site in block_sites]
+    device = next(model.parameters()).device
+    windows, holdout = windows.to(device), holdout.to(device)
+    schedule = _schedule(windows.shape[0], learned, config.calibration.seed)
+
+    def loss_fn(weights: dict[str, Tensor], step: int) -> Tensor:
+        ids = windows[schedule[step]]
+        dense = dense_states(model, ids, learned)
+        with replaced_weights(model, {**fixed, **weights}):
+            return model_terms(model, ids, learned, dense).value(learned)
+
+    def judge_fn(weights: dict[str, Tensor]) -> float:
+        return judge_model(model, model, holdout, learned, {**fixed, **weights})
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # no gradient is computed or kept for any model weight
+        p.requires_grad_(False)
+    try:
+        perms, record = learn_permutations(sites, loss_fn, judge_fn, n, m, learned,
+                                           seed=config.calibration.seed, label="learn permutations (e2e)",
+                                           progress=progress, state=state, save_state=save_state)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    record.scope = "model"
+    out: dict[str, dict[str, Tensor]] = {}
+    for site, (block, name) in zip(sites, owners):
+        out.setdefault(block, {})[name] = perms[site.name]
+    return out, record
+
+
+@dataclass
+class BlockData:
+    """A block's calibration inputs and the dense block's outputs on them, for training and judging."""
+
+    inputs: Tensor
+    targets: Tensor
+    holdout_inputs: Tensor
+    holdout_targets: Tensor
+    kwargs: dict
+
+
+def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: AttentionGeometry, *,
+                progress: bool = False) -> tuple[dict[str, Tensor], TrainingRecord]:
+    """``blockwise``: learn the block's trainable sites so the pruned block reproduces the dense outputs."""
+    learned: Learned = config.learned
+    n, m = config.nm
+    block = plan.module
+    sites, fixed = learn_sites(plan, config, geometry, m)
+    schedule = _schedule(data.inputs.shape[0], learned, config.calibration.seed)
+
+    def terms(weights: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        with replaced_weights(block, {**fixed, **weights}):
+            out = block_output(block(inputs, **data.kwargs))
+        return hidden_distance(learned.hidden_loss, out, targets)
+
+    def loss_fn(weights: dict[str, Tensor], step: int) -> Tensor:
+        num, den = terms(weights, data.inputs[schedule[step]], data.targets[schedule[step]])
+        return num / den.clamp_min(1e-12)
+
+    def judge_fn(weights: dict[str, Tensor]) -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for i in range(0, data.holdout_inputs.shape[0], learned.windows_per_step):
+                part = slice(i, i + learned.windows_per_step)
+                a, b = terms(weights, data.holdout_inputs[part], data.holdout_targets[part])
+                num, den = num + float(a), den + float(b)
+        return num / max(den, 1e-12)
+
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            perms, record = learn_permutations(sites, loss_fn, judge_fn, n, m, learned, seed=config.calibration.seed,
+                                               label=f"learn {plan.name}", progress=progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    record.scope = plan.name
+    return perms, record

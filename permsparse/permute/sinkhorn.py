@@ -1,0 +1,216 @@
+"""Differentiable permutations: log-domain Sinkhorn, the Hungarian solution, and learnable cost tiles.
+
+A site's channels (in the order of its warm start, the "base" order) are cut into tiles of ``tile``
+channels; each tile owns a free cost matrix ``C`` where ``C[i, j]`` is the cost of sending channel
+``i`` to position ``j``. The soft permutation is the log-domain Sinkhorn normalisation of ``-C / eps``;
+the hard one is the Hungarian solution of ``C``. Permutations never cross a tile (``P`` is block
+diagonal and never built densely); a ``tie`` list lets several tiles share one cost matrix (the query
+heads that read one kv head).
+
+Convention: a permutation ``q`` means position ``j`` holds channel ``q[j]``; its matrix ``P`` has
+``P[q[j], j] = 1``, so ``x @ P == x[..., q]``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def log_sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
+    """Log-domain Sinkhorn normalisation of a batch ``(B, b, b)``: returns ``log P``.
+
+    Rows and columns are normalised alternately with ``logsumexp`` (stable at small temperatures,
+    where ``exp`` of the raw scores would overflow). It ends with the column step, so columns sum
+    to one exactly and rows to within the convergence of ``iters`` rounds.
+    """
+    for _ in range(iters):
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-1, keepdim=True)
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-2, keepdim=True)
+    return log_alpha
+
+
+def hungarian(cost: Tensor) -> Tensor:
+    """Batched min-cost assignment: for ``cost`` ``(B, b, b)`` return ``p`` ``(B, b)``.
+
+    ``cost[k, i, j]`` is the cost of channel ``i`` at position ``j``; ``p[k, j]`` is the channel
+    placed at position ``j`` (the module's convention), so the solver runs on the transpose, whose
+    rows are positions. Solved in float64 on the CPU, without gradient.
+    """
+    c = cost.detach().to("cpu", torch.float64).transpose(-1, -2).numpy()
+    perms = [linear_sum_assignment(block)[1] for block in c]
+    return torch.from_numpy(np.stack(perms)).to(device=cost.device, dtype=torch.long)
+
+
+def perm_matrix(local: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-hot matrices ``(B, b, b)`` with ``P[k, local[k, j], j] = 1``, so ``x @ P == x[..., p]``."""
+    batch, b = local.shape
+    eye = torch.zeros(batch, b, b, dtype=dtype, device=local.device)
+    return eye.scatter_(1, local.unsqueeze(1), 1.0)
+
+
+def standardise(cost: Tensor) -> Tensor:
+    """Scale each block to zero mean and unit std.
+
+    Sinkhorn and Hungarian only see the normalised cost, so the temperature ``eps`` means the same
+    thing whatever the raw parameter's scale (weight decay or large steps cannot silently sharpen
+    or flatten the soft permutation), and the learning rate reads in units of a block's spread.
+    """
+    mean = cost.mean(dim=(-2, -1), keepdim=True)
+    std = cost.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return (cost - mean) / std
+
+
+def warm_cost(local: Tensor, eps: float, sharpness: float, generator: torch.Generator) -> Tensor:
+    """Normalised costs ``(T, b, b)`` whose Hungarian solution is ``local`` and that are sharp at ``eps``.
+
+    Off-target entries are uniform in [0, 1); the target entry of each row is ``-delta``. Every
+    target is then the strict minimum of its row and column, so the assignment is exactly
+    ``local`` for any ``delta > 0``. ``delta`` is bisected so that the soft permutation at ``eps``
+    puts about ``sharpness`` of each row's mass on its target (the row-softmax estimate, which is
+    what Sinkhorn converges to for a near-permutation). A unit margin at eps 0.5 would leave a
+    576-wide soft permutation almost uniform, and the gradient would then be taken far from the
+    hard permutation actually used. Blocks too small to reach the requested sharpness after
+    normalisation get the sharpest warm start possible.
+    """
+    T, b = local.shape
+    background = torch.rand(T, b, b, generator=generator, dtype=torch.float64)
+    target = perm_matrix(local.cpu(), torch.float64).bool()
+    want = math.log((1.0 - sharpness) / sharpness)  # log(off-target mass / target mass) per row
+    # Mean and std of the matrix are closed-form in delta, so each bisection step costs one
+    # logsumexp: after normalisation the gap of an off-target entry is (background + delta) / std.
+    off = background.masked_fill(target, math.inf)
+    count = b * b
+    s1 = background.masked_fill(target, 0.0).sum(dim=(-2, -1))
+    s2 = background.masked_fill(target, 0.0).pow(2).sum(dim=(-2, -1))
+
+    def log_off_mass(delta: float) -> float:
+        total, total_sq = s1 - b * delta, s2 + b * delta**2
+        std = ((total_sq - total**2 / count) / (count - 1)).sqrt().reshape(T, 1, 1)
+        return torch.logsumexp(-(off + delta) / (std * eps), dim=-1).mean().item()
+
+    lo, hi = 1e-4, 1e4
+    if log_off_mass(hi) <= want:  # else the block is too small to be that sharp: take the sharpest
+        for _ in range(30):  # brackets a factor 1e8 down to ~2% of delta: plenty for a sharpness target
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if log_off_mass(mid) > want else (lo, mid)
+    warm = torch.where(target, torch.full_like(background, -hi), background)
+    return standardise(warm).to(torch.float32)
+
+
+class CostTiles(nn.Module):
+    """Learnable block-diagonal permutation of one site's ``width`` channels, in tiles of ``tile``.
+
+    ``cost`` has shape ``(T, tile, tile)``, one matrix per distinct tie id; tile ``g`` uses
+    ``cost[tie[g]]``. A warm start begins at the identity of the base order, sharp at ``eps_start``;
+    otherwise the costs are standard normal draws from ``seed``.
+    """
+
+    def __init__(self, width: int, tile: int, m: int, *, tie: list[int] | None = None, warm: bool = True,
+                 eps_start: float = 0.5, warm_sharpness: float = 0.9, seed: int = 0) -> None:
+        super().__init__()
+        if tile <= 0 or width % tile:
+            raise ValueError(f"width {width} is not a multiple of the tile {tile}")
+        if tile % m:
+            raise ValueError(f"tile {tile} is not a multiple of M={m}")
+        tiles = width // tile
+        tie = list(range(tiles)) if tie is None else [int(t) for t in tie]
+        if len(tie) != tiles or sorted(set(tie)) != list(range(max(tie) + 1)):
+            raise ValueError(f"tie must give each of the {tiles} tiles an id in 0..T-1, none unused; got {tie}")
+        self.width, self.tile = width, tile
+        self.register_buffer("tie", torch.tensor(tie, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", torch.arange(tiles, dtype=torch.long).unsqueeze(1) * tile, persistent=False)
+        generator = torch.Generator().manual_seed(seed)
+        ids = max(tie) + 1
+        if warm:
+            cost = warm_cost(torch.arange(tile).repeat(ids, 1), eps_start, warm_sharpness, generator)
+        else:
+            cost = standardise(torch.randn(ids, tile, tile, generator=generator))
+        self.cost = nn.Parameter(cost)
+
+    def normalised_cost(self) -> Tensor:
+        """The cost tiles ``(T, tile, tile)`` the solvers see (zero mean, unit std per tile)."""
+        return standardise(self.cost)
+
+    def hard_local(self) -> Tensor:
+        """Hungarian solution per tie id, ``(T, tile)`` local indices."""
+        return hungarian(self.normalised_cost())
+
+    def hard(self, local: Tensor | None = None) -> Tensor:
+        """The full-width permutation (tile offsets added), from ``local`` or a fresh Hungarian solve."""
+        local = self.hard_local() if local is None else local
+        return (local[self.tie] + self.offsets).reshape(-1)
+
+    def soft(self, eps: float, iters: int) -> Tensor:
+        """Soft permutation matrices ``(T, tile, tile)``: Sinkhorn of ``-C / eps``.
+
+        The Sinkhorn iterations are recomputed in the backward pass rather than stored: stored, they
+        would hold ``2 * iters`` copies of every cost tile for the whole training step.
+        """
+        return checkpoint(_soft, self.cost, eps, iters, use_reentrant=False)
+
+    def matrices(self, eps: float, iters: int, forward: str, local: Tensor) -> Tensor:
+        """Per-tile matrices ``(G, tile, tile)`` for the training forward pass.
+
+        ``soft``: the Sinkhorn matrix. ``hard``: the Hungarian one-hot (``local``) in value with the
+        Sinkhorn gradient, written ``hard + (soft - soft.detach())`` so the bracket is exactly zero.
+        """
+        soft = self.soft(eps, iters)
+        if forward == "soft":
+            mats = soft
+        elif forward == "hard":
+            mats = perm_matrix(local, soft.dtype) + (soft - soft.detach())
+        else:
+            raise ValueError(f"forward must be 'hard' or 'soft', got {forward!r}")
+        return mats[self.tie]
+
+
+def _soft(cost: Tensor, eps: float, iters: int) -> Tensor:
+    return log_sinkhorn(-standardise(cost) / eps, iters).exp()
+
+
+class _RelaxedWeight(torch.autograd.Function):
+    """``W * unbase(einsum(mask, P))``: the effective weight of a relaxed permutation, lean in memory.
+
+    ``mask`` (bool, ``(out, width)``) is the N:M mask in the learner's final position order, chosen at
+    the hard permutation; ``P`` (``(G, tile, tile)``) maps base-order channels to positions. The keep
+    pattern in base order is ``keep[o, g, i] = sum_j mask[o, g, j] P[g, i, j]``: linear in ``P``, so
+    ``dL/dP[g, i, j]`` is exactly the first-order change of the loss if channel ``i`` took position
+    ``j``'s keep pattern. Only the weight (a reference), the bool mask and the base order are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, matrices: Tensor, weight: Tensor, mask: Tensor, base: Tensor) -> Tensor:
+        out, width = weight.shape
+        tiles, tile, _ = matrices.shape
+        keep = torch.einsum("ogj,gij->ogi", mask.view(out, tiles, tile).to(matrices.dtype), matrices)
+        effective = torch.empty_like(weight)
+        effective[:, base] = weight[:, base] * keep.reshape(out, width).to(weight.dtype)
+        ctx.save_for_backward(weight, mask, base)
+        ctx.tiles = (tiles, tile, matrices.dtype)
+        return effective
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, mask, base = ctx.saved_tensors
+        tiles, tile, dtype = ctx.tiles
+        g = (grad * weight)[:, base].reshape(weight.shape[0], tiles, tile).to(dtype)
+        return torch.einsum("ogi,ogj->gij", g, mask.view(g.shape).to(dtype)), None, None, None
+
+
+def relaxed_weight(weight: Tensor, mask: Tensor, matrices: Tensor, base: Tensor) -> Tensor:
+    """Effective weight (original column order) of ``weight`` under per-tile matrices ``matrices``.
+
+    ``weight`` is ``(out, width)`` in the original order, ``base`` the base order (original channel
+    at each base position), ``mask`` the N:M mask in final position order (see
+    :class:`_RelaxedWeight`). At a one-hot ``matrices`` it equals ``weight * permuted_nm_mask``
+    exactly: every product sums one weight and zeros.
+    """
+    if matrices.shape[0] * matrices.shape[1] != weight.shape[1]:
+        raise ValueError(f"permutation covers {matrices.shape[0]}x{matrices.shape[1]} channels, "
+                         f"weight has {weight.shape[1]}")
+    return _RelaxedWeight.apply(matrices, weight, mask, base)

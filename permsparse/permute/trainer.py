@@ -1,0 +1,138 @@
+"""Training learned permutations: the loop that every learned scope (e2e, blockwise) shares.
+
+The caller gives sites to learn, a differentiable loss of the sites' effective weights and a judge.
+Only the cost tiles train (AdamW). Every ``judge_every`` steps, at step 0 (the warm start) and after the
+last step, the current hard permutations are judged on exact hard weights; the best judged set is
+returned, so the result is never worse than the start on that judgment. A naive learner that trusts
+its last step drifts to worse permutations (docs/method.md, "The learned permutation"); keeping the
+best judged set, and a warm start that is sharp at the starting temperature, are what make it safe.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import Learned
+from ..masks import nm_mask, permuted_nm_mask
+from ..report import TrainingRecord
+from .sinkhorn import CostTiles, relaxed_weight
+
+
+@dataclass
+class LearnLinear:
+    """One linear of a site: its weight ``(out, in)`` in the original column order (a reference to the
+    model's, never a copy) and a function giving its host scores (recomputed when needed, not held)."""
+
+    weight: Tensor
+    scores: Callable[[], Tensor]
+
+
+@dataclass
+class LearnSite:
+    """Linears whose inputs share one learned permutation, refined from ``base`` within tiles."""
+
+    name: str
+    base: Tensor
+    tile: int
+    linears: dict[str, LearnLinear]
+    tie: list[int] | None = None
+    warm: bool = True
+
+
+def hard_weight(linear: LearnLinear, perm: Tensor, n: int, m: int) -> Tensor:
+    """The exact pruned weight of ``linear`` under the full permutation ``perm``: ``W * mask``."""
+    with torch.no_grad():
+        return linear.weight * permuted_nm_mask(linear.scores(), perm, n, m).to(linear.weight.dtype)
+
+
+Loss = Callable[[dict[str, Tensor], int], Tensor]
+Judge = Callable[[dict[str, Tensor]], float]
+
+
+def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n: int, m: int, config: Learned, *,
+                       seed: int = 0, label: str = "learn permutations", progress: bool = True,
+                       state: dict | None = None, save_state: Callable[[dict], None] | None = None,
+                       save_every: int = 5) -> tuple[dict[str, Tensor], TrainingRecord]:
+    """Train one :class:`CostTiles` per site; return the best judged full permutations and the record.
+
+    ``loss_fn(weights, step)`` gets the effective weight of every linear of every site (original column
+    order, differentiable) and the step (so its batch is a function of the step); ``judge_fn(weights)``
+    gets exact hard weights and must be deterministic (an unchanged set is not judged again).
+    ``state`` resumes from what ``save_state`` last received (every ``save_every`` steps): costs,
+    optimiser, best set and history, so an interrupted run continues to the same result.
+    """
+    names = [name for site in sites for name in site.linears]
+    if len(set(names)) != len(names) or len({s.name for s in sites}) != len(sites):
+        raise ValueError("site names and linear names must be unique")
+    device = next(iter(sites[0].linears.values())).weight.device
+    modules = [CostTiles(site.base.numel(), site.tile, m, tie=site.tie, warm=site.warm, eps_start=config.eps_start,
+                         warm_sharpness=config.warm_sharpness, seed=seed + k).to(device)
+               for k, site in enumerate(sites)]
+    bases = [site.base.to(device) for site in sites]
+    optimiser = torch.optim.AdamW([mod.cost for mod in modules], lr=config.lr, weight_decay=0.0)
+    record = TrainingRecord(label, [], [], [], 0.0, 0.0, 0, 0.0)
+    best: tuple[float, int, list[Tensor]] | None = None
+    first_step = 0
+    if state is not None:
+        for mod, cost in zip(modules, state["costs"]):
+            mod.cost.data.copy_(cost)
+        optimiser.load_state_dict(state["optimiser"])
+        record, best, first_step = copy.deepcopy(state["record"]), state["best"], state["step"]
+    last_judged: list[Tensor] | None = None if state is None else state["last_judged"]
+    start = time.perf_counter() - record.seconds
+
+    def full(locals_: list[Tensor]) -> list[Tensor]:
+        return [base[mod.hard(loc)] for mod, base, loc in zip(modules, bases, locals_)]
+
+    def judge(step: int, perms: list[Tensor]) -> None:
+        nonlocal best, last_judged
+        if last_judged is not None and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(perms, last_judged)):
+            return
+        weights = {name: hard_weight(lin, p, n, m) for site, p in zip(sites, perms) for name, lin in site.linears.items()}
+        value = float(judge_fn(weights))
+        last_judged = [p.cpu() for p in perms]
+        record.judged.append((step, value))
+        if best is None or value < best[0]:
+            best = (value, step, last_judged)
+
+    bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc=label,
+               disable=not progress, leave=False)
+    for step in bar:
+        eps = config.eps_at(step)
+        locals_ = [mod.hard_local() for mod in modules]
+        perms = full(locals_)
+        if step % config.judge_every == 0:
+            judge(step, perms)
+        weights = {}
+        for site, mod, base, loc, p in zip(sites, modules, bases, locals_, perms):
+            mats = mod.matrices(eps, config.sinkhorn_iters, config.forward, loc)
+            for name, lin in site.linears.items():
+                with torch.no_grad():  # the mask in final position order: position j holds channel p[j]
+                    mask = nm_mask(lin.scores()[:, p], n, m)
+                weights[name] = relaxed_weight(lin.weight, mask, mats, base)
+        loss = loss_fn(weights, step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        record.loss.append(loss.item())
+        record.eps.append(eps)
+        bar.set_postfix(loss=f"{loss.item():.4g}", best=f"{best[0]:.4g}", eps=f"{eps:.3g}")
+        if save_state is not None and (step + 1) % save_every == 0 and step + 1 < config.steps:
+            record.seconds = time.perf_counter() - start
+            save_state(copy.deepcopy({"costs": [mod.cost.detach().cpu() for mod in modules],
+                                      "optimiser": optimiser.state_dict(), "record": record, "best": best,
+                                      "last_judged": last_judged, "step": step + 1}))
+    judge(config.steps, full([mod.hard_local() for mod in modules]))
+    bar.close()
+    assert best is not None
+    record.init_judged = record.judged[0][1]
+    record.best_judged, record.best_step = best[0], best[1]
+    record.seconds = time.perf_counter() - start
+    return {site.name: p for site, p in zip(sites, best[2])}, record
+

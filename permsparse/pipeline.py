@@ -1,0 +1,333 @@
+"""Pruning a whole model to N:M (or unstructured) sparsity, block by block, read top to bottom.
+
+For each block: record the input statistics of its linears while the dense block runs, choose a
+permutation per site (a search, or learning that starts from one), prune every target linear to N:M on
+its permuted host score, then run the pruned block to make the next block's inputs. The pruned weight
+is stored in the original column order (``W * unpermute(mask)``), so the model runs unchanged and
+loads anywhere. The ``e2e`` learned permutation instead gathers every block's statistics and starts on
+the dense model first, learns all permutations at once, then prunes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data
+from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
+from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
+from .config import PruneConfig
+from .masks import nm_mask, permuted_nm_mask, unstructured_mask
+from .memory import check_memory
+from .permute.learned import BlockData, Plan, learn_block, learn_model
+from .permute.search import find_permutation, needs_gram
+from .permute.sites import search_site, sites_for_group
+from .report import LayerRecord, PruneReport, SiteRecord, peak_rss_mb
+from .resume import Progress, pack_mask, unpack_mask
+from .scores import compute_score
+
+
+@dataclass
+class Run:
+    """One pruning run: the model, what its family looks like, the config, and what is done so far."""
+
+    model: nn.Module
+    adapter: Adapter
+    geometry: AttentionGeometry
+    config: PruneConfig
+    targets: list[list[tuple[str, ...]]]  # per block: groups of linears (block-relative) that read one input
+    report: PruneReport
+    progress: Progress
+    show: bool
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.adapter.blocks(self.model)
+
+    def name(self, i: int) -> str:
+        return f"{self.adapter.blocks_path}.{i}"
+
+    def readers(self, i: int) -> dict[str, str]:
+        """One hooked linear per input group of block ``i`` (the group's first)."""
+        return {group[0]: group[0] for group in self.targets[i]}
+
+
+def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
+          holdout: torch.Tensor | None = None, state_dir=None, progress: bool = True) -> PruneReport:
+    """Prune ``model`` in place as ``config`` says; return what was done.
+
+    ``windows`` (token ids ``(nsamples, seqlen)``) replaces drawing the calibration windows from
+    ``config.calibration``, and ``holdout`` the held-out windows a learned permutation is judged on.
+    ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
+    """
+    started = time.perf_counter()
+    adapter = adapter_for(model)
+    targets, skipped = select_targets(model, adapter, config)
+    run = Run(model, adapter, adapter.attention(model.config), config, targets, PruneReport(skipped=skipped),
+              Progress(state_dir, config.fingerprint()), progress)
+    if not needs_calibration(config):
+        for i in tqdm(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
+            apply_plan(run, plan_block(run, i, {}, None))
+    else:
+        windows, holdout = calibration(tokenizer, config, windows, holdout)
+        check_memory(model, adapter, config, windows, holdout)
+        inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([windows, holdout]), config.calibration.batch_size)
+        hidden = global_permutation(run, inputs[:len(windows)], kwargs) if config.binding == "global" else None
+        if config.learned is not None and config.learned.scope == "e2e":
+            prune_end_to_end(run, inputs, kwargs, windows, holdout, hidden)
+        else:
+            prune_block_by_block(run, inputs, kwargs, len(windows), hidden)
+    run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
+    return run.report
+
+
+def needs_calibration(config: PruneConfig) -> bool:
+    return (config.score != "magnitude" or needs_gram(config.start) or config.learned is not None
+            or config.binding == "global")
+
+
+def calibration(tokenizer, config: PruneConfig, windows: torch.Tensor | None,
+                holdout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training windows and, for a learned permutation, the held-out windows it is judged on."""
+    calib = config.calibration
+    wanted = calib.holdout if config.learned is not None else 0
+    if windows is None:
+        ids = data.token_stream(tokenizer, calib.source)
+        windows, holdout = data.calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed, wanted)
+    if holdout is None or not wanted:
+        holdout = windows.new_zeros(0, windows.shape[1])
+    if wanted and len(holdout) == 0:
+        raise ValueError("a learned permutation is judged on held-out windows: give holdout windows (or --holdout > 0)")
+    return windows, holdout
+
+
+def select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig) -> tuple[list[list[tuple[str, ...]]], list[str]]:
+    """Per block, the input groups restricted to target linears; and the skipped layers, with reasons.
+
+    Weights are checked for NaN/Inf here, before any work, so a bad checkpoint fails at once.
+    """
+    m = config.nm[1] if config.nm else None
+    known = {name for group in adapter.input_groups for name in group}
+    per_block, indivisible = [], []
+    for i, block in enumerate(adapter.blocks(model)):
+        prefix = f"{adapter.blocks_path}.{i}."
+        extra = tuple((name,) for name, mod in block.named_modules() if is_linear(mod) and name not in known)
+        groups = []
+        for group in tuple(adapter.input_groups) + extra:
+            kept = []
+            for name in group:
+                full = prefix + name
+                if config.include and not any(fnmatch.fnmatch(full, p) for p in config.include):
+                    continue
+                if any(fnmatch.fnmatch(full, p) for p in config.exclude):
+                    continue
+                weight = linear_weight(block.get_submodule(name))
+                if not torch.isfinite(weight).all():
+                    raise FloatingPointError(f"non-finite weights in {full}")
+                if m is not None and weight.shape[1] % m:
+                    indivisible.append(f"{full} (in_features={weight.shape[1]})")
+                    continue
+                kept.append(name)
+            if kept:
+                groups.append(tuple(kept))
+        per_block.append(groups)
+    if indivisible:
+        message = f"in_features not divisible by M={m}: {', '.join(indivisible)}"
+        if config.strict:
+            raise ValueError(message)
+        warnings.warn(f"skipping layers, {message}", stacklevel=3)
+    return per_block, indivisible
+
+
+@torch.no_grad()
+def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Tensor | None,
+               starts: dict[str, torch.Tensor | None] | None = None) -> Plan:
+    """Host statistics and sites of block ``i``, each site's permutation searched with the config's
+    method (a learned permutation's warm start), or taken from ``starts`` when a resumed run has them."""
+    config = run.config
+    block = run.blocks[i]
+    plan = Plan(run.name(i), block, {}, [], {}, {})
+    for group in run.targets[i]:
+        group_stats = stats.get(group[0])
+        for name in group:
+            plan.act_norms[name] = None if group_stats is None else group_stats.act_norm
+        if config.nm is None:
+            plan.sites += sites_for_group(group, "per-linear", run.adapter, run.geometry)
+            continue
+        for site in sites_for_group(group, config.binding, run.adapter, run.geometry):
+            plan.sites.append(site)
+            started = time.perf_counter()
+            if site.hidden:
+                width = linear_weight(block.get_submodule(site.linears[0])).shape[1]
+                plan.perms[site.name] = torch.arange(width) if hidden is None else hidden
+            elif starts is not None and site.name in starts:
+                plan.perms[site.name] = starts[site.name]
+            elif config.start == "random":
+                plan.perms[site.name] = None  # the learner draws random costs
+            else:
+                weights = [linear_weight(block.get_submodule(s)).float() for s in site.linears]
+                plan.perms[site.name] = search_site(
+                    site, [plan.scores(s, config.score) for s in site.linears], weights,
+                    None if group_stats is None else group_stats.gram,
+                    None if group_stats is None else group_stats.drift,
+                    *config.nm, config.start, getattr(config.permutation, "chunks", 1), config.calibration.seed)
+            plan.seconds[site.name] = time.perf_counter() - started
+    return plan
+
+
+@torch.no_grad()
+def apply_plan(run: Run, plan: Plan) -> dict[str, torch.Tensor]:
+    """Prune every linear of ``plan`` through its site's permutation; record it; return masks by full name."""
+    config, masks = run.config, {}
+    for site in plan.sites:
+        perm = plan.perms.get(site.name)
+        full_names = [f"{plan.name}.{name}" for name in site.linears]
+        if config.nm is not None:
+            run.report.sites.append(SiteRecord(f"{plan.name}.{site.name}", full_names, perm.tolist()))
+        for name, full in zip(site.linears, full_names):
+            weight = linear_weight(plan.module.get_submodule(name))
+            scores = plan.scores(name, config.score)
+            if config.nm is None:
+                mask, identity = unstructured_mask(scores, config.density), None
+            else:
+                mask, identity = permuted_nm_mask(scores, perm, *config.nm), kept_share(scores, nm_mask(scores, *config.nm))
+            weight.mul_(mask.to(weight.dtype))
+            masks[full] = mask
+            run.report.layers.append(LayerRecord(
+                full, tuple(weight.shape), None if config.nm is None else f"{plan.name}.{site.name}",
+                kept_share(scores, mask), identity, plan.seconds.get(site.name)))
+    return masks
+
+
+def kept_share(scores: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((scores * mask).sum() / scores.sum().clamp_min(1e-30))
+
+
+def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: int, hidden: torch.Tensor | None) -> None:
+    """Statistics, permutations (searched, or learned per block) and masks, one block after the other.
+
+    ``inputs`` holds the ``count`` training windows' hidden states, then the held-out windows'.
+    """
+    config, learned = run.config, run.config.learned
+    batch = config.calibration.batch_size
+    compensating = (config.permutation.method == "output" and config.permutation.compensate
+                    and config.calibration.propagate == "pruned") if learned is None else False
+    reference = inputs if compensating else None  # the dense model's hidden states
+    first = 0
+    saved = run.progress.load("blocks")
+    if saved is not None:
+        first, inputs, reference = saved["done"], saved["inputs"], saved["reference"]
+        restore(run, saved)
+    bar = tqdm(range(first, len(run.blocks)), desc="pruning blocks", initial=first, total=len(run.blocks),
+               disable=not run.show)
+    for i in bar:
+        block, name = run.blocks[i], run.name(i)
+        stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], kwargs,
+                                               needs_gram(config.start), name, batch)
+        if reference is not None:
+            next_reference = collect_drift(block, run.readers(i), inputs, reference, kwargs, stats, batch)
+        dense_holdout = run_block(block, inputs[count:], kwargs, batch) if len(inputs) > count else inputs[count:]
+        plan = plan_block(run, i, stats, hidden)
+        if learned is not None and any(not site.hidden for site in plan.sites):
+            block_data = BlockData(inputs[:count], dense_out, inputs[count:], dense_holdout, kwargs)
+            perms, record = learn_block(plan, block_data, config, run.geometry)
+            plan.perms.update(perms)
+            run.report.training.append(record)
+        masks = apply_plan(run, plan)
+        if config.calibration.propagate == "pruned":
+            inputs = run_block(block, inputs, kwargs, batch)
+        else:
+            inputs = torch.cat([dense_out, dense_holdout])
+        if not torch.isfinite(inputs).all():
+            raise FloatingPointError(f"non-finite activations leaving {name} after pruning")
+        if reference is not None:
+            reference = next_reference
+        save_blocks(run, i + 1, masks, inputs, reference)
+
+
+def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: torch.Tensor,
+                reference: torch.Tensor | None) -> None:
+    """Progress after ``done`` blocks: every mask so far (bit-packed), the report, the next inputs."""
+    if run.progress.folder is None:
+        return
+    saved = run.progress.load("blocks") or {"masks": {}}
+    saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
+    saved.update(done=done, inputs=inputs, reference=reference, report=run.report)
+    run.progress.save("blocks", saved)
+
+
+@torch.no_grad()
+def restore(run: Run, saved: dict) -> None:
+    """Re-apply the masks of the finished blocks and take their records."""
+    for name, packed in saved["masks"].items():
+        weight = linear_weight(run.model.get_submodule(name))
+        weight.mul_(unpack_mask(packed).to(weight.dtype))
+    report = saved["report"]
+    run.report.layers, run.report.sites, run.report.training = report.layers, report.sites, report.training
+
+
+def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torch.Tensor, holdout: torch.Tensor,
+                     hidden: torch.Tensor | None) -> None:
+    """``e2e``: statistics and starts of every block on the dense model, then every permutation learned
+    at once, then every block pruned. Searched starts and the learner's state are saved as they come,
+    so an interrupted run resumes with training where it stopped."""
+    config = run.config
+    count = len(windows)
+    starts = run.progress.load("starts") or {}
+    plans = []
+    for i in tqdm(range(len(run.blocks)), desc="statistics and starts", disable=not run.show):
+        name = run.name(i)
+        want_gram = needs_gram(config.start) and name not in starts
+        stats, dense_out = collect_input_stats(run.blocks[i], run.readers(i), inputs[:count], kwargs, want_gram,
+                                               name, config.calibration.batch_size)
+        inputs = dense_out
+        plans.append(plan_block(run, i, stats, hidden, starts.get(name)))
+    if not starts:
+        run.progress.save("starts", {plan.name: plan.perms for plan in plans})
+    if any(not site.hidden for plan in plans for site in plan.sites):
+        with torch.enable_grad():
+            learned, record = learn_model(run.model, plans, windows, holdout, config, run.geometry, progress=run.show,
+                                          state=run.progress.load("training"),
+                                          save_state=lambda state: run.progress.save("training", state))
+        run.report.training.append(record)
+        for plan in plans:
+            plan.perms.update(learned.get(plan.name, {}))
+    for plan in plans:
+        apply_plan(run, plan)
+
+
+@torch.no_grad()
+def global_permutation(run: Run, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """One permutation of the hidden dimension for every reader of the residual stream (``global``).
+
+    Chosen once, on the dense model, on the stacked host scores of all residual readers (rows
+    normalised per linear so no layer dominates), with ``cp`` when that is the configured search and
+    ``ria`` otherwise; None when nothing is permuted. Saved, so a resumed run uses the same one.
+    """
+    config = run.config
+    if not config.permuted:
+        return None
+    hidden = run.progress.load("hidden")
+    if hidden is not None:
+        run.report.hidden_perm = hidden.tolist()
+        return hidden
+    stacked = []
+    for i, block in enumerate(tqdm(run.blocks, desc="global permutation statistics", disable=not run.show)):
+        readers = [g for g in run.targets[i] if all(name in run.adapter.residual_readers for name in g)]
+        stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs, kwargs, False, run.name(i),
+                                            config.calibration.batch_size)
+        for group in readers:
+            for name in group:
+                score = compute_score(config.score, linear_weight(block.get_submodule(name)), stats[group[0]].act_norm)
+                stacked.append(score / score.sum().clamp_min(1e-30))
+    method = "cp" if config.start == "cp" else "ria"
+    chunks = getattr(config.permutation, "chunks", 1)
+    hidden = find_permutation(torch.cat(stacked), *config.nm, method, chunks=chunks, seed=config.calibration.seed)
+    run.progress.save("hidden", hidden)
+    run.report.hidden_perm = hidden.tolist()
+    return hidden

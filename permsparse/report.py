@@ -1,0 +1,73 @@
+"""What a pruning run did, as typed records: layers, permutation sites, training, time and memory.
+
+:func:`permsparse.prune` returns a :class:`PruneReport`; the checkpoint stores it in ``permsparse.json``
+(:mod:`permsparse.checkpoint.record`).
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerRecord:
+    """One pruned linear: the share of its host score kept, with and without its permutation."""
+
+    name: str
+    shape: tuple[int, int]
+    site: str | None
+    kept_score: float
+    kept_score_identity: float | None
+    search_seconds: float | None
+
+
+@dataclass
+class SiteRecord:
+    """Linears whose inputs share one permutation, and that permutation (the permuted layer is ``W[:, perm]``)."""
+
+    name: str
+    linears: list[str]
+    perm: list[int]
+
+
+@dataclass
+class TrainingRecord:
+    """The history of one learned scope (``model`` for e2e, a block's name for blockwise).
+
+    ``judged`` holds ``(step, value)`` for every judgment of the hard permutations on the held-out
+    windows; ``best_judged`` is the value of the set that was kept.
+    """
+
+    scope: str
+    loss: list[float]
+    eps: list[float]
+    judged: list[tuple[int, float]]
+    init_judged: float
+    best_judged: float
+    best_step: int
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    """The result of :func:`permsparse.prune`."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    sites: list[SiteRecord] = field(default_factory=list)
+    hidden_perm: list[int] | None = None
+    skipped: list[str] = field(default_factory=list)
+    training: list[TrainingRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def permutation_of(self, linear: str) -> list[int] | None:
+        """The permutation the named linear's mask was chosen through, if it has one."""
+        for site in self.sites:
+            if linear in site.linears:
+                return site.perm
+        return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
