@@ -1,78 +1,136 @@
 """Shared harness for the benchmarks: one fresh process per row, a printed table, a JSON file.
 
-Each row runs in its own (spawned) process so its peak memory is its own, and rows never see each
-other's pruned weights.
+Each row runs in its own (spawned) process so its peak memory is its own and rows never see each other's
+pruned weights. A row prunes the model with its config (or not, for the dense row) and evaluates it on
+every evaluation text of the protocol. Results go to ``bench/results/NAME.json`` with the protocol,
+the machine, the date and the command; ``bench/tables.py`` turns them into the README's tables.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor, as_completed
 import os
 import platform
+import shlex
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 RESULTS = Path(__file__).resolve().parent / "results"
+EVAL_NAMES = {"wikitext2": "WikiText-2 test", "shakespeare": "Tiny Shakespeare", "alpaca": "Alpaca",
+              "wikitext2-valid": "WikiText-2 valid", "c4-demo": "C4 (c4-demo)"}
 
 
-def _run_row(model: str, row: dict, seqlen: int, windows: int, full: bool, threads: int) -> dict:
+@dataclass
+class Protocol:
+    """How every row is evaluated: the first ``windows`` windows of ``seqlen`` tokens of each text."""
+
+    model: str
+    seqlen: int
+    windows: int
+    evals: tuple[str, ...]
+    full: bool = False
+    threads: int = 1
+
+
+@dataclass
+class Row:
+    label: str
+    config: object | None  # a PruneConfig, or None for the dense model
+
+
+def add_protocol_args(parser, evals=("wikitext2", "shakespeare")) -> None:
+    """The options every benchmark shares: model, evaluation windows and texts, calibration, seed, jobs."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
+    parser.add_argument("--windows", type=int, default=16, help="first K evaluation windows of each text")
+    parser.add_argument("--evals", nargs="+", default=list(evals), help="evaluation texts")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true", help="also the whole first evaluation text (slow on CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
+
+
+def protocol_from(args) -> Protocol:
+    return Protocol(args.model, args.seqlen, args.windows, tuple(args.evals), args.full, args.threads)
+
+
+def _run_row(row: Row, protocol: Protocol) -> dict:
+    import time
+
     import torch
 
-    from permsparse import PruneConfig, load_model, perplexity, prune
-    from permsparse.evaluation import eval_tokens
-    from permsparse.pruning import peak_rss_mb
+    from permsparse import load_model, perplexity, prune
+    from permsparse.data import token_stream
+    from permsparse.report import peak_rss_mb
+    from permsparse.serial import to_dict
 
-    torch.set_num_threads(threads)
-    model_, tokenizer = load_model(model)
-    result = {"label": row["label"], "prune_s": 0.0}
-    if row.get("config") is not None:
-        report = prune(model_, tokenizer, PruneConfig(**row["config"]), progress=False)
-        result["prune_s"] = report.seconds
-        result["layers"] = report.layers
-        result["training"] = report.training
-    ids = eval_tokens(tokenizer)
-    fixed = perplexity(model_, tokenizer, seqlen=seqlen, windows=windows, ids=ids, progress=False)
-    result["ppl"] = fixed.ppl
-    if full:
-        result["ppl_full"] = perplexity(model_, tokenizer, seqlen=seqlen, ids=ids, progress=False).ppl
+    torch.set_num_threads(protocol.threads)
+    model, tokenizer = load_model(protocol.model)
+    result = {"label": row.label, "prune_s": 0.0, "config": None if row.config is None else to_dict(row.config)}
+    if row.config is not None:
+        report = prune(model, tokenizer, row.config, progress=False)
+        result.update(prune_s=report.seconds, layers=to_dict(report.layers), training=to_dict(report.training))
+    result["ppl"] = {}
+    started = time.perf_counter()
+    for source in protocol.evals:
+        ids = token_stream(tokenizer, source)
+        result["ppl"][source] = perplexity(model, tokenizer, seqlen=protocol.seqlen, windows=protocol.windows,
+                                           ids=ids, progress=False).ppl
+    if protocol.full:
+        first = protocol.evals[0]
+        result["ppl_full"] = perplexity(model, tokenizer, seqlen=protocol.seqlen, source=first, progress=False).ppl
+    result["eval_s"] = time.perf_counter() - started
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
-def add_protocol_args(parser) -> None:
-    """The options every benchmark shares: model, evaluation windows, calibration, seed, full test set."""
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=16, help="first K evaluation windows")
-    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full", action="store_true", help="also the full test set (slow on CPU)")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
-
-
-def run_rows(
-    model: str, rows: list[dict], *, seqlen: int, windows: int, full: bool, threads: int = 1, jobs: int = 1
-) -> list[dict]:
-    """Run every row in a fresh process (``jobs`` at a time), printing each as it finishes.
-
-    With ``jobs > 1`` rows share the machine, so their seconds include that contention.
-    """
+def run_rows(rows: list[Row], protocol: Protocol, jobs: int = 1, only: list[str] | None = None) -> list[dict]:
+    """Run every row (or those labelled in ``only``) in a fresh process, ``jobs`` at a time, printing each
+    as it finishes. With ``jobs > 1`` rows share the machine, so their seconds include that contention."""
+    if only is not None:
+        rows = [r for r in rows if r.label in only]
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_run_row, model, row, seqlen, windows, full, threads) for row in rows]
+        futures = [pool.submit(_run_row, row, protocol) for row in rows]
         for future in as_completed(futures):
-            result = future.result()
-            print(f"  done: {result['label']:<34} ppl {result['ppl']:9.2f}  ({result['prune_s']:.0f} s pruning)",
-                  flush=True)
+            r = future.result()
+            ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["ppl"].items())
+            print(f"  done: {r['label']:<40} ppl {ppl} ({r['prune_s']:.0f} s pruning)", flush=True)
         return [future.result() for future in futures]
 
 
+def gap_closed(results: list[dict], none: str, limit: str) -> None:
+    """Add ``gap`` per evaluation text: (ppl of ``none`` - ppl) / (ppl of ``none`` - ppl of ``limit``)."""
+    by_label = {r["label"]: r for r in results}
+    if none not in by_label or limit not in by_label:
+        return
+    for r in results:
+        if r["config"] is None:
+            continue
+        r["gap"] = {}
+        for text, ppl in r["ppl"].items():
+            span = by_label[none]["ppl"][text] - by_label[limit]["ppl"][text]
+            r["gap"][text] = (by_label[none]["ppl"][text] - ppl) / span if span else None
+
+
 def print_table(results: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """``columns``: (key, header, format)."""
+    """``columns``: (key, header, format); a key ``a.b`` reads ``r[a][b]``."""
+
+    def cell(r, key, fmt):
+        value = r
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return "-" if value is None else format(value, fmt)
+
     headers = [h for _, h, _ in columns]
-    cells = [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in results]
+    cells = [[cell(r, k, f) for k, _, f in columns] for r in results]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     print(line)
@@ -81,9 +139,24 @@ def print_table(results: list[dict], columns: list[tuple[str, str, str]]) -> Non
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
-def save_json(name: str, protocol: dict, results: list[dict]) -> Path:
+def ppl_columns(protocol: Protocol, gap: bool = True) -> list[tuple[str, str, str]]:
+    columns = []
+    for text in protocol.evals:
+        columns.append((f"ppl.{text}", f"{text} ppl", ".2f"))
+        if gap:
+            columns.append((f"gap.{text}", f"{text} gap", ".3f"))
+    return columns
+
+
+def save_json(name: str, protocol: dict, results) -> Path:
+    """``bench/results/NAME.json`` with the protocol, the machine, the date and the command line."""
+    import torch
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
-    path.write_text(json.dumps({"protocol": protocol, "machine": machine, "results": results}, indent=1))
+    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+               "torch": torch.__version__}
+    payload = {"protocol": protocol, "machine": machine, "date": datetime.date.today().isoformat(),
+               "command": "python3 " + shlex.join(sys.argv), "results": results}
+    path.write_text(json.dumps(payload, indent=1, default=str))
     return path

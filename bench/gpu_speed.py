@@ -5,7 +5,7 @@ Two parts, fp16, on one CUDA GPU (compute capability >= 8.0):
 1. Single linears at LLaMA-7B shapes (out x in: 4096x4096, 11008x4096, 4096x11008) for 1, 16 and 2048
    tokens: dense ``F.linear`` vs the 2:4 weight as a ``torch.sparse`` semi-structured tensor (each available
    backend: cuSPARSELt, CUTLASS) vs 2:4 plus the input gather ``x[:, p]`` that an unfolded permutation costs
-   at run time (``permsparse.deploy``'s gather), and the gather alone. Each sparse result is checked against
+   at run time (``permsparse.checkpoint.load``'s gather), and the gather alone. Each sparse result is checked against
    the dense product of the same weights.
 2. A whole model: SmolLM2-135M (``permsparse.load_model('smollm2-135m')``) when available, else a random
    LLaMA of ~1.1B parameters (TinyLlama's shape). Every block linear is pruned to 2:4 by magnitude; the
@@ -124,7 +124,7 @@ def bench_linears(log) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from permsparse.deploy import semi_structured_class
+    from permsparse.checkpoint.load import semi_structured_class
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows = []
@@ -218,7 +218,7 @@ def bench_model(choice: str, log) -> dict:
     import torch
 
     from permsparse.adapters import linear_weight
-    from permsparse.deploy import attach_gathers, convert_semi_structured, remove_gathers
+    from permsparse.checkpoint.load import attach_gathers, convert_semi_structured, remove_gathers
 
     model, label = build_model(choice, log)
     perms, names = prepare_model(model)

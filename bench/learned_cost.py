@@ -2,8 +2,8 @@
 
 Builds one LLaMA decoder block with random weights (default: LLaMA-2-7B's shape, 4096 hidden, 11008 MLP,
 32 heads), random calibration inputs of ``--windows x --seqlen`` tokens, the dense block's outputs, and
-runs :func:`permsparse.training.learn_block_permutations` exactly as ``--perm learned --mode blockwise``
-does for each block (per-linear binding, identity warm start refined within blocks of 64 channels, host
+runs :func:`permsparse.permute.learned.learn_block` exactly as ``--perm learned --scope blockwise``
+does for each block (per-linear binding, identity warm start refined within tiles of 64 channels, host
 score magnitude so no statistics pass is needed: the training cost does not depend on the host). Times
 ``--steps`` steps and a 1-step run, so the per-step and fixed (judging, setup) costs separate; projects
 a whole model as ``blocks x`` one block. The warm-start search is not included: its cost at these widths
@@ -12,14 +12,11 @@ is ``bench/permutation.py``'s synthetic part. Prints a table and writes bench/re
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-from common import save_json  # noqa: E402
+from common import save_json
 
 
 def build(args):
@@ -34,7 +31,7 @@ def build(args):
         block = LlamaDecoderLayer(config, layer_idx=0).eval()
         rotary = LlamaRotaryEmbedding(config)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    inputs = torch.randn(args.windows, args.seqlen, args.hidden, generator=gen, device=args.device)
+    inputs = torch.randn(args.windows + args.holdout, args.seqlen, args.hidden, generator=gen, device=args.device)
     positions = torch.arange(args.seqlen, device=args.device).unsqueeze(0)
     kwargs = {"position_embeddings": rotary(inputs[:1], positions), "position_ids": positions}
     return config, block, inputs, kwargs
@@ -49,43 +46,44 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=32, help="blocks of the projected model")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=16, help="calibration windows held for the block")
+    parser.add_argument("--holdout", type=int, default=8, help="held-out windows the permutations are judged on")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-as", default="learned_cost")
     args = parser.parse_args()
 
+    from permsparse import Calibration, Learned, PruneConfig
     from permsparse.adapters import LLAMA
-    from permsparse.calibration import block_output
-    from permsparse.pruning import BlockData, PruneConfig, Site
-    from permsparse.training import learn_block_permutations
+    from permsparse.calibration import run_block
+    from permsparse.permute.learned import BlockData, Plan, learn_block
+    from permsparse.permute.sites import Site
 
     config, block, inputs, kwargs = build(args)
     geometry = LLAMA.attention(config)
-    with torch.no_grad():
-        targets = torch.cat([block_output(block(inputs[i:i + 1], **kwargs)) for i in range(args.windows)])
-    data = BlockData(inputs, targets, kwargs)
+    targets = run_block(block, inputs, kwargs, batch_size=1)
+    count = args.windows
+    data = BlockData(inputs[:count], targets[:count], inputs[count:], targets[count:], kwargs)
     names = [name for group in LLAMA.input_groups for name in group]
-    weights = {name: block.get_submodule(name).weight for name in names}
-    scores = {name: w.detach().abs().float() for name, w in weights.items()}
-    sites = [Site(name, (name,)) for name in names]
-    init = {name: torch.arange(w.shape[1]) for name, w in weights.items()}
     rows = []
     for steps in (1, args.steps):
-        prune_config = PruneConfig(perm="learned", learn_mode="blockwise", seqlen=args.seqlen, nsamples=args.windows, learn={"steps": steps})
+        prune_config = PruneConfig(score="magnitude", permutation=Learned(init="none", scope="blockwise", steps=steps),
+                                   calibration=Calibration(nsamples=count, seqlen=args.seqlen, holdout=args.holdout))
+        plan = Plan("block", block, dict.fromkeys(names), [Site(name, (name,)) for name in names],
+                    {name: torch.arange(block.get_submodule(name).weight.shape[1]) for name in names}, {})
         if args.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        _, summary = learn_block_permutations(block, sites, weights, scores, init, 2, 4, prune_config, geometry, data)
+        _, record = learn_block(plan, data, prune_config, geometry)
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-        rows.append({"steps": steps, "seconds": seconds, "peak_gib": peak, "init_eval": summary["init_eval"],
-                     "best_eval": summary["best_eval"]})
-        print(f"  {steps} steps: {seconds:.1f} s, peak {peak} GiB, judged {summary['init_eval']:.4g} -> "
-              f"{summary['best_eval']:.4g}", flush=True)
+        rows.append({"steps": steps, "seconds": seconds, "peak_gib": peak, "init_judged": record.init_judged,
+                     "best_judged": record.best_judged})
+        print(f"  {steps} steps: {seconds:.1f} s, peak {peak} GiB, judged {record.init_judged:.4g} -> "
+              f"{record.best_judged:.4g}", flush=True)
     per_step = (rows[1]["seconds"] - rows[0]["seconds"]) / max(args.steps - 1, 1)
     block_s = rows[1]["seconds"]
     result = {"per_step_s": per_step, "block_s": block_s, "projected_model_h": block_s * args.blocks / 3600,

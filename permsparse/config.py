@@ -122,6 +122,8 @@ class Learned:
         "e2e", "e2e: every permutation of the model at once on the objective below; blockwise: one block at a time "
         "against the dense block's outputs (memory of one block, for models too large for e2e)")
     ce: float = option(1.0, "e2e: weight of the cross-entropy of the pruned model on the calibration windows")
+    kl: float = option(0.0, "e2e: weight of the KL divergence of the pruned model's next-token distributions from "
+                       "the dense model's (logit distillation)")
     hidden: float = option(1.0, "e2e: weight of the distillation of every block's output against the dense model's")
     hidden_loss: Literal["mse", "smoothl1", "cosine"] = option(
         "mse", "distance of a pruned block's output to the dense one (e2e and blockwise), scale-free")
@@ -146,10 +148,10 @@ class Learned:
             raise ValueError(f"need 0 < eps_end <= eps_start, got {self.eps_end} and {self.eps_start}")
         if not 0 < self.warm_sharpness < 1:
             raise ValueError("warm sharpness must be in (0, 1)")
-        if min(self.ce, self.hidden) < 0:
+        if min(self.ce, self.kl, self.hidden) < 0:
             raise ValueError("objective weights must be >= 0")
-        if self.scope == "e2e" and self.ce == 0 and self.hidden == 0:
-            raise ValueError("the e2e objective is empty: give --ce or --hidden a weight above 0")
+        if self.scope == "e2e" and self.ce == 0 and self.kl == 0 and self.hidden == 0:
+            raise ValueError("the e2e objective is empty: give --ce, --kl or --hidden a weight above 0")
 
     @property
     def windows_per_step(self) -> int:

@@ -156,3 +156,45 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
                          f"{seqlen} beside {nsamples} training windows; lower --holdout or --nsamples")
     cut = lambda ss: torch.stack([ids[s:s + seqlen] for s in ss]) if ss else ids.new_zeros(0, seqlen)  # noqa: E731
     return cut(starts), cut(held)
+
+
+def mixture(source: str) -> list[tuple[str, float]]:
+    """``"c4"`` -> ``[("c4", 1.0)]``; ``"c4:3,alpaca:1"`` -> ``[("c4", 0.75), ("alpaca", 0.25)]`` (weights
+    normalised; a source without ``:w`` weighs 1)."""
+    parts = []
+    for item in source.split(","):
+        name, _, weight = item.strip().rpartition(":") if ":" in item and not Path(item).is_file() else (item.strip(), "", "1")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"calibration mixture {source!r}: weight {weight!r} of {name!r} is not a number") from None
+        if value <= 0 or not name:
+            raise ValueError(f"calibration mixture {source!r}: every part needs a name and a weight above 0")
+        parts.append((name, value))
+    total = sum(w for _, w in parts)
+    return [(name, w / total) for name, w in parts]
+
+
+def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
+                     holdout: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out windows of a source or a weighted mixture of sources (see :func:`mixture`):
+    each part gives its share of the windows (largest remainders get the rest), drawn from its own stream."""
+    parts = mixture(source)
+    counts = [_shares(nsamples, [w for _, w in parts]), _shares(holdout, [w for _, w in parts])]
+    windows, held = [], []
+    for k, (name, _) in enumerate(parts):
+        if counts[0][k] == 0 and counts[1][k] == 0:
+            continue
+        w, h = calibration_windows(token_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k])
+        windows.append(w)
+        held.append(h)
+    return torch.cat(windows), torch.cat(held)
+
+
+def _shares(total: int, weights: list[float]) -> list[int]:
+    exact = [total * w for w in weights]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts

@@ -40,21 +40,37 @@ def _chunk_nll(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
 
 
+def _chunked(fn, lm_head: nn.Module, hidden: torch.Tensor, other: torch.Tensor, length: int) -> torch.Tensor:
+    """``sum_chunks fn(lm_head, hidden[:, chunk], other[:, chunk'])`` over chunks of positions, each
+    chunk's logits recomputed in the backward pass (with a gradient) instead of stored."""
+    step = max(1, LOGIT_CHUNK // (hidden.shape[0] * lm_head.weight.shape[0]))
+    total = torch.zeros((), device=hidden.device)
+    for s in range(0, length, step):
+        h, o = hidden[:, s:s + step], other[:, s:s + step]
+        total = total + (checkpoint(fn, lm_head, h, o, use_reentrant=False) if h.requires_grad else fn(lm_head, h, o))
+    return total
+
+
+def _chunk_kl(lm_head: nn.Module, hidden: torch.Tensor, dense_hidden: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        log_p = F.log_softmax(lm_head(dense_hidden).float(), dim=-1)
+    log_q = F.log_softmax(lm_head(hidden).float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def next_token_kl(lm_head: nn.Module, hidden: torch.Tensor, dense_hidden: torch.Tensor) -> torch.Tensor:
+    """Summed ``KL(dense || pruned)`` of the next-token distributions at every position, from the final
+    hidden states of the pruned and the dense model, in chunks of positions (bounded memory)."""
+    return _chunked(_chunk_kl, lm_head, hidden, dense_hidden, hidden.shape[1])
+
+
 def next_token_nll(lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of ``ids`` from the final hidden states, in chunks of positions.
 
     Never a whole batch's full-vocabulary logits: with a gradient each chunk's logits are recomputed
     in the backward pass instead of stored.
     """
-    batch, length = ids.shape
-    step = max(1, LOGIT_CHUNK // (batch * lm_head.weight.shape[0]))
-    total = torch.zeros((), device=hidden.device)
-    for s in range(0, length - 1, step):
-        e = min(s + step, length - 1)
-        h, y = hidden[:, s:e], ids[:, s + 1:e + 1]
-        total = total + (checkpoint(_chunk_nll, lm_head, h, y, use_reentrant=False) if h.requires_grad
-                         else _chunk_nll(lm_head, h, y))
-    return total
+    return _chunked(_chunk_nll, lm_head, hidden[:, :-1], ids[:, 1:], ids.shape[1] - 1)
 
 
 def eval_tokens(tokenizer, source: str = "wikitext2") -> torch.Tensor:

@@ -97,8 +97,8 @@ def calibration(tokenizer, config: PruneConfig, windows: torch.Tensor | None,
     calib = config.calibration
     wanted = calib.holdout if config.learned is not None else 0
     if windows is None:
-        ids = data.token_stream(tokenizer, calib.source)
-        windows, holdout = data.calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed, wanted)
+        windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
+                                                 wanted)
     if holdout is None or not wanted:
         holdout = windows.new_zeros(0, windows.shape[1])
     if wanted and len(holdout) == 0:

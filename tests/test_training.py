@@ -113,7 +113,8 @@ def test_learning_refines_its_warm_start_within_tiles():
     assert report.training[0].seconds > 0
 
 
-@pytest.mark.parametrize("objective", [dict(hidden=0.0), dict(ce=0.0), dict()], ids=["ce", "hidden", "both"])
+@pytest.mark.parametrize("objective", [dict(hidden=0.0), dict(ce=0.0), dict(), dict(ce=0.0, hidden=0.0, kl=1.0)],
+                         ids=["ce", "hidden", "ce+hidden", "kl"])
 def test_e2e_training_from_random_costs_lowers_its_objective(objective):
     model, report = learned(config("e2e", init="random", steps=20, judge_every=2, lr=0.3, batch=4, **objective))
     (record,) = report.training
@@ -168,3 +169,28 @@ def test_a_learned_run_needs_held_out_windows():
     dense = tiny_llama()
     model = copy.deepcopy(dense)
     prune(model, None, PruneConfig(), windows=CALIB, progress=False)  # a search needs none
+
+
+def test_chunked_logit_terms_equal_the_full_computation(monkeypatch):
+    """CE and KL taken in chunks of positions (and through checkpoints, with a gradient) equal the
+    full-vocabulary computation; KL of a model against itself is zero."""
+    import torch.nn.functional as F
+
+    import permsparse.evaluation as evaluation
+
+    model = tiny_llama()
+    ids = CALIB[:2]
+    hidden = model.base_model(ids).last_hidden_state
+    dense = (hidden + 0.3 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))).detach()
+    head = model.get_output_embeddings()
+    logits, dense_logits = head(hidden).float(), head(dense).float()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1), reduction="sum")
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(dense_logits, -1), log_target=True, reduction="sum")
+    monkeypatch.setattr(evaluation, "LOGIT_CHUNK", 2 * 512 * 5)  # chunks of 5 positions
+    torch.testing.assert_close(evaluation.next_token_nll(head, hidden, ids), nll, rtol=1e-5, atol=1e-4)
+    chunked = evaluation.next_token_kl(head, hidden, dense)
+    torch.testing.assert_close(chunked, kl, rtol=1e-5, atol=1e-4)
+    (grad,) = torch.autograd.grad(chunked, hidden)
+    (expected,) = torch.autograd.grad(kl, hidden)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    assert float(evaluation.next_token_kl(head, dense, dense)) == pytest.approx(0.0, abs=1e-4)

@@ -3,8 +3,9 @@
 Two scopes (``Learned.scope``):
 
 - ``e2e``: every permutation of the model at once, as in the paper. The objective is
-  ``ce * CE + hidden * mean_l dist(h_l, h_l^dense)``: the pruned model's next-token cross-entropy on
-  the calibration windows plus the distance of every block's output to the dense model's. The dense
+  ``ce * CE + kl * KL + hidden * mean_l dist(h_l, h_l^dense)``: the pruned model's next-token
+  cross-entropy on the calibration windows, the KL divergence of its next-token distributions from the
+  dense model's, and the distance of every block's output to the dense model's. The dense
   model's outputs are recomputed for each batch (the weights are frozen, so the dense forward is the
   same model without the relaxed weights), never held for the whole calibration set, and the
   cross-entropy is taken in chunks of positions, never as full-vocabulary logits of a whole batch.
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from ..adapters import AttentionGeometry, linear_weight, replaced_weights
 from ..calibration import block_output
 from ..config import Learned, PruneConfig
-from ..evaluation import next_token_nll
+from ..evaluation import next_token_kl, next_token_nll
 from ..report import TrainingRecord
 from ..scores import compute_score
 from .sites import Site
@@ -37,17 +38,22 @@ class Terms:
 
     nll: Tensor = field(default_factory=lambda: torch.zeros(()))
     tokens: int = 0
+    kl: Tensor = field(default_factory=lambda: torch.zeros(()))
+    positions: int = 0
     hidden_num: Tensor = field(default_factory=lambda: torch.zeros(()))
     hidden_den: Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def __add__(self, other: "Terms") -> "Terms":
-        return Terms(self.nll + other.nll, self.tokens + other.tokens, self.hidden_num + other.hidden_num,
+        return Terms(self.nll + other.nll, self.tokens + other.tokens, self.kl + other.kl,
+                     self.positions + other.positions, self.hidden_num + other.hidden_num,
                      self.hidden_den + other.hidden_den)
 
     def value(self, learned: Learned) -> Tensor:
         loss = torch.zeros((), device=self.nll.device)
         if learned.ce > 0:
             loss = loss + learned.ce * self.nll / max(self.tokens, 1)
+        if learned.kl > 0:
+            loss = loss + learned.kl * self.kl / max(self.positions, 1)
         if learned.hidden > 0:
             loss = loss + learned.hidden * (self.hidden_num / self.hidden_den.clamp_min(1e-12)).mean()
         return loss
@@ -72,24 +78,38 @@ def hidden_distance(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, 
     raise ValueError(f"unknown hidden loss {kind!r}")
 
 
+@dataclass
+class DenseStates:
+    """What the objective needs of the dense model on a batch: block outputs and final hidden states."""
+
+    blocks: tuple[Tensor, ...] | None
+    final: Tensor | None
+
+
 @torch.no_grad()
-def dense_states(teacher: nn.Module, ids: Tensor, learned: Learned) -> tuple[Tensor, ...] | None:
-    """The dense model's block outputs on ``ids`` that the objective distils towards (None if unused)."""
-    if learned.hidden <= 0:
-        return None
-    return teacher.base_model(ids, output_hidden_states=True, use_cache=False).hidden_states[1:]
+def dense_states(teacher: nn.Module, ids: Tensor, learned: Learned) -> DenseStates:
+    """The dense model's outputs on ``ids`` that the objective distils towards (None where unused)."""
+    if learned.hidden <= 0 and learned.kl <= 0:
+        return DenseStates(None, None)
+    out = teacher.base_model(ids, output_hidden_states=learned.hidden > 0, use_cache=False)
+    return DenseStates(out.hidden_states[1:] if learned.hidden > 0 else None,
+                       out.last_hidden_state if learned.kl > 0 else None)
 
 
-def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: tuple[Tensor, ...] | None) -> Terms:
-    """The objective's terms of the causal LM ``student`` on ``ids``, against the dense model's block
-    outputs ``dense`` (:func:`dense_states`, computed before the student's weights are replaced)."""
-    out = student.base_model(ids, output_hidden_states=dense is not None, use_cache=False)
+def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: DenseStates) -> Terms:
+    """The objective's terms of the causal LM ``student`` on ``ids``, against the dense model's outputs
+    ``dense`` (:func:`dense_states`, computed before the student's weights are replaced)."""
+    out = student.base_model(ids, output_hidden_states=dense.blocks is not None, use_cache=False)
+    head = student.get_output_embeddings()
     terms = Terms()
     if learned.ce > 0:
-        terms.nll = next_token_nll(student.get_output_embeddings(), out.last_hidden_state, ids)
+        terms.nll = next_token_nll(head, out.last_hidden_state, ids)
         terms.tokens = ids[:, 1:].numel()
-    if dense is not None:
-        pairs = [hidden_distance(learned.hidden_loss, h, t) for h, t in zip(out.hidden_states[1:], dense)]
+    if dense.final is not None:
+        terms.kl = next_token_kl(head, out.last_hidden_state, dense.final)
+        terms.positions = ids.numel()
+    if dense.blocks is not None:
+        pairs = [hidden_distance(learned.hidden_loss, h, t) for h, t in zip(out.hidden_states[1:], dense.blocks)]
         terms.hidden_num = torch.stack([p[0] for p in pairs])
         terms.hidden_den = torch.stack([p[1] for p in pairs])
     return terms

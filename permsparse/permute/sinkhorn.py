@@ -146,20 +146,17 @@ class CostTiles(nn.Module):
         return (local[self.tie] + self.offsets).reshape(-1)
 
     def soft(self, eps: float, iters: int) -> Tensor:
-        """Soft permutation matrices ``(T, tile, tile)``: Sinkhorn of ``-C / eps``.
+        """Soft permutation matrices ``(T, tile, tile)``: Sinkhorn of ``-C / eps``."""
+        return soft_permutations([self], eps, iters)[0]
 
-        The Sinkhorn iterations are recomputed in the backward pass rather than stored: stored, they
-        would hold ``2 * iters`` copies of every cost tile for the whole training step.
-        """
-        return checkpoint(_soft, self.cost, eps, iters, use_reentrant=False)
-
-    def matrices(self, eps: float, iters: int, forward: str, local: Tensor) -> Tensor:
+    def matrices(self, eps: float, iters: int, forward: str, local: Tensor, soft: Tensor | None = None) -> Tensor:
         """Per-tile matrices ``(G, tile, tile)`` for the training forward pass.
 
         ``soft``: the Sinkhorn matrix. ``hard``: the Hungarian one-hot (``local``) in value with the
         Sinkhorn gradient, written ``hard + (soft - soft.detach())`` so the bracket is exactly zero.
+        ``soft`` may be given when :func:`soft_permutations` computed it for many sites at once.
         """
-        soft = self.soft(eps, iters)
+        soft = self.soft(eps, iters) if soft is None else soft
         if forward == "soft":
             mats = soft
         elif forward == "hard":
@@ -171,6 +168,35 @@ class CostTiles(nn.Module):
 
 def _soft(cost: Tensor, eps: float, iters: int) -> Tensor:
     return log_sinkhorn(-standardise(cost) / eps, iters).exp()
+
+
+def soft_permutations(tiles: list[CostTiles], eps: float, iters: int) -> list[Tensor]:
+    """Every site's soft permutation matrices, with one Sinkhorn per tile size for all sites at once.
+
+    Each tile is normalised on its own, so batching changes nothing but the number of (small)
+    operations. The Sinkhorn iterations are recomputed in the backward pass rather than stored:
+    stored, they would hold ``2 * iters`` copies of every cost tile for the whole training step.
+    """
+    out: list[Tensor | None] = [None] * len(tiles)
+    for size in sorted({t.tile for t in tiles}):
+        members = [i for i, t in enumerate(tiles) if t.tile == size]
+        costs = torch.cat([tiles[i].cost for i in members])
+        soft = checkpoint(_soft, costs, eps, iters, use_reentrant=False)
+        for i, part in zip(members, soft.split([tiles[i].cost.shape[0] for i in members])):
+            out[i] = part
+    return out
+
+
+def hard_permutations(tiles: list[CostTiles]) -> list[Tensor]:
+    """Every site's Hungarian solution ``(T, tile)``, solved in one batch per tile size."""
+    out: list[Tensor | None] = [None] * len(tiles)
+    for size in sorted({t.tile for t in tiles}):
+        members = [i for i, t in enumerate(tiles) if t.tile == size]
+        with torch.no_grad():
+            local = hungarian(torch.cat([tiles[i].normalised_cost() for i in members]))
+        for i, part in zip(members, local.split([tiles[i].cost.shape[0] for i in members])):
+            out[i] = part
+    return out
 
 
 class _RelaxedWeight(torch.autograd.Function):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..config import Learned
 from ..masks import nm_mask, permuted_nm_mask
 from ..report import TrainingRecord
-from .sinkhorn import CostTiles, relaxed_weight
+from .sinkhorn import CostTiles, hard_permutations, relaxed_weight, soft_permutations
 
 
 @dataclass
@@ -105,13 +105,14 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
                disable=not progress, leave=False)
     for step in bar:
         eps = config.eps_at(step)
-        locals_ = [mod.hard_local() for mod in modules]
+        locals_ = hard_permutations(modules)
         perms = full(locals_)
         if step % config.judge_every == 0:
             judge(step, perms)
         weights = {}
-        for site, mod, base, loc, p in zip(sites, modules, bases, locals_, perms):
-            mats = mod.matrices(eps, config.sinkhorn_iters, config.forward, loc)
+        softs = soft_permutations(modules, eps, config.sinkhorn_iters)
+        for site, mod, base, loc, p, soft in zip(sites, modules, bases, locals_, perms, softs):
+            mats = mod.matrices(eps, config.sinkhorn_iters, config.forward, loc, soft)
             for name, lin in site.linears.items():
                 with torch.no_grad():  # the mask in final position order: position j holds channel p[j]
                     mask = nm_mask(lin.scores()[:, p], n, m)
@@ -128,7 +129,7 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
             save_state(copy.deepcopy({"costs": [mod.cost.detach().cpu() for mod in modules],
                                       "optimiser": optimiser.state_dict(), "record": record, "best": best,
                                       "last_judged": last_judged, "step": step + 1}))
-    judge(config.steps, full([mod.hard_local() for mod in modules]))
+    judge(config.steps, full(hard_permutations(modules)))
     bar.close()
     assert best is not None
     record.init_judged = record.judged[0][1]
