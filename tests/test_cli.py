@@ -118,3 +118,17 @@ def test_learned_end_to_end_from_the_command_line_records_its_training(tiny_llam
     assert main(["check", str(out)]) == 0
     assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--ce", "0", "--hidden", "0")) == 2
     assert "objective is empty" in capsys.readouterr().err
+
+
+def test_eval_runs_zero_shot_tasks_on_a_pruned_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_llama_dir, out, "--perm", "ria")) == 0
+    result = tmp_path / "zs.json"
+    assert main(["eval", str(out), "--windows", "0", "--tasks", "arc_easy,piqa", "--limit", "3", "--json",
+                 str(result), "--quiet"]) == 0
+    scores = json.loads(result.read_text())["zero_shot"]
+    assert [s["task"] for s in scores] == ["arc_easy", "piqa"] and all(s["items"] == 3 for s in scores)
+    assert all(0 <= s["acc"] <= 1 for s in scores) and "arc_easy" in capsys.readouterr().out
+    assert main(["eval", str(out), "--tasks", "arc_hard"]) == 2
+    assert "unknown task" in capsys.readouterr().err

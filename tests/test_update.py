@@ -10,14 +10,6 @@ from permsparse.update import UPDATES, UpdateResult, admm, sparsegpt
 ALGORITHMS = sorted(UPDATES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_layer(seed: int = 0, out: int = 32, cols: int = 64, tokens: int = 256):
     """A random weight and calibration inputs with correlated, outlier and near-duplicate channels."""
     g = torch.Generator().manual_seed(seed)

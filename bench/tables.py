@@ -1,0 +1,153 @@
+"""Regenerate the README's result tables from ``bench/results/*.json``.
+
+Every table sits in README.md between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` and is
+rewritten from ``bench/results/NAME.json``, with the protocol, the date of the run and its command. A
+table whose JSON is missing is left as it is. ``--check`` exits 1 when the README is not up to date.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+TEXTS = {"wikitext2": "WikiText-2", "shakespeare": "Shakespeare", "alpaca": "Alpaca (validation)",
+         "wikitext2-valid": "WikiText-2 valid", "c4-demo": "C4 demo"}
+
+
+def fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def header(data: dict) -> str:
+    machine = data.get("machine", {})
+    where = machine.get("gpu") or f"{machine.get('cpus', '?')}-core CPU"
+    return f"*Run {data.get('date', '?')} on a {where}: `{data.get('command', '?')}`.*\n\n"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def ppl_table(data: dict, label_header: str, rows: list[dict], gap: bool = True, strip: str = "") -> str:
+    texts = data["protocol"]["evals"]
+    headers = [label_header]
+    for t in texts:
+        headers.append(f"{TEXTS.get(t, t)} ppl")
+        if gap:
+            headers.append("gap closed")
+    headers += ["pruning s", "peak RSS MB"]
+    body = []
+    for r in rows:
+        cells = [r["label"].removeprefix(strip)]
+        for t in texts:
+            cells.append(fmt(r["ppl"].get(t), ".2f"))
+            if gap:
+                cells.append(fmt((r.get("gap") or {}).get(t), ".3f"))
+        cells += [fmt(r["prune_s"], ".0f") if r.get("config") else "–", fmt(r.get("peak_rss_mb"), ".0f")]
+        body.append(cells)
+    return table(headers, body)
+
+
+def protocol_line(data: dict) -> str:
+    p = data["protocol"]
+    texts = ", ".join(TEXTS.get(t, t) for t in p["evals"])
+    calib = p.get("calib") or ", ".join(p.get("calibs", [])) or "the default calibration"
+    return (f"Protocol: SmolLM2-135M ({p['model']}), 2:4; calibration {p['nsamples']} x {p['seqlen']} tokens of "
+            f"{calib}, seed {p['seed']}; evaluation on the first {p['windows']} windows of {p['seqlen']} tokens of "
+            f"{texts}; one process per row, {p.get('jobs', 1)} at a time, {p.get('threads', 1)} thread each.\n\n")
+
+
+def render_demo(data: dict) -> str:
+    return header(data) + protocol_line(data) + ppl_table(data, "2:4 Wanda + permutation", data["results"], gap=False)
+
+
+def render_oneshot(data: dict) -> str:
+    return header(data) + protocol_line(data) + ppl_table(data, "method", data["results"])
+
+
+def render_learned(data: dict) -> str:
+    out = header(data) + protocol_line(data)
+    for calib in data["protocol"]["calibs"]:
+        group = [r for r in data["results"] if r["label"].startswith(f"{calib} | ")]
+        if group:
+            out += f"Calibrated on **{calib}**:\n\n" + ppl_table(data, "method", group, strip=f"{calib} | ") + "\n"
+    return out
+
+
+def render_permutation(data: dict) -> str:
+    parts = data["results"][0]
+    out = header(data)
+    if "layers" in parts:
+        out += table(["method", "efficacy", "error / none", "gap closed", "of ria's remaining gap", "search s"],
+                     [[r["label"], fmt(r["efficacy"], ".3f"), fmt(r["err_vs_none"], ".3f"), fmt(r["gap_closed"], ".3f"),
+                       fmt(r.get("of_ria_gap"), ".3f"), fmt(r["search_s"], ".1f")] for r in parts["layers"]]) + "\n"
+    if "model" in parts:
+        texts = data["protocol"]["evals"]
+        out += table(["method (binding)"] + [f"{TEXTS.get(t, t)} ppl" for t in texts] + ["pruning s"],
+                     [[r["label"]] + [fmt(r["ppl"].get(t), ".2f") for t in texts] + [fmt(r["prune_s"], ".0f")]
+                      for r in parts["model"]]) + "\n"
+    if "synthetic" in parts:
+        out += table(["method", "s @4096", "efficacy", "s @11008", "efficacy", "7B projection h"],
+                     [[r["label"], fmt(r["s_4096"], ".1f"), fmt(r["efficacy_4096"], ".3f"), fmt(r["s_11008"], ".1f"),
+                       fmt(r["efficacy_11008"], ".3f"), fmt(r["projected_7b_h"], ".2f")] for r in parts["synthetic"]])
+    return out
+
+
+def render_learned_cost(data: dict) -> str:
+    (r,) = data["results"]
+    p = data["protocol"]
+    note = data.get("source", "")
+    return header(data) + (f"{note}\n\n" if note else "") + table(
+        ["block (hidden / MLP)", "tokens held", "s per step", "s per block", f"{p['blocks']} blocks, h", "peak GiB"],
+        [[f"{p['hidden']} / {p['intermediate']}", f"{p['windows']} x {p['seqlen']}", fmt(r["per_step_s"], ".2f"),
+          fmt(r["block_s"], ".1f"), fmt(r["projected_model_h"], ".2f"), fmt(r["rows"][-1].get("peak_gib"), ".1f")]])
+
+
+def render_gpu_speed(data: dict) -> str:
+    rows = [[r["shape"].replace("x", " x "), str(r["tokens"]), fmt(r["dense_ms"], ".3f"), fmt(r.get("cusparselt_ms"), ".3f"),
+             fmt(r.get("cusparselt_graph_ms"), ".3f"),
+             fmt(r["dense_ms"] / r["cusparselt_graph_ms"] if r.get("cusparselt_graph_ms") else None, ".2f") + "x",
+             fmt(r.get("gather_only_ms"), ".3f")]
+            for r in data["linears"]]
+    note = data.get("source", "")
+    return (header(data) + (f"{note}\n\n" if note else "")
+            + table(["linear (out x in)", "tokens", "dense ms", "2:4 ms (eager)", "2:4 ms (graph)", "speed-up (graph)",
+                     "input gather ms"], rows))
+
+
+RENDERERS = {"demo": render_demo, "oneshot": render_oneshot, "learned": render_learned,
+             "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed}
+
+
+def regenerate(text: str) -> str:
+    for name, render in RENDERERS.items():
+        path = RESULTS / f"{name}.json"
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        if path.is_file() and pattern.search(text):
+            body = render(json.loads(path.read_text()))
+            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    args = parser.parse_args()
+    text = README.read_text()
+    new = regenerate(text)
+    if args.check:
+        return 0 if new == text else 1
+    README.write_text(new)
+    print(f"README.md tables regenerated from {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
