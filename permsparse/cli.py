@@ -91,7 +91,12 @@ def _add_prune(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder")
     p.add_argument("--eval-windows", type=int, default=16,
-                   help="WikiText-2 test windows (of --seqlen tokens) to evaluate after pruning; 0 skips")
+                   help="windows (of --seqlen tokens) of each --eval-texts text to evaluate after pruning; 0 skips")
+    p.add_argument("--eval-texts", default="wikitext2,shakespeare",
+                   help="comma-separated texts whose perplexity is recorded after pruning (WikiText-2 test, and Tiny "
+                        "Shakespeare as an out-of-domain text)")
+    p.add_argument("--eval-tasks", default="", help="comma-separated zero-shot tasks recorded after pruning (see eval)")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N items of each --eval-tasks task")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p, PruneConfig)
@@ -124,9 +129,22 @@ def _add_check(sub) -> None:
     p.add_argument("--tolerance", type=float, default=None, help="relative logits tolerance (default by dtype)")
 
 
+def _tasks(spec: str) -> list[str]:
+    """Task names from a comma-separated list, checked before any long work."""
+    tasks = [t for t in spec.split(",") if t]
+    if tasks:
+        from .zeroshot import TASKS
+
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    return tasks
+
+
 def run_prune(args) -> int:
     from .pipeline import prune
 
+    tasks = _tasks(args.eval_tasks)
     config = config_from_args(args)
     export = ExportConfig(**given(args, ExportConfig))
     check_export(export, config)
@@ -137,26 +155,26 @@ def run_prune(args) -> int:
     print(f"config: {json.dumps(to_dict(config))}", flush=True)
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet)
-    metrics = {}
-    if args.eval_windows > 0:
-        result = perplexity(model, tokenizer, seqlen=config.calibration.seqlen, windows=args.eval_windows,
+    metrics, zero_shot_results = {}, []
+    for text in [t for t in args.eval_texts.split(",") if t] if args.eval_windows > 0 else []:
+        result = perplexity(model, tokenizer, seqlen=config.calibration.seqlen, windows=args.eval_windows, source=text,
                             progress=not args.quiet)
-        metrics["wikitext2"] = result
-        print(f"pruned ppl {result.ppl:.2f} (WikiText-2 raw test, first {result.windows} windows of {result.seqlen})")
+        metrics[text] = result
+        print(f"pruned ppl {result.ppl:.2f} on {text} (first {result.windows} windows of {result.seqlen} tokens)")
+    if tasks:
+        from .zeroshot import format_table, zero_shot
+
+        zero_shot_results = zero_shot(model, tokenizer, tasks, limit=args.eval_limit, progress=not args.quiet)
+        print(format_table(zero_shot_results))
     export_checkpoint(model, tokenizer, args.out, config, report, export=export, model_name=args.model,
-                      metrics=metrics, command=args.command_line, overwrite=args.overwrite, in_place=True)
+                      metrics=metrics, zero_shot=zero_shot_results, command=args.command_line, overwrite=args.overwrite,
+                      in_place=True)
     print(f"saved {args.out} ({report.seconds:.1f} s pruning, peak RSS {report.peak_rss_mb:.0f} MB)")
     return 0
 
 
 def run_eval(args) -> int:
-    tasks = [t for t in args.tasks.split(",") if t]
-    if tasks:
-        from .zeroshot import TASKS
-
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    tasks = _tasks(args.tasks)
     if (Path(args.model) / "permsparse.json").is_file():
         from transformers import AutoTokenizer
 

@@ -156,6 +156,8 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
         group_stats = stats.get(group[0])
         for name in group:
             plan.act_norms[name] = None if group_stats is None else group_stats.act_norm
+            if group_stats is not None and group_stats.gram is not None:
+                plan.grams[name] = group_stats.gram
         if config.nm is None:
             plan.sites += sites_for_group(group, "per-linear", run.adapter, run.geometry)
             continue
@@ -193,19 +195,32 @@ def apply_plan(run: Run, plan: Plan) -> dict[str, torch.Tensor]:
             weight = linear_weight(plan.module.get_submodule(name))
             scores = plan.scores(name, config.score)
             if config.nm is None:
-                mask, identity = unstructured_mask(scores, config.density), None
+                mask, identity_mask = unstructured_mask(scores, config.density), None
             else:
-                mask, identity = permuted_nm_mask(scores, perm, *config.nm), kept_share(scores, nm_mask(scores, *config.nm))
+                mask, identity_mask = permuted_nm_mask(scores, perm, *config.nm), nm_mask(scores, *config.nm)
+            errors = (None, None)
+            if name in plan.grams:
+                errors = tuple(None if m is None else relative_error(weight, m, plan.grams[name])
+                               for m in (mask, identity_mask))
             weight.mul_(mask.to(weight.dtype))
             masks[full] = mask
             run.report.layers.append(LayerRecord(
                 full, tuple(weight.shape), None if config.nm is None else f"{plan.name}.{site.name}",
-                kept_share(scores, mask), identity, plan.seconds.get(site.name)))
+                kept_share(scores, mask), None if identity_mask is None else kept_share(scores, identity_mask),
+                plan.seconds.get(site.name), *errors))
     return masks
 
 
 def kept_share(scores: torch.Tensor, mask: torch.Tensor) -> float:
     return float((scores * mask).sum() / scores.sum().clamp_min(1e-30))
+
+
+def relative_error(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor) -> float:
+    """Output error of pruning ``weight`` with ``mask``, ``sum_r d_r H d_r^T``, over ``sum_r w_r H w_r^T``."""
+    w = weight.double()
+    d = w * ~mask
+    h = gram.double()
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
 
 
 def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: int, hidden: torch.Tensor | None) -> None:
@@ -287,6 +302,7 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
                                                name, config.calibration.batch_size)
         inputs = dense_out
         plans.append(plan_block(run, i, stats, hidden, starts.get(name)))
+        plans[-1].grams = {}  # the searches used them; held for every block they would not fit a large model
     if not starts:
         run.progress.save("starts", {plan.name: plan.perms for plan in plans})
     if any(not site.hidden for plan in plans for site in plan.sites):

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LayerRecord:
-    """One pruned linear: the share of its host score kept, with and without its permutation."""
+    """One pruned linear: the share of its host score kept, with and without its permutation, and (when
+    the input Gram matrix was collected, as the output search does) its output error ``sum_r d_r H d_r^T``
+    relative to the dense output's energy ``sum_r w_r H w_r^T``, with and without the permutation."""
 
     name: str
     shape: tuple[int, int]
@@ -19,6 +21,8 @@ class LayerRecord:
     kept_score: float
     kept_score_identity: float | None
     search_seconds: float | None
+    output_error: float | None = None
+    output_error_identity: float | None = None
 
 
 @dataclass

@@ -24,6 +24,7 @@ def test_prune_writes_a_plain_checkpoint_that_reloads_to_the_same_logits(tiny_ll
     meta = json.loads((out / "permsparse.json").read_text())
     assert meta["config"]["pattern"] == "2:4" and meta["export"] == "masked"
     assert len(meta["report"]["layers"]) == 14 and meta["metrics"]["wikitext2"]["windows"] == 2
+    assert meta["metrics"]["shakespeare"]["windows"] == 2 and meta["zero_shot"] == []
     assert meta["command"].startswith("permsparse prune --model")
     assert not (tmp_path / "pruned.partial").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -83,7 +84,7 @@ def test_flags_of_the_other_permutation_kind_are_refused(tiny_llama_dir, tmp_pat
 def test_eval_prints_and_writes_perplexity(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "ppl.json"
     assert main(["eval", str(tiny_llama_dir), "--seqlen", "64", "--windows", "3", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text())["perplexity"]
     assert result["windows"] == 3 and result["seqlen"] == 64 and result["tokens"] == 3 * 63
     assert result["ppl"] > 100  # a random 512-token model is close to uniform (ppl ~ 512)
     assert "ppl" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from ..config import PruneConfig
 from ..evaluation import Perplexity
 from ..report import PruneReport
 from ..serial import RecordError, from_dict, to_dict
+from ..zeroshot import TaskResult
 
 FILENAME = "permsparse.json"
 FORMAT_VERSION = 1
@@ -88,6 +89,7 @@ class CheckpointRecord:
     plain_hf: bool  # from_pretrained(DIR) alone gives the pruned model's outputs (no runtime gather needed)
     reference: Reference
     metrics: dict[str, Perplexity] = field(default_factory=dict)
+    zero_shot: list[TaskResult] = field(default_factory=list)
     command: str = ""
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from ..config import PruneConfig, check_choices, option
 from ..evaluation import Perplexity
 from ..report import PruneReport
+from ..zeroshot import TaskResult
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers
 from .record import FORMAT_VERSION, CheckpointRecord, write_record
@@ -69,7 +70,8 @@ def check_export(export: ExportConfig, config: PruneConfig) -> None:
 
 def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: PruneConfig, report: PruneReport, *,
                       export: ExportConfig = ExportConfig(), model_name: str = "", metrics: dict[str, Perplexity] | None = None,
-                      command: str = "", overwrite: bool = False, in_place: bool = False) -> Path:
+                      zero_shot: list[TaskResult] | None = None, command: str = "", overwrite: bool = False,
+                      in_place: bool = False) -> Path:
     """Write the pruned (masked, in-memory) ``model`` to ``out`` as ``export`` says.
 
     The reference logits are recorded from ``model`` before folding; the folded model (gathers
@@ -98,7 +100,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
         fold.verified = detail
     record = CheckpointRecord(FORMAT_VERSION, version("permsparse"), model_name, config, report, export.format, layouts, fold,
                               not any(entry.layout == "gather" for entry in layouts.values()), reference,
-                              dict(metrics or {}), command)
+                              dict(metrics or {}), list(zero_shot or []), command)
     staging = partial_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(staging)

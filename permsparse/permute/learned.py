@@ -143,6 +143,7 @@ class Plan:
     sites: list[Site]
     perms: dict[str, Tensor | None]
     seconds: dict[str, float]
+    grams: dict[str, Tensor] = field(default_factory=dict)  # input Gram matrices, when collected
 
     def scores(self, linear: str, score: str) -> Tensor:
         """The host score of a linear (block-relative name), from its current weight."""
