@@ -16,30 +16,28 @@ from common import EVAL_NAMES, Row, add_protocol_args, gap_closed, ppl_columns, 
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
-# name -> (Learned fields, Calibration fields) changed from the defaults
+# name -> (Learned fields, Calibration fields) changed from the defaults; every variant names its start
 VARIANTS = {
     "default": ({}, {}),
-    "ce+hidden": ({"ce": 1.0, "kl": 0.0, "hidden": 1.0}, {}),
-    "ce": ({"ce": 1.0, "kl": 0.0, "hidden": 0.0}, {}),
-    "hidden": ({"ce": 0.0, "kl": 0.0, "hidden": 1.0}, {}),
-    "kl": ({"ce": 0.0, "kl": 1.0, "hidden": 0.0}, {}),
-    "kl+hidden": ({"ce": 0.0, "kl": 1.0, "hidden": 1.0}, {}),
-    "ce+kl+hidden": ({"ce": 1.0, "kl": 1.0, "hidden": 1.0}, {}),
-    "init ria": ({"init": "ria"}, {}),
-    "init output": ({"init": "output"}, {}),
-    "60 steps": ({"steps": 60}, {}),
-    "lr 0.05": ({"lr": 0.05}, {}),
-    "128 windows": ({}, {"nsamples": 128}),
-    "blockwise": ({"scope": "blockwise"}, {}),
+    "ce+hidden, ria start": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 1.0}, {}),
+    "ce+hidden, output start": ({"init": "output", "ce": 1.0, "kl": 0.0, "hidden": 1.0}, {}),
+    "ce, ria start": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 0.0}, {}),
+    "hidden, ria start": ({"init": "ria", "ce": 0.0, "kl": 0.0, "hidden": 1.0}, {}),
+    "kl, ria start": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 0.0}, {}),
+    "kl+hidden, ria start": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0}, {}),
+    "kl+hidden, output start": ({"init": "output", "ce": 0.0, "kl": 1.0, "hidden": 1.0}, {}),
+    "kl+hidden, ria start, 128 windows": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0}, {"nsamples": 128}),
+    "kl+hidden, ria start, 60 steps": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 60}, {}),
+    "blockwise, ria start": ({"init": "ria", "scope": "blockwise"}, {}),
 }
 
 
 def rows_for(calib: str, args) -> list[Row]:
     base = Calibration(source=calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    rows = [Row(f"{calib} | none", PruneConfig(calibration=base)),
-            Row(f"{calib} | unstructured 50%", PruneConfig(pattern="50%", calibration=base)),
-            Row(f"{calib} | ria", PruneConfig(permutation=Search("ria"), calibration=base)),
-            Row(f"{calib} | output", PruneConfig(permutation=Search("output"), calibration=base))]
+    baselines = {"none": PruneConfig(calibration=base), "unstructured 50%": PruneConfig(pattern="50%", calibration=base),
+                 "ria": PruneConfig(permutation=Search("ria"), calibration=base),
+                 "output": PruneConfig(permutation=Search("output"), calibration=base)}
+    rows = [Row(f"{calib} | {name}", baselines[name]) for name in args.baselines]
     for name in args.variants:
         learned, calibration = VARIANTS[name]
         config = PruneConfig(permutation=Learned(**learned),
@@ -53,6 +51,8 @@ def main() -> None:
     add_protocol_args(parser, evals=("wikitext2", "shakespeare", "alpaca"))
     parser.add_argument("--calibs", nargs="+", default=["c4", "wikitext2-valid"], help="calibration sources")
     parser.add_argument("--variants", nargs="*", default=["default"], choices=sorted(VARIANTS))
+    parser.add_argument("--baselines", nargs="*", default=["none", "unstructured 50%", "ria", "output"],
+                        help="baseline rows of each calibration source")
     parser.add_argument("--validation", default="alpaca", help="the evaluation text defaults are chosen on")
     parser.add_argument("--save-as", default="learned", help="name of the JSON file under bench/results")
     args = parser.parse_args()

@@ -1,4 +1,5 @@
-"""The ``permsparse`` command line: ``prune`` a model, ``eval`` a model or checkpoint, ``check`` a checkpoint.
+"""The ``permsparse`` command line: ``prune`` a model, ``eval`` a model or checkpoint, ``check`` a checkpoint,
+``report`` on checkpoints.
 
 The ``prune`` flags are built from the config dataclasses (:mod:`permsparse.config`,
 :class:`permsparse.checkpoint.save.ExportConfig`): each field's flag, type, choices, help and default
@@ -141,6 +142,21 @@ def _tasks(spec: str) -> list[str]:
     return tasks
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page (and PNGs) comparing pruned checkpoints")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="permsparse checkpoint folders")
+    p.add_argument("--out", default="report", help="output folder: index.html and PNGs (other files stay)")
+    p.add_argument("--label", action="append", default=None, help="a label per checkpoint, in order (default: folder names)")
+    p.add_argument("--title", default="permsparse report")
+
+
+def run_report(args) -> int:
+    from .report_html import write_report  # matplotlib only for this command
+
+    print(f"wrote {write_report(args.folders, args.out, labels=args.label, title=args.title)}")
+    return 0
+
+
 def run_prune(args) -> int:
     from .pipeline import prune
 
@@ -219,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_prune(sub)
     _add_eval(sub)
     _add_check(sub)
+    _add_report(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.command_line = "permsparse " + shlex.join(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval, "check": run_check}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "check": run_check, "report": run_report}[args.command](args)
     except MemoryError as err:
         print(f"permsparse: error: out of memory: {err or 'lower --batch, --seqlen or --nsamples'}", file=sys.stderr)
         return 2

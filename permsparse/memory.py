@@ -19,9 +19,10 @@ from .config import PruneConfig
 
 GIB = 2**30
 # Floats kept per token and block for the backward pass of a decoder block, in units of the hidden
-# width and of the MLP width (norm inputs, q/k/v/o, rotary, attention output, gate/up/act/down).
-ACT_PER_HIDDEN, ACT_PER_FFN = 12, 5
-LOGIT_CHUNK_BYTES = 3 * 2**24 * 4  # logits, log-softmax and gradient of one chunk (permute.learned)
+# width and of the MLP width (norm inputs, q/k/v/o, rotary, attention output, gate/up/act/down), and
+# copies of the attention scores; fitted to the peak memory of SmolLM2-135M's e2e learning.
+ACT_PER_HIDDEN, ACT_PER_FFN, ATTENTION_COPIES = 18, 8, 2
+LOGIT_CHUNK_BYTES = 3 * 2**24 * 4  # logits, log-softmax and gradient of one chunk (evaluation.LOGIT_CHUNK)
 
 
 class InsufficientMemory(MemoryError):
@@ -87,7 +88,7 @@ def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: t
         b = learned.windows_per_step
         est.parts["relaxed weights"] = linears * (dtype_bytes + 1)
         est.parts["training activations"] = (layers * b * seqlen * (ACT_PER_HIDDEN * hidden + ACT_PER_FFN * ffn) * 4
-                                             + layers * b * heads * seqlen * seqlen * 4)
+                                             + ATTENTION_COPIES * layers * b * heads * seqlen * seqlen * 4)
         est.parts["dense hidden states"] = (layers + 1) * b * seqlen * hidden * 4
         est.parts["logits"] = LOGIT_CHUNK_BYTES
     else:

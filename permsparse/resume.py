@@ -28,14 +28,9 @@ class Progress:
         if self.folder is None:
             return
         manifest = self.folder / MANIFEST
-        if manifest.is_file():
-            saved = json.loads(manifest.read_text())
-            if saved.get("fingerprint") != fingerprint:
-                raise FileExistsError(f"{self.folder} holds progress of a run with another configuration; remove it "
-                                      "or pass --overwrite")
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._atomic(manifest, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint})))
+        if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != fingerprint:
+            raise FileExistsError(f"{self.folder} holds progress of a run with another configuration; remove it "
+                                  "or pass --overwrite")
 
     def load(self, key: str) -> Any | None:
         """What was saved under ``key``, or None."""
@@ -44,8 +39,14 @@ class Progress:
         return torch.load(self.folder / f"{key}.pt", weights_only=False)
 
     def save(self, key: str, value: Any) -> None:
-        if self.folder is not None:
-            self._atomic(self.folder / f"{key}.pt", lambda p: torch.save(value, p))
+        """Save ``value`` under ``key``; the first save also records whose progress this is."""
+        if self.folder is None:
+            return
+        manifest = self.folder / MANIFEST
+        if not manifest.is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._atomic(manifest, lambda p: p.write_text(json.dumps({"fingerprint": self.fingerprint})))
+        self._atomic(self.folder / f"{key}.pt", lambda p: torch.save(value, p))
 
     @staticmethod
     def _atomic(path: Path, write) -> None:

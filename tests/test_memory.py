@@ -1,0 +1,48 @@
+"""The memory estimate stops a run that cannot fit before any heavy work, with the flags to change."""
+import pytest
+import torch
+
+import permsparse.memory as memory
+from permsparse import Calibration, Learned, PruneConfig, prune
+from permsparse.adapters import adapter_for
+from permsparse.cli import main
+
+from .conftest import CALIB, HOLDOUT, tiny_llama
+
+
+def test_the_estimate_grows_with_the_batch_and_window_length_not_with_the_window_count():
+    model = tiny_llama()
+    adapter = adapter_for(model)
+
+    def total(batch, nsamples, seqlen):
+        config = PruneConfig(permutation=Learned(batch=batch))
+        return memory.estimate(model, adapter, config, torch.zeros(nsamples, seqlen, dtype=torch.long),
+                               torch.zeros(4, seqlen, dtype=torch.long)).parts
+
+    small, more_windows, bigger_batch = total(2, 8, 32), total(2, 64, 32), total(8, 8, 32)
+    assert more_windows["training activations"] == small["training activations"]
+    assert bigger_batch["training activations"] == 4 * small["training activations"]
+    assert total(2, 8, 64)["training activations"] > 2 * small["training activations"]
+
+
+@pytest.mark.parametrize("permutation, flags", [(Learned(steps=2), "--batch"), (None, "--nsamples")])
+def test_a_run_that_cannot_fit_stops_before_the_statistics_pass(monkeypatch, permutation, flags):
+    import permsparse.pipeline as pipeline
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
+    monkeypatch.setattr(pipeline, "capture_block_inputs", lambda *a, **k: pytest.fail("heavy work started"))
+    config = PruneConfig() if permutation is None else PruneConfig(permutation=permutation)
+    with pytest.raises(memory.InsufficientMemory, match=flags):
+        prune(tiny_llama(), None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
+
+
+def test_out_of_memory_is_one_line_from_the_command_line(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
+    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", str(tmp_path / "text.txt"), "--out",
+                 str(tmp_path / "o")]) == 2  # an unknown file: the clear data error comes first
+    (tmp_path / "text.txt").write_text("to be or not to be " * 2000)
+    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", str(tmp_path / "text.txt"), "--nsamples", "4",
+                 "--seqlen", "32", "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("permsparse: error")]
+    assert len(err) == 2 and "out of memory" in err[-1] and "--nsamples" in err[-1]
+    assert not (tmp_path / "o").exists()
