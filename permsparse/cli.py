@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -28,6 +29,24 @@ from .models import SMOLLM2_ALIAS, load_model
 from .serial import to_dict
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+log = logging.getLogger("permsparse")
+
+
+def _logging(file: Path | None = None) -> None:
+    """Messages to stdout, and with a time stamp to ``file`` (the run's ``log.txt``) when given."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(out)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -168,7 +187,9 @@ def run_prune(args) -> int:
     staging = partial_dir(args.out)
     if args.overwrite and staging.exists():
         shutil.rmtree(staging)
-    print(f"config: {json.dumps(to_dict(config))}", flush=True)
+    _logging(staging / "log.txt")
+    log.info("%s", args.command_line)
+    log.info("config: %s", json.dumps(to_dict(config)))
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet)
     metrics, zero_shot_results = {}, []
@@ -176,16 +197,17 @@ def run_prune(args) -> int:
         result = perplexity(model, tokenizer, seqlen=config.calibration.seqlen, windows=args.eval_windows, source=text,
                             progress=not args.quiet)
         metrics[text] = result
-        print(f"pruned ppl {result.ppl:.2f} on {text} (first {result.windows} windows of {result.seqlen} tokens)")
+        log.info("pruned ppl %.2f on %s (first %d windows of %d tokens)", result.ppl, text, result.windows, result.seqlen)
     if tasks:
         from .zeroshot import format_table, zero_shot
 
         zero_shot_results = zero_shot(model, tokenizer, tasks, limit=args.eval_limit, progress=not args.quiet)
-        print(format_table(zero_shot_results))
+        log.info("%s", format_table(zero_shot_results))
     export_checkpoint(model, tokenizer, args.out, config, report, export=export, model_name=args.model,
                       metrics=metrics, zero_shot=zero_shot_results, command=args.command_line, overwrite=args.overwrite,
                       in_place=True)
-    print(f"saved {args.out} ({report.seconds:.1f} s pruning, peak RSS {report.peak_rss_mb:.0f} MB)")
+    log.info("saved %s (%.1f s pruning, peak RSS %.0f MB)", args.out, report.seconds, report.peak_rss_mb)
+    _logging()
     return 0
 
 

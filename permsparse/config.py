@@ -192,6 +192,8 @@ class PruneConfig:
         target = parse_pattern(self.pattern)
         if isinstance(target, float) and self.permuted:
             raise ValueError("permutations only matter for N:M patterns, not unstructured sparsity")
+        if self.learned is not None and self.calibration.holdout < 1:
+            raise ValueError("a learned permutation is judged on held-out windows: --holdout must be at least 1")
 
     @property
     def nm(self) -> tuple[int, int] | None:

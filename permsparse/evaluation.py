@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from . import data
+from .progress import bar
 from .adapters import adapter_for
 
 
@@ -94,7 +94,7 @@ def perplexity(
     batches = data.eval_windows(ids, seqlen, windows, bos)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for i in tqdm(range(0, len(batches), batch_size), desc=f"perplexity (seqlen {seqlen})", disable=not progress):
+    for i in bar(range(0, len(batches), batch_size), desc=f"perplexity (seqlen {seqlen})", disable=not progress):
         batch = batches[i : i + batch_size].to(device)
         hidden = model.base_model(batch, use_cache=False).last_hidden_state
         nll = next_token_nll(model.get_output_embeddings(), hidden, batch)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import data
+from .progress import bar
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .config import PruneConfig
@@ -71,7 +71,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     run = Run(model, adapter, adapter.attention(model.config), config, targets, PruneReport(skipped=skipped),
               Progress(state_dir, config.fingerprint()), progress)
     if not needs_calibration(config):
-        for i in tqdm(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
+        for i in bar(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
             apply_plan(run, plan_block(run, i, {}, None))
     else:
         windows, holdout = calibration(tokenizer, config, windows, holdout)
@@ -174,10 +174,7 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
             else:
                 weights = [linear_weight(block.get_submodule(s)).float() for s in site.linears]
                 plan.perms[site.name] = search_site(
-                    site, [plan.scores(s, config.score) for s in site.linears], weights,
-                    None if group_stats is None else group_stats.gram,
-                    None if group_stats is None else group_stats.drift,
-                    *config.nm, config.start, getattr(config.permutation, "chunks", 1), config.calibration.seed)
+                    site, [plan.scores(s, config.score) for s in site.linears], weights, group_stats, config)
             plan.seconds[site.name] = time.perf_counter() - started
     return plan
 
@@ -238,9 +235,9 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
     if saved is not None:
         first, inputs, reference = saved["done"], saved["inputs"], saved["reference"]
         restore(run, saved)
-    bar = tqdm(range(first, len(run.blocks)), desc="pruning blocks", initial=first, total=len(run.blocks),
+    blocks = bar(range(first, len(run.blocks)), desc="pruning blocks", initial=first, total=len(run.blocks),
                disable=not run.show)
-    for i in bar:
+    for i in blocks:
         block, name = run.blocks[i], run.name(i)
         stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], kwargs,
                                                needs_gram(config.start), name, batch)
@@ -295,7 +292,7 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
     count = len(windows)
     starts = run.progress.load("starts") or {}
     plans = []
-    for i in tqdm(range(len(run.blocks)), desc="statistics and starts", disable=not run.show):
+    for i in bar(range(len(run.blocks)), desc="statistics and starts", disable=not run.show):
         name = run.name(i)
         want_gram = needs_gram(config.start) and name not in starts
         stats, dense_out = collect_input_stats(run.blocks[i], run.readers(i), inputs[:count], kwargs, want_gram,
@@ -333,7 +330,7 @@ def global_permutation(run: Run, inputs: torch.Tensor, kwargs: dict) -> torch.Te
         run.report.hidden_perm = hidden.tolist()
         return hidden
     stacked = []
-    for i, block in enumerate(tqdm(run.blocks, desc="global permutation statistics", disable=not run.show)):
+    for i, block in enumerate(bar(run.blocks, desc="global permutation statistics", disable=not run.show)):
         readers = [g for g in run.targets[i] if all(name in run.adapter.residual_readers for name in g)]
         stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs, kwargs, False, run.name(i),
                                             config.calibration.batch_size)
@@ -342,7 +339,7 @@ def global_permutation(run: Run, inputs: torch.Tensor, kwargs: dict) -> torch.Te
                 score = compute_score(config.score, linear_weight(block.get_submodule(name)), stats[group[0]].act_norm)
                 stacked.append(score / score.sum().clamp_min(1e-30))
     method = "cp" if config.start == "cp" else "ria"
-    chunks = getattr(config.permutation, "chunks", 1)
+    chunks = config.permutation.chunks if config.learned is None else 1
     hidden = find_permutation(torch.cat(stacked), *config.nm, method, chunks=chunks, seed=config.calibration.seed)
     run.progress.save("hidden", hidden)
     run.report.hidden_perm = hidden.tolist()

@@ -116,6 +116,9 @@ def test_learned_end_to_end_from_the_command_line_records_its_training(tiny_llam
     assert permutation["kind"] == "learned" and permutation["scope"] == "e2e" and permutation["hidden"] == 0.5
     (training,) = meta["report"]["training"]
     assert training["scope"] == "model" and training["best_judged"] <= training["init_judged"]
+    log = (out / "log.txt").read_text()  # every step's bar leaves its final state in the run's log
+    for line in ("config: {", "statistics and starts: 2/2", "learn permutations (e2e): 3/3", "saved "):
+        assert line in log, line
     assert main(["check", str(out)]) == 0
     assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--ce", "0", "--hidden", "0")) == 2
     assert "objective is empty" in capsys.readouterr().err

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import Adapter, AttentionGeometry
+from ..calibration import InputStats
+from ..config import PruneConfig
 from .search import find_permutation
 
 
@@ -39,10 +41,14 @@ def sites_for_group(group: tuple[str, ...], binding: str, adapter: Adapter, geom
     return [Site(group[0], group, heads, hidden)]
 
 
-def search_site(site: Site, scores: list[torch.Tensor], weights: list[torch.Tensor], gram: torch.Tensor | None,
-                drift: torch.Tensor | None, n: int, m: int, method: str, chunks: int, seed: int) -> torch.Tensor:
-    """One site's permutation by ``method``: the linears' scores (and weights) are stacked by rows, so
-    they share it; a head-constrained site is searched head by head, one search per kv group."""
+def search_site(site: Site, scores: list[torch.Tensor], weights: list[torch.Tensor], stats: InputStats | None,
+                config: PruneConfig) -> torch.Tensor:
+    """One site's permutation by the config's search (a learned permutation's warm start): the linears'
+    scores (and weights) are stacked by rows, so they share it; a head-constrained site is searched head
+    by head, one search per kv group. ``stats`` gives the Gram and drift matrices the output search needs."""
+    method, (n, m), seed = config.start, config.nm, config.calibration.seed
+    chunks = config.permutation.chunks if config.learned is None else 1
+    gram, drift = (None, None) if stats is None else (stats.gram, stats.drift)
     width = scores[0].shape[1]
     if method == "none":
         return torch.arange(width)

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..config import Learned
+from ..progress import bar
 from ..masks import nm_mask, permuted_nm_mask
 from ..report import TrainingRecord
 from .sinkhorn import CostTiles, hard_permutations, relaxed_weight, soft_permutations
@@ -101,9 +101,9 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
         if best is None or value < best[0]:
             best = (value, step, last_judged)
 
-    bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc=label,
-               disable=not progress, leave=False)
-    for step in bar:
+    steps = bar(range(first_step, config.steps), initial=first_step, total=config.steps, desc=label,
+                disable=not progress, leave=False)
+    for step in steps:
         eps = config.eps_at(step)
         locals_ = hard_permutations(modules)
         perms = full(locals_)
@@ -123,14 +123,14 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
         optimiser.step()
         record.loss.append(loss.item())
         record.eps.append(eps)
-        bar.set_postfix(loss=f"{loss.item():.4g}", best=f"{best[0]:.4g}", eps=f"{eps:.3g}")
+        steps.set_postfix(loss=f"{loss.item():.4g}", best=f"{best[0]:.4g}", eps=f"{eps:.3g}")
         if save_state is not None and (step + 1) % save_every == 0 and step + 1 < config.steps:
             record.seconds = time.perf_counter() - start
             save_state(copy.deepcopy({"costs": [mod.cost.detach().cpu() for mod in modules],
                                       "optimiser": optimiser.state_dict(), "record": record, "best": best,
                                       "last_judged": last_judged, "step": step + 1}))
     judge(config.steps, full(hard_permutations(modules)))
-    bar.close()
+    steps.close()
     assert best is not None
     record.init_judged = record.judged[0][1]
     record.best_judged, record.best_step = best[0], best[1]
