@@ -35,6 +35,8 @@ class Protocol:
     evals: tuple[str, ...]
     full: bool = False
     threads: int = 1
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
 
 
 @dataclass
@@ -55,10 +57,13 @@ def add_protocol_args(parser, evals=("wikitext2", "shakespeare")) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
+    parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks of every row (lm-evaluation-harness)")
+    parser.add_argument("--limit", type=int, default=None, help="first N items of each zero-shot task")
 
 
 def protocol_from(args) -> Protocol:
-    return Protocol(args.model, args.seqlen, args.windows, tuple(args.evals), args.full, args.threads)
+    return Protocol(args.model, args.seqlen, args.windows, tuple(args.evals), args.full, args.threads,
+                    tuple(args.tasks), args.limit)
 
 
 def _run_row(row: Row, protocol: Protocol) -> dict:
@@ -86,6 +91,13 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
     if protocol.full:
         first = protocol.evals[0]
         result["ppl_full"] = perplexity(model, tokenizer, seqlen=protocol.seqlen, source=first, progress=False).ppl
+    if getattr(protocol, "tasks", ()):
+        from permsparse.zeroshot import zero_shot
+
+        scores = zero_shot(model, tokenizer, list(protocol.tasks), limit=protocol.limit, progress=False)
+        result["zero_shot"] = {s.task: s.acc for s in scores}
+        result["zero_shot_items"] = {s.task: s.items for s in scores}
+        result["zero_shot"]["mean"] = sum(s.acc for s in scores) / len(scores)
     result["eval_s"] = time.perf_counter() - started
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -145,6 +157,8 @@ def ppl_columns(protocol: Protocol, gap: bool = True) -> list[tuple[str, str, st
         columns.append((f"ppl.{text}", f"{text} ppl", ".2f"))
         if gap:
             columns.append((f"gap.{text}", f"{text} gap", ".3f"))
+    for task in (*protocol.tasks, "mean") if protocol.tasks else ():
+        columns.append((f"zero_shot.{task}", task, ".3f"))
     return columns
 
 

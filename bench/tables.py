@@ -15,6 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
+TASK_NAMES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ", "hellaswag": "HellaSwag",
+              "openbookqa": "OBQA", "winogrande": "WinoG", "piqa": "PIQA", "lambada_openai": "LAMBADA",
+              "mmlu": "MMLU (5-shot)"}
 TEXTS = {"wikitext2": "WikiText-2", "shakespeare": "Shakespeare", "alpaca": "Alpaca (validation)",
          "wikitext2-valid": "WikiText-2 valid", "c4-demo": "C4 demo"}
 
@@ -42,6 +45,9 @@ def ppl_table(data: dict, label_header: str, rows: list[dict], gap: bool = True,
         headers.append(f"{TEXTS.get(t, t)} ppl")
         if gap:
             headers.append("gap closed")
+    tasks = [t for t in data["protocol"].get("tasks", [])]
+    if tasks:
+        headers += [TASK_NAMES.get(t, t) for t in tasks] + ["mean acc"]
     headers += ["pruning s", "peak RSS MB"]
     body = []
     for r in rows:
@@ -50,6 +56,8 @@ def ppl_table(data: dict, label_header: str, rows: list[dict], gap: bool = True,
             cells.append(fmt(r["ppl"].get(t), ".2f"))
             if gap:
                 cells.append(fmt((r.get("gap") or {}).get(t), ".3f"))
+        accuracy = r.get("zero_shot", {})
+        cells += [fmt(100 * accuracy[t] if t in accuracy else None, ".1f") for t in (*tasks, "mean")] if tasks else []
         cells += [fmt(r["prune_s"], ".0f") if r.get("config") else "–", fmt(r.get("peak_rss_mb"), ".0f")]
         body.append(cells)
     return table(headers, body)
@@ -59,9 +67,15 @@ def protocol_line(data: dict) -> str:
     p = data["protocol"]
     texts = ", ".join(TEXTS.get(t, t) for t in p["evals"])
     calib = p.get("calib") or ", ".join(p.get("calibs", [])) or "the default calibration"
+    zero_shot = ""
+    if p.get("tasks"):
+        limit = f"the first {p['limit']} items of each" if p.get("limit") else "every item of each"
+        zero_shot = (f"; zero-shot accuracy (%) through lm-evaluation-harness on {limit} task (MMLU 5-shot), "
+                     "mean over the tasks")
     return (f"Protocol: SmolLM2-135M ({p['model']}), 2:4; calibration {p['nsamples']} x {p['seqlen']} tokens of "
             f"{calib}, seed {p['seed']}; evaluation on the first {p['windows']} windows of {p['seqlen']} tokens of "
-            f"{texts}; one process per row, {p.get('jobs', 1)} at a time, {p.get('threads', 1)} thread each.\n\n")
+            f"{texts}{zero_shot}; one process per row, {p.get('jobs', 1)} at a time, {p.get('threads', 1)} thread "
+            "each.\n\n")
 
 
 def render_demo(data: dict) -> str:

@@ -193,4 +193,4 @@ def test_chunked_logit_terms_equal_the_full_computation(monkeypatch):
     (grad,) = torch.autograd.grad(chunked, hidden)
     (expected,) = torch.autograd.grad(kl, hidden)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
-    assert float(evaluation.next_token_kl(head, dense, dense)) == pytest.approx(0.0, abs=1e-4)
+    assert float(evaluation.next_token_kl(head, dense, dense).detach()) == pytest.approx(0.0, abs=1e-4)
