@@ -37,6 +37,8 @@ SOURCES: dict[str, Source] = {
     "c4": Source("calib/c4/c4_sample.jsonl", ("allenai/c4", "en", "train"), "jsonl",
                  "C4 en train, shard 00000 (the Wanda/SparseGPT calibration shard): its first 1,000 documents"),
     "c4-demo": Source("calib/c4_demo/c4_demo.jsonl", None, "jsonl", "300 other C4 documents"),
+    "c4-validation": Source(None, ("allenai/c4", "en", "validation"), "jsonl",
+                            "C4 en validation, shard 00000 (the SparseGPT/Wanda evaluation text; hub only)"),
     "alpaca": Source("calib/alpaca/alpaca_5000.json", None, "alpaca", "5,000 Stanford Alpaca instructions"),
 }
 
@@ -66,10 +68,11 @@ def _from_hub(source: Source) -> list[str]:
     dataset, config, split = source.hub
     import datasets  # optional: only when no local copy exists
 
-    if dataset == "allenai/c4":  # one shard, as Wanda and SparseGPT calibrate on: the full set is terabytes
-        rows = datasets.load_dataset(dataset, data_files={split: f"en/c4-{split}.00000-of-01024.json.gz"},
-                                     split=split)["text"][:1000]
-        return list(rows)
+    if dataset == "allenai/c4":  # one shard, as Wanda and SparseGPT use: the full set is terabytes
+        shards = {"train": ("00000-of-01024", 1000), "validation": ("00000-of-00008", 1100)}
+        shard, count = shards[split]
+        rows = datasets.load_dataset(dataset, data_files={split: f"en/c4-{split}.{shard}.json.gz"}, split=split)
+        return list(rows["text"][:count])
     return ["\n\n".join(datasets.load_dataset(dataset, config, split=split)["text"])]
 
 

@@ -1,0 +1,50 @@
+"""Calibration and evaluation texts: sources, EOS-joined documents, held-out windows, mixtures."""
+import pytest
+import torch
+
+from permsparse import Calibration
+from permsparse.data import calibration_windows, draw_calibration, load_documents, mixture, token_stream
+
+
+def test_offline_sources_read_their_documents():
+    assert len(load_documents("c4")) == 1000 and len(load_documents("c4-demo")) == 300
+    alpaca = load_documents("alpaca")
+    assert len(alpaca) == 5000 and all(doc.strip() for doc in alpaca[:50])
+    assert len(load_documents("wikitext2")) == 1 and "<unk>" not in load_documents("wikitext2-valid")[0]
+    with pytest.raises(FileNotFoundError, match="unknown data source"):
+        load_documents("no-such-text")
+
+
+def test_documents_are_joined_with_eos(tiny_tokenizer):
+    ids = token_stream(tiny_tokenizer, "c4-demo")
+    eos = tiny_tokenizer.eos_token_id
+    assert int((ids == eos).sum()) == 300 and int(ids[-1]) == eos
+
+
+def test_held_out_windows_overlap_no_training_window():
+    ids = torch.arange(5000)
+    train, held = calibration_windows(ids, 16, 64, seed=0, holdout=8)
+    assert train.shape == (16, 64) and held.shape == (8, 64)
+    starts = sorted(int(w[0]) for w in held)
+    assert all(abs(int(h[0]) - int(t[0])) >= 64 for h in held for t in train)
+    assert all(b - a >= 64 for a, b in zip(starts, starts[1:]))
+    again, _ = calibration_windows(ids, 16, 64, seed=0, holdout=0)
+    assert torch.equal(train, again)  # held-out windows do not change the training draw
+    with pytest.raises(ValueError, match="too short"):
+        calibration_windows(torch.arange(300), 4, 64, seed=0, holdout=8)
+
+
+def test_mixtures_split_windows_by_weight(tiny_tokenizer):
+    assert mixture("c4:3,alpaca:1") == [("c4", 0.75), ("alpaca", 0.25)]
+    train, held = draw_calibration(tiny_tokenizer, "c4:3,alpaca:1", 8, 32, seed=0, holdout=4)
+    assert train.shape == (8, 32) and held.shape == (4, 32)
+    c4_only, _ = draw_calibration(tiny_tokenizer, "c4", 6, 32, seed=0, holdout=0)
+    assert torch.equal(train[:6], c4_only)  # the first part's windows are its own draw
+    with pytest.raises(ValueError, match="weight"):
+        mixture("c4:x")
+
+
+def test_the_test_text_is_refused_for_calibration_unless_asked():
+    with pytest.raises(ValueError, match="--allow-test-calibration"):
+        Calibration(source="wikitext2")
+    assert Calibration(source="wikitext2", allow_test_text=True).source == "wikitext2"
