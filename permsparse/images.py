@@ -1,0 +1,136 @@
+"""Labelled images for vision Transformers: CIFAR-10 and class-per-folder trees, and top-k accuracy.
+
+A source is ``cifar10`` (the training split for calibration, ``cifar10-test`` for evaluation, read from
+the JPEG zips under the data folder) or ``imagefolder:PATH`` (one sub-folder per class, sorted by name,
+as ImageNet is laid out). Images are decoded once and preprocessed with the model's own image processor
+(resize, rescale, normalise), so calibration and evaluation see what the model was trained on.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import data_dirs
+
+CIFAR10 = {"cifar10": ("cifar10/cifar10_train_jpg.zip", "train"), "cifar10-test": ("cifar10/cifar10_test_jpg.zip", "test")}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+@dataclass
+class Images:
+    """Decoded images (uint8, ``(N, 3, H, W)`` when they share a size, else a list) and their labels."""
+
+    pixels: torch.Tensor | list[torch.Tensor]
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def is_image_source(source: str) -> bool:
+    return source in CIFAR10 or source.startswith("imagefolder:")
+
+
+def _decode(data: bytes, where: str) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{where} is not a readable image ({type(err).__name__})") from None
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3).permute(2, 0, 1)
+
+
+def _stack(pixels: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    return torch.stack(pixels) if len({tuple(p.shape) for p in pixels}) == 1 else pixels
+
+
+def _cifar10(source: str) -> Images:
+    relative, split = CIFAR10[source]
+    file = next((folder / relative for folder in data_dirs() if (folder / relative).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"image source {source!r} is not reachable; tried: "
+                                + "; ".join(str(folder / relative) for folder in data_dirs()))
+    with zipfile.ZipFile(file) as archive:
+        names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_SUFFIXES))
+        classes = sorted({n.split("/")[1] for n in names})
+        index = {c: i for i, c in enumerate(classes)}
+        pixels = [_decode(archive.read(n), f"{file}:{n}") for n in names]
+    return Images(_stack(pixels), torch.tensor([index[n.split("/")[1]] for n in names]), classes)
+
+
+def _folder(root: Path) -> Images:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"image folder {root} holds no images in class sub-folders ({', '.join(IMAGE_SUFFIXES)})")
+    pixels = [_decode(f.read_bytes(), str(f)) for f, _ in files]
+    return Images(_stack(pixels), torch.tensor([label for _, label in files]), classes)
+
+
+def load_images(source: str) -> Images:
+    """Every image of ``source`` with its label; one clear error naming what is missing or unreadable."""
+    if source in CIFAR10:
+        return _cifar10(source)
+    if source.startswith("imagefolder:"):
+        return _folder(Path(source.split(":", 1)[1]).expanduser())
+    raise FileNotFoundError(f"unknown image source {source!r}: use cifar10, cifar10-test or imagefolder:PATH")
+
+
+def sample(images: Images, count: int, seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """``count`` image indices drawn without replacement (seeded), none of them in ``exclude``."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    if exclude is not None:
+        order = order[~torch.isin(order, exclude)]
+    if count > len(order):
+        raise ValueError(f"{count} images asked for, {len(order)} available")
+    return order[:count]
+
+
+def preprocess(processor, images: Images, index: torch.Tensor) -> torch.Tensor:
+    """``pixel_values`` of the indexed images through the model's image processor."""
+    pixels = [images.pixels[int(i)] for i in index]
+    return processor([p.permute(1, 2, 0).numpy() for p in pixels], return_tensors="pt")["pixel_values"]
+
+
+@dataclass
+class Accuracy:
+    """Top-1 and top-5 accuracy (fractions) over ``images`` images of ``source``."""
+
+    top1: float
+    top5: float
+    images: int
+    source: str
+    seconds: float
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, processor, source: str, *, limit: int | None = None, batch_size: int = 256,
+             progress: bool = True) -> Accuracy:
+    """Top-1/top-5 accuracy of an image classifier on ``source`` (the first ``limit`` images if given)."""
+    import time
+
+    from .progress import bar
+
+    started = time.perf_counter()
+    images = load_images(source)
+    count = len(images) if limit is None else min(limit, len(images))
+    device = next(model.parameters()).device
+    top1 = top5 = 0
+    for s in bar(range(0, count, batch_size), desc=f"accuracy ({source})", disable=not progress):
+        index = torch.arange(s, min(s + batch_size, count))
+        logits = model(pixel_values=preprocess(processor, images, index).to(device)).logits
+        labels = images.labels[index].to(device)
+        best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(-1).sum())
+    return Accuracy(top1 / count, top5 / count, count, source, time.perf_counter() - started)
