@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .admm import admm
-from .sparsegpt import UpdateResult, sparsegpt
+from .common import UpdateResult
+from .sparsegpt import sparsegpt
 
 UPDATES: dict[str, Callable[..., UpdateResult]] = {"sparsegpt": sparsegpt, "admm": admm}
 

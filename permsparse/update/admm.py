@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from permsparse.masks import nm_mask, unstructured_mask
-
-from .sparsegpt import UpdateResult, check_target, dead_inputs, finish, output_error, to_processing_order
+from ..masks import nm_mask, unstructured_mask
+from .common import UpdateResult, check_target, dead_inputs, finish, output_error, to_processing_order
 
 
 def _gradual_mask(score: torch.Tensor, step: int, steps: int, n: int | None, m: int | None,
