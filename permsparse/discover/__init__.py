@@ -1,0 +1,116 @@
+"""Discovering a Transformer's structure from the model itself, so any family works without a table.
+
+:func:`discover` finds, for a Hugging Face model:
+
+- the blocks: the outermost ModuleList of modules holding linears (the largest one); every block must
+  hold the same linears, and a weight that belongs to no linear (packed MoE experts) is refused by name;
+- from one traced forward pass (:mod:`.trace`): which linears read the same tensor (a shared site), which
+  linears of a block feed each linear's input, which write into the residual stream and which read it,
+  the norms acting on it, and the embeddings, norms and readers of the stream outside the blocks. Where
+  the config has a tensor-parallel plan, its ``colwise*`` entries are the readers and its ``rowwise*``
+  entries the writers;
+- the folds (:mod:`.verify`): for each linear fed by other linears, the producer rows its permutation
+  folds into, guessed among the layouts in use (the whole rows, chunks of fused projections, the value
+  part of fused q/k/v within heads) and kept only when a forward pass shows the fold exact; and whether
+  one permutation of the whole residual stream leaves the output unchanged.
+
+The attention geometry (heads, kv heads, head dim) is read from the config; :class:`Hints` carry what a
+family's config does not say. The same model always gives the same result.
+"""
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+from dataclasses import replace
+
+from torch import nn
+
+from .linears import is_linear, linear_weight, permute_columns, permute_rows, permute_vector, stored_layout
+from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, head_permutation,
+                        hidden_size, permute_stream, stream_parts)
+from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model_facts, primary_output, probe_ids,
+                    trace)
+from .verify import Probe, find_fold, stream_problem
+
+__all__ = [
+    "Adapter", "AttentionGeometry", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry", "discover",
+    "head_permutation", "hidden_size", "is_linear", "linear_weight", "permute_columns", "permute_rows",
+    "permute_stream", "permute_vector", "plan_roles", "primary_output", "stored_layout", "stream_parts",
+]
+
+
+@contextmanager
+def _evaluation(model: nn.Module):
+    """Eval mode (no dropout) while discovering; every module's mode restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def plan_roles(model: nn.Module, blocks_path: str, linears: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """Residual readers and writers (block-relative) from the config's tensor-parallel plan: ``colwise*``
+    entries read the stream, ``rowwise*`` entries write it. None when there is no plan or it leaves a
+    linear of the block out."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not plan:
+        return None
+    base = "" if model.base_model is model else model.base_model_prefix + "."
+    path = blocks_path[len(base):] if blocks_path.startswith(base) else blocks_path
+    readers, writers = [], []
+    for rel in linears:
+        styles = [style for key, style in plan.items() if fnmatch.fnmatchcase(f"{path}.0.{rel}", key)]
+        if any(s.startswith("colwise") for s in styles):
+            readers.append(rel)
+        elif any(s.startswith("rowwise") for s in styles):
+            writers.append(rel)
+        else:
+            return None
+    return tuple(readers), tuple(writers)
+
+
+def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
+    """The structure of ``model`` (see the module docstring); :class:`NotUnderstood` names what is not."""
+    blocks_path = find_blocks(model)
+    check_blocks(model, blocks_path)
+    count = len(model.get_submodule(blocks_path))
+    ids = probe_ids(model)
+    with _evaluation(model):
+        traced = trace(model, blocks_path, ids)
+        facts = [block_facts(traced, blocks_path, i) for i in range(count)]
+        outside = model_facts(model, traced, blocks_path)
+        del traced  # the recorded graph is no longer needed
+        for i, other in enumerate(facts):
+            if other != facts[0]:
+                raise NotUnderstood(f"{blocks_path}.{i} connects its linears otherwise than {blocks_path}.0: "
+                                    f"{other} vs {facts[0]}")
+        block = facts[0]
+        readers, writers = plan_roles(model, blocks_path, block.linears) or (block.stream_readers, block.writers)
+        adapter = Adapter(
+            name=getattr(model.config, "model_type", type(model).__name__), blocks_path=blocks_path,
+            input_groups=block.groups, residual_readers=readers, residual_writers=writers, block_norms=block.norms,
+            token_embedding=outside.token_embedding, position_embeddings=outside.position_embeddings,
+            embedding_norms=outside.embedding_norms, input_projection=outside.input_projection,
+            final_norms=outside.final_norms, output_readers=outside.output_readers,
+            geometry=attention_geometry(model.config, hints))
+        consumers = [(rel, feeds) for rel, feeds in block.feeds if rel not in readers]
+        names = [f"{blocks_path}.{i}.{rel}" for i in range(count) for rel, _ in consumers]
+        probe = Probe(model, ids, names)
+        producers, not_foldable, attn_output = [], [], ""
+        for rel, feeds in consumers:
+            slices, attention = find_fold(probe, adapter, rel, feeds)
+            if attention and attn_output:
+                slices = ()
+            if not slices:
+                source = f"rows of {', '.join(feeds)}" if feeds else "no linear of the block"
+                not_foldable.append((rel, f"no exact fold found: its input comes from {source}"))
+                continue
+            producers.append((rel, slices))
+            attn_output = rel if attention else attn_output
+        adapter = replace(adapter, producers=tuple(producers), not_foldable=tuple(not_foldable), attn_output=attn_output)
+        problem = stream_problem(probe, adapter, outside.output_is_stream)
+    return replace(adapter, stream_problem=problem)

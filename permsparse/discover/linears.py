@@ -1,0 +1,51 @@
+"""How a linear layer stores its weight, and exact permutations of its rows and columns.
+
+A linear's weight is handled as ``(out, in)`` everywhere; GPT-2's Conv1D stores it transposed, and that is
+known only here. Permuting rows or columns only moves values, so a permutation and its inverse restore a
+weight bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)`` (a view: writing to it writes the module's weight)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def stored_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An ``(out, in)`` weight in the layout ``module`` stores it (GPT-2's Conv1D: transposed)."""
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+@torch.no_grad()
+def permute_rows(module: nn.Module, perm: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Reorder output rows of a linear (and its bias) among ``rows`` (all rows when None): the row at
+    ``rows[j]`` becomes the old row ``rows[perm[j]]``."""
+    weight = linear_weight(module)
+    rows = torch.arange(weight.shape[0]) if rows is None else rows
+    rows, source = rows.to(weight.device), rows[perm.cpu()].to(weight.device)
+    weight[rows] = weight[source]
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias[rows] = bias[source]
+
+
+@torch.no_grad()
+def permute_columns(module: nn.Module, perm: torch.Tensor) -> None:
+    """Reorder the input columns of a linear: new column j = old column perm[j]."""
+    weight = linear_weight(module)
+    weight.copy_(weight[:, perm.to(weight.device)])
+
+
+@torch.no_grad()
+def permute_vector(param: torch.Tensor | None, perm: torch.Tensor) -> None:
+    if param is not None:
+        param.copy_(param[perm.to(param.device)])

@@ -1,0 +1,229 @@
+"""What the pipeline needs to know of a model's structure, as typed records, and the residual stream.
+
+An :class:`Adapter` says where the Transformer blocks are, which linears read one and the same input
+(a shared site), which permutations fold into which producers, and what makes up the residual stream.
+:func:`permsparse.discover.discover` finds it from the model itself; nothing here names a family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .linears import linear_weight, permute_columns, permute_rows, permute_vector
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Heads of one attention layer; query heads ``h`` read kv head ``h // (num_heads // num_kv_heads)``."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What discovery cannot read from a model of one family, given by hand (``permsparse.adapters``).
+
+    ``kv_heads`` gives the number of key/value heads from the config, for families whose config does not
+    say it as ``num_key_value_heads``.
+    """
+
+    kv_heads: Callable[[object], int] | None = None
+
+
+def attention_geometry(config, hints: Hints = Hints()) -> AttentionGeometry | None:
+    """The attention geometry a (text) config states, or None when it names no heads."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return None
+    if hints.kv_heads is not None:
+        kv = hints.kv_heads(config)
+    else:
+        kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return AttentionGeometry(heads, kv, head_dim)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """Output rows of a linear that feed another linear, in the order the consumer reads them.
+
+    Rows ``start .. start+size`` (``size=0``: every row); with a ``period``, those rows of every run of
+    ``period`` rows, one run after the other (a fused projection that interleaves heads). Between the
+    producer and its consumer only channel-wise operations happen (activation, gating product,
+    attention's weighted sum over positions), so permuting these rows permutes the consumer's input.
+    """
+
+    linear: str
+    start: int = 0
+    size: int = 0
+    period: int = 0
+
+    def rows(self, total: int) -> torch.Tensor:
+        """Indices of the rows, for a producer of ``total`` output rows."""
+        size = self.size or total - self.start
+        if not self.period:
+            return torch.arange(self.start, self.start + size)
+        runs = torch.arange(total // self.period)[:, None] * self.period
+        return (runs + self.start + torch.arange(size)).flatten()
+
+    def describe(self) -> str:
+        if not self.size:
+            return self.linear
+        every = f" of every {self.period}" if self.period else ""
+        return f"{self.linear}[{self.start}:{self.start + self.size}{every}]"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to walk one model: blocks, shared inputs, exact folds, and the residual stream.
+
+    Names are relative to a block unless said otherwise. ``input_groups`` lists, per block, the linears
+    that read one and the same input tensor, in forward order. ``attn_output`` names the projection
+    that reads the attention heads' outputs, so its permutation can be kept within heads and kv groups.
+    ``producers`` maps a consumer linear to the output slices that make its input (its permutation folds
+    into their rows, exactly); ``not_foldable`` says why the other consumers do not fold.
+
+    The residual stream: ``residual_readers`` read it (through a norm), ``residual_writers`` add their
+    rows to it, ``block_norms`` act on it inside a block. Model-level names: ``token_embedding`` (only
+    when no ``input_projection`` maps a narrower embedding into the stream), ``position_embeddings``,
+    ``embedding_norms`` (before the first block), ``final_norms`` (after the last) and ``output_readers``
+    (the linears reading the final hidden state: the LM head, an output projection, a pooler).
+    ``stream_problem`` says why one permutation of the whole stream would change the model's output
+    ("" when it was verified not to).
+    """
+
+    name: str
+    blocks_path: str
+    input_groups: tuple[tuple[str, ...], ...]
+    attn_output: str = ""
+    producers: tuple[tuple[str, tuple[OutputSlice, ...]], ...] = ()
+    not_foldable: tuple[tuple[str, str], ...] = ()
+    residual_readers: tuple[str, ...] = ()
+    residual_writers: tuple[str, ...] = ()
+    block_norms: tuple[str, ...] = ()
+    token_embedding: str = ""
+    position_embeddings: tuple[str, ...] = ()
+    embedding_norms: tuple[str, ...] = ()
+    input_projection: str = ""
+    final_norms: tuple[str, ...] = ()
+    output_readers: tuple[str, ...] = ()
+    geometry: AttentionGeometry | None = None
+    stream_problem: str = ""
+
+    def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
+        return dict(self.producers).get(consumer, ())
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks_path)
+
+    def attention(self, config) -> AttentionGeometry | None:
+        """The attention geometry: the discovered one, or the one ``config`` states."""
+        return self.geometry or attention_geometry(config)
+
+
+def head_permutation(p: torch.Tensor, geometry: AttentionGeometry) -> tuple[torch.Tensor | None, str]:
+    """The row permutation of the value projection that realises ``p`` on the attention output.
+
+    ``p`` permutes the ``num_heads * head_dim`` attention output channels. It folds into the value rows
+    only if every head's channels stay within that head and all query heads of one kv head use the same
+    within-head order. Returns ``(value_row_perm, "")`` or ``(None, reason)``.
+    """
+    hd, heads, kv = geometry.head_dim, geometry.num_heads, geometry.num_kv_heads
+    per_kv = heads // kv
+    local = p.view(heads, hd) - (torch.arange(heads) * hd)[:, None]
+    if ((local < 0) | (local >= hd)).any():
+        return None, "permutation crosses heads"
+    local = local.view(kv, per_kv, hd)
+    if not (local == local[:, :1]).all():
+        return None, "permutation differs between query heads sharing a kv head"
+    return (local[:, 0] + (torch.arange(kv) * hd)[:, None]).flatten(), ""
+
+
+def _optional(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule ``name``, or None when the name is empty or the module is absent (or set to None)."""
+    if not name:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def stream_parts(model: nn.Module, adapter: Adapter) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Every part of the residual stream, by role, as ``(full name, module)`` pairs present in ``model``."""
+    parts: dict[str, list[tuple[str, nn.Module]]] = {"embeddings": [], "norms": [], "readers": [], "writers": []}
+
+    def add(role: str, name: str) -> None:
+        module = _optional(model, name)
+        if module is not None:
+            parts[role].append((name, module))
+
+    if adapter.input_projection:
+        add("writers", adapter.input_projection)
+    else:
+        add("embeddings", adapter.token_embedding)
+    for name in adapter.position_embeddings:
+        add("embeddings", name)
+    for name in adapter.embedding_norms:
+        add("norms", name)
+    for i in range(len(adapter.blocks(model))):
+        prefix = f"{adapter.blocks_path}.{i}."
+        for name in adapter.block_norms:
+            add("norms", prefix + name)
+        for name in adapter.residual_readers:
+            add("readers", prefix + name)
+        for name in adapter.residual_writers:
+            add("writers", prefix + name)
+    for name in adapter.final_norms:
+        add("norms", name)
+    for name in adapter.output_readers:
+        add("readers", name)
+    return parts
+
+
+def hidden_size(model: nn.Module, adapter: Adapter) -> int:
+    """Width of the residual stream: the rows of a block's first writer."""
+    block = adapter.blocks(model)[0]
+    return linear_weight(block.get_submodule(adapter.residual_writers[0])).shape[0]
+
+
+@torch.no_grad()
+def permute_stream(model: nn.Module, adapter: Adapter, perm: torch.Tensor) -> list[str]:
+    """Permute the hidden dimension of the whole residual stream in place; returns the modules touched.
+
+    New hidden channel j holds old channel ``perm[j]``: embedding columns, every norm's parameters, the
+    rows (and biases) of every writer and the columns of every reader. A tensor shared by several modules
+    (tied embeddings and LM head) is permuted once.
+    """
+    done, touched = set(), []
+
+    def once(tensor: torch.Tensor) -> bool:
+        key = tensor.data_ptr()
+        if key in done:
+            return False
+        done.add(key)
+        return True
+
+    parts = stream_parts(model, adapter)
+    for name, module in parts["embeddings"]:
+        if once(module.weight):
+            module.weight.copy_(module.weight[:, perm.to(module.weight.device)])
+        touched.append(name)
+    for name, module in parts["norms"]:
+        for param in module.parameters(recurse=False):
+            permute_vector(param, perm)
+        touched.append(name)
+    for name, module in parts["writers"]:
+        permute_rows(module, perm)
+        touched.append(name)
+    for name, module in parts["readers"]:
+        if once(linear_weight(module)):
+            permute_columns(module, perm)
+        touched.append(name)
+    return touched

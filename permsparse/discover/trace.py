@@ -1,0 +1,306 @@
+"""The module graph and one traced forward pass: where the blocks are, what reads what.
+
+Hooks record every linear's input tensor and the autograd nodes of its input and output. Each block's
+hidden input, and each embedding's output, is replaced by a fresh tensor that starts its own autograd
+graph, so walking a tensor's graph back, stopping at linear outputs and at the block's input, tells
+which linears of the block feed it and whether the residual stream does. Linears whose inputs are the
+same tensor read one input (a shared site).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .linears import is_linear
+
+PROBE_SHAPE = (1, 16)
+PROBE_SEED = 0
+INPUT = "<block input>"
+LAST = "<last block output>"
+
+
+class NotUnderstood(ValueError):
+    """A part of the model's structure that discovery does not understand; the message names it."""
+
+
+def probe_ids(model: nn.Module) -> torch.Tensor:
+    """The seeded token ids discovery runs the model on."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(PROBE_SEED))
+    return ids.to(next(model.parameters()).device)
+
+
+def primary_output(outputs) -> torch.Tensor:
+    """What a model computes: its logits, or its final hidden states when it has no head."""
+    logits = getattr(outputs, "logits", None)
+    return logits if logits is not None else outputs.last_hidden_state
+
+
+def run(model: nn.Module, ids: torch.Tensor):
+    return model(ids, use_cache=False)
+
+
+def find_blocks(model: nn.Module) -> str:
+    """The path of the stack of Transformer blocks: the outermost ModuleList of modules holding linears
+    with the most parameters; an error when there is none, or when another stack is nearly as large."""
+    stacks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module) or any(name.startswith(s + ".") for s, _ in stacks):
+            continue
+        if all(any(is_linear(m) for m in child.modules()) for child in module):
+            stacks.append((name, sum(p.numel() for p in module.parameters())))
+    if not stacks:
+        raise NotUnderstood(f"{type(model).__name__}: no stack of Transformer blocks found "
+                            "(a ModuleList of blocks holding linear layers)")
+    stacks.sort(key=lambda s: -s[1])
+    if len(stacks) > 1 and 2 * stacks[1][1] >= stacks[0][1]:
+        raise NotUnderstood(f"{type(model).__name__}: several stacks of blocks ({', '.join(s for s, _ in stacks)}); "
+                            "models with more than one stack (encoder-decoder, vision towers) are not supported")
+    return stacks[0][0]
+
+
+def check_blocks(model: nn.Module, blocks_path: str) -> None:
+    """Every block holds the same linears, and no weight that is not a linear's."""
+    blocks = model.get_submodule(blocks_path)
+    packed, strange = [], []
+    for name, module in blocks.named_modules():
+        if is_linear(module):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                packed.append(f"{blocks_path}.{name}.{pname}")
+            elif param.dim() > 1:
+                strange.append(f"{blocks_path}.{name}.{pname} ({type(module).__name__}, {tuple(param.shape)})")
+    if packed:
+        raise NotUnderstood(f"packed expert parameters {', '.join(packed[:4])}{' ...' if len(packed) > 4 else ''} "
+                            "(3-D, mixture of experts) are not supported yet")
+    if strange:
+        raise NotUnderstood(f"weights that belong to no linear layer: {', '.join(strange[:4])}")
+
+    def layout(block: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(m.weight.shape)) for n, m in block.named_modules() if is_linear(m)]
+
+    first = layout(blocks[0])
+    for i, block in enumerate(blocks):
+        if layout(block) != first:
+            raise NotUnderstood(f"{blocks_path}.{i} holds other linears than {blocks_path}.0 "
+                                f"({layout(block)} vs {first}); blocks of different kinds are not supported")
+
+
+@dataclass
+class Traced:
+    """What one forward pass showed: per linear (first call, forward order) its input and the autograd
+    nodes of its input and output; per parameter-holding channel module (a norm) the same nodes; the
+    nodes where embeddings, blocks' inputs and blocks' outputs enter the graph; the model's output."""
+
+    linears: dict[str, tuple[torch.Tensor, object, object]] = field(default_factory=dict)
+    channels: dict[str, tuple[object, object]] = field(default_factory=dict)
+    embeddings: dict[object, str] = field(default_factory=dict)
+    block_inputs: dict[int, object] = field(default_factory=dict)
+    block_sources: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_outputs: dict[int, object] = field(default_factory=dict)
+    output: torch.Tensor | None = None
+
+
+def _channel_module(module: nn.Module) -> bool:
+    """A module owning parameters, all of them vectors (norms, scales): it acts channel by channel."""
+    params = list(module.parameters(recurse=False))
+    return bool(params) and not is_linear(module) and not isinstance(module, nn.Embedding) \
+        and all(p.dim() == 1 for p in params)
+
+
+def _fresh(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values, starting a new autograd graph (a clone of a leaf, so in-place updates stay legal)."""
+    return tensor.detach().requires_grad_(True).clone()
+
+
+def trace(model: nn.Module, blocks_path: str, ids: torch.Tensor) -> Traced:
+    """Run ``model`` once on ``ids`` with gradients recorded and hooks on every module that matters."""
+    traced = Traced()
+    blocks = model.get_submodule(blocks_path)
+    handles = []
+
+    def linear_hook(name):
+        def hook(_module, args, output):
+            if name not in traced.linears:
+                traced.linears[name] = (args[0], args[0].grad_fn, output.grad_fn)
+        return hook
+
+    def channel_hook(name):
+        def hook(_module, args, output):
+            if name not in traced.channels and args and isinstance(output, torch.Tensor):
+                traced.channels[name] = (args[0].grad_fn, output.grad_fn)
+        return hook
+
+    def embedding_hook(name):
+        def hook(_module, _args, output):
+            fresh = _fresh(output)
+            traced.embeddings[fresh.grad_fn] = name
+            return fresh
+        return hook
+
+    def block_pre_hook(i, hidden_name):
+        def hook(_module, args, kwargs):
+            if i in traced.block_inputs:
+                return None
+            source = args[0] if args else kwargs[hidden_name]
+            fresh = _fresh(source)
+            traced.block_sources[i], traced.block_inputs[i] = source, fresh.grad_fn
+            if args:
+                return (fresh, *args[1:]), kwargs
+            return args, {**kwargs, hidden_name: fresh}
+        return hook
+
+    def block_hook(i):
+        def hook(_module, _args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            traced.block_outputs.setdefault(i, out.grad_fn)
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if is_linear(module):
+                handles.append(module.register_forward_hook(linear_hook(name)))
+            elif isinstance(module, nn.Embedding):
+                handles.append(module.register_forward_hook(embedding_hook(name)))
+            elif _channel_module(module):
+                handles.append(module.register_forward_hook(channel_hook(name)))
+        for i, block in enumerate(blocks):
+            hidden_name = next(iter(inspect.signature(block.forward).parameters))
+            handles.append(block.register_forward_pre_hook(block_pre_hook(i, hidden_name), with_kwargs=True))
+            handles.append(block.register_forward_hook(block_hook(i)))
+        with torch.enable_grad():
+            traced.output = primary_output(run(model, ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in range(len(blocks)) if i not in traced.block_outputs]
+    if missing:
+        raise NotUnderstood(f"{blocks_path}.{missing[0]} did not run in a forward pass")
+    return traced
+
+
+def reach(node, stops: dict, marks: dict | None = None) -> tuple[set, set]:
+    """Walk the autograd graph back from ``node``: the labels of the ``stops`` reached (not walked past),
+    and of the ``marks`` walked through."""
+    found, marked, seen, stack = set(), set(), set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is None or current in seen:
+            continue
+        seen.add(current)
+        if current in stops:
+            found.add(stops[current])
+            continue
+        if marks is not None and current in marks:
+            marked.add(marks[current])
+        stack.extend(f for f, _ in current.next_functions)
+    return found, marked
+
+
+def _memory(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's values in memory: two linears reading this read the same input."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+
+
+@dataclass(frozen=True)
+class BlockFacts:
+    """What one block's forward pass showed, in block-relative names and forward order.
+
+    ``groups``: linears reading one input tensor. ``writers``: linears whose outputs reach the block's
+    output through no other linear (they add to the residual stream). ``stream_readers``: linears whose
+    input comes from the block's input or a writer's output (the residual stream). ``feeds``: for every
+    other linear, the linears of the block its input comes from. ``norms``: channel modules acting on
+    the stream.
+    """
+
+    linears: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...]
+    writers: tuple[str, ...]
+    stream_readers: tuple[str, ...]
+    feeds: tuple[tuple[str, tuple[str, ...]], ...]
+    norms: tuple[str, ...]
+
+
+def block_facts(traced: Traced, blocks_path: str, i: int) -> BlockFacts:
+    prefix = f"{blocks_path}.{i}."
+    calls = {name[len(prefix):]: call for name, call in traced.linears.items() if name.startswith(prefix)}
+    order = list(calls)
+    stops = {out: rel for rel, (_, _, out) in calls.items() if out is not None}
+    stops[traced.block_inputs[i]] = INPUT
+
+    def ordered(names) -> tuple[str, ...]:
+        return tuple(n for n in order if n in names)
+
+    writers = ordered(reach(traced.block_outputs[i], stops)[0])
+    stream = set(writers) | {INPUT}
+    readers, feeds = [], []
+    for rel, (_, node, _) in calls.items():
+        reached = reach(node, stops)[0]
+        if reached & stream:
+            readers.append(rel)
+        else:
+            feeds.append((rel, ordered(reached)))
+    groups: dict[tuple, list[str]] = {}
+    for rel, (tensor, _, _) in calls.items():
+        groups.setdefault(_memory(tensor), []).append(rel)
+    norms = []
+    for name, (node_in, _) in traced.channels.items():
+        if not name.startswith(prefix):
+            continue
+        reached = reach(node_in, stops)[0]
+        if reached and reached <= stream:
+            norms.append(name[len(prefix):])
+    return BlockFacts(tuple(order), tuple(tuple(g) for g in groups.values()), writers, tuple(readers), tuple(feeds),
+                      tuple(norms))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The residual stream outside the blocks (full names; see :class:`permsparse.discover.Adapter`), and
+    whether the model's output is the final hidden state itself (an encoder without a head)."""
+
+    token_embedding: str
+    position_embeddings: tuple[str, ...]
+    embedding_norms: tuple[str, ...]
+    input_projection: str
+    final_norms: tuple[str, ...]
+    output_readers: tuple[str, ...]
+    output_is_stream: bool
+
+
+def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFacts:
+    names = {module: name for name, module in model.named_modules()}
+    token = names[model.get_input_embeddings()]
+    outside = {name: call for name, call in traced.linears.items() if not name.startswith(blocks_path + ".")}
+    linear_stops = {out: name for name, (_, _, out) in outside.items() if out is not None}
+    norm_marks = {out: name for name, (_, out) in traced.channels.items()
+                  if not name.startswith(blocks_path + ".") and out is not None}
+    order = [name for name, _ in model.named_modules()]
+
+    def ordered(found) -> tuple[str, ...]:
+        return tuple(n for n in order if n in found)
+
+    source = traced.block_sources[0]
+    reached, before = reach(source.grad_fn, {**linear_stops, **traced.embeddings}, norm_marks)
+    projections = ordered(reached & set(outside))
+    if len(projections) > 1:
+        raise NotUnderstood(f"the first block's input comes from several linears ({', '.join(projections)})")
+    embeddings = ordered(reached - set(outside))
+    last = {traced.block_outputs[len(traced.block_outputs) - 1]: LAST}
+    readers, after = [], set()
+    for name, (_, node, _) in outside.items():
+        found, marked = reach(node, {**linear_stops, **last}, norm_marks)
+        if found == {LAST}:
+            readers.append(name)
+            after |= marked
+    found, marked = reach(traced.output.grad_fn, {**linear_stops, **last}, norm_marks)
+    output_is_stream = LAST in found
+    if output_is_stream:
+        after |= marked
+    return ModelFacts(token if not projections and token in embeddings else "",
+                      tuple(e for e in embeddings if e != token), ordered(before),
+                      projections[0] if projections else "", ordered(after), ordered(readers), output_is_stream)

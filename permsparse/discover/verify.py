@@ -1,0 +1,156 @@
+"""Numerical checks of what discovery guessed: a fold or a stream permutation is used only once it is seen
+to leave the model's output unchanged on a forward pass.
+
+Each check permutes weights in place (producer rows and consumer columns of every block, or the whole
+residual stream) with seeded random permutations, runs the probe input, compares, and permutes back;
+permutations only move values, so the model is restored bit for bit. A wrong guess fails its check and
+degrades to "not foldable", never to a wrong model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linears import linear_weight, permute_columns, permute_rows
+from .structure import Adapter, AttentionGeometry, OutputSlice, head_permutation, hidden_size, permute_stream
+from .trace import primary_output, run
+
+# Largest difference allowed, relative to the largest reference value: reordered sums only.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+SEED = 1
+
+
+class Probe:
+    """The model on the probe input: the inputs of named linears and the model's output, with a reference
+    recorded before any check."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, names: list[str]):
+        self.model, self.ids = model, ids
+        self.tolerance = TOLERANCE.get(next(model.parameters()).dtype, 1e-4)
+        self.inputs, self.output = self.run(names)
+
+    @torch.no_grad()
+    def run(self, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def record(_module, args):
+                seen.setdefault(name, args[0].detach().clone())
+            return record
+
+        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            output = primary_output(run(self.model, self.ids)).detach()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen, output
+
+    def close(self, value: torch.Tensor, reference: torch.Tensor) -> bool:
+        scale = reference.abs().max().clamp_min(1e-30)
+        return bool(value.shape == reference.shape and ((value - reference).abs().max() / scale) <= self.tolerance)
+
+
+def _random_perm(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _head_perm(geometry: AttentionGeometry, seed: int) -> torch.Tensor:
+    """A random permutation within heads, the same for the query heads of one kv head."""
+    per_kv, hd = geometry.num_heads // geometry.num_kv_heads, geometry.head_dim
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.empty(geometry.num_heads * hd, dtype=torch.long)
+    for kv in range(geometry.num_kv_heads):
+        local = torch.randperm(hd, generator=gen)
+        for h in range(kv * per_kv, (kv + 1) * per_kv):
+            perm[h * hd:(h + 1) * hd] = h * hd + local
+    return perm
+
+
+def fold_holds(probe: Probe, adapter: Adapter, consumer: str, slices: tuple[OutputSlice, ...],
+               attention: bool) -> bool:
+    """Whether permuting ``slices``' rows in every block permutes ``consumer``'s input alike and, with its
+    columns permuted too, leaves the model's output unchanged (``attention``: within heads, via the
+    value rows)."""
+    model, geometry = probe.model, adapter.geometry
+    edits, expected = [], {}
+    try:
+        for i in range(len(adapter.blocks(model))):
+            prefix = f"{adapter.blocks_path}.{i}."
+            module = model.get_submodule(prefix + consumer)
+            width = linear_weight(module).shape[1]
+            p = _head_perm(geometry, SEED + i) if attention else _random_perm(width, SEED + i)
+            rows_perm = head_permutation(p, geometry)[0] if attention else p
+            for part in slices:
+                producer = model.get_submodule(prefix + part.linear)
+                rows = part.rows(linear_weight(producer).shape[0])
+                if rows.numel() != rows_perm.numel() or int(rows.max()) >= linear_weight(producer).shape[0]:
+                    return False
+                permute_rows(producer, rows_perm, rows)
+                edits.append((permute_rows, producer, rows_perm, rows))
+            permute_columns(module, p)
+            edits.append((permute_columns, module, p, None))
+            expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.ids.device)]
+        inputs, output = probe.run(list(expected))
+        return probe.close(output, probe.output) and all(probe.close(inputs[n], x) for n, x in expected.items())
+    finally:
+        for undo, module, perm, rows in reversed(edits):
+            inverse = torch.argsort(perm)
+            undo(module, inverse) if rows is None else undo(module, inverse, rows)
+
+
+def value_slices(producer: str, rows: int, geometry: AttentionGeometry) -> list[OutputSlice]:
+    """Where a producer of ``rows`` output rows may hold the attention values, in the layouts in use: the
+    whole of it (a value projection), the last part of ``[q | k | v]``, the last head of every
+    ``[q heads of one kv group | k | v]`` run (fused projections interleaved per kv head), the second half
+    of ``[k | v]``."""
+    hd, per_kv = geometry.head_dim, geometry.num_heads // geometry.num_kv_heads
+    values, queries = geometry.num_kv_heads * hd, geometry.num_heads * hd
+    out = []
+    if rows == values:
+        out.append(OutputSlice(producer))
+    if rows == queries + 2 * values:
+        out.append(OutputSlice(producer, queries + values, values))
+        out.append(OutputSlice(producer, (per_kv + 1) * hd, hd, (per_kv + 2) * hd))
+    if rows == 2 * values:
+        out.append(OutputSlice(producer, values, values))
+    return out
+
+
+def find_fold(probe: Probe, adapter: Adapter, consumer: str, feeds: tuple[str, ...]) -> tuple[tuple[OutputSlice, ...], bool]:
+    """The producer slices ``consumer``'s permutation folds into, and whether it is the attention output;
+    ``((), False)`` when no guess holds. Guesses, in order: every row of every feeding linear, taken in
+    chunks of the consumer's width (channel-wise paths: MLPs, fused gate/up); then each feeding linear's
+    value rows alone, within heads (attention)."""
+    block = adapter.blocks(probe.model)[0]
+    width = linear_weight(block.get_submodule(consumer)).shape[1]
+    rows = {name: linear_weight(block.get_submodule(name)).shape[0] for name in feeds}
+    if feeds and all(r % width == 0 for r in rows.values()):
+        slices = tuple(OutputSlice(name) if r == width else OutputSlice(name, j * width, width)
+                       for name, r in rows.items() for j in range(r // width))
+        if fold_holds(probe, adapter, consumer, slices, attention=False):
+            return slices, False
+    geometry = adapter.geometry
+    if geometry is None or geometry.num_heads * geometry.head_dim != width or geometry.num_heads % geometry.num_kv_heads:
+        return (), False
+    for name in feeds:
+        for part in value_slices(name, rows[name], geometry):
+            if fold_holds(probe, adapter, consumer, (part,), attention=True):
+                return (part,), True
+    return (), False
+
+
+def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool) -> str:
+    """Why one permutation of the whole residual stream would change the model's output; "" when a random
+    one, applied to every part found, leaves it unchanged."""
+    if output_is_stream:
+        return "the model's output is the final hidden state itself (no head to absorb the permutation)"
+    if not adapter.residual_writers or not adapter.residual_readers:
+        return "no reader or writer of the residual stream found"
+    perm = _random_perm(hidden_size(probe.model, adapter), SEED)
+    permute_stream(probe.model, adapter, perm)
+    try:
+        output = probe.run([])[1]
+    finally:
+        permute_stream(probe.model, adapter, torch.argsort(perm))
+    return "" if probe.close(output, probe.output) else "permuting the parts found of the residual stream changes the output"
