@@ -65,17 +65,17 @@ def add_config_flags(parser, cls: type, choices: dict[str, tuple] | None = None)
         kind, dest = hints[f.name], f"{cls.__name__}.{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         common = dict(dest=dest, default=argparse.SUPPRESS)
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
         if kind is bool:
             flag = _flag(f) if not default else "--no-" + _flag(f)[2:]
-            group.add_argument(flag, action="store_false" if default else "store_true", help=f.metadata["help"],
-                               **common)
+            group.add_argument(flag, action="store_false" if default else "store_true", help=text, **common)
         elif typing.get_origin(kind) is Literal:
             values = (choices or {}).get(f.name, typing.get_args(kind))
-            group.add_argument(_flag(f), choices=values, help=f"{f.metadata['help']} (default: {default})", **common)
+            group.add_argument(_flag(f), choices=values, help=f"{text} (default: {default})", **common)
         elif typing.get_origin(kind) is tuple:
-            group.add_argument(_flag(f), nargs="*", help=f.metadata["help"], **common)
+            group.add_argument(_flag(f), nargs="*", help=text, **common)
         else:
-            group.add_argument(_flag(f), type=kind, help=f"{f.metadata['help']} (default: {default})", **common)
+            group.add_argument(_flag(f), type=kind, help=f"{text} (default: {default})", **common)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict:

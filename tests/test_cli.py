@@ -136,3 +136,14 @@ def test_eval_runs_zero_shot_tasks_on_a_pruned_checkpoint(tiny_llama_dir, tmp_pa
     assert all(0 <= s["acc"] <= 1 for s in scores) and "arc_easy" in capsys.readouterr().out
     assert main(["eval", str(out), "--tasks", "arc_hard"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_help_lists_every_config_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--pattern", "--score", "--perm", "--chunks", "--scope", "--kl", "--tile", "--calib", "--holdout",
+                 "--allow-test-calibration", "--export", "--fold-fallback", "--update-mask"):
+        assert flag in text, flag
+    assert "(default: 2:4)" in text and "50%" in text
