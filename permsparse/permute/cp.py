@@ -35,21 +35,21 @@ def cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: in
     a round costs up to ``in * in * rows`` operations, so the default stops before convergence on
     wide layers."""
     st = scores.T.float().contiguous()
-    cols, groups = st.shape[0], st.shape[0] // m
-    p = torch.arange(cols)
+    cols, groups, device = st.shape[0], st.shape[0] // m, st.device
+    p = torch.arange(cols, device=device)
     if groups < 2:
         return p
-    group_of = torch.arange(cols) // m
+    group_of = torch.arange(cols, device=device) // m
     same_group = group_of.unsqueeze(1) == group_of.unsqueeze(0)
     best_value = retained(scores, p, n, m)
     best, kicks, tol = p.clone(), 0, 1e-4 * max(best_value, 1e-30) / cols  # float32 gains: ignore noise
-    gains = _replacement_gains(st, p, torch.arange(groups), n, m)
+    gains = _replacement_gains(st, p, torch.arange(groups, device=device), n, m)
     for _ in range(rounds):
         swap = gains[:, p]
         swap = (swap + swap.T).masked_fill_(same_group, -torch.inf)
         top = swap.topk(min(candidates, cols), dim=1)  # each position's best partners
         values, l = top.values.flatten(), top.indices.flatten()
-        j = torch.arange(cols).repeat_interleave(top.indices.shape[1])
+        j = torch.arange(cols, device=device).repeat_interleave(top.indices.shape[1])
         picked = disjoint(values, group_of[j], group_of[l], tol)
         if not picked:  # local optimum
             value = retained(scores, p, n, m)
@@ -59,11 +59,11 @@ def cp(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: in
                 break
             kicks += 1
             order = torch.randperm(groups, generator=gen)[: 2 * max(1, int(kick * groups) // 2)]
-            j, l = order.view(2, -1) * m + torch.randint(m, (2, order.numel() // 2), generator=gen)
+            j, l = (order.view(2, -1) * m + torch.randint(m, (2, order.numel() // 2), generator=gen)).to(device)
             picked = list(range(j.numel()))
         j, l = j[picked], l[picked]
         swap_positions(p, j, l)
         touched = torch.cat([group_of[j], group_of[l]])
-        rows = (touched.unsqueeze(1) * m + torch.arange(m)).flatten()
+        rows = (touched.unsqueeze(1) * m + torch.arange(m, device=device)).flatten()
         gains[rows] = _replacement_gains(st, p, touched, n, m)
     return best if best_value >= retained(scores, p, n, m) else p

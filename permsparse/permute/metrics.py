@@ -35,7 +35,7 @@ def efficacy(scores: torch.Tensor, p: torch.Tensor, n: int, m: int) -> float:
     already reaches it there is nothing to close, and any ``p`` that also reaches it scores 1.
     """
     s = scores.double()
-    ident = retained(s, torch.arange(s.shape[1]), n, m)
+    ident = retained(s, torch.arange(s.shape[1], device=s.device), n, m)
     bound = float(s.topk(s.shape[1] * n // m, dim=1).values.sum())
     gain = retained(s, p, n, m) - ident
     if bound - ident <= TOL * max(abs(bound), 1.0):

@@ -51,7 +51,7 @@ class OutputError:
         self.kept = float((self.s * self.mask).sum())
         diag = self.h.diagonal(dim1=1, dim2=2).repeat_interleave(weight.shape[0] // self.h.shape[0], 0)
         self.w2h = self.w.square() * diag  # error of pruning one weight alone, W_rc^2 H_cc
-        self.orders = swap_orders(m)
+        self.orders = swap_orders(m).to(self.w.device)
 
     def _cols(self, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``x[:, cols]`` (``x``: ``(rows, in)``, ``cols``: ``(pairs, 2m)``) as
@@ -94,7 +94,7 @@ class OutputError:
     def apply(self, ga: int, gb: int, swap: int, d_error: float, d_kept: float) -> None:
         """Swap member ``swap // m`` of group ``ga`` with member ``swap % m`` of group ``gb``, whose
         changes :meth:`swap_changes` gave, and update mask and ``G`` to match."""
-        pos = torch.tensor([ga * self.m + swap // self.m, gb * self.m + swap % self.m])
+        pos = torch.tensor([ga * self.m + swap // self.m, gb * self.m + swap % self.m], device=self.p.device)
         swap_positions(self.p, pos[:1], pos[1:])
         grid = self.p.view(-1, self.m)
         touched = torch.cat([grid[ga], grid[gb]])
@@ -135,7 +135,8 @@ def output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: to
         ga = torch.randint(groups, (pairs,), generator=gen)
         first = ga - ga % chunk_groups
         step = 1 + torch.randint(chunk_groups - 1, (pairs,), generator=gen)  # another group, same chunk
-        gb = first + (ga - first + step) % chunk_groups
+        gb = (first + (ga - first + step) % chunk_groups).to(start.device)
+        ga = ga.to(start.device)
         gain = -state.screen(ga, gb, kept_weight).min(1).values
         for q in disjoint(gain, ga, gb, tol)[:checks]:
             a, b = ga[q : q + 1], gb[q : q + 1]

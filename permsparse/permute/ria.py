@@ -17,13 +17,16 @@ def ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: i
     order = torch.sort(s.sum(0), descending=True, stable=True).indices
     band, k = torch.arange(cols) // groups, torch.arange(cols) % groups
     slots = torch.empty(groups, m, dtype=torch.long)
+    order = order.cpu()
     slots[torch.where(band % 2 == 0, k, groups - 1 - k), band] = order
     st = s.T.contiguous()  # (in, rows): channel scores contiguous for the inner reduction
+    slots = slots.to(s.device)
     for _ in range(rounds if groups > 1 else 0):
         for j in range(m):
             grid = st[slots]  # (groups, m, rows)
             kept, nth = (x[:, j] for x in leave_one_out(grid, grid, n)[:2])  # (groups, rows)
             value = insert_values(st[slots[:, j]], nth) + kept.sum(-1)
-            row, col = linear_sum_assignment(value.numpy(), maximize=True)
+            row, col = linear_sum_assignment(value.cpu().numpy(), maximize=True)
+            row, col = torch.as_tensor(row, device=s.device), torch.as_tensor(col, device=s.device)
             slots[col, j] = slots[row, j].clone()
     return slots.reshape(-1)

@@ -59,7 +59,7 @@ def find_permutation(scores: torch.Tensor, n: int, m: int, method: str, *,
     if method == "none":
         if options:
             raise ValueError(f"method 'none' takes no options, got {sorted(options)}")
-        return torch.arange(cols)
+        return torch.arange(cols, device=scores.device)
     if method == "output":
         if weight is None or gram is None:
             raise ValueError("method 'output' needs both weight and gram")

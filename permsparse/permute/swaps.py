@@ -19,12 +19,12 @@ def leave_one_out(s: torch.Tensor, coef: torch.Tensor, n: int):
     batched searches cheap: no mask is ever re-sorted per candidate.
     """
     m = s.shape[-2]
-    rank = torch.zeros(s.shape, dtype=torch.uint8)  # members beating each one; ties: lower position
+    rank = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)  # members beating each one; ties: lower position
     for k in range(m):  # m comparisons of whole tensors: faster than sorting tiny groups
         rank[..., :k, :] += s[..., k:k + 1, :] > s[..., :k, :]
         rank[..., k + 1:, :] += s[..., k:k + 1, :] >= s[..., k + 1:, :]
     inside = (rank < n).to(s.dtype)  # a kept member leaving lets the (n+1)-th in
-    pos = torch.arange(m, dtype=s.dtype).view(-1, 1)
+    pos = torch.arange(m, dtype=s.dtype, device=s.device).view(-1, 1)
     at = [(rank == r).to(s.dtype) for r in (n - 1, n)]  # one-hot: the n-th and the (n+1)-th
     s_at, c_at, p_at = ([(x * a).sum(-2, keepdim=True) for a in at] for x in (s, coef, pos))
     kept = (coef * inside).sum(-2, keepdim=True) + inside * (c_at[1] - coef)
@@ -42,8 +42,8 @@ def exchange(stats: list[torch.Tensor], new: torch.Tensor, new_coef: torch.Tenso
     pairs at a time, to stay in cache.
     """
     kept, nth, nth_pos, nth_coef = stats
-    earlier = torch.arange(new.shape[-2]).view(-1, 1) < nth_pos  # newcomer at i wins ties: lower the
-    bar = nth + earlier * (nth.nextafter(torch.tensor(-torch.inf, dtype=nth.dtype)) - nth)  # bar 1 ulp
+    earlier = torch.arange(new.shape[-2], device=new.device).view(-1, 1) < nth_pos  # newcomer at i wins ties:
+    bar = nth + earlier * (nth.nextafter(torch.full_like(nth, -torch.inf)) - nth)  # lower the bar 1 ulp
     s, c = new.unsqueeze(-3), new_coef.unsqueeze(-3)
     bar, nth_coef = bar.unsqueeze(-2), nth_coef.unsqueeze(-2)
     out = kept.sum(-1).unsqueeze(-1).repeat(1, 1, new.shape[-2])
@@ -95,7 +95,7 @@ def insert_values(cand: torch.Tensor, nth: torch.Tensor) -> torch.Tensor:
     the searches act on.
     """
     tile = max(8, int((2**21 / cand.shape[1]) ** 0.5))
-    out = torch.empty(cand.shape[0], nth.shape[0], dtype=cand.dtype)
+    out = torch.empty(cand.shape[0], nth.shape[0], dtype=cand.dtype, device=cand.device)
     for g in range(0, nth.shape[0], tile):
         block = nth[None, g:g + tile]
         for i in range(0, cand.shape[0], tile):
