@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from .linears import is_linear, linear_weight, permute_columns, permute_rows, permute_vector, stored_layout
+from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
 from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, head_permutation,
                         hidden_size, permute_stream, stream_parts)
 from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model_facts, primary_output, probe_ids,
@@ -35,7 +35,7 @@ from .verify import Probe, find_fold, stream_problem
 __all__ = [
     "Adapter", "AttentionGeometry", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry", "discover",
     "head_permutation", "hidden_size", "is_linear", "linear_weight", "permute_columns", "permute_rows",
-    "permute_stream", "permute_vector", "plan_roles", "primary_output", "stored_layout", "stream_parts",
+    "permute_stream", "primary_output", "stored_layout", "stream_parts",
 ]
 
 
@@ -51,7 +51,8 @@ def _evaluation(model: nn.Module):
             module.training = training
 
 
-def plan_roles(model: nn.Module, blocks_path: str, linears: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+def plan_roles(model: nn.Module, blocks_path: str,
+               linears: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """Residual readers and writers (block-relative) from the config's tensor-parallel plan: ``colwise*``
     entries read the stream, ``rowwise*`` entries write it. None when there is no plan or it leaves a
     linear of the block out."""
@@ -84,11 +85,11 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
         facts = [block_facts(traced, blocks_path, i) for i in range(count)]
         outside = model_facts(model, traced, blocks_path)
         del traced  # the recorded graph is no longer needed
-        for i, other in enumerate(facts):
-            if other != facts[0]:
-                raise NotUnderstood(f"{blocks_path}.{i} connects its linears otherwise than {blocks_path}.0: "
-                                    f"{other} vs {facts[0]}")
         block = facts[0]
+        for i, other in enumerate(facts):
+            for part in (f for f in block.__dataclass_fields__ if getattr(other, f) != getattr(block, f)):
+                raise NotUnderstood(f"{blocks_path}.{i} differs from {blocks_path}.0 in its {part.replace('_', ' ')}: "
+                                    f"{getattr(other, part)} vs {getattr(block, part)}")
         readers, writers = plan_roles(model, blocks_path, block.linears) or (block.stream_readers, block.writers)
         adapter = Adapter(
             name=getattr(model.config, "model_type", type(model).__name__), blocks_path=blocks_path,
@@ -103,14 +104,15 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
         producers, not_foldable, attn_output = [], [], ""
         for rel, feeds in consumers:
             slices, attention = find_fold(probe, adapter, rel, feeds)
-            if attention and attn_output:
-                slices = ()
             if not slices:
                 source = f"rows of {', '.join(feeds)}" if feeds else "no linear of the block"
                 not_foldable.append((rel, f"no exact fold found: its input comes from {source}"))
-                continue
-            producers.append((rel, slices))
-            attn_output = rel if attention else attn_output
-        adapter = replace(adapter, producers=tuple(producers), not_foldable=tuple(not_foldable), attn_output=attn_output)
+            elif attention and attn_output:
+                not_foldable.append((rel, f"a second attention output besides {attn_output}"))
+            else:
+                producers.append((rel, slices))
+                attn_output = rel if attention else attn_output
+        adapter = replace(adapter, producers=tuple(producers), not_foldable=tuple(not_foldable),
+                          attn_output=attn_output)
         problem = stream_problem(probe, adapter, outside.output_is_stream)
     return replace(adapter, stream_problem=problem)

@@ -87,7 +87,8 @@ class Adapter:
     that read one and the same input tensor, in forward order. ``attn_output`` names the projection
     that reads the attention heads' outputs, so its permutation can be kept within heads and kv groups.
     ``producers`` maps a consumer linear to the output slices that make its input (its permutation folds
-    into their rows, exactly); ``not_foldable`` says why the other consumers do not fold.
+    into their rows, exactly); ``not_foldable`` says why the other consumers do not fold. ``geometry``:
+    the attention heads, as the config (and the family's hints) state them.
 
     The residual stream: ``residual_readers`` read it (through a norm), ``residual_writers`` add their
     rows to it, ``block_norms`` act on it inside a block. Model-level names: ``token_embedding`` (only

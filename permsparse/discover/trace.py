@@ -28,7 +28,11 @@ class NotUnderstood(ValueError):
 
 def probe_ids(model: nn.Module) -> torch.Tensor:
     """The seeded token ids discovery runs the model on."""
-    vocab = model.get_input_embeddings().num_embeddings
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise NotUnderstood(f"{type(model).__name__} reads no token ids (its input embedding is a "
+                            f"{type(embedding).__name__}): only text models are supported yet")
+    vocab = embedding.num_embeddings
     ids = torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(PROBE_SEED))
     return ids.to(next(model.parameters()).device)
 
@@ -39,7 +43,8 @@ def primary_output(outputs) -> torch.Tensor:
     return logits if logits is not None else outputs.last_hidden_state
 
 
-def run(model: nn.Module, ids: torch.Tensor):
+def run_model(model: nn.Module, ids: torch.Tensor):
+    """The model on token ids, without a cache (discovery looks at one whole pass)."""
     return model(ids, use_cache=False)
 
 
@@ -173,7 +178,7 @@ def trace(model: nn.Module, blocks_path: str, ids: torch.Tensor) -> Traced:
             handles.append(block.register_forward_pre_hook(block_pre_hook(i, hidden_name), with_kwargs=True))
             handles.append(block.register_forward_hook(block_hook(i)))
         with torch.enable_grad():
-            traced.output = primary_output(run(model, ids))
+            traced.output = primary_output(run_model(model, ids))
     finally:
         for handle in handles:
             handle.remove()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .linears import linear_weight, permute_columns, permute_rows
 from .structure import Adapter, AttentionGeometry, OutputSlice, head_permutation, hidden_size, permute_stream
-from .trace import primary_output, run
+from .trace import primary_output, run_model
 
 # Largest difference allowed, relative to the largest reference value: reordered sums only.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -40,7 +40,7 @@ class Probe:
 
         handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
         try:
-            output = primary_output(run(self.model, self.ids)).detach()
+            output = primary_output(run_model(self.model, self.ids)).detach()
         finally:
             for handle in handles:
                 handle.remove()
@@ -73,7 +73,7 @@ def fold_holds(probe: Probe, adapter: Adapter, consumer: str, slices: tuple[Outp
     columns permuted too, leaves the model's output unchanged (``attention``: within heads, via the
     value rows)."""
     model, geometry = probe.model, adapter.geometry
-    edits, expected = [], {}
+    undo, expected = [], {}  # undo: (module, permutation applied, rows or None for columns)
     try:
         for i in range(len(adapter.blocks(model))):
             prefix = f"{adapter.blocks_path}.{i}."
@@ -83,26 +83,29 @@ def fold_holds(probe: Probe, adapter: Adapter, consumer: str, slices: tuple[Outp
             rows_perm = head_permutation(p, geometry)[0] if attention else p
             for part in slices:
                 producer = model.get_submodule(prefix + part.linear)
-                rows = part.rows(linear_weight(producer).shape[0])
-                if rows.numel() != rows_perm.numel() or int(rows.max()) >= linear_weight(producer).shape[0]:
+                total = linear_weight(producer).shape[0]
+                rows = part.rows(total)
+                if rows.numel() != rows_perm.numel() or int(rows.max()) >= total:
                     return False
                 permute_rows(producer, rows_perm, rows)
-                edits.append((permute_rows, producer, rows_perm, rows))
+                undo.append((producer, rows_perm, rows))
             permute_columns(module, p)
-            edits.append((permute_columns, module, p, None))
+            undo.append((module, p, None))
             expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.ids.device)]
         inputs, output = probe.run(list(expected))
         return probe.close(output, probe.output) and all(probe.close(inputs[n], x) for n, x in expected.items())
     finally:
-        for undo, module, perm, rows in reversed(edits):
-            inverse = torch.argsort(perm)
-            undo(module, inverse) if rows is None else undo(module, inverse, rows)
+        for module, perm, rows in reversed(undo):
+            if rows is None:
+                permute_columns(module, torch.argsort(perm))
+            else:
+                permute_rows(module, torch.argsort(perm), rows)
 
 
 def value_slices(producer: str, rows: int, geometry: AttentionGeometry) -> list[OutputSlice]:
     """Where a producer of ``rows`` output rows may hold the attention values, in the layouts in use: the
-    whole of it (a value projection), the last part of ``[q | k | v]``, the last head of every
-    ``[q heads of one kv group | k | v]`` run (fused projections interleaved per kv head), the second half
+    whole of it (a value projection), the last part of ``[q | k | v]``, the value head of every
+    ``[q heads of one kv head | k | v]`` run (fused projections interleaved per kv head), the second half
     of ``[k | v]``."""
     hd, per_kv = geometry.head_dim, geometry.num_heads // geometry.num_kv_heads
     values, queries = geometry.num_kv_heads * hd, geometry.num_heads * hd
@@ -117,7 +120,8 @@ def value_slices(producer: str, rows: int, geometry: AttentionGeometry) -> list[
     return out
 
 
-def find_fold(probe: Probe, adapter: Adapter, consumer: str, feeds: tuple[str, ...]) -> tuple[tuple[OutputSlice, ...], bool]:
+def find_fold(probe: Probe, adapter: Adapter, consumer: str,
+              feeds: tuple[str, ...]) -> tuple[tuple[OutputSlice, ...], bool]:
     """The producer slices ``consumer``'s permutation folds into, and whether it is the attention output;
     ``((), False)`` when no guess holds. Guesses, in order: every row of every feeding linear, taken in
     chunks of the consumer's width (channel-wise paths: MLPs, fused gate/up); then each feeding linear's
@@ -131,7 +135,8 @@ def find_fold(probe: Probe, adapter: Adapter, consumer: str, feeds: tuple[str, .
         if fold_holds(probe, adapter, consumer, slices, attention=False):
             return slices, False
     geometry = adapter.geometry
-    if geometry is None or geometry.num_heads * geometry.head_dim != width or geometry.num_heads % geometry.num_kv_heads:
+    if (geometry is None or geometry.num_heads * geometry.head_dim != width
+            or geometry.num_heads % geometry.num_kv_heads):
         return (), False
     for name in feeds:
         for part in value_slices(name, rows[name], geometry):
@@ -153,4 +158,6 @@ def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool) -> st
         output = probe.run([])[1]
     finally:
         permute_stream(probe.model, adapter, torch.argsort(perm))
-    return "" if probe.close(output, probe.output) else "permuting the parts found of the residual stream changes the output"
+    if probe.close(output, probe.output):
+        return ""
+    return "permuting the parts found of the residual stream changes the output"

@@ -93,7 +93,8 @@ def objective(model: nn.Module, learned: Learned) -> Learned:
         raise ValueError(f"{kind} has no LM head, so no cross-entropy or KL: the e2e objective can only distil "
                          "hidden states (set --ce 0 --kl 0)")
     if learned.hidden <= 0:
-        raise ValueError(f"{kind} has no LM head: the e2e objective distils hidden states; give --hidden a weight above 0")
+        raise ValueError(f"{kind} has no LM head: the e2e objective distils hidden states; "
+                         "give --hidden a weight above 0")
     return replace(learned, ce=0.0)
 
 
