@@ -10,7 +10,7 @@ from .checkpoint.check import check_checkpoint
 from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, export_checkpoint
 from .config import Calibration, Learned, PruneConfig, Search
-from .evaluation import Perplexity, perplexity
+from .evaluation import Perplexity, Similarity, embedding_similarity, perplexity
 from .models import load_model
 from .permute.metrics import efficacy, retained
 from .permute.search import find_permutation
@@ -18,7 +18,7 @@ from .pipeline import prune
 from .report import PruneReport
 
 __all__ = [
-    "Calibration", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Search",
-    "check_checkpoint", "efficacy", "export_checkpoint", "find_permutation", "load", "load_model", "perplexity",
+    "Calibration", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Search", "Similarity",
+    "check_checkpoint", "efficacy", "embedding_similarity", "export_checkpoint", "find_permutation", "load", "load_model", "perplexity",
     "prune", "retained",
 ]

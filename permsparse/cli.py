@@ -24,7 +24,7 @@ from .checkpoint.check import check_checkpoint
 from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
 from .config import SEARCH_METHODS, Calibration, Learned, PruneConfig, Search
-from .evaluation import perplexity
+from .evaluation import embedding_similarity, perplexity
 from .models import SMOLLM2_ALIAS, load_model
 from .serial import to_dict
 
@@ -192,12 +192,9 @@ def run_prune(args) -> int:
     log.info("config: %s", json.dumps(to_dict(config)))
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet)
-    metrics, zero_shot_results = {}, []
-    for text in [t for t in args.eval_texts.split(",") if t] if args.eval_windows > 0 else []:
-        result = perplexity(model, tokenizer, seqlen=config.calibration.seqlen, windows=args.eval_windows, source=text,
-                            progress=not args.quiet)
-        metrics[text] = result
-        log.info("pruned ppl %.2f on %s (first %d windows of %d tokens)", result.ppl, text, result.windows, result.seqlen)
+    metrics = evaluate(model, tokenizer, args.model, [t for t in args.eval_texts.split(",") if t], args,
+                       seqlen=config.calibration.seqlen, windows=args.eval_windows)
+    zero_shot_results = []
     if tasks:
         from .zeroshot import format_table, zero_shot
 
@@ -211,21 +208,48 @@ def run_prune(args) -> int:
     return 0
 
 
+def evaluate(model, tokenizer, model_name: str, texts: list[str], args, *, seqlen: int,
+             windows: int | None) -> dict:
+    """Perplexity on each text; for an encoder (no LM head, so no perplexity) the mean cosine between its
+    final hidden states and the dense model's (``model_name`` loaded again), and the log says so."""
+    if windows == 0 or not texts:
+        return {}
+    metrics, dense = {}, None
+    if model.get_output_embeddings() is None:
+        dense, _ = load_model(model_name, getattr(torch, args.dtype))
+        log.info("%s has no language-model head: reporting the cosine of its embeddings to the dense model's "
+                 "instead of perplexity", model_name)
+    for text in texts:
+        if dense is None:
+            result = perplexity(model, tokenizer, seqlen=seqlen, windows=windows, source=text, progress=not args.quiet)
+            log.info("ppl %.3f on %s, %d windows x %d tokens (%d predicted tokens, %.1f s)", result.ppl, text,
+                     result.windows, result.seqlen, result.tokens, result.seconds)
+        else:
+            result = embedding_similarity(model, dense, tokenizer, seqlen=seqlen, windows=windows, source=text,
+                                          progress=not args.quiet)
+            log.info("embedding cosine %.4f to the dense model on %s, %d windows x %d tokens (%.1f s)", result.cosine,
+                     text, result.windows, result.seqlen, result.seconds)
+        metrics[text] = result
+    return metrics
+
+
 def run_eval(args) -> int:
     tasks = _tasks(args.tasks)
+    _logging()
+    dense_name = args.model
     if (Path(args.model) / "permsparse.json").is_file():
         from transformers import AutoTokenizer
 
+        from .checkpoint.record import read_record
+
         model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype)), AutoTokenizer.from_pretrained(args.model)
+        dense_name = read_record(args.model).model
     else:
         model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     out: dict = {"model": args.model}
-    if args.windows != 0:
-        result = perplexity(model, tokenizer, seqlen=args.seqlen, windows=args.windows, source=args.source,
-                            progress=not args.quiet)
-        print(f"{args.model}: ppl {result.ppl:.3f} on {result.source}, {result.windows} windows x {result.seqlen} "
-              f"tokens ({result.tokens} predicted tokens, {result.seconds:.1f} s)")
-        out["perplexity"] = to_dict(result)
+    metrics = evaluate(model, tokenizer, dense_name, [args.source], args, seqlen=args.seqlen, windows=args.windows)
+    if metrics:
+        out["perplexity" if model.get_output_embeddings() is not None else "similarity"] = to_dict(metrics[args.source])
     if tasks:
         from .zeroshot import format_table, zero_shot
 

@@ -147,3 +147,19 @@ def test_help_lists_every_config_flag_with_its_default(capsys):
                  "--allow-test-calibration", "--export", "--fold-fallback", "--update-mask"):
         assert flag in text, flag
     assert "(default: 2:4)" in text and "50%" in text
+
+
+def test_an_encoder_is_pruned_and_judged_by_its_embeddings(tmp_path, tiny_tokenizer, capsys):
+    from .conftest import tiny_family
+
+    folder = tmp_path / "bert"
+    tiny_family("bert").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    out = tmp_path / "pruned"
+    assert main(prune_args(folder, out, "--perm", "ria", "--eval-texts", "shakespeare")) == 0
+    assert "no language-model head" in capsys.readouterr().out
+    similarity = json.loads((out / "permsparse.json").read_text())["metrics"]["shakespeare"]
+    assert 0 < similarity["cosine"] < 1 and similarity["windows"] == 2
+    assert main(["check", str(out)]) == 0
+    assert main(["eval", str(out), "--seqlen", "64", "--windows", "2", "--source", "shakespeare"]) == 0
+    assert "embedding cosine" in capsys.readouterr().out

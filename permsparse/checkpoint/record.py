@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import PruneConfig
-from ..evaluation import Perplexity
+from ..evaluation import Perplexity, Similarity
 from ..report import PruneReport
 from ..serial import RecordError, from_dict, to_dict
 from ..zeroshot import TaskResult
@@ -88,7 +88,7 @@ class CheckpointRecord:
     fold: FoldRecord | None
     plain_hf: bool  # from_pretrained(DIR) alone gives the pruned model's outputs (no runtime gather needed)
     reference: Reference
-    metrics: dict[str, Perplexity] = field(default_factory=dict)
+    metrics: dict[str, Perplexity | Similarity] = field(default_factory=dict)
     zero_shot: list[TaskResult] = field(default_factory=list)
     command: str = ""
 

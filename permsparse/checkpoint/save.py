@@ -25,7 +25,7 @@ from typing import Literal
 from torch import nn
 
 from ..config import PruneConfig, check_choices, option
-from ..evaluation import Perplexity
+from ..evaluation import Perplexity, Similarity
 from ..report import PruneReport
 from ..zeroshot import TaskResult
 from .fold import fold_for_export, masked_layouts
@@ -69,7 +69,7 @@ def check_export(export: ExportConfig, config: PruneConfig) -> None:
 
 
 def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: PruneConfig, report: PruneReport, *,
-                      export: ExportConfig = ExportConfig(), model_name: str = "", metrics: dict[str, Perplexity] | None = None,
+                      export: ExportConfig = ExportConfig(), model_name: str = "", metrics: dict[str, Perplexity | Similarity] | None = None,
                       zero_shot: list[TaskResult] | None = None, command: str = "", overwrite: bool = False,
                       in_place: bool = False) -> Path:
     """Write the pruned (masked, in-memory) ``model`` to ``out`` as ``export`` says.
