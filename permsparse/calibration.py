@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import Adapter
 
 
@@ -128,8 +129,8 @@ def collect_input_stats(
             if s is None:
                 d = x.shape[-1]
                 s = stats[key] = InputStats(
-                    torch.zeros(d, dtype=torch.float64),
-                    torch.zeros(d, d, dtype=torch.float64) if want_gram else None,
+                    torch.zeros(d, dtype=torch.float64, device=x.device),
+                    torch.zeros(d, d, dtype=torch.float64, device=x.device) if want_gram else None,
                     0,
                 )
             s.sq_sum += x.double().square().sum(0)
@@ -141,9 +142,11 @@ def collect_input_stats(
 
     with _input_hooks(block, readers, make_hook):
         outputs = run_block(block, inputs, kwargs, batch_size)
-    for s in stats.values():
+    for s in stats.values():  # with several processes: the sums over every rank's windows
+        distributed.sum_(s.sq_sum)
+        s.tokens = int(distributed.sum_(torch.tensor(s.tokens, dtype=torch.float64, device=s.sq_sum.device)))
         if s.gram is not None:
-            s.gram = s.gram.float()
+            s.gram = distributed.sum_(s.gram).float()
     return stats, outputs
 
 
@@ -178,5 +181,5 @@ def collect_drift(
                 s.drift += (seen[key] - x).T @ x
     for s in stats.values():
         if s.drift is not None:
-            s.drift = s.drift.float()
+            s.drift = distributed.sum_(s.drift).float()
     return torch.cat(outputs)

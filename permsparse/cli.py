@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from . import distributed
 from .checkpoint.check import check_checkpoint
 from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
@@ -32,13 +33,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointErro
 log = logging.getLogger("permsparse")
 
 
-def _logging(file: Path | None = None) -> None:
-    """Messages to stdout, and with a time stamp to ``file`` (the run's ``log.txt``) when given."""
+def _logging(file: Path | None = None, quiet: bool = False) -> None:
+    """Messages to stdout (unless ``quiet``), and with a time stamp to ``file`` (the run's ``log.txt``)."""
     log.setLevel(logging.INFO)
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
+    if quiet:
+        log.addHandler(logging.NullHandler())
+        return
     out = logging.StreamHandler(sys.stdout)
     out.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(out)
@@ -184,14 +188,19 @@ def run_prune(args) -> int:
     export = ExportConfig(**given(args, ExportConfig))
     check_export(export, config)
     check_output_free(args.out, args.overwrite)
+    distributed.initialise()  # under torchrun: rank 0 logs, evaluates and writes; every rank prunes
+    main_rank = distributed.is_main()
     staging = partial_dir(args.out)
-    if args.overwrite and staging.exists():
+    if args.overwrite and staging.exists() and main_rank:
         shutil.rmtree(staging)
-    _logging(staging / "log.txt")
+    distributed.barrier()
+    _logging(staging / "log.txt" if main_rank else None, quiet=not main_rank)
     log.info("%s", args.command_line)
     log.info("config: %s", json.dumps(to_dict(config)))
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
-    report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet)
+    report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank)
+    if not main_rank:
+        return 0
     metrics = evaluate(model, tokenizer, args.model, [t for t in args.eval_texts.split(",") if t], args,
                        seqlen=config.calibration.seqlen, windows=args.eval_windows)
     zero_shot_results = []
@@ -296,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("permsparse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

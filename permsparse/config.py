@@ -139,6 +139,8 @@ class Learned:
     tile: int = option(64, "channels per learned tile; the attention output's tiles are its heads")
     warm_sharpness: float = option(0.9, "share of each row's soft mass on the warm start at eps_start")
     judge_every: int = option(5, "steps between judgments of the hard permutations on the held-out windows")
+    recompute: bool = option(False, "e2e: keep only each block's input for the backward pass and run the block again "
+                             "there (activation checkpointing: much less memory, about a third more time)")
 
     def __post_init__(self):
         check_choices(self)

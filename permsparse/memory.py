@@ -87,8 +87,12 @@ def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: t
                       and getattr(m.weight, "dim", lambda: 0)() == 2)
         b = learned.windows_per_step
         est.parts["relaxed weights"] = linears * (dtype_bytes + 1)
-        est.parts["training activations"] = (layers * b * seqlen * (ACT_PER_HIDDEN * hidden + ACT_PER_FFN * ffn) * 4
-                                             + ATTENTION_COPIES * layers * b * heads * seqlen * seqlen * 4)
+        per_block = (b * seqlen * (ACT_PER_HIDDEN * hidden + ACT_PER_FFN * ffn) * 4
+                     + ATTENTION_COPIES * b * heads * seqlen * seqlen * 4)
+        if learned.recompute:  # each block's input kept, one block's activations at a time
+            est.parts["training activations"] = (layers + 1) * b * seqlen * hidden * 4 + per_block
+        else:
+            est.parts["training activations"] = layers * per_block
         est.parts["dense hidden states"] = (layers + 1) * b * seqlen * hidden * 4
         est.parts["logits"] = LOGIT_CHUNK_BYTES
     else:
@@ -109,7 +113,8 @@ def check_memory(model: nn.Module, adapter: Adapter, config: PruneConfig, window
     if est.total > free:
         learned = config.learned
         if learned is not None and learned.scope == "e2e":
-            flags = "lower --batch (windows per step) or --seqlen, or use --scope blockwise"
+            flags = ("add --recompute, lower --batch (windows per step) or --seqlen, or use --scope blockwise"
+                     if not learned.recompute else "lower --batch (windows per step) or --seqlen, or use --scope blockwise")
         else:
             flags = "lower --nsamples or --seqlen"
         raise InsufficientMemory(

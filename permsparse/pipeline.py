@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import data
+from . import data, distributed
 from .progress import bar
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
@@ -79,12 +79,15 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     else:
         windows, holdout = calibration(tokenizer, config, windows, holdout)
         check_memory(model, adapter, config, windows, holdout)
-        inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([windows, holdout]), config.calibration.batch_size)
-        hidden = global_permutation(run, inputs[:len(windows)], kwargs) if config.binding == "global" else None
+        if len(windows) < distributed.world() or 0 < len(holdout) < distributed.world():
+            raise ValueError(f"{distributed.world()} processes need at least as many calibration and held-out windows")
+        mine, held = distributed.shard(windows), distributed.shard(holdout)  # this process's share
+        inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([mine, held]), config.calibration.batch_size)
+        hidden = global_permutation(run, inputs[:len(mine)], kwargs) if config.binding == "global" else None
         if config.learned is not None and config.learned.scope == "e2e":
-            prune_end_to_end(run, inputs, kwargs, windows, holdout, hidden)
+            prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden)
         else:
-            prune_block_by_block(run, inputs, kwargs, len(windows), hidden)
+            prune_block_by_block(run, inputs, kwargs, len(mine), hidden)
     run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
     return run.report
 
@@ -265,7 +268,11 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
     first = 0
     saved = run.progress.load("blocks")
     if saved is not None:
-        first, inputs, reference = saved["done"], saved["inputs"], saved["reference"]
+        stream = run.progress.load(f"stream-{distributed.rank()}")
+        if stream is None or stream["done"] != saved["done"]:
+            raise FileExistsError(f"{run.progress.folder} holds progress this process cannot resume from; remove it "
+                                  "or pass --overwrite")
+        first, inputs, reference = saved["done"], stream["inputs"], stream["reference"]
         restore(run, saved)
     blocks = bar(range(first, len(run.blocks)), desc="pruning blocks", initial=first, total=len(run.blocks),
                disable=not run.show)
@@ -296,12 +303,16 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
 
 def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: torch.Tensor,
                 reference: torch.Tensor | None) -> None:
-    """Progress after ``done`` blocks: every mask so far (bit-packed), the report, the next inputs."""
+    """Progress after ``done`` blocks: every mask so far (bit-packed) and the report, and each process's
+    next inputs (its share of the windows)."""
     if run.progress.folder is None:
         return
+    run.progress.save(f"stream-{distributed.rank()}", {"done": done, "inputs": inputs, "reference": reference},
+                      every_rank=True)
+    distributed.barrier()
     saved = run.progress.load("blocks") or {"masks": {}}
     saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
-    saved.update(done=done, inputs=inputs, reference=reference, report=run.report)
+    saved.update(done=done, report=run.report)
     run.progress.save("blocks", saved)
 
 
@@ -316,13 +327,12 @@ def restore(run: Run, saved: dict) -> None:
 
 
 def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torch.Tensor, holdout: torch.Tensor,
-                     hidden: torch.Tensor | None) -> None:
+                     count: int, hidden: torch.Tensor | None) -> None:
     """``e2e``: statistics and starts of every block on the dense model, then every permutation learned
     at once, then every block pruned (with a weight-updating host: block by block on the pruned model's
     inputs, the reconstruction pass). Searched starts and the learner's state are saved as they come,
     so an interrupted run resumes with training where it stopped."""
     config = run.config
-    count = len(windows)
     first = inputs[:count]
     starts = run.progress.load("starts") or {}
     plans = []

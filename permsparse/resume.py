@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
+
 MANIFEST = "progress.json"
 
 
@@ -38,13 +40,14 @@ class Progress:
             return None
         return torch.load(self.folder / f"{key}.pt", weights_only=False)
 
-    def save(self, key: str, value: Any) -> None:
-        """Save ``value`` under ``key``; the first save also records whose progress this is."""
-        if self.folder is None:
+    def save(self, key: str, value: Any, every_rank: bool = False) -> None:
+        """Save ``value`` under ``key``; the first save also records whose progress this is. With several
+        processes rank 0 writes what every rank holds alike; ``every_rank`` saves are each process's own."""
+        if self.folder is None or not (every_rank or distributed.is_main()):
             return
         manifest = self.folder / MANIFEST
-        if not manifest.is_file():
-            self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not manifest.is_file() and distributed.is_main():
             self._atomic(manifest, lambda p: p.write_text(json.dumps({"fingerprint": self.fingerprint})))
         self._atomic(self.folder / f"{key}.pt", lambda p: torch.save(value, p))
 

@@ -46,3 +46,21 @@ def test_out_of_memory_is_one_line_from_the_command_line(tiny_llama_dir, tmp_pat
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("permsparse: error")]
     assert len(err) == 2 and "out of memory" in err[-1] and "--nsamples" in err[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_recomputing_blocks_keeps_activations_of_one_block():
+    model = tiny_llama(layers=8)
+    adapter = adapter_for(model)
+    windows, holdout = torch.zeros(8, 128, dtype=torch.long), torch.zeros(4, 128, dtype=torch.long)
+    plain = memory.estimate(model, adapter, PruneConfig(permutation=Learned()), windows, holdout)
+    lean = memory.estimate(model, adapter, PruneConfig(permutation=Learned(recompute=True)), windows, holdout)
+    assert lean.parts["training activations"] < plain.parts["training activations"] / 4
+
+
+def test_recomputing_blocks_gives_the_same_training():
+    def learn(recompute: bool):
+        config = PruneConfig(permutation=Learned(init="ria", steps=4, judge_every=2, tile=16, recompute=recompute))
+        report = prune(tiny_llama(), None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
+        return report.training[0].loss, [site.perm for site in report.sites]
+
+    assert learn(True) == learn(False)

@@ -18,13 +18,16 @@ Either way the best hard permutations judged on the held-out windows are kept (:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from ..adapters import AttentionGeometry, linear_weight, replaced_weights
+from .. import distributed
+from ..adapters import AttentionGeometry, is_linear, linear_weight, replaced_weights
 from ..calibration import block_output
 from ..config import Learned, PruneConfig
 from ..evaluation import next_token_kl, next_token_nll
@@ -50,6 +53,35 @@ class Terms:
         return Terms(self.nll + other.nll, self.tokens + other.tokens, self.kl + other.kl,
                      self.positions + other.positions, self.hidden_num + other.hidden_num,
                      self.hidden_den + other.hidden_den)
+
+    def reduced(self) -> "Terms":
+        """The terms summed over every process's windows (detached): those of the global batch."""
+        sums = [distributed.sum_(t.detach().double().clone()) for t in (self.nll, self.kl, self.hidden_num,
+                                                                           self.hidden_den)]
+        counts = distributed.sum_(torch.tensor([self.tokens, self.positions], dtype=torch.float64))
+        return Terms(sums[0], int(counts[0]), sums[1], int(counts[1]), sums[2], sums[3])
+
+    def global_loss(self, learned: Learned) -> Tensor:
+        """The loss of the global batch (every process's windows), with a gradient that is this
+        process's share: summed over the processes the gradients are the global loss's gradient.
+
+        Each term is a ratio of sums (NLL over tokens, distance over target power), so the share is its
+        first-order part, ``d/dnum = 1/den_total`` and ``d/dden = -num_total/den_total^2``; with one
+        process this is the loss itself.
+        """
+        if not distributed.active():
+            return self.value(learned)
+        total = self.reduced()
+        share = torch.zeros((), device=self.nll.device)
+        if learned.ce > 0:
+            share = share + learned.ce * self.nll / max(total.tokens, 1)
+        if learned.kl > 0:
+            share = share + learned.kl * self.kl / max(total.positions, 1)
+        if learned.hidden > 0:
+            den = total.hidden_den.float().clamp_min(1e-12)
+            share = share + learned.hidden * (self.hidden_num / den
+                                              - total.hidden_num.float() * self.hidden_den / den**2).mean()
+        return share + (total.value(learned).float() - share).detach()
 
     def value(self, learned: Learned) -> Tensor:
         loss = torch.zeros((), device=self.nll.device)
@@ -139,14 +171,15 @@ def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: DenseS
 def judge_model(student: nn.Module, teacher: nn.Module, windows: Tensor, learned: Learned,
                 weights: dict[str, Tensor] | None = None) -> float:
     """The objective of ``student`` (with ``weights`` replaced, if given) against ``teacher`` on
-    ``windows`` (the held-out set), batch by batch. The two may be one module."""
+    ``windows`` (the held-out set), batch by batch, each process on its share. The two may be one module."""
     total = Terms()
-    for i in range(0, windows.shape[0], learned.windows_per_step):
-        ids = windows[i:i + learned.windows_per_step]
+    mine = distributed.shard(windows)
+    for i in range(0, mine.shape[0], learned.windows_per_step):
+        ids = mine[i:i + learned.windows_per_step]
         dense = dense_states(teacher, ids, learned)
         with replaced_weights(student, weights or {}):
             total = total + model_terms(student, ids, learned, dense)
-    return float(total.value(learned))
+    return float((total.reduced() if distributed.active() else total).value(learned))
 
 
 # -------------------------------------------------------------------------------------- learning sites
@@ -205,6 +238,59 @@ def learn_sites(plan: Plan, config: PruneConfig, geometry: AttentionGeometry, m:
     return sites, fixed
 
 
+@contextmanager
+def _swapped(block: nn.Module, names: list[str], tensors: tuple[Tensor, ...]):
+    """``block``'s named linears run with ``tensors`` as their (stored-layout) weights; restored on exit."""
+    saved = []
+    try:
+        for name, tensor in zip(names, tensors):
+            module = block.get_submodule(name)
+            was_parameter = "weight" in module._parameters
+            saved.append((module, module._parameters.pop("weight") if was_parameter else module.__dict__.pop("weight"),
+                          was_parameter))
+            module.weight = tensor
+        yield
+    finally:
+        for module, old, was_parameter in reversed(saved):
+            del module.weight
+            if was_parameter:
+                module.register_parameter("weight", old)
+            else:
+                module.weight = old
+
+
+@contextmanager
+def recomputed(blocks: list[nn.Module], enabled: bool):
+    """While active (and ``enabled``), each block keeps only its input for the backward pass and runs its
+    forward again there: activation checkpointing per block. The replaced (relaxed) weights a block runs
+    with are inputs of its checkpoint, so the recomputation uses them, and their gradient flows back."""
+    if not enabled:
+        yield
+        return
+    patched = []
+    for block in blocks:
+        def wrapped(*args, _forward=block.forward, _block=block, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            names = [n for n, mod in _block.named_modules() if is_linear(mod) and not isinstance(mod.weight, nn.Parameter)]
+            tensors = [_block.get_submodule(n).weight for n in names]
+
+            def run(hidden, *weights):
+                with _swapped(_block, names, weights):
+                    return _forward(hidden, *args[1:], **kwargs)
+
+            return checkpoint(run, hidden, *tensors, use_reentrant=False)
+
+        patched.append((block, vars(block).get("forward")))
+        block.forward = wrapped
+    try:
+        yield
+    finally:
+        for block, own in patched:
+            del block.forward
+            if own is not None:
+                block.forward = own
+
+
 def _schedule(count: int, learned: Learned, seed: int) -> Tensor:
     """The training windows of every step, ``(steps, batch)``, drawn once so a resumed run sees the same."""
     return torch.randint(0, count, (learned.steps, learned.windows_per_step), generator=torch.Generator().manual_seed(seed))
@@ -226,11 +312,16 @@ def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: T
     windows, holdout = windows.to(device), holdout.to(device)
     schedule = _schedule(windows.shape[0], learned, config.calibration.seed)
 
+    blocks = [plan.module for plan in plans]
+
+    if learned.windows_per_step < distributed.world():
+        raise ValueError(f"{distributed.world()} processes share each step's windows: --batch must be at least that")
+
     def loss_fn(weights: dict[str, Tensor], step: int) -> Tensor:
-        ids = windows[schedule[step]]
+        ids = distributed.shard(windows[schedule[step]])  # this process's share of the step's batch
         dense = dense_states(model, ids, learned)
-        with replaced_weights(model, {**fixed, **weights}):
-            return model_terms(model, ids, learned, dense).value(learned)
+        with replaced_weights(model, {**fixed, **weights}), recomputed(blocks, learned.recompute):
+            return model_terms(model, ids, learned, dense).global_loss(learned)
 
     def judge_fn(weights: dict[str, Tensor]) -> float:
         return judge_model(model, model, holdout, learned, {**fixed, **weights})
@@ -265,12 +356,17 @@ class BlockData:
 
 def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: AttentionGeometry, *,
                 progress: bool = False) -> tuple[dict[str, Tensor], TrainingRecord]:
-    """``blockwise``: learn the block's trainable sites so the pruned block reproduces the dense outputs."""
+    """``blockwise``: learn the block's trainable sites so the pruned block reproduces the dense outputs.
+
+    With several processes each holds the windows ``rank, rank + world, ...`` (its share of the
+    pipeline's windows): a step's batch is drawn over all of them and each process computes its part.
+    """
     learned: Learned = config.learned
     n, m = config.nm
     block = plan.module
     sites, fixed = learn_sites(plan, config, geometry, m)
-    schedule = _schedule(data.inputs.shape[0], learned, config.calibration.seed)
+    total = int(distributed.sum_(torch.tensor(float(data.inputs.shape[0]), dtype=torch.float64)))
+    schedule = _schedule(total, learned, config.calibration.seed)
 
     def terms(weights: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         with replaced_weights(block, {**fixed, **weights}):
@@ -278,16 +374,23 @@ def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: Atte
         return hidden_distance(learned.hidden_loss, out, targets)
 
     def loss_fn(weights: dict[str, Tensor], step: int) -> Tensor:
-        num, den = terms(weights, data.inputs[schedule[step]], data.targets[schedule[step]])
-        return num / den.clamp_min(1e-12)
+        batch = schedule[step]
+        mine = batch[batch % distributed.world() == distributed.rank()] // distributed.world()
+        if len(mine):
+            num, den = terms(weights, data.inputs[mine], data.targets[mine])
+        else:  # none of the step's windows is this process's: its share of the gradient is zero
+            num = sum((w * 0).sum() for w in weights.values())
+            den = torch.zeros(())
+        return Terms(hidden_num=num[None], hidden_den=den[None]).global_loss(replace(learned, ce=0.0, kl=0.0, hidden=1.0))
 
     def judge_fn(weights: dict[str, Tensor]) -> float:
-        num = den = 0.0
+        sums = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for i in range(0, data.holdout_inputs.shape[0], learned.windows_per_step):
                 part = slice(i, i + learned.windows_per_step)
                 a, b = terms(weights, data.holdout_inputs[part], data.holdout_targets[part])
-                num, den = num + float(a), den + float(b)
+                sums += torch.tensor([float(a), float(b)], dtype=torch.float64)
+        num, den = distributed.sum_(sums).tolist()
         return num / max(den, 1e-12)
 
     frozen = [p for p in block.parameters() if p.requires_grad]

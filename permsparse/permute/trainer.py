@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..config import Learned
 from ..progress import bar
 from ..masks import nm_mask, permuted_nm_mask
@@ -120,6 +121,8 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
         loss = loss_fn(weights, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        for mod in modules:  # with several processes: every rank's share of the gradient, summed
+            distributed.sum_(mod.cost.grad)
         optimiser.step()
         record.loss.append(loss.item())
         record.eps.append(eps)

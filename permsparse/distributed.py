@@ -1,0 +1,64 @@
+"""Several processes, one result: the few collective operations the pipeline needs, on ``torch.distributed``.
+
+Started with ``torchrun --nproc-per-node K -m permsparse prune ...``, every process (rank) draws the
+same calibration windows and takes its share of them: statistics are summed across ranks, so every rank
+searches the same permutations; a learning step's batch is split across ranks and the gradients of the
+cost tiles are summed, so every rank holds the same costs; the judgments are summed, so every rank keeps
+the same best set. Rank 0 alone writes progress and the checkpoint. Without ``torchrun`` (or with one
+process) every function here is the identity.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def initialise() -> None:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def finish() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(items: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ``items`` (rows ``rank, rank + world, ...``)."""
+    return items[rank()::world()] if active() else items
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks, in place, and returned (float64 sums stay exact enough that
+    every rank, and a single process, see the same statistics)."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

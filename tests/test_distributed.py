@@ -1,0 +1,64 @@
+"""Several processes on torchrun (gloo, CPU) give the model one process gives; a killed run resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from .conftest import DATA, tiny_llama
+
+SHAKESPEARE = str(DATA / "tinyshakespeare" / "input.txt")
+
+
+def command(model, out, *extra, processes: int = 1) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1
+                else [sys.executable])
+    return [*launcher, "-m", "permsparse", "prune", "--model", str(model), "--calib", SHAKESPEARE, "--nsamples", "8",
+            "--seqlen", "64", "--holdout", "4", "--eval-windows", "0", "--quiet", "--out", str(out), *extra]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def same_checkpoint(a, b) -> None:
+    sites = [[s["perm"] for s in json.loads((d / "permsparse.json").read_text())["report"]["sites"]] for d in (a, b)]
+    assert sites[0] == sites[1]
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+@pytest.mark.parametrize("extra", [
+    ("--perm", "learned", "--init", "ria", "--steps", "4", "--judge-every", "2", "--tile", "16", "--batch", "4"),
+    ("--perm", "learned", "--scope", "blockwise", "--init", "ria", "--steps", "3", "--tile", "16", "--batch", "4"),
+    ("--perm", "output", "--binding", "shared"),
+], ids=["e2e", "blockwise", "output-search"])
+def test_two_processes_give_the_permutations_and_weights_of_one(tiny_llama_dir, tmp_path, extra):
+    run(command(tiny_llama_dir, tmp_path / "one", *extra))
+    run(command(tiny_llama_dir, tmp_path / "two", *extra, processes=2))
+    same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path):
+    extra = ("--perm", "learned", "--init", "ria", "--steps", "40", "--judge-every", "5", "--tile", "16", "--batch", "4")
+    run(command(tiny_llama_dir, tmp_path / "whole", *extra))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command(tiny_llama_dir, tmp_path / "killed", *extra), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed.partial" / ".resume" / "training.pt"
+    deadline = time.time() + 300
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), "the learner saved no state before the run ended"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed").exists()
+    run(command(tiny_llama_dir, tmp_path / "killed", *extra))
+    same_checkpoint(tmp_path / "whole", tmp_path / "killed")
