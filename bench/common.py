@@ -103,28 +103,48 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
     return result
 
 
-def run_rows(rows: list[Row], protocol: Protocol, jobs: int = 1, only: list[str] | None = None) -> list[dict]:
+def _guarded_row(row: Row, protocol: Protocol) -> dict:
+    """A row's result, or its label and the error that stopped it (one failing row loses no other)."""
+    import traceback
+
+    try:
+        return _run_row(row, protocol)
+    except Exception:  # noqa: BLE001 - reported in the results and on the console
+        return {"label": row.label, "error": traceback.format_exc()}
+
+
+def run_rows(rows: list[Row], protocol: Protocol, jobs: int = 1, only: list[str] | None = None,
+             partial: str | None = None) -> list[dict]:
     """Run every row (or those labelled in ``only``) in a fresh process, ``jobs`` at a time, printing each
-    as it finishes. With ``jobs > 1`` rows share the machine, so their seconds include that contention."""
+    as it finishes and, with ``partial``, saving what is done so far to ``bench/results/PARTIAL.partial.json``.
+    With ``jobs > 1`` rows share the machine, so their seconds include that contention."""
     if only is not None:
         rows = [r for r in rows if r.label in only]
     ctx = mp.get_context("spawn")
+    done: dict[str, dict] = {}
     with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_run_row, row, protocol) for row in rows]
+        futures = [pool.submit(_guarded_row, row, protocol) for row in rows]
         for future in as_completed(futures):
             r = future.result()
-            ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["ppl"].items())
-            print(f"  done: {r['label']:<40} ppl {ppl} ({r['prune_s']:.0f} s pruning)", flush=True)
-        return [future.result() for future in futures]
+            done[r["label"]] = r
+            if "error" in r:
+                print(f"  FAILED: {r['label']}\n{r['error']}", flush=True)
+            else:
+                ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["ppl"].items())
+                print(f"  done: {r['label']:<40} ppl {ppl} ({r['prune_s']:.0f} s pruning)", flush=True)
+            if partial:
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                (RESULTS / f"{partial}.partial.json").write_text(json.dumps(list(done.values()), indent=1, default=str))
+    return [done[row.label] for row in rows]
 
 
 def gap_closed(results: list[dict], none: str, limit: str) -> None:
     """Add ``gap`` per evaluation text: (ppl of ``none`` - ppl) / (ppl of ``none`` - ppl of ``limit``)."""
-    by_label = {r["label"]: r for r in results}
+    by_label = {r["label"]: r for r in results if "error" not in r}
     if none not in by_label or limit not in by_label:
         return
     for r in results:
-        if r["config"] is None:
+        if r.get("config") is None or "error" in r:
             continue
         r["gap"] = {}
         for text, ppl in r["ppl"].items():

@@ -27,7 +27,7 @@ def main() -> None:
     print(f"{args.model}, 2:4 Wanda, default calibration ({PruneConfig().calibration.source}); evaluation: first "
           f"{args.windows} windows of {args.seqlen} tokens of {', '.join(args.evals)}", flush=True)
     started = time.perf_counter()
-    results = run_rows(rows, protocol, args.jobs, args.rows)
+    results = run_rows(rows, protocol, args.jobs, args.rows, partial="demo")
     order = {row.label: i for i, row in enumerate([rows[3], rows[1], rows[2], rows[0]])}
     results.sort(key=lambda r: order[r["label"]])
     print_table(results, [("label", "2:4 Wanda + permutation", "")] + ppl_columns(protocol, gap=False)

@@ -61,7 +61,7 @@ def main() -> None:
     print(f"learned permutation across domains on {args.model}, 2:4 Wanda: calibration {args.nsamples} x {args.seqlen} "
           f"of {', '.join(args.calibs)}; evaluation first {args.windows} windows of {args.seqlen} of "
           f"{', '.join(EVAL_NAMES.get(t, t) for t in args.evals)} (validation: {args.validation})", flush=True)
-    results = run_rows(rows, protocol, args.jobs, args.rows)
+    results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
     for calib in args.calibs:
         group = [r for r in results if r["label"].startswith(f"{calib} | ")]
         gap_closed(group, f"{calib} | none", f"{calib} | unstructured 50%")

@@ -36,7 +36,7 @@ def main() -> None:
     print(f"one-shot pruning of {args.model}: calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, "
           f"seed {args.seed}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "
           f"{', '.join(args.evals)}", flush=True)
-    results = run_rows(rows, protocol, args.jobs, args.rows)
+    results = run_rows(rows, protocol, args.jobs, args.rows, partial="oneshot")
     gap_closed(results, "2:4 wanda", "unstructured 50% (wanda)")
     print_table(results, [("label", "method", "")] + ppl_columns(protocol)
                 + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
