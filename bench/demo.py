@@ -1,38 +1,77 @@
 """The demo (``make demo``): SmolLM2-135M pruned to 2:4 with Wanda, without a permutation, with RIA's
-and with the learned one, each with the tool's default configuration, side by side.
+and with the learned one, each by ``permsparse prune`` with every default, then ``permsparse report``.
 
-Protocol: every row calibrates as ``permsparse prune`` does by default; evaluation on the first
-``--windows`` windows of ``--seqlen`` tokens of WikiText-2 test and of Tiny Shakespeare (neither is
-calibration text). Two rows run at once (the learned one beside the two others), one thread each.
+Each run calibrates as the command does by default and records its perplexity on the first 16 windows of
+512 tokens of WikiText-2 test and of Tiny Shakespeare (neither is calibration text). The learned run goes
+on one core while the two others, and the dense model's evaluation, go one after the other on the other
+core (one thread each). The checkpoints and the report land in ``runs/demo/``.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from common import Row, add_protocol_args, ppl_columns, print_table, protocol_from, run_rows, save_json
+from common import print_table, save_json
 
-from permsparse import Learned, PruneConfig, Search
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {"none": [], "ria": ["--perm", "ria"], "learned (default)": ["--perm", "learned"]}
+TEXTS = ("wikitext2", "shakespeare")
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "permsparse", *args]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_protocol_args(parser)
-    parser.set_defaults(jobs=2)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "demo"))
     args = parser.parse_args()
-    protocol = protocol_from(args)
-    rows = [Row("learned (default)", PruneConfig(permutation=Learned())),
-            Row("none", PruneConfig()), Row("ria", PruneConfig(permutation=Search("ria"))),
-            Row("dense", None)]
-    print(f"{args.model}, 2:4 Wanda, default calibration ({PruneConfig().calibration.source}); evaluation: first "
-          f"{args.windows} windows of {args.seqlen} tokens of {', '.join(args.evals)}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    folders = {label: out / label.split()[0] for label in RUNS}
+    prune = {label: command("prune", "--model", args.model, *flags, "--out", str(folders[label]), "--overwrite",
+                            "--quiet") for label, flags in RUNS.items()}
     started = time.perf_counter()
-    results = run_rows(rows, protocol, args.jobs, args.rows, partial="demo")
-    order = {row.label: i for i, row in enumerate([rows[3], rows[1], rows[2], rows[0]])}
-    results.sort(key=lambda r: order[r["label"]])
-    print_table(results, [("label", "2:4 Wanda + permutation", "")] + ppl_columns(protocol, gap=False)
+    print(f"pruning {args.model} to 2:4 three ways, every other option at its default (two processes, one "
+          "thread each); this takes about a quarter of an hour here", flush=True)
+    learned = subprocess.Popen(prune["learned (default)"], env=env, stdout=subprocess.DEVNULL)
+    dense = {}
+    for label in ("none", "ria"):
+        subprocess.run(prune[label], env=env, check=True, stdout=subprocess.DEVNULL)
+        print(f"  {label}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+    for text in TEXTS:
+        result = out / f"dense-{text}.json"
+        subprocess.run(command("eval", args.model, "--seqlen", "512", "--windows", "16", "--source", text, "--json",
+                               str(result), "--quiet"), env=env, check=True, stdout=subprocess.DEVNULL)
+        dense[text] = json.loads(result.read_text())["perplexity"]["ppl"]
+    if learned.wait() != 0:
+        raise SystemExit("the learned run failed; see runs/demo/learned.partial/log.txt")
+    print(f"  learned (default): done ({time.perf_counter() - started:.0f} s)", flush=True)
+    report_started = time.perf_counter()
+    subprocess.run(command("report", *(str(f) for f in folders.values()), "--out", str(out / "report")), env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    report_s = time.perf_counter() - report_started
+    rows = [{"label": "dense", "ppl": dense, "prune_s": None, "peak_rss_mb": None, "config": None}]
+    for label, folder in folders.items():
+        record = json.loads((folder / "permsparse.json").read_text())
+        rows.append({"label": label, "ppl": {t: record["metrics"][t]["ppl"] for t in TEXTS},
+                     "prune_s": record["report"]["seconds"], "peak_rss_mb": record["report"]["peak_rss_mb"],
+                     "config": record["config"], "command": record["command"]})
+    print_table(rows, [("label", "2:4 Wanda + permutation", "")] + [(f"ppl.{t}", f"{t} ppl", ".2f") for t in TEXTS]
                 + [("prune_s", "pruning s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
-    print(f"{time.perf_counter() - started:.0f} s in all; saved {save_json('demo', vars(args), results)}")
+    wall = time.perf_counter() - started
+    print(f"{wall:.0f} s in all; report in {report_s:.1f} s: {out / 'report' / 'index.html'}")
+    protocol = {"model": args.model, "evals": list(TEXTS), "windows": 16, "seqlen": 512, "jobs": 2, "threads": 1,
+                "wall_s": wall, "report_s": report_s, "calib": rows[-1]["config"]["calibration"]["source"],
+                "nsamples": rows[-1]["config"]["calibration"]["nsamples"], "seed": 0}
+    print(f"saved {save_json('demo', protocol, rows)}")
 
 
 if __name__ == "__main__":
