@@ -91,11 +91,28 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
     def full(locals_: list[Tensor]) -> list[Tensor]:
         return [base[mod.hard(loc)] for mod, base, loc in zip(modules, bases, locals_)]
 
+    masks: dict[str, tuple[Tensor, Tensor]] = {}  # linear -> (permutation, its N:M mask in final position order)
+
+    def final_mask(name: str, linear: LearnLinear, perm: Tensor) -> Tensor:
+        """The mask of ``scores[:, perm]``, chosen again only when the permutation changed."""
+        cached = masks.get(name)
+        if cached is None or not torch.equal(cached[0], perm):
+            with torch.no_grad():
+                cached = masks[name] = (perm, nm_mask(linear.scores()[:, perm], n, m))
+        return cached[1]
+
+    def hard(name: str, linear: LearnLinear, perm: Tensor) -> Tensor:
+        """The exact pruned weight under ``perm`` (see :func:`hard_weight`), from the cached mask."""
+        keep = torch.empty_like(final_mask(name, linear, perm))
+        keep[:, perm] = final_mask(name, linear, perm)
+        return linear.weight * keep.to(linear.weight.dtype)
+
     def judge(step: int, perms: list[Tensor]) -> None:
         nonlocal best, last_judged
         if last_judged is not None and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(perms, last_judged)):
             return
-        weights = {name: hard_weight(lin, p, n, m) for site, p in zip(sites, perms) for name, lin in site.linears.items()}
+        with torch.no_grad():
+            weights = {name: hard(name, lin, p) for site, p in zip(sites, perms) for name, lin in site.linears.items()}
         value = float(judge_fn(weights))
         last_judged = [p.cpu() for p in perms]
         record.judged.append((step, value))
@@ -114,10 +131,8 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
         softs = soft_permutations(modules, eps, config.sinkhorn_iters)
         for site, mod, base, loc, p, soft in zip(sites, modules, bases, locals_, perms, softs):
             mats = mod.matrices(eps, config.sinkhorn_iters, config.forward, loc, soft)
-            for name, lin in site.linears.items():
-                with torch.no_grad():  # the mask in final position order: position j holds channel p[j]
-                    mask = nm_mask(lin.scores()[:, p], n, m)
-                weights[name] = relaxed_weight(lin.weight, mask, mats, base)
+            for name, lin in site.linears.items():  # the mask in final position order: position j holds p[j]
+                weights[name] = relaxed_weight(lin.weight, final_mask(name, lin, p), mats, base)
         loss = loss_fn(weights, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
