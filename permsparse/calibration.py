@@ -14,6 +14,7 @@ from torch import nn
 
 from . import distributed
 from .adapters import Adapter
+from .discover import model_inputs
 
 
 class _Captured(Exception):
@@ -45,7 +46,8 @@ class InputStats:
 def capture_block_inputs(
     model: nn.Module, adapter: Adapter, samples: torch.Tensor, batch_size: int = 8
 ) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for every sample, and the keyword arguments blocks receive.
+    """Hidden states entering block 0 for every sample (token ids, or preprocessed images), and the keyword
+    arguments blocks receive.
 
     Other arguments (rotary embeddings, causal mask, positions), positional ones included, are bound
     to their parameter names. They are the same for every window of one length, so they are captured
@@ -63,7 +65,7 @@ def capture_block_inputs(
 
     def call(batch: torch.Tensor) -> dict:
         try:
-            model(batch, use_cache=False)
+            model(**model_inputs(model, batch))
         except _Captured:
             pass
         return calls.pop()

@@ -26,7 +26,8 @@ from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
 from .config import SEARCH_METHODS, Calibration, Learned, PruneConfig, Search
 from .evaluation import embedding_similarity, perplexity
-from .models import SMOLLM2_ALIAS, load_model
+from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
+from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, load_model, load_preprocessor
 from .serial import to_dict
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
@@ -111,7 +112,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to N:M sparsity and save a checkpoint")
-    p.add_argument("--model", default=SMOLLM2_ALIAS, help=f"hub id, HF folder, .gguf file or {SMOLLM2_ALIAS!r}")
+    p.add_argument("--model", default=SMOLLM2_ALIAS,
+                   help=f"hub id, HF folder, .gguf file, {SMOLLM2_ALIAS!r} or {TESTBED_ALIAS!r} (a CIFAR-10 ViT built here)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder")
     p.add_argument("--eval-windows", type=int, default=16,
@@ -121,6 +123,9 @@ def _add_prune(sub) -> None:
                         "Shakespeare as an out-of-domain text)")
     p.add_argument("--eval-tasks", default="", help="comma-separated zero-shot tasks recorded after pruning (see eval)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N items of each --eval-tasks task")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="image models: top-1/top-5 on the first N images calibration did not use (CIFAR-10's test split "
+                        "for --calib cifar10, the rest of the folder for imagefolder:PATH); default all, 0 skips")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p, PruneConfig)
@@ -133,14 +138,17 @@ def _add_prune(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (WikiText-2 test by default) and zero-shot accuracy of a model or "
                                     "pruned checkpoint")
-    p.add_argument("model", help=f"hub id, HF folder, permsparse checkpoint, .gguf file or {SMOLLM2_ALIAS!r}")
+    p.add_argument("model", help=f"hub id, HF folder, permsparse checkpoint, .gguf file, {SMOLLM2_ALIAS!r} or "
+                                 f"{TESTBED_ALIAS!r}")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (published LLaMA numbers: 2048)")
     p.add_argument("--windows", type=int, default=None, help="only the first K windows (default: all; 0 skips)")
     p.add_argument("--source", default="wikitext2", help="evaluation text (default WikiText-2 raw test)")
     p.add_argument("--tasks", default="", help="comma-separated lm-evaluation-harness tasks (arc_easy, arc_challenge, "
                    "boolq, hellaswag, openbookqa, winogrande, piqa, lambada_openai, mmlu); needs the [eval] extra")
     p.add_argument("--num-fewshot", type=int, default=None, help="shots per task (default: 0, and 5 for mmlu)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (or images of --task)")
+    p.add_argument("--task", default=None, help="image classifiers: top-1/top-5 on cifar10 (its test split) or "
+                   "imagefolder:PATH (one sub-folder per class)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -201,8 +209,11 @@ def run_prune(args) -> int:
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank)
     if not main_rank:
         return 0
-    metrics = evaluate(model, tokenizer, args.model, [t for t in args.eval_texts.split(",") if t], args,
-                       seqlen=config.calibration.seqlen, windows=args.eval_windows)
+    if reads_images(model):
+        metrics = evaluate_images(model, tokenizer, config, args)
+    else:
+        metrics = evaluate(model, tokenizer, args.model, [t for t in args.eval_texts.split(",") if t], args,
+                           seqlen=config.calibration.seqlen, windows=args.eval_windows)
     zero_shot_results = []
     if tasks:
         from .zeroshot import format_table, zero_shot
@@ -242,20 +253,65 @@ def evaluate(model, tokenizer, model_name: str, texts: list[str], args, *, seqle
     return metrics
 
 
+def evaluate_images(model, processor, config: PruneConfig, args) -> dict:
+    """Top-1/top-5 of a pruned image classifier on images its calibration did not use; the log says that
+    only the blocks' linears were pruned (the patch embedding and the classifier stay dense)."""
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
+    dense = [n for n, m in model.named_modules() if m is model.get_input_embeddings()] + list(adapter.output_readers)
+    log.info("kept dense: %s (only the linears of %s are pruned)", ", ".join(dense), adapter.blocks_path)
+    if args.eval_images == 0:
+        return {}
+    if not is_classifier(model):
+        log.info("%s has no classifier head: no accuracy to report", type(model).__name__)
+        return {}
+    calib = config.calibration
+    if is_image_source(calib.source):
+        held = calib.holdout if config.learned is not None else 0
+        source, exclude = evaluation_images(calib.source, calib.nsamples, held, calib.seed)
+    else:
+        source, exclude = TEST_SPLITS["cifar10"], None
+    result = accuracy(model, processor, source, limit=args.eval_images, exclude=exclude, progress=not args.quiet)
+    log.info("top-1 %.4f, top-5 %.4f on %d images of %s%s (%.1f s)", result.top1, result.top5, result.images, source,
+             " the calibration did not draw" if exclude is not None else "", result.seconds)
+    return {source: result}
+
+
+def image_task(task: str) -> str:
+    """The image source of ``eval --task``: CIFAR-10's test split, or an image folder."""
+    if task in TEST_SPLITS:
+        return TEST_SPLITS[task]
+    if task in TEST_SPLITS.values() or task.startswith("imagefolder:"):
+        return task
+    raise ValueError(f"unknown image task {task!r}: use cifar10 (its test split) or imagefolder:PATH")
+
+
 def run_eval(args) -> int:
     tasks = _tasks(args.tasks)
     _logging()
     dense_name = args.model
     if (Path(args.model) / "permsparse.json").is_file():
-        from transformers import AutoTokenizer
-
         from .checkpoint.record import read_record
 
-        model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype)), AutoTokenizer.from_pretrained(args.model)
+        model = load(args.model, dtype=getattr(torch, args.dtype))
+        tokenizer = load_preprocessor(args.model, model)
         dense_name = read_record(args.model).model
     else:
         model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     out: dict = {"model": args.model}
+    if reads_images(model) or args.task:
+        if not (reads_images(model) and is_classifier(model)):
+            raise ValueError(f"--task scores image classifiers; {type(model).__name__} is not one")
+        if not args.task:
+            raise ValueError(f"{type(model).__name__} classifies images: give --task cifar10 or imagefolder:PATH")
+        result = accuracy(model, tokenizer, image_task(args.task), limit=args.limit, progress=not args.quiet)
+        print(f"top-1 {result.top1:.4f}, top-5 {result.top5:.4f} on {result.images} images of {result.source} "
+              f"({result.seconds:.1f} s)")
+        out["accuracy"] = to_dict(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return 0
     metrics = evaluate(model, tokenizer, dense_name, [args.source], args, seqlen=args.seqlen, windows=args.windows)
     if metrics:
         out["perplexity" if model.get_output_embeddings() is not None else "similarity"] = to_dict(metrics[args.source])

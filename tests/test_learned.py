@@ -217,3 +217,18 @@ def test_an_interrupted_training_resumes_to_the_same_result():
     assert [s["step"] for s in saved] == [5, 10]
     resumed, again = learn_permutations(make(), loss, judge, 2, 4, config, seed=3, progress=False, state=saved[0])
     assert torch.equal(resumed["s"], full["s"]) and again.loss == record.loss and again.judged == record.judged
+
+
+def test_warm_starts_made_in_one_batch_are_the_identity_and_sharp():
+    from permsparse.permute.trainer import warm_starts
+
+    weight = torch.randn(4, 48)
+    sites = [site("a", {"a": (weight, weight.abs())}, 16), site("b", {"b": (weight, weight.abs())}, 8, tie=[0, 1, 2, 0, 1, 2]),
+             site("c", {"c": (weight[:, :16], weight[:, :16].abs())}, 16)]
+    costs = warm_starts(sites, Learned(eps_start=0.3), seed=0)
+    assert sorted(costs) == [0, 1, 2] and costs[0].shape == (3, 16, 16) and costs[1].shape == (3, 8, 8)
+    for k, s in enumerate(sites):
+        tiles = CostTiles(s.base.numel(), s.tile, 4, tie=s.tie, cost=costs[k])
+        assert torch.equal(tiles.hard(), torch.arange(s.base.numel()))
+        mass = tiles.soft(0.3, iters=50).diagonal(dim1=-2, dim2=-1).mean(-1)
+        assert ((mass > 0.8) & (mass < 0.97)).all(), mass

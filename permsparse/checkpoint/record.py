@@ -15,6 +15,7 @@ from typing import Literal
 
 from ..config import PruneConfig
 from ..evaluation import Perplexity, Similarity
+from ..images import Accuracy
 from ..report import PruneReport
 from ..serial import RecordError, from_dict, to_dict
 from ..zeroshot import TaskResult
@@ -65,7 +66,10 @@ class LogitsSummary:
 
 @dataclass
 class Reference:
-    """The fixed, seeded input of the logits check and the fingerprint of the logits recorded at export."""
+    """The fixed, seeded input of the logits check and the fingerprint of the logits recorded at export.
+
+    ``tokens`` is empty for an image model: its input is made again from ``seed`` and its image size.
+    """
 
     seed: int
     tokens: list[list[int]]
@@ -88,7 +92,7 @@ class CheckpointRecord:
     fold: FoldRecord | None
     plain_hf: bool  # from_pretrained(DIR) alone gives the pruned model's outputs (no runtime gather needed)
     reference: Reference
-    metrics: dict[str, Perplexity | Similarity] = field(default_factory=dict)
+    metrics: dict[str, Perplexity | Similarity | Accuracy] = field(default_factory=dict)
     zero_shot: list[TaskResult] = field(default_factory=list)
     command: str = ""
 

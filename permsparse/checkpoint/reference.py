@@ -1,7 +1,9 @@
 """The logits check: a fixed, seeded input and a fingerprint of the logits recorded at export.
 
 A reloaded checkpoint must reproduce the in-memory pruned model's logits on that input (an encoder
-without a head: its final hidden states); comparing a fingerprint (samples, norms, a hash) keeps
+without a head: its final hidden states). The input is seeded token ids, recorded; for an image model no
+tokens are recorded and the input is seeded standard-normal pixel values of its config's image size,
+made again from the seed when checked. Comparing a fingerprint (samples, norms, a hash) keeps
 ``permsparse.json`` small whatever the vocabulary.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from ..discover import primary_output
+from ..images import reads_images
 from .record import LogitsSummary, Reference
 
 REFERENCE_SEED = 0
@@ -26,8 +29,19 @@ def reference_tokens(vocab_size: int, seed: int = REFERENCE_SEED, shape: tuple[i
     return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_input(reference: Reference) -> torch.Tensor:
-    """The recorded input's token ids."""
+def reference_pixels(config, seed: int = REFERENCE_SEED) -> torch.Tensor:
+    """The fixed input of an image model's logits check: one seeded standard-normal image of the
+    config's size."""
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (REFERENCE_SHAPE[0], getattr(config, "num_channels", 3), height, width)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_input(reference: Reference, model: nn.Module | None = None) -> torch.Tensor:
+    """The recorded input: its token ids, or, with no tokens recorded, ``model``'s reference image."""
+    if not reference.tokens and model is not None and reads_images(model):
+        return reference_pixels(model.config, reference.seed)
     return torch.as_tensor(reference.tokens, dtype=torch.long)
 
 
@@ -37,9 +51,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def model_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of ``tokens`` (final hidden states for a model without a head) as float32 on the CPU (the
-    model stays where it is)."""
-    return primary_output(model(tokens.to(_model_device(model)))).float().cpu()
+    """Logits of ``tokens`` or pixel values (final hidden states for a model without a head) as float32 on
+    the CPU (the model stays where it is)."""
+    parameter = next(model.parameters())
+    dtype = parameter.dtype if tokens.is_floating_point() else tokens.dtype
+    return primary_output(model(tokens.to(parameter.device, dtype))).float().cpu()
 
 
 def _sample_index(numel: int, seed: int) -> torch.Tensor:
@@ -62,11 +78,14 @@ def _sha256(logits: torch.Tensor) -> str:
 
 def record_reference(model: nn.Module, seed: int = REFERENCE_SEED, shape: tuple[int, int] = REFERENCE_SHAPE) -> Reference:
     """The fixed input and the fingerprint of ``model``'s logits on it."""
-    vocab = model.get_input_embeddings().num_embeddings
-    tokens = reference_tokens(vocab, seed, shape)
+    if reads_images(model):
+        tokens, inputs = [], reference_pixels(model.config, seed)
+    else:
+        inputs = reference_tokens(model.get_input_embeddings().num_embeddings, seed, shape)
+        tokens = inputs.tolist()
     dtype = next(model.parameters()).dtype
-    return Reference(seed, tokens.tolist(), str(dtype).removeprefix("torch."), TOLERANCE.get(dtype, 1e-4),
-                     summarize_logits(model_logits(model, tokens), seed))
+    return Reference(seed, tokens, str(dtype).removeprefix("torch."), TOLERANCE.get(dtype, 1e-4),
+                     summarize_logits(model_logits(model, inputs), seed))
 
 
 def compare_reference(logits: torch.Tensor, reference: Reference, tolerance: float | None = None) -> tuple[bool, str]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import PruneConfig, check_choices, option
 from ..evaluation import Perplexity, Similarity
+from ..images import Accuracy
 from ..report import PruneReport
 from ..zeroshot import TaskResult
 from .fold import fold_for_export, masked_layouts
@@ -69,7 +70,7 @@ def check_export(export: ExportConfig, config: PruneConfig) -> None:
 
 
 def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: PruneConfig, report: PruneReport, *,
-                      export: ExportConfig = ExportConfig(), model_name: str = "", metrics: dict[str, Perplexity | Similarity] | None = None,
+                      export: ExportConfig = ExportConfig(), model_name: str = "", metrics: dict[str, Perplexity | Similarity | Accuracy] | None = None,
                       zero_shot: list[TaskResult] | None = None, command: str = "", overwrite: bool = False,
                       in_place: bool = False) -> Path:
     """Write the pruned (masked, in-memory) ``model`` to ``out`` as ``export`` says.
@@ -92,7 +93,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
         gathers = {name: entry.perm for name, entry in layouts.items() if entry.layout == "gather"}
         attach_gathers(target, gathers)
         try:
-            ok, detail = compare_reference(model_logits(target, reference_input(reference)), reference)
+            ok, detail = compare_reference(model_logits(target, reference_input(reference, target)), reference)
         finally:
             remove_gathers(target)
         if not ok:

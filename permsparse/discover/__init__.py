@@ -4,9 +4,11 @@
 
 - the blocks: the outermost ModuleList of modules holding linears (the largest one); every block must
   hold the same linears, and a weight that belongs to no linear (packed MoE experts) is refused by name;
-- from one traced forward pass (:mod:`.trace`): which linears read the same tensor (a shared site), which
+- from one traced forward pass (:mod:`.trace`) on seeded token ids, or seeded random images of the
+  config's size for a model that reads pixel values: which linears read the same tensor (a shared site), which
   linears of a block feed each linear's input, which write into the residual stream and which read it,
-  the norms acting on it, and the embeddings, norms and readers of the stream outside the blocks. Where
+  the norms acting on it, and the embeddings (a patch embedding, a class token), norms and readers of the
+  stream outside the blocks. Where
   the config has a tensor-parallel plan, its ``colwise*`` entries are the readers and its ``rowwise*``
   entries the writers;
 - the folds (:mod:`.verify`): for each linear fed by other linears, the producer rows its permutation
@@ -28,14 +30,14 @@ from torch import nn
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
 from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, head_permutation,
                         hidden_size, permute_stream, stream_parts)
-from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model_facts, primary_output, probe_ids,
-                    trace)
+from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model_facts, model_inputs, primary_output,
+                    probe_input, run_model, trace)
 from .verify import Probe, find_fold, stream_problem
 
 __all__ = [
     "Adapter", "AttentionGeometry", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry", "discover",
-    "head_permutation", "hidden_size", "is_linear", "linear_weight", "permute_columns", "permute_rows",
-    "permute_stream", "primary_output", "stored_layout", "stream_parts",
+    "head_permutation", "hidden_size", "is_linear", "linear_weight", "model_inputs", "permute_columns", "permute_rows",
+    "permute_stream", "primary_output", "probe_input", "run_model", "stored_layout", "stream_parts",
 ]
 
 
@@ -79,9 +81,9 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
     blocks_path = find_blocks(model)
     check_blocks(model, blocks_path)
     count = len(model.get_submodule(blocks_path))
-    ids = probe_ids(model)
+    probe_data = probe_input(model)
     with _evaluation(model):
-        traced = trace(model, blocks_path, ids)
+        traced = trace(model, blocks_path, probe_data)
         facts = [block_facts(traced, blocks_path, i) for i in range(count)]
         outside = model_facts(model, traced, blocks_path)
         del traced  # the recorded graph is no longer needed
@@ -97,10 +99,10 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
             token_embedding=outside.token_embedding, position_embeddings=outside.position_embeddings,
             embedding_norms=outside.embedding_norms, input_projection=outside.input_projection,
             final_norms=outside.final_norms, output_readers=outside.output_readers,
-            geometry=attention_geometry(model.config, hints))
+            stream_parameters=outside.stream_parameters, geometry=attention_geometry(model.config, hints))
         consumers = [(rel, feeds) for rel, feeds in block.feeds if rel not in readers]
         names = [f"{blocks_path}.{i}.{rel}" for i in range(count) for rel, _ in consumers]
-        probe = Probe(model, ids, names)
+        probe = Probe(model, probe_data, names)
         producers, not_foldable, attn_output = [], [], ""
         for rel, feeds in consumers:
             slices, attention = find_fold(probe, adapter, rel, feeds)
@@ -114,5 +116,5 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
                 attn_output = rel if attention else attn_output
         adapter = replace(adapter, producers=tuple(producers), not_foldable=tuple(not_foldable),
                           attn_output=attn_output)
-        problem = stream_problem(probe, adapter, outside.output_is_stream)
+        problem = stream_problem(probe, adapter, outside.output_is_stream, outside.unplaced)
     return replace(adapter, stream_problem=problem)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .linears import linear_weight, permute_columns, permute_rows, permute_vector
+from .trace import stream_axis
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class Adapter:
     when no ``input_projection`` maps a narrower embedding into the stream), ``position_embeddings``,
     ``embedding_norms`` (before the first block), ``final_norms`` (after the last) and ``output_readers``
     (the linears reading the final hidden state: the LM head, an output projection, a pooler).
-    ``stream_problem`` says why one permutation of the whole stream would change the model's output
+    ``stream_parameters`` (full names) start the stream without being an embedding's or a linear's: a
+    patch embedding's convolution (its output channels) and a class token or position embeddings (their
+    last axis). ``stream_problem`` says why one permutation of the whole stream would change the model's output
     ("" when it was verified not to).
     """
 
@@ -114,6 +117,7 @@ class Adapter:
     input_projection: str = ""
     final_norms: tuple[str, ...] = ()
     output_readers: tuple[str, ...] = ()
+    stream_parameters: tuple[str, ...] = ()
     geometry: AttentionGeometry | None = None
     stream_problem: str = ""
 
@@ -198,8 +202,9 @@ def hidden_size(model: nn.Module, adapter: Adapter) -> int:
 def permute_stream(model: nn.Module, adapter: Adapter, perm: torch.Tensor) -> list[str]:
     """Permute the hidden dimension of the whole residual stream in place; returns the modules touched.
 
-    New hidden channel j holds old channel ``perm[j]``: embedding columns, every norm's parameters, the
-    rows (and biases) of every writer and the columns of every reader. A tensor shared by several modules
+    New hidden channel j holds old channel ``perm[j]``: embedding columns, the stream parameters (a patch
+    embedding's output channels, a class token), every norm's parameters, the rows (and biases) of every
+    writer and the columns of every reader. A tensor shared by several modules
     (tied embeddings and LM head) is permuted once.
     """
     done, touched = set(), []
@@ -215,6 +220,12 @@ def permute_stream(model: nn.Module, adapter: Adapter, perm: torch.Tensor) -> li
     for name, module in parts["embeddings"]:
         if once(module.weight):
             module.weight.copy_(module.weight[:, perm.to(module.weight.device)])
+        touched.append(name)
+    for name in adapter.stream_parameters:
+        param = model.get_parameter(name)
+        if once(param):
+            axis = stream_axis(model.get_submodule(name.rpartition(".")[0]))
+            param.copy_(param.index_select(axis, perm.to(param.device)))
         touched.append(name)
     for name, module in parts["norms"]:
         for param in module.parameters(recurse=False):

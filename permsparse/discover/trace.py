@@ -26,15 +26,27 @@ class NotUnderstood(ValueError):
     """A part of the model's structure that discovery does not understand; the message names it."""
 
 
-def probe_ids(model: nn.Module) -> torch.Tensor:
-    """The seeded token ids discovery runs the model on."""
+def probe_input(model: nn.Module) -> torch.Tensor:
+    """The seeded input discovery runs the model on: token ids, or standard-normal images of the
+    config's ``image_size`` for a model whose main input is ``pixel_values``."""
+    parameter = next(model.parameters())
+    kind = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    if kind == "pixel_values":
+        size = getattr(model.config, "image_size", None)
+        if not size:
+            raise NotUnderstood(f"{type(model).__name__} reads pixel values but its config states no image_size")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (PROBE_SHAPE[0], getattr(model.config, "num_channels", 3), height, width)
+        return torch.randn(shape, generator=generator).to(parameter.device, parameter.dtype)
+    if kind != "input_ids":
+        raise NotUnderstood(f"{type(model).__name__} reads {kind}: only token ids and pixel values are supported")
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise NotUnderstood(f"{type(model).__name__} reads no token ids (its input embedding is a "
-                            f"{type(embedding).__name__}): only text models are supported yet")
-    vocab = embedding.num_embeddings
-    ids = torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(PROBE_SEED))
-    return ids.to(next(model.parameters()).device)
+                            f"{type(embedding).__name__}): only text and image models are supported")
+    ids = torch.randint(0, embedding.num_embeddings, PROBE_SHAPE, generator=generator)
+    return ids.to(parameter.device)
 
 
 def primary_output(outputs) -> torch.Tensor:
@@ -43,9 +55,18 @@ def primary_output(outputs) -> torch.Tensor:
     return logits if logits is not None else outputs.last_hidden_state
 
 
-def run_model(model: nn.Module, ids: torch.Tensor):
-    """The model on token ids, without a cache (discovery looks at one whole pass)."""
-    return model(ids, use_cache=False)
+def model_inputs(model: nn.Module, batch: torch.Tensor) -> dict:
+    """The keyword arguments that feed ``batch`` to ``model`` as its main input (token ids, pixel values),
+    with ``use_cache=False`` for a model that keeps a cache (one whole pass, nothing kept)."""
+    inputs = {getattr(model, "main_input_name", "input_ids"): batch}
+    if hasattr(model.config, "use_cache"):
+        inputs["use_cache"] = False
+    return inputs
+
+
+def run_model(model: nn.Module, batch: torch.Tensor):
+    """The model on its main input, without a cache (discovery looks at one whole pass)."""
+    return model(**model_inputs(model, batch))
 
 
 def find_blocks(model: nn.Module) -> str:
@@ -122,8 +143,8 @@ def _fresh(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().requires_grad_(True).clone()
 
 
-def trace(model: nn.Module, blocks_path: str, ids: torch.Tensor) -> Traced:
-    """Run ``model`` once on ``ids`` with gradients recorded and hooks on every module that matters."""
+def trace(model: nn.Module, blocks_path: str, inputs: torch.Tensor) -> Traced:
+    """Run ``model`` once on ``inputs`` with gradients recorded and hooks on every module that matters."""
     traced = Traced()
     blocks = model.get_submodule(blocks_path)
     handles = []
@@ -178,7 +199,7 @@ def trace(model: nn.Module, blocks_path: str, ids: torch.Tensor) -> Traced:
             handles.append(block.register_forward_pre_hook(block_pre_hook(i, hidden_name), with_kwargs=True))
             handles.append(block.register_forward_hook(block_hook(i)))
         with torch.enable_grad():
-            traced.output = primary_output(run_model(model, ids))
+            traced.output = primary_output(run_model(model, inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -263,10 +284,36 @@ def block_facts(traced: Traced, blocks_path: str, i: int) -> BlockFacts:
                       tuple(norms))
 
 
+def leaf_parameters(node, stops: dict) -> list[torch.Tensor]:
+    """The parameters (autograd leaves) the graph behind ``node`` starts from, not walking past ``stops``."""
+    leaves, seen, stack = [], set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is None or current in seen or current in stops:
+            continue
+        seen.add(current)
+        variable = getattr(current, "variable", None)
+        if isinstance(variable, nn.Parameter):
+            leaves.append(variable)
+        stack.extend(f for f, _ in current.next_functions)
+    return leaves
+
+
+def stream_axis(module: nn.Module) -> int:
+    """The axis of a parameter of ``module`` that holds the residual stream's channels when that
+    parameter starts the stream: a convolution's output channels (a patch embedding), else the last."""
+    return 0 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """The residual stream outside the blocks (full names; see :class:`permsparse.discover.Adapter`), and
-    whether the model's output is the final hidden state itself (an encoder without a head)."""
+    whether the model's output is the final hidden state itself (an encoder without a head).
+
+    ``stream_parameters``: parameters of no linear, embedding or norm that the first block's input is made
+    from (a patch embedding's convolution, a class token, position embeddings), each holding the stream's
+    channels on its :func:`stream_axis`; ``unplaced``: such parameters whose axis is not the stream's width.
+    """
 
     token_embedding: str
     position_embeddings: tuple[str, ...]
@@ -275,11 +322,27 @@ class ModelFacts:
     final_norms: tuple[str, ...]
     output_readers: tuple[str, ...]
     output_is_stream: bool
+    stream_parameters: tuple[str, ...] = ()
+    unplaced: tuple[str, ...] = ()
+
+
+def _stream_parameters(model: nn.Module, traced: Traced, stops: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    owners = {id(p): (name, module) for name, module in model.named_modules() for p in module.parameters(recurse=False)}
+    names = {id(p): name for name, p in model.named_parameters()}
+    width = traced.block_sources[0].shape[-1]
+    placed, unplaced = [], []
+    for param in leaf_parameters(traced.block_sources[0].grad_fn, stops):
+        _, module = owners[id(param)]
+        if is_linear(module) or isinstance(module, nn.Embedding) or _channel_module(module):
+            continue
+        (placed if param.shape[stream_axis(module)] == width else unplaced).append(names[id(param)])
+    order = list(names.values())
+    return tuple(sorted(placed, key=order.index)), tuple(sorted(unplaced, key=order.index))
 
 
 def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFacts:
     names = {module: name for name, module in model.named_modules()}
-    token = names[model.get_input_embeddings()]
+    token = names.get(model.get_input_embeddings(), "")
     outside = {name: call for name, call in traced.linears.items() if not name.startswith(blocks_path + ".")}
     linear_stops = {out: name for name, (_, _, out) in outside.items() if out is not None}
     norm_marks = {out: name for name, (_, out) in traced.channels.items()
@@ -295,6 +358,7 @@ def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFact
     if len(projections) > 1:
         raise NotUnderstood(f"the first block's input comes from several linears ({', '.join(projections)})")
     embeddings = ordered(reached - set(outside))
+    parameters, unplaced = _stream_parameters(model, traced, {**linear_stops, **traced.embeddings})
     last = {traced.block_outputs[len(traced.block_outputs) - 1]: LAST}
     readers, after = [], set()
     for name, (_, node, _) in outside.items():
@@ -308,4 +372,5 @@ def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFact
         after |= marked
     return ModelFacts(token if not projections and token in embeddings else "",
                       tuple(e for e in embeddings if e != token), ordered(before),
-                      projections[0] if projections else "", ordered(after), ordered(readers), output_is_stream)
+                      projections[0] if projections else "", ordered(after), ordered(readers), output_is_stream,
+                      parameters, unplaced)

@@ -24,8 +24,8 @@ class Probe:
     """The model on the probe input: the inputs of named linears and the model's output, with a reference
     recorded before any check."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, names: list[str]):
-        self.model, self.ids = model, ids
+    def __init__(self, model: nn.Module, data: torch.Tensor, names: list[str]):
+        self.model, self.data = model, data
         self.tolerance = TOLERANCE.get(next(model.parameters()).dtype, 1e-4)
         self.inputs, self.output = self.run(names)
 
@@ -40,7 +40,7 @@ class Probe:
 
         handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
         try:
-            output = primary_output(run_model(self.model, self.ids)).detach()
+            output = primary_output(run_model(self.model, self.data)).detach()
         finally:
             for handle in handles:
                 handle.remove()
@@ -91,7 +91,7 @@ def fold_holds(probe: Probe, adapter: Adapter, consumer: str, slices: tuple[Outp
                 undo.append((producer, rows_perm, rows))
             permute_columns(module, p)
             undo.append((module, p, None))
-            expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.ids.device)]
+            expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.data.device)]
         inputs, output = probe.run(list(expected))
         return probe.close(output, probe.output) and all(probe.close(inputs[n], x) for n, x in expected.items())
     finally:
@@ -145,9 +145,11 @@ def find_fold(probe: Probe, adapter: Adapter, consumer: str,
     return (), False
 
 
-def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool) -> str:
+def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool, unplaced: tuple[str, ...] = ()) -> str:
     """Why one permutation of the whole residual stream would change the model's output; "" when a random
     one, applied to every part found, leaves it unchanged."""
+    if unplaced:
+        return f"the stream starts in {', '.join(unplaced)}, whose channels discovery cannot place"
     if output_is_stream:
         return "the model's output is the final hidden state itself (no head to absorb the permutation)"
     if not adapter.residual_writers or not adapter.residual_readers:

@@ -11,8 +11,10 @@ Two scopes (``Learned.scope``):
   cross-entropy is taken in chunks of positions, never as full-vocabulary logits of a whole batch.
 - ``blockwise``: one block at a time against the dense block's outputs, in one block's memory.
 
-A model without an LM head (an encoder) has no next-token distribution: its ``e2e`` objective is the
-hidden distillation alone (:func:`objective`).
+An image classifier's cross-entropy is that of its class logits on the labels of the calibration images,
+and its KL that of its class distribution from the dense model's. A model without either head (an
+encoder) has no output distribution: its ``e2e`` objective is the hidden distillation alone
+(:func:`objective`).
 
 Either way the best hard permutations judged on the held-out windows are kept (:mod:`.trainer`).
 """
@@ -30,7 +32,9 @@ from .. import distributed
 from ..adapters import AttentionGeometry, is_linear, linear_weight, replaced_weights
 from ..calibration import block_output
 from ..config import Learned, PruneConfig
+from ..discover import model_inputs
 from ..evaluation import next_token_kl, next_token_nll
+from ..images import is_classifier
 from ..report import TrainingRecord
 from ..scores import compute_score
 from .sites import Site
@@ -116,8 +120,9 @@ def hidden_distance(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, 
 def objective(model: nn.Module, learned: Learned) -> Learned:
     """The e2e objective weights ``model`` trains on: as configured for a model with an LM head; for one
     without (an encoder) the hidden distillation alone. There the default CE weight is dropped, and any
-    other CE weight, or a KL weight, is refused: both need next-token distributions."""
-    if model.get_output_embeddings() is not None:
+    other CE weight, or a KL weight, is refused: both need output distributions. An image classifier's
+    objective is as configured, on its class logits."""
+    if model.get_output_embeddings() is not None or is_classifier(model):
         return learned
     default_ce = next(f.default for f in fields(Learned) if f.name == "ce")
     kind = type(model).__name__
@@ -140,17 +145,52 @@ class DenseStates:
 
 @torch.no_grad()
 def dense_states(teacher: nn.Module, ids: Tensor, learned: Learned) -> DenseStates:
-    """The dense model's outputs on ``ids`` that the objective distils towards (None where unused)."""
+    """The dense model's outputs on ``ids`` that the objective distils towards (None where unused): block
+    outputs, and the final hidden states (an image classifier: its class logits)."""
     if learned.hidden <= 0 and learned.kl <= 0:
         return DenseStates(None, None)
+    if is_classifier(teacher):
+        out = teacher(**model_inputs(teacher, ids), output_hidden_states=learned.hidden > 0)
+        return DenseStates(out.hidden_states[1:] if learned.hidden > 0 else None, out.logits if learned.kl > 0 else None)
     out = teacher.base_model(ids, output_hidden_states=learned.hidden > 0, use_cache=False)
     return DenseStates(out.hidden_states[1:] if learned.hidden > 0 else None,
                        out.last_hidden_state if learned.kl > 0 else None)
 
 
-def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: DenseStates) -> Terms:
-    """The objective's terms of the causal LM ``student`` on ``ids``, against the dense model's outputs
-    ``dense`` (:func:`dense_states`, computed before the student's weights are replaced)."""
+def _hidden_terms(terms: Terms, hidden_states, learned: Learned, dense: DenseStates) -> Terms:
+    if dense.blocks is not None:
+        pairs = [hidden_distance(learned.hidden_loss, h, t) for h, t in zip(hidden_states[1:], dense.blocks)]
+        terms.hidden_num = torch.stack([p[0] for p in pairs])
+        terms.hidden_den = torch.stack([p[1] for p in pairs])
+    return terms
+
+
+def classifier_terms(student: nn.Module, pixels: Tensor, labels: Tensor | None, learned: Learned,
+                     dense: DenseStates) -> Terms:
+    """The objective's terms of the image classifier ``student`` on ``pixels``: the cross-entropy of its
+    class logits on ``labels``, the KL divergence of its class distribution from the dense model's, and
+    the distance of every block's output to the dense model's."""
+    out = student(**model_inputs(student, pixels), output_hidden_states=dense.blocks is not None)
+    terms = Terms()
+    if learned.ce > 0:
+        if labels is None:
+            raise ValueError(f"{type(student).__name__}: the cross-entropy needs the labels of the calibration images")
+        terms.nll = F.cross_entropy(out.logits.float(), labels.to(out.logits.device), reduction="sum")
+        terms.tokens = len(labels)
+    if dense.final is not None:
+        log_p, log_q = F.log_softmax(dense.final.float(), dim=-1), F.log_softmax(out.logits.float(), dim=-1)
+        terms.kl = (log_p.exp() * (log_p - log_q)).sum()
+        terms.positions = len(pixels)
+    return _hidden_terms(terms, out.hidden_states, learned, dense)
+
+
+def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: DenseStates,
+                labels: Tensor | None = None) -> Terms:
+    """The objective's terms of the causal LM ``student`` on ``ids`` (an image classifier: of
+    :func:`classifier_terms` on images and their ``labels``), against the dense model's outputs ``dense``
+    (:func:`dense_states`, computed before the student's weights are replaced)."""
+    if is_classifier(student):
+        return classifier_terms(student, ids, labels, learned, dense)
     out = student.base_model(ids, output_hidden_states=dense.blocks is not None, use_cache=False)
     head = student.get_output_embeddings()
     terms = Terms()
@@ -160,25 +200,24 @@ def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: DenseS
     if dense.final is not None:
         terms.kl = next_token_kl(head, out.last_hidden_state, dense.final)
         terms.positions = ids.numel()
-    if dense.blocks is not None:
-        pairs = [hidden_distance(learned.hidden_loss, h, t) for h, t in zip(out.hidden_states[1:], dense.blocks)]
-        terms.hidden_num = torch.stack([p[0] for p in pairs])
-        terms.hidden_den = torch.stack([p[1] for p in pairs])
-    return terms
+    return _hidden_terms(terms, out.hidden_states, learned, dense)
 
 
 @torch.no_grad()
 def judge_model(student: nn.Module, teacher: nn.Module, windows: Tensor, learned: Learned,
-                weights: dict[str, Tensor] | None = None) -> float:
+                weights: dict[str, Tensor] | None = None, labels: Tensor | None = None) -> float:
     """The objective of ``student`` (with ``weights`` replaced, if given) against ``teacher`` on
-    ``windows`` (the held-out set), batch by batch, each process on its share. The two may be one module."""
+    ``windows`` (the held-out set, with their ``labels`` for an image classifier), batch by batch, each
+    process on its share. The two may be one module."""
     total = Terms()
     mine = distributed.shard(windows)
+    mine_labels = None if labels is None else distributed.shard(labels)
     for i in range(0, mine.shape[0], learned.windows_per_step):
         ids = mine[i:i + learned.windows_per_step]
+        batch_labels = None if mine_labels is None else mine_labels[i:i + learned.windows_per_step]
         dense = dense_states(teacher, ids, learned)
         with replaced_weights(student, weights or {}):
-            total = total + model_terms(student, ids, learned, dense)
+            total = total + model_terms(student, ids, learned, dense, batch_labels)
     return float((total.reduced() if distributed.active() else total).value(learned))
 
 
@@ -297,9 +336,10 @@ def _schedule(count: int, learned: Learned, seed: int) -> Tensor:
 
 
 def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: Tensor, config: PruneConfig,
-                geometry: AttentionGeometry, *, progress: bool = True, state: dict | None = None,
-                save_state=None) -> tuple[dict[str, dict[str, Tensor]], TrainingRecord]:
-    """``e2e``: learn every trainable site of every block at once; returns permutations per block name."""
+                geometry: AttentionGeometry, *, progress: bool = True, labels: tuple[Tensor, Tensor] | None = None,
+                state: dict | None = None, save_state=None) -> tuple[dict[str, dict[str, Tensor]], TrainingRecord]:
+    """``e2e``: learn every trainable site of every block at once; returns permutations per block name.
+    ``labels``: the class labels of ``windows`` and ``holdout`` (an image classifier's cross-entropy)."""
     learned = objective(model, config.learned)
     n, m = config.nm
     sites, fixed, owners = [], {}, []
@@ -317,14 +357,20 @@ def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: T
     if learned.windows_per_step < distributed.world():
         raise ValueError(f"{distributed.world()} processes share each step's windows: --batch must be at least that")
 
+    train_labels, holdout_labels = (None, None) if labels is None else (l.to(device) for l in labels)
+    if is_classifier(model) and learned.ce > 0 and labels is None:
+        raise ValueError(f"{type(model).__name__}: the cross-entropy needs the labels of the calibration images "
+                         "(give labels, or --ce 0)")
+
     def loss_fn(weights: dict[str, Tensor], step: int) -> Tensor:
         ids = distributed.shard(windows[schedule[step]])  # this process's share of the step's batch
+        batch_labels = None if train_labels is None else distributed.shard(train_labels[schedule[step]])
         dense = dense_states(model, ids, learned)
         with replaced_weights(model, {**fixed, **weights}), recomputed(blocks, learned.recompute):
-            return model_terms(model, ids, learned, dense).global_loss(learned)
+            return model_terms(model, ids, learned, dense, batch_labels).global_loss(learned)
 
     def judge_fn(weights: dict[str, Tensor]) -> float:
-        return judge_model(model, model, holdout, learned, {**fixed, **weights})
+        return judge_model(model, model, holdout, learned, {**fixed, **weights}, holdout_labels)
 
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # no gradient is computed or kept for any model weight

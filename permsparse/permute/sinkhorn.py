@@ -70,11 +70,11 @@ def warm_cost(local: Tensor, eps: float, sharpness: float, generator: torch.Gene
 
     Off-target entries are uniform in [0, 1); the target entry of each row is ``-delta``. Every
     target is then the strict minimum of its row and column, so the assignment is exactly
-    ``local`` for any ``delta > 0``. ``delta`` is bisected so that the soft permutation at ``eps``
-    puts about ``sharpness`` of each row's mass on its target (the row-softmax estimate, which is
-    what Sinkhorn converges to for a near-permutation). A unit margin at eps 0.5 would leave a
-    576-wide soft permutation almost uniform, and the gradient would then be taken far from the
-    hard permutation actually used. Blocks too small to reach the requested sharpness after
+    ``local`` for any ``delta > 0``. ``delta`` is bisected, for every tile at once, so that the soft
+    permutation at ``eps`` puts about ``sharpness`` of each row's mass on its target (the row-softmax
+    estimate, which is what Sinkhorn converges to for a near-permutation). A unit margin at eps 0.5
+    would leave a 576-wide soft permutation almost uniform, and the gradient would then be taken far
+    from the hard permutation actually used. Tiles too small to reach the requested sharpness after
     normalisation get the sharpest warm start possible.
     """
     T, b = local.shape
@@ -88,17 +88,18 @@ def warm_cost(local: Tensor, eps: float, sharpness: float, generator: torch.Gene
     s1 = background.masked_fill(target, 0.0).sum(dim=(-2, -1))
     s2 = background.masked_fill(target, 0.0).pow(2).sum(dim=(-2, -1))
 
-    def log_off_mass(delta: float) -> float:
+    def log_off_mass(delta: Tensor) -> Tensor:
         total, total_sq = s1 - b * delta, s2 + b * delta**2
         std = ((total_sq - total**2 / count) / (count - 1)).sqrt().reshape(T, 1, 1)
-        return torch.logsumexp(-(off + delta) / (std * eps), dim=-1).mean().item()
+        return torch.logsumexp(-(off + delta.reshape(T, 1, 1)) / (std * eps), dim=-1).mean(dim=-1)
 
-    lo, hi = 1e-4, 1e4
-    if log_off_mass(hi) <= want:  # else the block is too small to be that sharp: take the sharpest
-        for _ in range(30):  # brackets a factor 1e8 down to ~2% of delta: plenty for a sharpness target
-            mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if log_off_mass(mid) > want else (lo, mid)
-    warm = torch.where(target, torch.full_like(background, -hi), background)
+    lo, hi = torch.full((T,), 1e-4, dtype=torch.float64), torch.full((T,), 1e4, dtype=torch.float64)
+    reachable = log_off_mass(hi) <= want  # else the tile is too small to be that sharp: take the sharpest
+    for _ in range(30):  # brackets a factor 1e8 down to ~2% of delta: plenty for a sharpness target
+        mid = (lo * hi).sqrt()
+        blunt = log_off_mass(mid) > want
+        lo, hi = torch.where(blunt & reachable, mid, lo), torch.where(~blunt & reachable, mid, hi)
+    warm = torch.where(target, -hi.reshape(T, 1, 1).expand_as(background), background)
     return standardise(warm).to(torch.float32)
 
 
@@ -111,7 +112,8 @@ class CostTiles(nn.Module):
     """
 
     def __init__(self, width: int, tile: int, m: int, *, tie: list[int] | None = None, warm: bool = True,
-                 eps_start: float = 0.5, warm_sharpness: float = 0.9, seed: int = 0) -> None:
+                 eps_start: float = 0.5, warm_sharpness: float = 0.9, seed: int = 0,
+                 cost: Tensor | None = None) -> None:
         super().__init__()
         if tile <= 0 or width % tile:
             raise ValueError(f"width {width} is not a multiple of the tile {tile}")
@@ -126,7 +128,10 @@ class CostTiles(nn.Module):
         self.register_buffer("offsets", torch.arange(tiles, dtype=torch.long).unsqueeze(1) * tile, persistent=False)
         generator = torch.Generator().manual_seed(seed)
         ids = max(tie) + 1
-        if warm:
+        if cost is not None:  # made for many sites at once (:func:`warm_costs`)
+            if cost.shape != (ids, tile, tile):
+                raise ValueError(f"cost has shape {tuple(cost.shape)}, the site needs {(ids, tile, tile)}")
+        elif warm:
             cost = warm_cost(torch.arange(tile).repeat(ids, 1), eps_start, warm_sharpness, generator)
         else:
             cost = standardise(torch.randn(ids, tile, tile, generator=generator))

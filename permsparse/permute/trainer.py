@@ -22,7 +22,7 @@ from ..config import Learned
 from ..progress import bar
 from ..masks import nm_mask, permuted_nm_mask
 from ..report import TrainingRecord
-from .sinkhorn import CostTiles, hard_permutations, relaxed_weight, soft_permutations
+from .sinkhorn import CostTiles, hard_permutations, relaxed_weight, soft_permutations, warm_cost
 
 
 @dataclass
@@ -52,6 +52,18 @@ def hard_weight(linear: LearnLinear, perm: Tensor, n: int, m: int) -> Tensor:
         return linear.weight * permuted_nm_mask(linear.scores(), perm, n, m).to(linear.weight.dtype)
 
 
+def warm_starts(sites: list[LearnSite], config: Learned, seed: int) -> dict[int, Tensor]:
+    """The warm-start costs of every warm site (by index), made in one batch per tile size."""
+    out: dict[int, Tensor] = {}
+    for tile in sorted({site.tile for site in sites if site.warm}):
+        members = [k for k, site in enumerate(sites) if site.warm and site.tile == tile]
+        counts = [(max(sites[k].tie) + 1) if sites[k].tie else sites[k].base.numel() // tile for k in members]
+        local = torch.arange(tile).repeat(sum(counts), 1)
+        costs = warm_cost(local, config.eps_start, config.warm_sharpness, torch.Generator().manual_seed(seed + tile))
+        out.update(zip(members, costs.split(counts)))
+    return out
+
+
 Loss = Callable[[dict[str, Tensor], int], Tensor]
 Judge = Callable[[dict[str, Tensor]], float]
 
@@ -72,8 +84,9 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
     if len(set(names)) != len(names) or len({s.name for s in sites}) != len(sites):
         raise ValueError("site names and linear names must be unique")
     device = next(iter(sites[0].linears.values())).weight.device
+    warm = warm_starts(sites, config, seed)
     modules = [CostTiles(site.base.numel(), site.tile, m, tie=site.tie, warm=site.warm, eps_start=config.eps_start,
-                         warm_sharpness=config.warm_sharpness, seed=seed + k).to(device)
+                         warm_sharpness=config.warm_sharpness, seed=seed + k, cost=warm.get(k)).to(device)
                for k, site in enumerate(sites)]
     bases = [site.base.to(device) for site in sites]
     optimiser = torch.optim.AdamW([mod.cost for mod in modules], lr=config.lr, weight_decay=0.0)
