@@ -124,7 +124,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--eval-tasks", default="", help="comma-separated zero-shot tasks recorded after pruning (see eval)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N items of each --eval-tasks task")
     p.add_argument("--eval-images", type=int, default=None,
-                   help="image models: top-1/top-5 on the first N images calibration did not use (CIFAR-10's test split "
+                   help="image models: top-1/top-5 on N (seeded) images calibration did not use (CIFAR-10's test split "
                         "for --calib cifar10, the rest of the folder for imagefolder:PATH); default all, 0 skips")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -146,7 +146,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--tasks", default="", help="comma-separated lm-evaluation-harness tasks (arc_easy, arc_challenge, "
                    "boolq, hellaswag, openbookqa, winogrande, piqa, lambada_openai, mmlu); needs the [eval] extra")
     p.add_argument("--num-fewshot", type=int, default=None, help="shots per task (default: 0, and 5 for mmlu)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (or images of --task)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N items of each task (--task: N seeded images)")
     p.add_argument("--task", default=None, help="image classifiers: top-1/top-5 on cifar10 (its test split) or "
                    "imagefolder:PATH (one sub-folder per class)")
     p.add_argument("--json", help="also write the results to this JSON file")

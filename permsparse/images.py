@@ -127,14 +127,17 @@ def preprocess(processor, images: Images, index: torch.Tensor) -> torch.Tensor:
     return processor([p.permute(1, 2, 0).numpy() for p in pixels], return_tensors="pt")["pixel_values"]
 
 
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
 def draw_calibration(processor, source: str, nsamples: int, seed: int, holdout: int = 0, *,
-                     allow_test: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+                     allow_test: bool = False) -> tuple[Pair, Pair]:
     """``nsamples`` images of ``source`` drawn at random (seeded) and ``holdout`` more, disjoint from them,
     preprocessed: ``((pixels, held_pixels), (labels, held_labels))``. A test split is refused unless
     ``allow_test``."""
     if source in TEST_SPLITS.values() and not allow_test:
-        raise ValueError(f"calibration source {source!r} is an evaluation split: calibrate on "
-                         f"{', '.join(TEST_SPLITS)} or an image folder, or pass --allow-test-calibration if you mean it")
+        raise ValueError(f"calibration source {source!r} is an evaluation split: calibrate on {', '.join(TEST_SPLITS)} "
+                         "or an image folder, or pass --allow-test-calibration if you mean it")
     images = load_images(source)
     index = calibration_index(images, nsamples, holdout, seed)
     train, held = index[:nsamples], index[nsamples:]
@@ -174,8 +177,9 @@ class Accuracy:
 @torch.no_grad()
 def accuracy(model: nn.Module, processor, source: str, *, limit: int | None = None, exclude: torch.Tensor | None = None,
              batch_size: int = 256, progress: bool = True) -> Accuracy:
-    """Top-1/top-5 accuracy of an image classifier on ``source``: its images in order, those in ``exclude``
-    left out, the first ``limit`` of them if given."""
+    """Top-1/top-5 accuracy of an image classifier on ``source``: its images, those in ``exclude`` left out;
+    with ``limit``, that many of them drawn at random (seeded, the same every time), since a source lists
+    its images class by class."""
     import time
 
     from .progress import bar
@@ -185,7 +189,8 @@ def accuracy(model: nn.Module, processor, source: str, *, limit: int | None = No
     order = torch.arange(len(images))
     if exclude is not None:
         order = order[~torch.isin(order, exclude)]
-    order = order[:limit]
+    if limit is not None and limit < len(order):
+        order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))[:limit].sort().values]
     count = len(order)
     if count == 0:
         raise ValueError(f"no images of {source} left to evaluate")
@@ -195,7 +200,7 @@ def accuracy(model: nn.Module, processor, source: str, *, limit: int | None = No
         index = order[s:s + batch_size]
         pixels = preprocess(processor, images, index).to(parameter.device, parameter.dtype)
         logits = model(pixel_values=pixels).logits
-        labels = images.labels[index].to(device)
+        labels = images.labels[index].to(parameter.device)
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top1 += int((best[:, 0] == labels).sum())
         top5 += int((best == labels[:, None]).any(-1).sum())

@@ -130,8 +130,8 @@ def load_model(
             tokenizer = load_preprocessor(spec, model)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
-                f"unknown model {spec!r}: not an alias ({SMOLLM2_ALIAS}, {TESTBED_ALIAS}), a .gguf file, a local folder, "
-                f"or a reachable hub id ({type(err).__name__})"
+                f"unknown model {spec!r}: not an alias ({SMOLLM2_ALIAS}, {TESTBED_ALIAS}), a .gguf file, a local "
+                f"folder, or a reachable hub id ({type(err).__name__})"
             ) from err
     model.eval()
     return model, tokenizer

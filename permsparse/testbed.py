@@ -48,6 +48,7 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    crop: int = 4  # random crops of the image padded by this many pixels (0: none); horizontal flips always
     seed: int = 0
 
 
@@ -74,11 +75,11 @@ def _normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 32x32 crops of the 4-pixel zero-padded images, and horizontal flips."""
+def _augment(pixels: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random 32x32 crops of the ``pad``-pixel zero-padded images, and horizontal flips."""
     n = pixels.shape[0]
-    padded = F.pad(pixels, (4, 4, 4, 4))
-    dx, dy = torch.randint(0, 9, (2, n), generator=generator)
+    padded = F.pad(pixels, (pad, pad, pad, pad))
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
     rows = dy[:, None] + torch.arange(32)
     cols = dx[:, None] + torch.arange(32)
     out = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
@@ -107,7 +108,7 @@ def fit(recipe: Recipe, pixels: torch.Tensor, labels: torch.Tensor, *, progress:
         if step % per_epoch == 0:
             order = torch.randperm(len(labels), generator=generator)
         index = order[(step % per_epoch) * recipe.batch:(step % per_epoch + 1) * recipe.batch]
-        batch = _normalise(_augment(pixels[index], generator))
+        batch = _normalise(_augment(pixels[index], generator, recipe.crop))
         loss = F.cross_entropy(model(pixel_values=batch).logits, labels[index],
                                label_smoothing=recipe.label_smoothing)
         optimiser.zero_grad(set_to_none=True)

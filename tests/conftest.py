@@ -127,3 +127,26 @@ def tiny_family(family: str, seed: int = 0, **options):
             if param.dim() == 1:
                 param.add_(0.1 * torch.randn_like(param))
     return model
+
+
+def tiny_vit(seed: int = 0, layers: int = 2):
+    """A tiny random ViT image classifier (32x32 images, 8x8 patches, hidden 32, 2 heads, 10 classes) with
+    random norm parameters and biases, so a forgotten permutation of any of them shows."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                       intermediate_size=64, num_labels=10)
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+# Calibration, held-out and input images for the tiny ViT, with labels.
+PIXELS = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+PIXELS_HOLDOUT = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+PIXELS_INPUT = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+LABELS = (torch.arange(8) % 10, torch.arange(4) % 10)

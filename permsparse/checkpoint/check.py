@@ -82,8 +82,8 @@ def check_checkpoint(folder: str | Path, *, device: str = "cpu", tolerance: floa
         report.layers[name] = problem or "ok"
         if problem:
             report.failures.append(f"{name}: {problem}")
-    ok, report.logits = compare_reference(model_logits(model, reference_input(record.reference, model)), record.reference,
-                                          tolerance)
+    logits = model_logits(model, reference_input(record.reference, model))
+    ok, report.logits = compare_reference(logits, record.reference, tolerance)
     if not ok:
         report.failures.append(f"logits: do not match the recorded reference: {report.logits}")
     return report

@@ -70,7 +70,8 @@ def check_export(export: ExportConfig, config: PruneConfig) -> None:
 
 
 def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: PruneConfig, report: PruneReport, *,
-                      export: ExportConfig = ExportConfig(), model_name: str = "", metrics: dict[str, Perplexity | Similarity | Accuracy] | None = None,
+                      export: ExportConfig = ExportConfig(), model_name: str = "",
+                      metrics: dict[str, Perplexity | Similarity | Accuracy] | None = None,
                       zero_shot: list[TaskResult] | None = None, command: str = "", overwrite: bool = False,
                       in_place: bool = False) -> Path:
     """Write the pruned (masked, in-memory) ``model`` to ``out`` as ``export`` says.

@@ -151,7 +151,8 @@ def dense_states(teacher: nn.Module, ids: Tensor, learned: Learned) -> DenseStat
         return DenseStates(None, None)
     if is_classifier(teacher):
         out = teacher(**model_inputs(teacher, ids), output_hidden_states=learned.hidden > 0)
-        return DenseStates(out.hidden_states[1:] if learned.hidden > 0 else None, out.logits if learned.kl > 0 else None)
+        return DenseStates(out.hidden_states[1:] if learned.hidden > 0 else None,
+                           out.logits if learned.kl > 0 else None)
     out = teacher.base_model(ids, output_hidden_states=learned.hidden > 0, use_cache=False)
     return DenseStates(out.hidden_states[1:] if learned.hidden > 0 else None,
                        out.last_hidden_state if learned.kl > 0 else None)
@@ -357,7 +358,7 @@ def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: T
     if learned.windows_per_step < distributed.world():
         raise ValueError(f"{distributed.world()} processes share each step's windows: --batch must be at least that")
 
-    train_labels, holdout_labels = (None, None) if labels is None else (l.to(device) for l in labels)
+    train_labels, holdout_labels = (None, None) if labels is None else (part.to(device) for part in labels)
     if is_classifier(model) and learned.ce > 0 and labels is None:
         raise ValueError(f"{type(model).__name__}: the cross-entropy needs the labels of the calibration images "
                          "(give labels, or --ce 0)")

@@ -1,0 +1,141 @@
+"""Vision Transformers: the seed paper's first table on image classification, with the CIFAR-10 ViT testbed.
+
+Rows: dense; unstructured 50% Wanda (the reference limit); 2:4 and 4:8 Wanda with each permutation
+(none, cp, ria, output, learned), ``--binding`` (per-linear by default). Every row calibrates on
+``--nsamples`` seeded images of the CIFAR-10 training split (``--calib``), the learned rows are judged on
+``--holdout`` more, and every row is evaluated on the CIFAR-10 test split (``--limit`` images, a seeded
+draw, if given): top-1 and top-5. The patch embedding and the classifier stay dense. Gap closed per
+pattern, on top-1: (top-1 - top-1 of the pattern without permutation) / (top-1 of unstructured 50% - the
+same).
+
+Each row runs in its own process (its peak memory its own); the testbed is built first, once, in this
+process (``--model cifar10-vit``, under an hour on one core). Results: ``bench/results/vision.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from common import Row, print_table, save_json
+
+from permsparse import Calibration, Learned, PruneConfig, Search
+
+PATTERNS = ("2:4", "4:8")
+METHODS = ("none", "cp", "ria", "output", "learned")
+LIMIT_ROW = "unstructured 50% (wanda)"
+
+
+def rows_for(args) -> list[Row]:
+    calib = Calibration(source=args.calib, nsamples=args.nsamples, seed=args.seed, holdout=args.holdout,
+                        batch_size=args.batch_size)
+    rows = [Row("dense", None), Row(LIMIT_ROW, PruneConfig(pattern="50%", calibration=calib))]
+    for pattern in PATTERNS:
+        for method in METHODS:
+            permutation = (Learned(steps=args.steps, batch=args.learn_batch, judge_every=args.judge_every)
+                           if method == "learned" else Search(method))
+            rows.append(Row(f"{pattern} wanda + {method}", PruneConfig(pattern=pattern, permutation=permutation,
+                                                                      binding=args.binding, calibration=calib)))
+    return rows
+
+
+def run_row(row: Row, args) -> dict:
+    import torch
+
+    from permsparse import load_model, prune
+    from permsparse.images import accuracy
+    from permsparse.report import peak_rss_mb
+    from permsparse.serial import to_dict
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model)
+    result = {"label": row.label, "prune_s": 0.0, "config": None if row.config is None else to_dict(row.config)}
+    if row.config is not None:
+        report = prune(model, processor, row.config, progress=False)
+        result.update(prune_s=report.seconds, training=to_dict(report.training))
+    started = time.perf_counter()
+    scored = accuracy(model, processor, "cifar10-test", limit=args.limit, progress=False)
+    result.update(top1=scored.top1, top5=scored.top5, images=scored.images, eval_s=time.perf_counter() - started,
+                  peak_rss_mb=peak_rss_mb())
+    return result
+
+
+def guarded_row(row: Row, args) -> dict:
+    """A row's result, or its label and the error that stopped it (one failing row loses no other)."""
+    import traceback
+
+    try:
+        return run_row(row, args)
+    except Exception:  # noqa: BLE001 - reported in the results and on the console
+        return {"label": row.label, "error": traceback.format_exc()}
+
+
+def run_rows(rows: list[Row], args) -> list[dict]:
+    """Every row in a fresh (spawned) process, ``--jobs`` at a time, printed as each finishes."""
+    if args.rows is not None:
+        rows = [r for r in rows if r.label in args.rows]
+    done: dict[str, dict] = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        for future in as_completed([pool.submit(guarded_row, row, args) for row in rows]):
+            r = future.result()
+            done[r["label"]] = r
+            if "error" in r:
+                print(f"  FAILED: {r['label']}\n{r['error']}", flush=True)
+            else:
+                print(f"  done: {r['label']:<28} top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
+                      f"({r['prune_s']:.0f} s pruning)", flush=True)
+    return [done[row.label] for row in rows]
+
+
+def gap_closed(results: list[dict]) -> None:
+    """``gap``: the share of the top-1 a pattern loses without permutation that a row wins back, towards
+    unstructured 50%."""
+    by_label = {r["label"]: r for r in results if "error" not in r}
+    if LIMIT_ROW not in by_label:
+        return
+    for r in results:
+        base = by_label.get(f"{r['label'].split(' ')[0]} wanda + none")
+        if "error" in r or base is None or r is base:
+            continue
+        span = by_label[LIMIT_ROW]["top1"] - base["top1"]
+        r["gap"] = (r["top1"] - base["top1"]) / span if span else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cifar10-vit", help="an image classifier: alias, HF folder or hub id")
+    parser.add_argument("--calib", default="cifar10", help="calibration images (cifar10 or imagefolder:PATH)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration images")
+    parser.add_argument("--holdout", type=int, default=64, help="held-out images the learned rows are judged on")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass collecting statistics")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")
+    parser.add_argument("--steps", type=int, default=100, help="learned rows: training steps")
+    parser.add_argument("--learn-batch", type=int, default=32, help="learned rows: images per training step")
+    parser.add_argument("--judge-every", type=int, default=10, help="learned rows: steps between judgments")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate N test images, a seeded draw (default all)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
+    parser.add_argument("--save-as", default="vision", help="name of the JSON file under bench/results")
+    args = parser.parse_args()
+
+    from permsparse.models import TESTBED_ALIAS, cache_dir
+    from permsparse.testbed import testbed_folder
+
+    if args.model == TESTBED_ALIAS:
+        print(f"testbed: {testbed_folder(cache_dir())}", flush=True)  # built here once, not in every row
+    rows = rows_for(args)
+    print(f"vision Transformers: {args.model}, calibration {args.nsamples} images of {args.calib} (seed {args.seed}); "
+          f"evaluation: {'all' if args.limit is None else f'{args.limit} (seeded)'} CIFAR-10 test images", flush=True)
+    results = run_rows(rows, args)
+    gap_closed(results)
+    print_table(results, [("label", "method", ""), ("top1", "top-1", ".4f"), ("top5", "top-5", ".4f"),
+                          ("gap", "gap", ".3f"), ("images", "images", "d"), ("prune_s", "prune s", ".0f"),
+                          ("eval_s", "eval s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+    print(f"saved {save_json(args.save_as, vars(args), results)}")
+
+
+if __name__ == "__main__":
+    main()
