@@ -136,7 +136,21 @@ def render_gpu_speed(data: dict) -> str:
                      "input gather ms"], rows))
 
 
-RENDERERS = {"demo": render_demo, "oneshot": render_oneshot, "learned": render_learned,
+def render_vision(data: dict) -> str:
+    p = data["protocol"]
+    line = (f"Protocol: {p['model']}; calibration {p['nsamples']} seeded images of the {p['calib']} training split "
+            f"(seed {p['seed']}), learned rows judged on {p['holdout']} more and trained {p['steps']} steps of "
+            f"{p['learn_batch']} images; evaluation on {'all' if p.get('limit') is None else p['limit']} CIFAR-10 test "
+            "images. Gap closed: share of the top-1 lost by the pattern without permutation that the row wins back, "
+            "towards unstructured 50%.\n\n")
+    rows = [[r["label"], fmt(100 * r["top1"] if "top1" in r else None, ".2f"),
+             fmt(100 * r["top5"] if "top5" in r else None, ".2f"), fmt(r.get("gap"), ".3f"),
+             fmt(r.get("prune_s"), ".0f") if r.get("config") else "–", fmt(r.get("peak_rss_mb"), ".0f")]
+            for r in data["results"]]
+    return header(data) + line + table(["method", "top-1 %", "top-5 %", "gap closed", "pruning s", "peak RSS MB"], rows)
+
+
+RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "learned": render_learned,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed}
 
 
