@@ -145,9 +145,9 @@ def render_vision(data: dict) -> str:
             "towards unstructured 50%.\n\n")
     rows = [[r["label"], fmt(100 * r["top1"] if "top1" in r else None, ".2f"),
              fmt(100 * r["top5"] if "top5" in r else None, ".2f"), fmt(r.get("gap"), ".3f"),
-             fmt(r.get("prune_s"), ".0f") if r.get("config") else "–", fmt(r.get("peak_rss_mb"), ".0f")]
+             fmt(r.get("gap_dense"), ".3f"), fmt(r.get("prune_s"), ".0f") if r.get("config") else "–", fmt(r.get("peak_rss_mb"), ".0f")]
             for r in data["results"]]
-    return header(data) + line + table(["method", "top-1 %", "top-5 %", "gap closed", "pruning s", "peak RSS MB"], rows)
+    return header(data) + line + table(["method", "top-1 %", "top-5 %", "gap to 50%", "gap to dense", "pruning s", "peak RSS MB"], rows)
 
 
 RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "learned": render_learned,

@@ -94,6 +94,7 @@ def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: t
         else:
             est.parts["training activations"] = layers * per_block
         est.parts["dense hidden states"] = (layers + 1) * b * seqlen * hidden * 4
+        est.parts["held-out dense states"] = (layers + 1) * holdout.shape[0] * seqlen * hidden * 4
         est.parts["logits"] = LOGIT_CHUNK_BYTES
     else:
         compensating = (learned is None and config.permutation.method == "output" and config.permutation.compensate

@@ -206,17 +206,24 @@ def model_terms(student: nn.Module, ids: Tensor, learned: Learned, dense: DenseS
 
 @torch.no_grad()
 def judge_model(student: nn.Module, teacher: nn.Module, windows: Tensor, learned: Learned,
-                weights: dict[str, Tensor] | None = None, labels: Tensor | None = None) -> float:
+                weights: dict[str, Tensor] | None = None, labels: Tensor | None = None,
+                cache: list[DenseStates] | None = None) -> float:
     """The objective of ``student`` (with ``weights`` replaced, if given) against ``teacher`` on
     ``windows`` (the held-out set, with their ``labels`` for an image classifier), batch by batch, each
-    process on its share. The two may be one module."""
+    process on its share. The two may be one module. ``cache``, if given, keeps the teacher's states of
+    each batch after the first call (an empty list to start), so repeated judgments run the teacher once."""
     total = Terms()
     mine = distributed.shard(windows)
     mine_labels = None if labels is None else distributed.shard(labels)
-    for i in range(0, mine.shape[0], learned.windows_per_step):
+    for batch, i in enumerate(range(0, mine.shape[0], learned.windows_per_step)):
         ids = mine[i:i + learned.windows_per_step]
         batch_labels = None if mine_labels is None else mine_labels[i:i + learned.windows_per_step]
-        dense = dense_states(teacher, ids, learned)
+        if cache is not None and batch < len(cache):
+            dense = cache[batch]
+        else:
+            dense = dense_states(teacher, ids, learned)
+            if cache is not None:
+                cache.append(dense)
         with replaced_weights(student, weights or {}):
             total = total + model_terms(student, ids, learned, dense, batch_labels)
     return float((total.reduced() if distributed.active() else total).value(learned))
@@ -370,8 +377,10 @@ def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: T
         with replaced_weights(model, {**fixed, **weights}), recomputed(blocks, learned.recompute):
             return model_terms(model, ids, learned, dense, batch_labels).global_loss(learned)
 
+    holdout_dense: list[DenseStates] = []  # the dense model's states on the held-out windows, computed once
+
     def judge_fn(weights: dict[str, Tensor]) -> float:
-        return judge_model(model, model, holdout, learned, {**fixed, **weights}, holdout_labels)
+        return judge_model(model, model, holdout, learned, {**fixed, **weights}, holdout_labels, holdout_dense)
 
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # no gradient is computed or kept for any model weight
