@@ -23,13 +23,15 @@ test: setup
 
 # SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default (about 15 minutes here)
 demo: setup
-	$(PY) bench/demo.py --jobs $(JOBS)
+	$(PY) bench/demo.py
 
 # Every benchmark of the README (hours on a CPU), then the README's tables from their JSON
 bench: setup
 	$(PY) bench/oneshot.py --jobs $(JOBS)
-	$(PY) bench/learned.py --jobs $(JOBS) --variants default ce+hidden kl kl+hidden hidden "init ria" "init output"
+	$(PY) bench/learned.py --jobs $(JOBS) --variants default "ce+hidden, ria start" "kl+hidden, ria start" \
+		"hidden, ria start" "kl, ria start" "ce, ria start"
 	$(PY) bench/permutation.py --jobs $(JOBS)
+	$(PY) bench/vision.py --jobs $(JOBS)
 	$(PY) bench/tables.py
 
 tables: setup
