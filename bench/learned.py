@@ -29,6 +29,10 @@ VARIANTS = {
     "kl+hidden, ria start, 128 windows": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0}, {"nsamples": 128}),
     "kl+hidden, ria start, 60 steps": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 60}, {}),
     "blockwise, ria start": ({"init": "ria", "scope": "blockwise"}, {}),
+    "kl+hidden, ria start, 20 steps of 1": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 20,
+                                             "batch": 1}, {}),
+    "ce+hidden, ria start, 20 steps of 1": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 1.0, "steps": 20,
+                                             "batch": 1}, {}),
 }
 
 
