@@ -39,14 +39,14 @@ class Recipe:
 
     patch: int = 4
     hidden: int = 128
-    layers: int = 6
+    layers: int = 4
     heads: int = 4
     mlp: int = 256
     epochs: int = 10
-    batch: int = 128
-    lr: float = 2e-3
+    batch: int = 32
+    lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
     crop: int = 4  # random crops of the image padded by this many pixels (0: none); horizontal flips always
     seed: int = 0
