@@ -72,10 +72,12 @@ def protocol_line(data: dict) -> str:
         limit = f"the first {p['limit']} items of each" if p.get("limit") else "every item of each"
         zero_shot = (f"; zero-shot accuracy (%) through lm-evaluation-harness on {limit} task (MMLU 5-shot), "
                      "mean over the tasks")
+    threads = p.get("threads", 1)
+    threads = (f"one process per row, {p.get('jobs', 1)} at a time, {threads} thread each" if isinstance(threads, int)
+               else f"threads: {threads}")
     return (f"Protocol: SmolLM2-135M ({p['model']}), 2:4; calibration {p['nsamples']} x {p['seqlen']} tokens of "
             f"{calib}, seed {p['seed']}; evaluation on the first {p['windows']} windows of {p['seqlen']} tokens of "
-            f"{texts}{zero_shot}; one process per row, {p.get('jobs', 1)} at a time, {p.get('threads', 1)} thread "
-            "each.\n\n")
+            f"{texts}{zero_shot}; {threads}.\n\n")
 
 
 def render_demo(data: dict) -> str:

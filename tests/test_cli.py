@@ -120,7 +120,7 @@ def test_learned_end_to_end_from_the_command_line_records_its_training(tiny_llam
     for line in ("config: {", "statistics and starts: 2/2", "learn permutations (e2e): 3/3", "saved "):
         assert line in log, line
     assert main(["check", str(out)]) == 0
-    assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--ce", "0", "--hidden", "0")) == 2
+    assert main(prune_args(tiny_llama_dir, tmp_path / "o", "--perm", "learned", "--ce", "0", "--kl", "0", "--hidden", "0")) == 2
     assert "objective is empty" in capsys.readouterr().err
 
 

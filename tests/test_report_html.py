@@ -193,7 +193,7 @@ def test_results_table_has_one_row_per_checkpoint_with_its_numbers(checkpoints, 
             mean = 100 * sum(ACC[t] for t in tasks) / len(tasks)
             assert row["mean acc %"] == f"{mean:.1f}" + ("*" if len(tasks) < len(ACC) else "")
         assert row["method"].startswith("2:4 · wanda")
-        assert row["calibration"].startswith("wikitext2-valid, 32 × 512")
+        assert row["calibration"].startswith("c4, 32 × 512")
         assert re.fullmatch(r"\d+(\.\d)? s", row["pruning"]) and re.fullmatch(r"\d+ MB", row["peak RSS"])
     learned_method = dict(zip(headers, page.rows[2][1]))["method"]
     assert "learned e2e from ria, 6 steps" in learned_method

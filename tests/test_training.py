@@ -130,7 +130,7 @@ def test_e2e_learning_runs_on_gpt2_conv1d_linears():
 
 def test_an_empty_e2e_objective_is_refused():
     with pytest.raises(ValueError, match="objective is empty"):
-        Learned(ce=0.0, hidden=0.0)
+        Learned(ce=0.0, kl=0.0, hidden=0.0)
 
 
 def test_an_interrupted_e2e_run_resumes_mid_training_to_the_same_model(tmp_path, monkeypatch):
