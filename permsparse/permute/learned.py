@@ -119,20 +119,20 @@ def hidden_distance(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, 
 
 def objective(model: nn.Module, learned: Learned) -> Learned:
     """The e2e objective weights ``model`` trains on: as configured for a model with an LM head; for one
-    without (an encoder) the hidden distillation alone. There the default CE weight is dropped, and any
-    other CE weight, or a KL weight, is refused: both need output distributions. An image classifier's
+    without (an encoder) the hidden distillation alone. There the default CE and KL weights are dropped,
+    and any other CE or KL weight is refused: both need output distributions. An image classifier's
     objective is as configured, on its class logits."""
     if model.get_output_embeddings() is not None or is_classifier(model):
         return learned
-    default_ce = next(f.default for f in fields(Learned) if f.name == "ce")
+    defaults = {f.name: f.default for f in fields(Learned)}
     kind = type(model).__name__
-    if learned.kl > 0 or learned.ce not in (0.0, default_ce):
+    if learned.ce not in (0.0, defaults["ce"]) or learned.kl not in (0.0, defaults["kl"]):
         raise ValueError(f"{kind} has no LM head, so no cross-entropy or KL: the e2e objective can only distil "
                          "hidden states (set --ce 0 --kl 0)")
     if learned.hidden <= 0:
         raise ValueError(f"{kind} has no LM head: the e2e objective distils hidden states; "
                          "give --hidden a weight above 0")
-    return replace(learned, ce=0.0)
+    return replace(learned, ce=0.0, kl=0.0)
 
 
 @dataclass
