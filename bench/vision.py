@@ -2,7 +2,8 @@
 
 Rows: dense; unstructured 50% Wanda (the reference limit); 2:4 and 4:8 Wanda with each permutation
 (none, cp, ria, output, learned), ``--binding`` (per-linear by default). Every row calibrates on
-``--nsamples`` seeded images of the CIFAR-10 training split (``--calib``), the learned rows are judged on
+``--nsamples`` seeded images of the CIFAR-10 training split (``--calib``); the learned rows start from
+the output search and train on the labels' cross-entropy plus every block's distillation, and are judged on
 ``--holdout`` more, and every row is evaluated on the CIFAR-10 test split (``--limit`` images, a seeded
 draw, if given): top-1 and top-5. The patch embedding and the classifier stay dense. Gap closed per
 pattern, on top-1: (top-1 - top-1 of the pattern without permutation) / (top-1 of unstructured 50% - the
@@ -33,7 +34,8 @@ def rows_for(args) -> list[Row]:
     rows = [Row("dense", None), Row(LIMIT_ROW, PruneConfig(pattern="50%", calibration=calib))]
     for pattern in PATTERNS:
         for method in METHODS:
-            permutation = (Learned(steps=args.steps, batch=args.learn_batch, judge_every=args.judge_every)
+            permutation = (Learned(init="output", ce=1.0, kl=0.0, hidden=1.0, steps=args.steps, batch=args.learn_batch,
+                                   judge_every=args.judge_every)
                            if method == "learned" else Search(method))
             rows.append(Row(f"{pattern} wanda + {method}", PruneConfig(pattern=pattern, permutation=permutation,
                                                                       binding=args.binding, calibration=calib)))

@@ -116,7 +116,7 @@ def test_learned_permutation_trains_on_labels_and_distils_the_dense_model():
         assert report.training and all(r.best_judged <= r.init_judged for r in report.training), scope
         assert len(report.training) == (1 if scope == "e2e" else 2)
     with pytest.raises(ValueError, match="cross-entropy needs the labels"):
-        prune(tiny_vit(), None, PruneConfig(permutation=Learned(init="ria", steps=1, tile=16)), windows=PIXELS,
+        prune(tiny_vit(), None, PruneConfig(permutation=Learned(init="ria", steps=1, tile=16, ce=1.0)), windows=PIXELS,
               holdout=PIXELS_HOLDOUT, progress=False)
 
 
