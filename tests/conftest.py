@@ -150,3 +150,28 @@ PIXELS = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 PIXELS_HOLDOUT = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 PIXELS_INPUT = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 LABELS = (torch.arange(8) % 10, torch.arange(4) % 10)
+
+
+def reload(folder):
+    """A saved checkpoint loaded back with the auto class its config names."""
+    from transformers import AutoConfig
+
+    from permsparse.models import auto_class
+
+    return auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder).eval()
+
+
+def export_both_ways(model, config, report, tmp_path, output):
+    """Export ``model`` masked and folded, check that each reloads to ``output(model)`` (masked exactly)
+    and passes ``permsparse check``; return the folded checkpoint's fold record."""
+    from permsparse import ExportConfig, check_checkpoint, export_checkpoint
+    from permsparse.checkpoint.record import read_record
+
+    expected = output(model)
+    masked = export_checkpoint(model, None, tmp_path / "masked", config, report)
+    torch.testing.assert_close(output(reload(masked)), expected, atol=0, rtol=0)
+    folded = export_checkpoint(model, None, tmp_path / "folded", config, report, export=ExportConfig("folded"))
+    torch.testing.assert_close(output(reload(folded)), expected, atol=1e-5, rtol=1e-4)
+    for folder in (masked, folded):
+        assert check_checkpoint(folder).ok, folder
+    return read_record(folded).fold

@@ -9,7 +9,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import DATA, tiny_llama
+from .conftest import DATA
 
 SHAKESPEARE = str(DATA / "tinyshakespeare" / "input.txt")
 

@@ -9,16 +9,14 @@ import dataclasses
 import pytest
 import torch
 
-from permsparse import ExportConfig, Learned, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
+from permsparse import Learned, PruneConfig, Search, prune
 from permsparse.adapters import LLAMA, adapter_for
 from permsparse.checkpoint.fold import global_hidden_permutation
-from permsparse.checkpoint.record import read_record
 from permsparse.data import bos_id, calibration_windows, draw_calibration, eval_windows
 from permsparse.discover import Hints, NotUnderstood, discover, primary_output
 from permsparse.evaluation import embedding_similarity, perplexity
-from permsparse.models import auto_class
 
-from .conftest import CALIB, ENCODERS, FAMILY_OPTIONS, HOLDOUT, INPUT, tiny_family, tiny_llama
+from .conftest import CALIB, ENCODERS, FAMILY_OPTIONS, HOLDOUT, INPUT, export_both_ways, tiny_family, tiny_llama
 
 FAMILIES = sorted(FAMILY_OPTIONS)
 LLAMA_LIKE = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -54,12 +52,6 @@ EXPECTED = {
 def output(model, ids=INPUT):
     with torch.no_grad():
         return primary_output(model(ids))
-
-
-def reload(folder):
-    from transformers import AutoConfig
-
-    return auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder).eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -137,16 +129,7 @@ def test_every_search_prunes_exports_and_checks(family, method, tmp_path):
     report = prune(model, None, config, windows=CALIB[:4], holdout=HOLDOUT[:2], progress=False)
     adapter = adapter_for(model)
     assert len(report.layers) == 2 * sum(len(g) for g in adapter.input_groups)
-    expected = output(model)
-
-    masked = export_checkpoint(model, None, tmp_path / "masked", config, report)
-    torch.testing.assert_close(output(reload(masked)), expected, atol=0, rtol=0)
-    folded = export_checkpoint(model, None, tmp_path / "folded", config, report, export=ExportConfig("folded"))
-    torch.testing.assert_close(output(reload(folded)), expected, atol=1e-5, rtol=1e-4)
-    for folder in (masked, folded):
-        assert check_checkpoint(folder).ok, folder
-
-    fold = read_record(folded).fold
+    fold = export_both_ways(model, config, report, tmp_path, output)
     consumers = {f"{adapter.blocks_path}.{i}.{c}" for i in range(2) for c, _ in adapter.producers}
     if method != "none":
         assert consumers <= set(fold.folded) | set(fold.identity)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from permsparse.config import Learned
-from permsparse.masks import nm_mask, permuted_nm_mask
+from permsparse.masks import nm_mask
 from permsparse.permute.sinkhorn import CostTiles, hungarian, log_sinkhorn, perm_matrix, relaxed_weight
 from permsparse.permute.trainer import LearnLinear, LearnSite, learn_permutations
 

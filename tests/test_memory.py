@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import permsparse.memory as memory
-from permsparse import Calibration, Learned, PruneConfig, prune
+from permsparse import Learned, PruneConfig, prune
 from permsparse.adapters import adapter_for
 from permsparse.cli import main
 

@@ -13,9 +13,8 @@ from permsparse.checkpoint.save import ExportConfig, export_checkpoint
 from permsparse.config import Learned, PruneConfig, Search
 from permsparse.discover import probe_input
 from permsparse.images import Accuracy, draw_calibration, evaluation_images
-from permsparse.models import auto_class
 
-from .conftest import LABELS, PIXELS, PIXELS_HOLDOUT, PIXELS_INPUT, tiny_vit
+from .conftest import LABELS, PIXELS, PIXELS_HOLDOUT, PIXELS_INPUT, export_both_ways, reload, tiny_vit
 
 pytest.importorskip("PIL")
 
@@ -35,12 +34,6 @@ CONFIGS = {
 def logits(model, pixels=PIXELS_INPUT):
     with torch.no_grad():
         return model(pixel_values=pixels).logits
-
-
-def reload(folder):
-    from transformers import AutoConfig
-
-    return auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder).eval()
 
 
 def write_images(root, classes=("cats", "dogs"), per_class=10):
@@ -75,14 +68,7 @@ def test_every_search_prunes_exports_and_folds_exactly(method, tmp_path):
     model, config = tiny_vit(), CONFIGS[method]
     report = prune(model, None, config, windows=PIXELS, progress=False)
     assert len(report.layers) == 2 * 6
-    expected = logits(model)
-    masked = export_checkpoint(model, None, tmp_path / "masked", config, report)
-    torch.testing.assert_close(logits(reload(masked)), expected, atol=0, rtol=0)
-    folded = export_checkpoint(model, None, tmp_path / "folded", config, report, export=ExportConfig("folded"))
-    torch.testing.assert_close(logits(reload(folded)), expected, atol=1e-5, rtol=1e-4)
-    for folder in (masked, folded):
-        assert check_checkpoint(folder).ok, folder
-    fold = read_record(folded).fold
+    fold = export_both_ways(model, config, report, tmp_path, logits)
     if method in ("cp", "ria"):
         consumers = {f"vit.layers.{i}.{c}" for i in range(2) for c in FOLDS}
         assert consumers <= set(fold.folded) | set(fold.identity)

@@ -76,26 +76,24 @@ class Terms:
         if not distributed.active():
             return self.value(learned)
         total = self.reduced()
-        share = torch.zeros((), device=self.nll.device)
-        if learned.ce > 0:
-            share = share + learned.ce * self.nll / max(total.tokens, 1)
-        if learned.kl > 0:
-            share = share + learned.kl * self.kl / max(total.positions, 1)
-        if learned.hidden > 0:
-            den = total.hidden_den.float().clamp_min(1e-12)
-            share = share + learned.hidden * (self.hidden_num / den
-                                              - total.hidden_num.float() * self.hidden_den / den**2).mean()
+        den = total.hidden_den.float().clamp_min(1e-12)
+        share = _weighted(learned, lambda: self.nll / max(total.tokens, 1), lambda: self.kl / max(total.positions, 1),
+                          lambda: (self.hidden_num / den - total.hidden_num.float() * self.hidden_den / den**2).mean(),
+                          self.nll.device)
         return share + (total.value(learned).float() - share).detach()
 
     def value(self, learned: Learned) -> Tensor:
-        loss = torch.zeros((), device=self.nll.device)
-        if learned.ce > 0:
-            loss = loss + learned.ce * self.nll / max(self.tokens, 1)
-        if learned.kl > 0:
-            loss = loss + learned.kl * self.kl / max(self.positions, 1)
-        if learned.hidden > 0:
-            loss = loss + learned.hidden * (self.hidden_num / self.hidden_den.clamp_min(1e-12)).mean()
-        return loss
+        return _weighted(learned, lambda: self.nll / max(self.tokens, 1), lambda: self.kl / max(self.positions, 1),
+                         lambda: (self.hidden_num / self.hidden_den.clamp_min(1e-12)).mean(), self.nll.device)
+
+
+def _weighted(learned: Learned, ce, kl, hidden, device) -> Tensor:
+    """``ce * CE + kl * KL + hidden * distance``, each term computed (by its function) only if weighted."""
+    loss = torch.zeros((), device=device)
+    for weight, term in ((learned.ce, ce), (learned.kl, kl), (learned.hidden, hidden)):
+        if weight > 0:
+            loss = loss + weight * term()
+    return loss
 
 
 def hidden_distance(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

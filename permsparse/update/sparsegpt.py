@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import nm_mask
-from .common import (COMPUTE_DTYPE, UpdateResult, check_target, dead_inputs, finish, output_error,
-                     to_processing_order)
+from .common import UpdateResult, check_target, dead_inputs, finish, to_processing_order
 
 INNER_BLOCK = 16
 
