@@ -21,7 +21,7 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest -q
 
-# SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default (about 15 minutes here)
+# SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default (about 17 minutes here)
 demo: setup
 	$(PY) bench/demo.py
 
