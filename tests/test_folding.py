@@ -5,6 +5,7 @@ import torch
 from permsparse import PruneConfig, Search, prune
 from permsparse.adapters import adapter_for, linear_weight
 from permsparse.checkpoint.fold import fold_permutations, global_hidden_permutation, head_permutation
+from permsparse.discover.verify import random_head_perm
 from permsparse.masks import is_nm, permuted_nm_mask
 
 from .conftest import BUILDERS, CALIB, INPUT, tiny_llama, tiny_opt
@@ -28,14 +29,7 @@ def linears(model):
 
 def head_perm(model, generator) -> torch.Tensor:
     """A random attention-output permutation within heads, the same for query heads of one kv head."""
-    geo = adapter_for(model).attention(model.config)
-    per_kv, hd = geo.num_heads // geo.num_kv_heads, geo.head_dim
-    perm = torch.empty(geo.num_heads * hd, dtype=torch.long)
-    for kv in range(geo.num_kv_heads):
-        local = torch.randperm(hd, generator=generator)
-        for h in range(kv * per_kv, (kv + 1) * per_kv):
-            perm[h * hd : (h + 1) * hd] = h * hd + local
-    return perm
+    return random_head_perm(adapter_for(model).attention(model.config), generator)
 
 
 def random_perms(model, kinds: set[str], hidden: torch.Tensor | None = None, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -55,10 +55,9 @@ def _random_perm(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _head_perm(geometry: AttentionGeometry, seed: int) -> torch.Tensor:
+def random_head_perm(geometry: AttentionGeometry, gen: torch.Generator) -> torch.Tensor:
     """A random permutation within heads, the same for the query heads of one kv head."""
     per_kv, hd = geometry.num_heads // geometry.num_kv_heads, geometry.head_dim
-    gen = torch.Generator().manual_seed(seed)
     perm = torch.empty(geometry.num_heads * hd, dtype=torch.long)
     for kv in range(geometry.num_kv_heads):
         local = torch.randperm(hd, generator=gen)
@@ -79,7 +78,7 @@ def fold_holds(probe: Probe, adapter: Adapter, consumer: str, slices: tuple[Outp
             prefix = f"{adapter.blocks_path}.{i}."
             module = model.get_submodule(prefix + consumer)
             width = linear_weight(module).shape[1]
-            p = _head_perm(geometry, SEED + i) if attention else _random_perm(width, SEED + i)
+            p = random_head_perm(geometry, torch.Generator().manual_seed(SEED + i)) if attention else _random_perm(width, SEED + i)
             rows_perm = head_permutation(p, geometry)[0] if attention else p
             for part in slices:
                 producer = model.get_submodule(prefix + part.linear)
