@@ -75,7 +75,7 @@ def _normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def _augment(pixels: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def _augment(pixels: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
     """Random 32x32 crops of the ``pad``-pixel zero-padded images, and horizontal flips."""
     n = pixels.shape[0]
     padded = F.pad(pixels, (pad, pad, pad, pad))

@@ -63,9 +63,9 @@ def test_accuracy_of_a_tiny_vit_and_its_processor():
 
 
 def test_testbed_augmentation_keeps_shapes_and_is_seeded():
-    from permsparse.testbed import _augment
+    from permsparse.testbed import RECIPE, _augment
 
     pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    a = _augment(pixels, torch.Generator().manual_seed(0))
-    b = _augment(pixels, torch.Generator().manual_seed(0))
+    a = _augment(pixels, torch.Generator().manual_seed(0), RECIPE.crop)
+    b = _augment(pixels, torch.Generator().manual_seed(0), RECIPE.crop)
     assert a.shape == pixels.shape and torch.equal(a, b) and not torch.equal(a, pixels)
