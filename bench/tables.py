@@ -70,7 +70,8 @@ def protocol_line(data: dict) -> str:
     zero_shot = ""
     if p.get("tasks"):
         limit = f"the first {p['limit']} items of each" if p.get("limit") else "every item of each"
-        zero_shot = (f"; zero-shot accuracy (%) through lm-evaluation-harness on {limit} task (MMLU 5-shot), "
+        shots = " (MMLU 5-shot, the others 0-shot)" if "mmlu" in p["tasks"] else " (0-shot)"
+        zero_shot = (f"; zero-shot accuracy (%) through lm-evaluation-harness on {limit} task{shots}, "
                      "mean over the tasks")
     threads = p.get("threads", 1)
     threads = (f"one process per row, {p.get('jobs', 1)} at a time, {threads} thread each" if isinstance(threads, int)
@@ -152,7 +153,8 @@ def render_vision(data: dict) -> str:
     return header(data) + line + table(["method", "top-1 %", "top-5 %", "gap to 50%", "gap to dense", "pruning s", "peak RSS MB"], rows)
 
 
-RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "learned": render_learned,
+RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
+             "learned": render_learned,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed}
 
 

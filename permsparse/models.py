@@ -99,7 +99,11 @@ def _cached_smollm2(dtype: torch.dtype) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process converted it meanwhile
+            if not (folder / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -8,7 +8,8 @@ import torch
 
 from permsparse.config import Learned
 from permsparse.masks import nm_mask
-from permsparse.permute.sinkhorn import CostTiles, hungarian, log_sinkhorn, perm_matrix, relaxed_weight
+from permsparse.permute.sinkhorn import (CostTiles, hungarian, log_sinkhorn, perm_matrix, relaxed_weight,
+                                        sinkhorn_matrices, standardise)
 from permsparse.permute.trainer import LearnLinear, LearnSite, learn_permutations
 
 
@@ -59,6 +60,18 @@ def test_log_sinkhorn_is_doubly_stochastic():
     assert (P >= 0).all()
     torch.testing.assert_close(P.sum(-1), torch.ones(3, 7), atol=1e-4, rtol=0)
     torch.testing.assert_close(P.sum(-2), torch.ones(3, 7), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.05])
+def test_soft_permutation_gradient_equals_autograd_through_every_iterate(eps):
+    gen = torch.Generator().manual_seed(3)
+    cost = torch.randn(6, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(6, 8, 8, generator=gen, dtype=torch.float64)
+    lean = (sinkhorn_matrices(cost, eps, 20) * weights).sum()
+    stored = (log_sinkhorn(-standardise(cost) / eps, 20).exp() * weights).sum()
+    torch.testing.assert_close(lean, stored, rtol=1e-12, atol=0)
+    (lean_grad,), (stored_grad,) = torch.autograd.grad(lean, cost), torch.autograd.grad(stored, cost)
+    torch.testing.assert_close(lean_grad, stored_grad, rtol=1e-9, atol=1e-12)
 
 
 def test_sinkhorn_approaches_hungarian_as_eps_falls():

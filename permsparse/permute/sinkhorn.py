@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 def log_sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
@@ -171,22 +170,58 @@ class CostTiles(nn.Module):
         return mats[self.tie]
 
 
-def _soft(cost: Tensor, eps: float, iters: int) -> Tensor:
-    return log_sinkhorn(-standardise(cost) / eps, iters).exp()
+class _Sinkhorn(torch.autograd.Function):
+    """``exp(log_sinkhorn(log_alpha, iters))`` with an exact backward that stores no iterate.
+
+    Every iterate is ``log_alpha`` minus the row and column normalisers subtracted so far, so the
+    forward keeps only those vectors (``2 * iters`` of ``(B, b)``) and the backward rebuilds each
+    iterate with one addition. The backward of ``y = x - logsumexp(x)`` along a dimension is
+    ``g - exp(y) * sum(g)`` along it: one exponential per step, and no second forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor, iters: int) -> Tensor:
+        x, rows, cols = log_alpha, [], []
+        for _ in range(iters):
+            rows.append(torch.logsumexp(x, dim=-1, keepdim=True))
+            x = x - rows[-1]
+            cols.append(torch.logsumexp(x, dim=-2, keepdim=True))
+            x = x - cols[-1]
+        ctx.save_for_backward(log_alpha, *rows, *cols)
+        ctx.iters = iters
+        return x.exp()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        log_alpha, *norms = ctx.saved_tensors
+        rows, cols = norms[:ctx.iters], norms[ctx.iters:]
+        z = log_alpha - sum(rows) - sum(cols)  # the last iterate
+        g = grad * z.exp()
+        for r, c in zip(reversed(rows), reversed(cols)):
+            g = g - z.exp() * g.sum(dim=-2, keepdim=True)  # through the column step
+            y = z + c
+            g = g - y.exp() * g.sum(dim=-1, keepdim=True)  # through the row step
+            z = y + r
+        return g, None
+
+
+def sinkhorn_matrices(cost: Tensor, eps: float, iters: int) -> Tensor:
+    """Soft permutation matrices of raw costs ``(B, b, b)``: Sinkhorn of the standardised ``-C / eps``."""
+    return _Sinkhorn.apply(-standardise(cost) / eps, iters)
 
 
 def soft_permutations(tiles: list[CostTiles], eps: float, iters: int) -> list[Tensor]:
     """Every site's soft permutation matrices, with one Sinkhorn per tile size for all sites at once.
 
     Each tile is normalised on its own, so batching changes nothing but the number of (small)
-    operations. The Sinkhorn iterations are recomputed in the backward pass rather than stored:
-    stored, they would hold ``2 * iters`` copies of every cost tile for the whole training step.
+    operations. The backward holds no Sinkhorn iterate (:class:`_Sinkhorn`): stored, they would be
+    ``2 * iters`` copies of every cost tile for the whole training step.
     """
     out: list[Tensor | None] = [None] * len(tiles)
     for size in sorted({t.tile for t in tiles}):
         members = [i for i, t in enumerate(tiles) if t.tile == size]
         costs = torch.cat([tiles[i].cost for i in members])
-        soft = checkpoint(_soft, costs, eps, iters, use_reentrant=False)
+        soft = sinkhorn_matrices(costs, eps, iters)
         for i, part in zip(members, soft.split([tiles[i].cost.shape[0] for i in members])):
             out[i] = part
     return out
