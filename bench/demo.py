@@ -3,10 +3,10 @@ and with the learned one, each by ``permsparse prune`` with every default, then 
 
 Each run calibrates as the command does by default (C4) and records its perplexity on the first 16
 windows of 512 tokens of WikiText-2 test (the published metric; not calibration text). The learned run
-has every core at normal priority; beside it, the two others and the dense model's evaluation run at the
-lowest priority, one thread each, on the cycles it leaves idle (so their seconds are not comparable with
-its own). The checkpoints and the report land in ``runs/demo/``; ``bench/learned.py`` compares the same
-methods on more texts.
+goes first with every core; then the two others and the dense model's evaluation share the cores, one
+thread each (beside the learned run, even at the lowest priority, they slow it more than they gain).
+The checkpoints and the report land in ``runs/demo/``; ``bench/learned.py`` compares the same methods
+on more texts.
 """
 from __future__ import annotations
 
@@ -31,11 +31,6 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "permsparse", *args]
 
 
-def lowest() -> None:
-    """Run at the lowest priority: the baselines take only the cycles the learned run leaves idle."""
-    os.nice(19)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -49,17 +44,18 @@ def main() -> None:
     prune = {label: command("prune", "--model", args.model, *flags, "--eval-texts", ",".join(TEXTS), "--out",
                             str(folders[label]), "--overwrite", "--quiet") for label, flags in RUNS.items()}
     started = time.perf_counter()
-    print(f"pruning {args.model} to 2:4 three ways, every other option at its default; this takes about 13 minutes "
+    print(f"pruning {args.model} to 2:4 three ways, every other option at its default; this takes about 16 minutes "
           "here", flush=True)
     load_model(args.model)  # a packaged model is converted once here, before the runs share its cache
-    learned = subprocess.Popen(prune["learned (default)"], env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(prune["learned (default)"], env=env, check=True, stdout=subprocess.DEVNULL)
+    print(f"  learned (default): done ({time.perf_counter() - started:.0f} s)", flush=True)
     dense_json = out / "dense.json"
-    beside = {label: subprocess.Popen(prune[label], env=one_thread, stdout=subprocess.DEVNULL, preexec_fn=lowest)
-              for label in ("none", "ria")}
-    beside["dense"] = subprocess.Popen(
+    side_by_side = {label: subprocess.Popen(prune[label], env=one_thread, stdout=subprocess.DEVNULL)
+                    for label in ("none", "ria")}
+    side_by_side["dense"] = subprocess.Popen(
         command("eval", args.model, "--seqlen", "512", "--windows", "16", "--source", TEXTS[0], "--json",
-                str(dense_json), "--quiet"), env=one_thread, stdout=subprocess.DEVNULL, preexec_fn=lowest)
-    for label, process in {"learned (default)": learned, **beside}.items():
+                str(dense_json), "--quiet"), env=one_thread, stdout=subprocess.DEVNULL)
+    for label, process in side_by_side.items():
         if process.wait() != 0:
             raise SystemExit(f"the {label} run failed" + (f"; see {folders[label]}.partial/log.txt"
                                                           if label in folders else ""))
@@ -80,7 +76,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     print(f"{wall:.0f} s in all; report in {report_s:.1f} s: {out / 'report' / 'index.html'}")
     protocol = {"model": args.model, "evals": list(TEXTS), "windows": 16, "seqlen": 512, "jobs": 2,
-                "threads": "learned: every core; none, ria and dense: one each, beside it at the lowest priority",
+                "threads": "all for the learned run, then one per run",
                 "wall_s": wall, "report_s": report_s, "calib": rows[-1]["config"]["calibration"]["source"],
                 "nsamples": rows[-1]["config"]["calibration"]["nsamples"], "seed": 0}
     print(f"saved {save_json('demo', protocol, rows)}")
