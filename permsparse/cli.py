@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import distributed
 from .checkpoint.check import check_checkpoint
@@ -351,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.command_line = "permsparse " + shlex.join(argv)
+    quiet = getattr(args, "quiet", False) and hf_logging.is_progress_bar_enabled()
+    if quiet:  # Hugging Face's own bars too (loading weights, writing shards)
+        hf_logging.disable_progress_bar()
     try:
         return {"prune": run_prune, "eval": run_eval, "check": run_check, "report": run_report}[args.command](args)
     except MemoryError as err:
@@ -363,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         print("permsparse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
         distributed.finish()
 
 

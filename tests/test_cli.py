@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from permsparse.cli import main
 from permsparse.masks import is_nm
@@ -88,6 +89,14 @@ def test_eval_prints_and_writes_perplexity(tiny_llama_dir, tmp_path, capsys):
     assert result["windows"] == 3 and result["seqlen"] == 64 and result["tokens"] == 3 * 63
     assert result["ppl"] > 100  # a random 512-token model is close to uniform (ppl ~ 512)
     assert "ppl" in capsys.readouterr().out
+
+
+def test_quiet_silences_the_hugging_face_bars_too_and_only_for_its_call(tiny_llama_dir, capsys):
+    assert main(["eval", str(tiny_llama_dir), "--seqlen", "64", "--windows", "1", "--quiet"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored for the caller
+    assert main(["eval", str(tiny_llama_dir), "--seqlen", "64", "--windows", "1"]) == 0
+    assert "Loading weights" in capsys.readouterr().err
 
 
 def test_folded_export_checks_and_a_tampered_one_fails(tiny_llama_dir, tmp_path, capsys):
