@@ -27,10 +27,18 @@ def log_sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
     where ``exp`` of the raw scores would overflow). It ends with the column step, so columns sum
     to one exactly and rows to within the convergence of ``iters`` rounds.
     """
+    return _sinkhorn_steps(log_alpha, iters)[0]
+
+
+def _sinkhorn_steps(log_alpha: Tensor, iters: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """:func:`log_sinkhorn`, with the row and the column normaliser subtracted at every iteration."""
+    x, rows, cols = log_alpha, [], []
     for _ in range(iters):
-        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-1, keepdim=True)
-        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-2, keepdim=True)
-    return log_alpha
+        rows.append(torch.logsumexp(x, dim=-1, keepdim=True))
+        x = x - rows[-1]
+        cols.append(torch.logsumexp(x, dim=-2, keepdim=True))
+        x = x - cols[-1]
+    return x, rows, cols
 
 
 def hungarian(cost: Tensor) -> Tensor:
@@ -181,12 +189,7 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_alpha: Tensor, iters: int) -> Tensor:
-        x, rows, cols = log_alpha, [], []
-        for _ in range(iters):
-            rows.append(torch.logsumexp(x, dim=-1, keepdim=True))
-            x = x - rows[-1]
-            cols.append(torch.logsumexp(x, dim=-2, keepdim=True))
-            x = x - cols[-1]
+        x, rows, cols = _sinkhorn_steps(log_alpha, iters)
         ctx.save_for_backward(log_alpha, *rows, *cols)
         ctx.iters = iters
         return x.exp()
