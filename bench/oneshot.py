@@ -3,7 +3,8 @@
 Rows: dense; unstructured 50% Wanda (the reference limit); 2:4 with the magnitude, Wanda and RIA hosts;
 2:4 Wanda with each permutation (cp, ria, output, learned), per-linear binding; the hosts that update
 the kept weights (SparseGPT, ADMM) without a permutation, with RIA's (each choosing its own mask inside
-the permuted groups) and with the learned one followed by a reconstruction with its mask fixed. Every row uses the
+the permuted groups) and with the learned one, followed by a reconstruction with its mask fixed or by the
+host choosing its own mask inside the learned groups. Every row uses the
 tool's default calibration (``--calib``, ``--nsamples`` x ``--seqlen``, seed ``--seed``); evaluation on
 the first ``--windows`` windows of ``--seqlen`` tokens of each ``--evals`` text. Gap closed per text:
 (ppl of 2:4 Wanda - ppl) / (ppl of 2:4 Wanda - ppl of unstructured 50%).
@@ -40,7 +41,9 @@ def main() -> None:
                  Row(f"2:4 {host} + ria", PruneConfig(score=host, permutation=Search("ria"), binding=args.binding, **base)),
                  Row(f"2:4 {host} + learned (reconstruct)", PruneConfig(score=host, update_mask="permutation",
                                                                        permutation=Learned(), binding=args.binding,
-                                                                       **base))]
+                                                                       **base)),
+                 Row(f"2:4 {host} + learned (own mask)", PruneConfig(score=host, permutation=Learned(),
+                                                                    binding=args.binding, **base))]
     print(f"one-shot pruning of {args.model}: calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, "
           f"seed {args.seed}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "
           f"{', '.join(args.evals)}", flush=True)

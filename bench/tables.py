@@ -142,8 +142,8 @@ def render_gpu_speed(data: dict) -> str:
 def render_vision(data: dict) -> str:
     p = data["protocol"]
     line = (f"Protocol: {p['model']}; calibration {p['nsamples']} seeded images of the {p['calib']} training split "
-            f"(seed {p['seed']}), learned rows judged on {p['holdout']} more and trained {p['steps']} steps of "
-            f"{p['learn_batch']} images; evaluation on {'all' if p.get('limit') is None else p['limit']} CIFAR-10 test "
+            f"(seed {p['seed']}), learned rows started from the {p.get('init', 'output')} search, judged on "
+            f"{p['holdout']} more and trained {p['steps']} steps of {p['learn_batch']} images; evaluation on {'all' if p.get('limit') is None else p['limit']} CIFAR-10 test "
             "images. Gap closed: share of the top-1 lost by the pattern without permutation that the row wins back, "
             "towards unstructured 50%.\n\n")
     rows = [[r["label"], fmt(100 * r["top1"] if "top1" in r else None, ".2f"),
@@ -153,9 +153,47 @@ def render_vision(data: dict) -> str:
     return header(data) + line + table(["method", "top-1 %", "top-5 %", "gap to 50%", "gap to dense", "pruning s", "peak RSS MB"], rows)
 
 
+def section_header(section: dict) -> str:
+    machine = section.get("machine", {})
+    where = machine.get("gpu") or (f"a {machine['cpu_count']}-core CPU" if machine.get("cpu_count")
+                                   else f"a CPU, {machine.get('threads', '?')} threads")
+    return f"*Run {section.get('date', '?')} on {where}: `{section.get('command', '?')}`.*\n\n"
+
+
+def render_update_cost(data: dict) -> str:
+    out = ""
+    for section in data.values():
+        rows = [[r["linear"], f"{r['out']} x {r['in']}", str(r["per_layer"]), fmt(r["sparsegpt_s"], ".2f"),
+                 fmt(r["admm_s"], ".2f"), fmt(r["hessian_batch_s"], ".4f")] for r in section["rows"]]
+        proj = section["projection"]
+        hours = {h: (proj[f"{h}_model_s"] + proj["hessian_model_s"]) / 3600 for h in ("sparsegpt", "admm")}
+        out += (section_header(section)
+                + table(["linear", "out x in", "per layer", "SparseGPT s", "ADMM s", "H, one batch s"], rows)
+                + f"\n{section['model']}, {section['layers']} layers, {proj['calib_tokens']} calibration tokens: "
+                f"SparseGPT {proj['sparsegpt_model_s'] / 60:.1f} min of updates + {proj['hessian_model_s'] / 60:.1f} "
+                f"min of Hessians = **{hours['sparsegpt']:.2f} h**; ADMM {proj['admm_model_s'] / 60:.1f} min + "
+                f"{proj['hessian_model_s'] / 60:.1f} min = **{hours['admm']:.2f} h** (block forward passes not "
+                "included).\n\n")
+    return out
+
+
+def render_testbed_recipes(data: dict) -> str:
+    trained = data.get("trained", {"rows": []})
+    cost = {r["label"]: r for r in data.get("cpu_cost", {}).get("rows", [])}
+    rows = [[r["label"], fmt(100 * r["val_top1"], ".2f"), fmt(100 * r["test_top1"], ".2f"), fmt(r["train_s"], ".0f"),
+             fmt(cost.get(r["label"], {}).get("projected_s"), ".0f")]
+            for r in sorted(trained["rows"], key=lambda r: -r.get("val_top1", -1)) if "error" not in r]
+    out = section_header(trained)
+    if "cpu_cost" in data:
+        out += "CPU projection: " + section_header(data["cpu_cost"]).strip("\n*") + "\n\n"
+    return out + table(["recipe (45,000 training images)", "validation top-1 %", "test top-1 %",
+                        "seconds (GPU, 8 at once)", "projected CPU s (50,000 images)"], rows)
+
+
 RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
              "learned": render_learned,
-             "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed}
+             "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
+             "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
 
 
 def regenerate(text: str) -> str:

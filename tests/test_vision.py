@@ -1,5 +1,6 @@
 """Vision Transformers: discovery on images, every permutation, the learned one on labelled images,
 exact exports and folds, image calibration, the command line and the testbed alias."""
+import dataclasses
 import json
 
 import pytest
@@ -175,7 +176,11 @@ def test_testbed_alias_loads_the_cached_folder(tiny_vit_dir, tmp_path, monkeypat
 
     from permsparse.models import load_model
 
-    shutil.copytree(tiny_vit_dir, tmp_path / "cache" / "cifar10-vit")
+    from permsparse.testbed import RECIPE
+
+    folder = tmp_path / "cache" / "cifar10-vit"
+    shutil.copytree(tiny_vit_dir, folder)
+    (folder / "testbed.json").write_text(json.dumps({"recipe": dataclasses.asdict(RECIPE)}))
     monkeypatch.setenv("PERMSPARSE_CACHE", str(tmp_path / "cache"))
     model, processor = load_model("cifar10-vit")
     assert type(model).__name__ == "ViTForImageClassification" and not model.training
@@ -191,3 +196,19 @@ def test_testbed_recipe_trains_deterministically():
     a, b = fit(recipe, pixels, labels, progress=False), fit(recipe, pixels, labels, progress=False)
     assert not a.training and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert 0 <= top1(a, pixels, labels) <= 1
+
+
+def test_testbed_trained_by_another_recipe_is_trained_again(tiny_vit_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from permsparse import testbed
+
+    folder = tmp_path / "cifar10-vit"
+    shutil.copytree(tiny_vit_dir, folder)
+    recorded = {"recipe": dataclasses.asdict(dataclasses.replace(testbed.RECIPE, lr=testbed.RECIPE.lr * 2))}
+    (folder / "testbed.json").write_text(json.dumps(recorded))
+    trained = []
+    monkeypatch.setattr(testbed, "train", lambda where, progress=True: trained.append(where))
+    assert testbed.testbed_folder(tmp_path, progress=False) == folder and trained == [folder]
+    (folder / "testbed.json").write_text(json.dumps({"recipe": dataclasses.asdict(testbed.RECIPE)}))
+    assert testbed.testbed_folder(tmp_path, progress=False) == folder and trained == [folder]  # reused as it is
