@@ -156,7 +156,7 @@ def render_vision(data: dict) -> str:
 def section_header(section: dict) -> str:
     machine = section.get("machine", {})
     where = machine.get("gpu") or (f"a {machine['cpu_count']}-core CPU" if machine.get("cpu_count")
-                                   else f"a CPU, {machine.get('threads', '?')} threads")
+                                   else f"a CPU with {machine.get('threads', '?')} torch thread(s)")
     return f"*Run {section.get('date', '?')} on {where}: `{section.get('command', '?')}`.*\n\n"
 
 
