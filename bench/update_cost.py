@@ -44,12 +44,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str) -> float:
+def _timed(fn, device: str):
+    """``fn()`` and the seconds it took, the device's queued work included."""
     _sync(device)
     started = time.perf_counter()
-    fn()
+    value = fn()
     _sync(device)
-    return time.perf_counter() - started
+    return value, time.perf_counter() - started
 
 
 def _inputs(cols: int, tokens: int, device: str, generator):
@@ -80,19 +81,17 @@ def measure(model: str, device: str, batch_tokens: int, hessian_tokens: int, see
         batch = x[:batch_tokens]
         if cols not in hessian_s:
             gram = torch.zeros(cols, cols, dtype=torch.float64, device=device)
-            hessian_s[cols] = _timed(lambda: gram.add_((batch.T @ batch).double()), device)
+            hessian_s[cols] = _timed(lambda: gram.add_((batch.T @ batch).double()), device)[1]
         hessian = (x.T @ x).double()
         weight = (torch.randn(out, cols, generator=generator) * 0.02).to(device)
         row = {"linear": entry["name"], "out": out, "in": cols, "per_layer": entry["per_layer"],
                "hessian_batch_s": hessian_s[cols]}
         for name, host in (("sparsegpt", sparsegpt), ("admm", admm)):
-            result = {}
-            row[f"{name}_s"] = _timed(lambda: result.setdefault("r", host(weight, hessian, 2, 4)), device)
-            row[f"{name}_rel_error"] = result["r"].error / float(((weight @ hessian.float()) * weight).sum())
+            result, row[f"{name}_s"] = _timed(lambda: host(weight, hessian, 2, 4), device)
+            row[f"{name}_rel_error"] = result.error / float(((weight @ hessian.float()) * weight).sum())
         rows.append(row)
         print(f"{model} {entry['name']:8s} {out:6d} x {cols:6d}: sparsegpt {row['sparsegpt_s']:8.3f} s, admm "
               f"{row['admm_s']:8.3f} s, H batch of {batch_tokens} tokens {row['hessian_batch_s']:.4f} s", flush=True)
-        del x, hessian, weight
     per_layer = {name: sum(r[f"{name}_s"] * r["per_layer"] for r in rows) for name in ("sparsegpt", "admm")}
     hessian_per_layer_batch = sum(r["hessian_batch_s"] for r in rows)  # one Hessian per distinct input
     return {"model": model, "layers": layers, "device": device, "rows": rows,

@@ -3,15 +3,16 @@
 Rows: dense; unstructured 50% Wanda (the reference limit); 2:4 and 4:8 Wanda with each permutation
 (none, cp, ria, output, learned), ``--binding`` (per-linear by default). Every row calibrates on
 ``--nsamples`` seeded images of the CIFAR-10 training split (``--calib``); the learned rows start from
-the output search (``--init``) and train on the labels' cross-entropy plus every block's distillation, and are judged on
-``--holdout`` more, and every row is evaluated on the CIFAR-10 test split (``--limit`` images, a seeded
-draw, if given): top-1 and top-5. ``--eval validation`` evaluates instead on training images that no
-row calibrates or judges on (``--limit`` of them, 5,000 by default): the split on which this benchmark's
-settings (``--nsamples``, ``--steps``, the learned rows' start) are chosen, the test split only reporting.
-The defaults (512 calibration images, 300 steps from the output search) won there against 128 images,
-100 steps and the ria start (``bench/results/vision_val_*.json``). The patch embedding and the classifier stay dense. Gap closed per
-pattern, on top-1: (top-1 - top-1 of the pattern without permutation) / (top-1 of unstructured 50% - the
-same), and the same towards the dense model's top-1 (the seed paper's measure).
+the output search (``--init``), train on the labels' cross-entropy plus every block's distillation, and
+are judged on ``--holdout`` more; every row is evaluated on the CIFAR-10 test split (``--limit`` images,
+a seeded draw, if given): top-1 and top-5. ``--eval validation`` evaluates instead on training images
+that no row calibrates or judges on (``--limit`` of them, 5,000 by default): the split on which this
+benchmark's settings (``--nsamples``, ``--steps``, ``--init``) are chosen, the test split only
+reporting. The defaults (512 calibration images, 300 steps from the output search) win there against
+128 images, 100 steps and the ria start (``bench/results/vision_val_*.json``). The patch embedding and
+the classifier stay dense. Gap closed per pattern, on top-1: (top-1 - top-1 of the pattern without
+permutation) / (top-1 of unstructured 50% - the same), and the same towards the dense model's top-1 (the
+seed paper's measure).
 
 Each row runs in its own process (its peak memory its own); the testbed is built first, once, in this
 process (``--model cifar10-vit``, under an hour on 2 cores). Results: ``bench/results/vision.json``.
