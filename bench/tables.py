@@ -27,9 +27,12 @@ def fmt(value, spec: str) -> str:
 
 
 def header(data: dict) -> str:
+    """The run's date, machine and command (a section of a JSON that holds several runs, or the whole)."""
     machine = data.get("machine", {})
-    where = machine.get("gpu") or f"{machine.get('cpus', '?')}-core CPU"
-    return f"*Run {data.get('date', '?')} on a {where}: `{data.get('command', '?')}`.*\n\n"
+    cores = machine.get("cpus") or machine.get("cpu_count")
+    where = machine.get("gpu") or (f"a {cores}-core CPU" if cores
+                                   else f"a CPU with {machine.get('threads', '?')} torch thread(s)")
+    return f"*Run {data.get('date', '?')} on {where}: `{data.get('command', '?')}`.*\n\n"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -153,13 +156,6 @@ def render_vision(data: dict) -> str:
     return header(data) + line + table(["method", "top-1 %", "top-5 %", "gap to 50%", "gap to dense", "pruning s", "peak RSS MB"], rows)
 
 
-def section_header(section: dict) -> str:
-    machine = section.get("machine", {})
-    where = machine.get("gpu") or (f"a {machine['cpu_count']}-core CPU" if machine.get("cpu_count")
-                                   else f"a CPU with {machine.get('threads', '?')} torch thread(s)")
-    return f"*Run {section.get('date', '?')} on {where}: `{section.get('command', '?')}`.*\n\n"
-
-
 def render_update_cost(data: dict) -> str:
     out = ""
     for section in data.values():
@@ -167,7 +163,7 @@ def render_update_cost(data: dict) -> str:
                  fmt(r["admm_s"], ".2f"), fmt(r["hessian_batch_s"], ".4f")] for r in section["rows"]]
         proj = section["projection"]
         hours = {h: (proj[f"{h}_model_s"] + proj["hessian_model_s"]) / 3600 for h in ("sparsegpt", "admm")}
-        out += (section_header(section)
+        out += (header(section)
                 + table(["linear", "out x in", "per layer", "SparseGPT s", "ADMM s", "H, one batch s"], rows)
                 + f"\n{section['model']}, {section['layers']} layers, {proj['calib_tokens']} calibration tokens: "
                 f"SparseGPT {proj['sparsegpt_model_s'] / 60:.1f} min of updates + {proj['hessian_model_s'] / 60:.1f} "
@@ -183,9 +179,9 @@ def render_testbed_recipes(data: dict) -> str:
     rows = [[r["label"], fmt(100 * r["val_top1"], ".2f"), fmt(100 * r["test_top1"], ".2f"), fmt(r["train_s"], ".0f"),
              fmt(cost.get(r["label"], {}).get("projected_s"), ".0f")]
             for r in sorted(trained["rows"], key=lambda r: -r.get("val_top1", -1)) if "error" not in r]
-    out = section_header(trained)
+    out = header(trained)
     if "cpu_cost" in data:
-        out += "CPU projection: " + section_header(data["cpu_cost"]).strip("\n*") + "\n\n"
+        out += "CPU projection: " + header(data["cpu_cost"]).strip("\n*") + "\n\n"
     return out + table(["recipe (45,000 training images)", "validation top-1 %", "test top-1 %",
                         "seconds (GPU, 8 at once)", "projected CPU s (50,000 images)"], rows)
 

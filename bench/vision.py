@@ -63,9 +63,9 @@ def run_row(row: Row, args) -> dict:
         result.update(prune_s=report.seconds, training=to_dict(report.training))
     started = time.perf_counter()
     if args.eval == "validation":
-        from permsparse.images import calibration_index, load_images
+        from permsparse.images import calibration_index, image_count
 
-        used = calibration_index(load_images(args.calib), args.nsamples, args.holdout, args.seed)
+        used = calibration_index(image_count(args.calib), args.nsamples, args.holdout, args.seed)
         scored = accuracy(model, processor, args.calib, limit=args.limit or 5000, exclude=used, progress=False)
     else:
         scored = accuracy(model, processor, "cifar10-test", limit=args.limit, progress=False)

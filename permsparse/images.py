@@ -76,21 +76,20 @@ def _stack(pixels: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     return torch.stack(pixels) if len({tuple(p.shape) for p in pixels}) == 1 else pixels
 
 
-def _cifar10(source: str) -> Images:
-    relative, split = CIFAR10[source]
+def _cifar10_listing(source: str) -> tuple[Path, list[str], list[str]]:
+    """The zip of a CIFAR-10 split, its image names (sorted) and its classes."""
+    relative, _ = CIFAR10[source]
     file = next((folder / relative for folder in data_dirs() if (folder / relative).is_file()), None)
     if file is None:
         raise FileNotFoundError(f"image source {source!r} is not reachable; tried: "
                                 + "; ".join(str(folder / relative) for folder in data_dirs()))
     with zipfile.ZipFile(file) as archive:
         names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_SUFFIXES))
-        classes = sorted({n.split("/")[1] for n in names})
-        index = {c: i for i, c in enumerate(classes)}
-        pixels = [_decode(archive.read(n), f"{file}:{n}") for n in names]
-    return Images(_stack(pixels), torch.tensor([index[n.split("/")[1]] for n in names]), classes)
+    return file, names, sorted({n.split("/")[1] for n in names})
 
 
-def _folder(root: Path) -> Images:
+def _folder_listing(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The image files of a class-per-folder tree with their labels (sorted), and its classes."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -98,22 +97,44 @@ def _folder(root: Path) -> Images:
              if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ValueError(f"image folder {root} holds no images in class sub-folders ({', '.join(IMAGE_SUFFIXES)})")
-    pixels = [_decode(f.read_bytes(), str(f)) for f, _ in files]
-    return Images(_stack(pixels), torch.tensor([label for _, label in files]), classes)
+    return files, classes
+
+
+def _source_kind(source: str) -> str:
+    if source in CIFAR10:
+        return "cifar10"
+    if source.startswith("imagefolder:"):
+        return "folder"
+    raise FileNotFoundError(f"unknown image source {source!r}: use cifar10, cifar10-test or imagefolder:PATH")
+
+
+def _folder_root(source: str) -> Path:
+    return Path(source.split(":", 1)[1]).expanduser()
+
+
+def image_count(source: str) -> int:
+    """How many images ``source`` holds, from its listing alone (nothing is decoded)."""
+    if _source_kind(source) == "cifar10":
+        return len(_cifar10_listing(source)[1])
+    return len(_folder_listing(_folder_root(source))[0])
 
 
 def load_images(source: str) -> Images:
     """Every image of ``source`` with its label; one clear error naming what is missing or unreadable."""
-    if source in CIFAR10:
-        return _cifar10(source)
-    if source.startswith("imagefolder:"):
-        return _folder(Path(source.split(":", 1)[1]).expanduser())
-    raise FileNotFoundError(f"unknown image source {source!r}: use cifar10, cifar10-test or imagefolder:PATH")
+    if _source_kind(source) == "cifar10":
+        file, names, classes = _cifar10_listing(source)
+        index = {c: i for i, c in enumerate(classes)}
+        with zipfile.ZipFile(file) as archive:
+            pixels = [_decode(archive.read(n), f"{file}:{n}") for n in names]
+        return Images(_stack(pixels), torch.tensor([index[n.split("/")[1]] for n in names]), classes)
+    files, classes = _folder_listing(_folder_root(source))
+    pixels = [_decode(f.read_bytes(), str(f)) for f, _ in files]
+    return Images(_stack(pixels), torch.tensor([label for _, label in files]), classes)
 
 
-def sample(images: Images, count: int, seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """``count`` image indices drawn without replacement (seeded), none of them in ``exclude``."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+def sample(total: int, count: int, seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """``count`` indices of ``total`` images drawn without replacement (seeded), none of them in ``exclude``."""
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     if exclude is not None:
         order = order[~torch.isin(order, exclude)]
     if count > len(order):
@@ -139,19 +160,19 @@ def draw_calibration(processor, source: str, nsamples: int, seed: int, holdout: 
         raise ValueError(f"calibration source {source!r} is an evaluation split: calibrate on {', '.join(TEST_SPLITS)} "
                          "or an image folder, or pass --allow-test-calibration if you mean it")
     images = load_images(source)
-    index = calibration_index(images, nsamples, holdout, seed)
+    index = calibration_index(len(images), nsamples, holdout, seed)
     train, held = index[:nsamples], index[nsamples:]
     pixels = preprocess(processor, images, train)
     held_pixels = preprocess(processor, images, held) if holdout else pixels.new_zeros(0, *pixels.shape[1:])
     return (pixels, held_pixels), (images.labels[train], images.labels[held])
 
 
-def calibration_index(images: Images, nsamples: int, holdout: int, seed: int) -> torch.Tensor:
+def calibration_index(total: int, nsamples: int, holdout: int, seed: int) -> torch.Tensor:
     """The indices of the calibration images, then of the held-out ones (:func:`draw_calibration`)."""
-    if nsamples + holdout > len(images):
+    if nsamples + holdout > total:
         raise ValueError(f"{nsamples} calibration and {holdout} held-out images asked for, the source holds "
-                         f"{len(images)}; lower --nsamples or --holdout")
-    return sample(images, nsamples + holdout, seed)
+                         f"{total}; lower --nsamples or --holdout")
+    return sample(total, nsamples + holdout, seed)
 
 
 def evaluation_images(source: str, nsamples: int, holdout: int, seed: int) -> tuple[str, torch.Tensor | None]:
@@ -160,7 +181,7 @@ def evaluation_images(source: str, nsamples: int, holdout: int, seed: int) -> tu
     and held-out draw."""
     if source in TEST_SPLITS:
         return TEST_SPLITS[source], None
-    return source, calibration_index(load_images(source), nsamples, holdout, seed)
+    return source, calibration_index(image_count(source), nsamples, holdout, seed)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from permsparse.images import accuracy, load_images, preprocess, sample
+from permsparse.images import accuracy, image_count, load_images, preprocess, sample
 
 pytest.importorskip("PIL")
 
@@ -41,9 +41,10 @@ def test_image_folders_read_classes_and_name_what_is_wrong(tmp_path):
 
 def test_sampling_is_seeded_and_can_exclude():
     images = load_images("cifar10-test")
-    a, b = sample(images, 50, seed=1), sample(images, 50, seed=1)
+    assert image_count("cifar10-test") == len(images)
+    a, b = sample(len(images), 50, seed=1), sample(len(images), 50, seed=1)
     assert torch.equal(a, b)
-    rest = sample(images, 50, seed=2, exclude=a)
+    rest = sample(len(images), 50, seed=2, exclude=a)
     assert not torch.isin(rest, a).any()
 
 
