@@ -3,8 +3,9 @@ and with the learned one, each by ``permsparse prune`` with every default, then 
 
 Each run calibrates as the command does by default (C4) and records its perplexity on the first 16
 windows of 512 tokens of WikiText-2 test (the published metric; not calibration text). The learned run
-goes first with every core; then the two others and the dense model's evaluation share the cores, one
-thread each (beside the learned run, even at the lowest priority, they slow it more than they gain).
+goes first with every core; then the two others share the cores, one thread each, and the dense model's
+evaluation takes the core of the first to finish (beside the learned run, even at the lowest priority,
+they slow it more than they gain).
 The checkpoints and the report land in ``runs/demo/``; ``bench/learned.py`` compares the same methods
 on more texts.
 """
@@ -31,6 +32,15 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "permsparse", *args]
 
 
+def first_to_finish(running: dict[str, subprocess.Popen]) -> tuple[str, subprocess.Popen]:
+    """The label and process of the first of ``running`` to exit, taken out of it."""
+    while True:
+        for label, process in running.items():
+            if process.poll() is not None:
+                return label, running.pop(label)
+        time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -50,16 +60,20 @@ def main() -> None:
     subprocess.run(prune["learned (default)"], env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"  learned (default): done ({time.perf_counter() - started:.0f} s)", flush=True)
     dense_json = out / "dense.json"
-    side_by_side = {label: subprocess.Popen(prune[label], env=one_thread, stdout=subprocess.DEVNULL)
-                    for label in ("none", "ria")}
-    side_by_side["dense"] = subprocess.Popen(
-        command("eval", args.model, "--seqlen", "512", "--windows", "16", "--source", TEXTS[0], "--json",
-                str(dense_json), "--quiet"), env=one_thread, stdout=subprocess.DEVNULL)
-    for label, process in side_by_side.items():
-        if process.wait() != 0:
+    dense = command("eval", args.model, "--seqlen", "512", "--windows", "16", "--source", TEXTS[0], "--json",
+                    str(dense_json), "--quiet")
+    dense_json.unlink(missing_ok=True)
+    running = {label: subprocess.Popen(prune[label], env=one_thread, stdout=subprocess.DEVNULL)
+               for label in ("ria", "none")}
+    dense_started = False
+    while running:
+        label, process = first_to_finish(running)
+        if process.returncode != 0:
             raise SystemExit(f"the {label} run failed" + (f"; see {folders[label]}.partial/log.txt"
                                                           if label in folders else ""))
         print(f"  {label}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+        if not dense_started:  # on the core the first run to finish leaves free
+            running["dense"], dense_started = subprocess.Popen(dense, env=one_thread, stdout=subprocess.DEVNULL), True
     dense = {TEXTS[0]: json.loads(dense_json.read_text())["perplexity"]["ppl"]}
     report_started = time.perf_counter()
     subprocess.run(command("report", *(str(f) for f in folders.values()), "--out", str(out / "report")), env=env,

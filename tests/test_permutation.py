@@ -8,7 +8,7 @@ from permsparse.masks import nm_mask, permuted_nm_mask
 from permsparse.permute.metrics import efficacy, grouped, output_error, retained
 from permsparse.permute.output import OutputError
 from permsparse.permute.search import SEARCHES, find_permutation, needs_gram
-from permsparse.permute.swaps import swap_sums
+from permsparse.permute.swaps import leave_member_out, leave_one_out, swap_sums
 
 PATTERNS = [(2, 4), (4, 8), (1, 4)]
 
@@ -168,6 +168,17 @@ def test_swap_sums_match_masks():
             cols = torch.cat([q_p.view(-1, 4)[ga[q]], q_p.view(-1, 4)[gb[q]]])
             want = (s[:, cols] * nm_mask(s[:, cols], 2, 4)).sum()
             assert float(got[q, k]) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8)])
+def test_leave_member_out_is_leave_one_out_at_that_member(n, m):
+    """RIA's one-member form gives the very numbers of the full leave-one-out, ties included."""
+    _, _, s = layer(8, 8 * m, seed=5, ties=True)
+    grid = grouped(s, torch.arange(8 * m), m).double()
+    kept, nth = leave_one_out(grid, grid, n)[:2]
+    for j in range(m):
+        one_kept, one_nth = leave_member_out(grid, n, j)
+        assert torch.equal(one_kept[:, 0], kept[:, j]) and torch.equal(one_nth[:, 0], nth[:, j])
 
 
 def test_block_gram_equals_sum_of_separate_errors():

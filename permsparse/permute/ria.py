@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .swaps import insert_values, leave_one_out
+from .swaps import insert_values, leave_member_out
 
 
 def ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: int = 2) -> torch.Tensor:
@@ -24,7 +24,7 @@ def ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: i
     for _ in range(rounds if groups > 1 else 0):
         for j in range(m):
             grid = st[slots]  # (groups, m, rows)
-            kept, nth = (x[:, j] for x in leave_one_out(grid, grid, n)[:2])  # (groups, rows)
+            kept, nth = (x[:, 0] for x in leave_member_out(grid, n, j))  # (groups, rows)
             value = insert_values(st[slots[:, j]], nth) + kept.sum(-1)
             row, col = linear_sum_assignment(value.cpu().numpy(), maximize=True)
             row, col = torch.as_tensor(row, device=s.device), torch.as_tensor(col, device=s.device)

@@ -27,18 +27,32 @@ def log_sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
     where ``exp`` of the raw scores would overflow). It ends with the column step, so columns sum
     to one exactly and rows to within the convergence of ``iters`` rounds.
     """
-    return _sinkhorn_steps(log_alpha, iters)[0]
+    x = log_alpha
+    for _ in range(iters):
+        x = x - torch.logsumexp(x, dim=-1, keepdim=True)
+        x = x - torch.logsumexp(x, dim=-2, keepdim=True)
+    return x
 
 
 def _sinkhorn_steps(log_alpha: Tensor, iters: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """:func:`log_sinkhorn`, with the row and the column normaliser subtracted at every iteration."""
-    x, rows, cols = log_alpha, [], []
+    """:func:`log_sinkhorn` without autograd, with the row and the column normaliser subtracted at every
+    iteration: the iterate is updated in place and every ``logsumexp`` reuses one buffer (the same
+    arithmetic as ``torch.logsumexp``, without allocating the whole batch again per operation)."""
+    x, rows, cols = log_alpha.clone(), [], []
+    buffer = torch.empty_like(x)
     for _ in range(iters):
-        rows.append(torch.logsumexp(x, dim=-1, keepdim=True))
-        x = x - rows[-1]
-        cols.append(torch.logsumexp(x, dim=-2, keepdim=True))
-        x = x - cols[-1]
+        rows.append(_logsumexp(x, -1, buffer))
+        x.sub_(rows[-1])
+        cols.append(_logsumexp(x, -2, buffer))
+        x.sub_(cols[-1])
     return x, rows, cols
+
+
+def _logsumexp(x: Tensor, dim: int, buffer: Tensor) -> Tensor:
+    """``torch.logsumexp(x, dim, keepdim=True)``, step for step as ATen computes it, in ``buffer``."""
+    top = x.amax(dim, keepdim=True)
+    top.masked_fill_(top.abs() == math.inf, 0)
+    return torch.sub(x, top, out=buffer).exp_().sum(dim, keepdim=True).log_().add_(top)
 
 
 def hungarian(cost: Tensor) -> Tensor:
@@ -198,13 +212,16 @@ class _Sinkhorn(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         log_alpha, *norms = ctx.saved_tensors
         rows, cols = norms[:ctx.iters], norms[ctx.iters:]
-        z = log_alpha - sum(rows) - sum(cols)  # the last iterate
-        g = grad * z.exp()
-        for r, c in zip(reversed(rows), reversed(cols)):
-            g = g - z.exp() * g.sum(dim=-2, keepdim=True)  # through the column step
-            y = z + c
-            g = g - y.exp() * g.sum(dim=-1, keepdim=True)  # through the row step
-            z = y + r
+        z = log_alpha - sum(rows) - sum(cols)  # the last iterate, then each earlier one, in place
+        e = z.exp()
+        g = grad * e
+        product = torch.empty_like(g)
+        for k, (r, c) in enumerate(zip(reversed(rows), reversed(cols))):
+            g.sub_(torch.mul(e, g.sum(dim=-2, keepdim=True), out=product))  # through the column step
+            torch.exp(z.add_(c), out=e)
+            g.sub_(torch.mul(e, g.sum(dim=-1, keepdim=True), out=product))  # through the row step
+            if k + 1 < ctx.iters:
+                torch.exp(z.add_(r), out=e)
         return g, None
 
 

@@ -18,18 +18,34 @@ def leave_one_out(s: torch.Tensor, coef: torch.Tensor, n: int):
     This turns "the group with one member exchanged" into one comparison, which is what makes the
     batched searches cheap: no mask is ever re-sorted per candidate.
     """
-    m = s.shape[-2]
-    rank = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)  # members beating each one; ties: lower position
-    for k in range(m):  # m comparisons of whole tensors: faster than sorting tiny groups
-        rank[..., :k, :] += s[..., k:k + 1, :] > s[..., :k, :]
-        rank[..., k + 1:, :] += s[..., k:k + 1, :] >= s[..., k + 1:, :]
-    inside = (rank < n).to(s.dtype)  # a kept member leaving lets the (n+1)-th in
-    pos = torch.arange(m, dtype=s.dtype, device=s.device).view(-1, 1)
+    rank, inside = _ranks(s, n)
+    pos = torch.arange(s.shape[-2], dtype=s.dtype, device=s.device).view(-1, 1)
     at = [(rank == r).to(s.dtype) for r in (n - 1, n)]  # one-hot: the n-th and the (n+1)-th
     s_at, c_at, p_at = ([(x * a).sum(-2, keepdim=True) for a in at] for x in (s, coef, pos))
     kept = (coef * inside).sum(-2, keepdim=True) + inside * (c_at[1] - coef)
     pick = lambda x: x[0] + inside * (x[1] - x[0])  # noqa: E731  (exact: picks one of the two)
     return kept, pick(s_at), pick(p_at), pick(c_at)
+
+
+def leave_member_out(s: torch.Tensor, n: int, member: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`leave_one_out` of scores that are their own worth (``coef = s``), for one member only:
+    ``kept`` and the weakest survivor's score, ``(..., 1, rows)``, by the same arithmetic."""
+    rank, inside = _ranks(s, n)
+    s_at = [(s * (rank == r).to(s.dtype)).sum(-2, keepdim=True) for r in (n - 1, n)]
+    one = inside[..., member:member + 1, :]
+    kept = (s * inside).sum(-2, keepdim=True) + one * (s_at[1] - s[..., member:member + 1, :])
+    return kept, s_at[0] + one * (s_at[1] - s_at[0])
+
+
+def _ranks(s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many members of its group beat each member (ties: the lower position wins), and whether it
+    is kept (``rank < n``, as a float of ``s``'s type)."""
+    m = s.shape[-2]
+    rank = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
+    for k in range(m):  # m comparisons of whole tensors: faster than sorting tiny groups
+        rank[..., :k, :] += s[..., k:k + 1, :] > s[..., :k, :]
+        rank[..., k + 1:, :] += s[..., k:k + 1, :] >= s[..., k + 1:, :]
+    return rank, (rank < n).to(s.dtype)
 
 
 def exchange(stats: list[torch.Tensor], new: torch.Tensor, new_coef: torch.Tensor,
@@ -90,11 +106,11 @@ def insert_values(cand: torch.Tensor, nth: torch.Tensor) -> torch.Tensor:
     weakest survivor is ``nth[g]`` (see :func:`leave_one_out`).
 
     This is the hot loop of ``cp`` and ``ria``. It runs as ``sum_r max(cand, nth) - sum_r nth`` (two
-    passes over the broadcast instead of three) in square tiles of about 2M elements, which stay in
+    passes over the broadcast instead of three) in square tiles of about 512K elements, which stay in
     cache. The float32 cancellation error (about ``rows * 1e-7`` of a score) is far below the gains
     the searches act on.
     """
-    tile = max(8, int((2**21 / cand.shape[1]) ** 0.5))
+    tile = max(8, int((2**19 / cand.shape[1]) ** 0.5))
     out = torch.empty(cand.shape[0], nth.shape[0], dtype=cand.dtype, device=cand.device)
     for g in range(0, nth.shape[0], tile):
         block = nth[None, g:g + tile]
