@@ -26,11 +26,11 @@ $(STAMP): $(CORE)
 setup: $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q # the processes it starts share the bytecode
 
 # SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default
 demo: $(CORE)
-	$(PY) bench/demo.py
+	env -u PYTHONDONTWRITEBYTECODE $(PY) bench/demo.py # its runs share the bytecode of what the first imports
 
 # Every benchmark of the README (hours on a CPU), then the README's tables from their JSON
 bench: setup

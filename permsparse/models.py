@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,13 +80,38 @@ def _smollm2_gguf() -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantise a GGUF file into a plain (unquantised) transformers model."""
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    with _one_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     # The weights are dequantised already; drop the GGUF marker so save_pretrained writes a plain checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
+
+
+@contextmanager
+def _one_gguf_reader():
+    """While active, every ``gguf.GGUFReader`` of one file is the same read-only reader.
+
+    transformers reads a GGUF file for the tokenizer, again for the config and again for the weights,
+    and parsing the metadata (the whole vocabulary, field by field) is most of a conversion's time.
+    """
+    import gguf
+
+    opened, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = opened(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = opened
 
 
 def _cached_smollm2(dtype: torch.dtype) -> Path:

@@ -71,7 +71,10 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
                 raise RecordError(f"{where}: expected {len(args)} items, got {len(value)}")
             return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         item = args[0] if args else Any
-        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if item in (int, str, bool, float) and all(type(v) is item for v in value):
+            items = list(value)  # already exact: a permutation of thousands of ints is read at once
+        else:
+            items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
