@@ -125,7 +125,8 @@ def collect_input_stats(
     def make_hook(key: str, linear_name: str):
         def hook(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if not torch.isfinite(x).all():
+            squares = x.double().square_().sum(0)  # finite exactly when x is: no float32 square overflows a double
+            if not torch.isfinite(squares).all():
                 raise FloatingPointError(f"non-finite activations entering {block_name}.{linear_name}")
             s = stats.get(key)
             if s is None:
@@ -135,7 +136,7 @@ def collect_input_stats(
                     torch.zeros(d, d, dtype=torch.float64, device=x.device) if want_gram else None,
                     0,
                 )
-            s.sq_sum += x.double().square().sum(0)
+            s.sq_sum += squares
             if s.gram is not None:
                 s.gram += (x.T @ x).double()
             s.tokens += x.shape[0]
