@@ -23,6 +23,20 @@ def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(-1, order, True)
 
 
+def group_ranks(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """For each member of the groups laid along ``dim``, how many members of its group beat it: a higher
+    score, or an equal one at a lower position. The top-``k`` of a group are the members ranked below
+    ``k``, exactly as a stable descending sort orders them; ``m`` comparisons of whole tensors are
+    faster than sorting many tiny groups."""
+    m = scores.shape[dim]
+    rank = torch.zeros(scores.shape, dtype=torch.uint8 if m < 256 else torch.int32, device=scores.device)
+    for k in range(m):
+        member = scores.narrow(dim, k, 1)
+        rank.narrow(dim, 0, k).add_(member > scores.narrow(dim, 0, k))
+        rank.narrow(dim, k + 1, m - k - 1).add_(member >= scores.narrow(dim, k + 1, m - k - 1))
+    return rank
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the top-``n`` of every ``m`` consecutive scores along the last dimension.
 
@@ -34,7 +48,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
     grouped = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
-    return _stable_topk(grouped, n).reshape(scores.shape)
+    return (group_ranks(grouped, -1) < n).reshape(scores.shape)
 
 
 def permuted_nm_mask(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -274,11 +274,11 @@ class _RelaxedWeight(torch.autograd.Function):
         out, width = weight.shape
         tiles, tile, _ = matrices.shape
         keep = torch.einsum("ogj,gij->ogi", mask.view(out, tiles, tile).to(matrices.dtype), matrices)
-        effective = torch.empty_like(weight)
-        effective[:, base] = weight[:, base] * keep.reshape(out, width).to(weight.dtype)
+        unbased = torch.empty_like(weight)  # the keep pattern in the original column order
+        unbased[:, base] = keep.reshape(out, width).to(weight.dtype)
         ctx.save_for_backward(weight, mask, base)
         ctx.tiles = (tiles, tile, matrices.dtype)
-        return effective
+        return weight * unbased
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import group_ranks
+
 
 def leave_one_out(s: torch.Tensor, coef: torch.Tensor, n: int):
     """For each member ``i`` of groups of scores ``s`` (``(..., m, rows)``, position order), as if ``i``
@@ -38,13 +40,9 @@ def leave_member_out(s: torch.Tensor, n: int, member: int) -> tuple[torch.Tensor
 
 
 def _ranks(s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """How many members of its group beat each member (ties: the lower position wins), and whether it
-    is kept (``rank < n``, as a float of ``s``'s type)."""
-    m = s.shape[-2]
-    rank = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
-    for k in range(m):  # m comparisons of whole tensors: faster than sorting tiny groups
-        rank[..., :k, :] += s[..., k:k + 1, :] > s[..., :k, :]
-        rank[..., k + 1:, :] += s[..., k:k + 1, :] >= s[..., k + 1:, :]
+    """:func:`~permsparse.masks.group_ranks` of the groups' members, and whether each is kept (``rank <
+    n``, as a float of ``s``'s type)."""
+    rank = group_ranks(s, -2)
     return rank, (rank < n).to(s.dtype)
 
 
