@@ -60,8 +60,8 @@ def main() -> None:
     subprocess.run(prune["learned (default)"], env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"  learned (default): done ({time.perf_counter() - started:.0f} s)", flush=True)
     dense_json = out / "dense.json"
-    dense = command("eval", args.model, "--seqlen", "512", "--windows", "16", "--source", TEXTS[0], "--json",
-                    str(dense_json), "--quiet")
+    dense_eval = command("eval", args.model, "--seqlen", "512", "--windows", "16", "--source", TEXTS[0], "--json",
+                         str(dense_json), "--quiet")
     dense_json.unlink(missing_ok=True)
     running = {label: subprocess.Popen(prune[label], env=one_thread, stdout=subprocess.DEVNULL)
                for label in ("ria", "none")}
@@ -73,7 +73,8 @@ def main() -> None:
                                                           if label in folders else ""))
         print(f"  {label}: done ({time.perf_counter() - started:.0f} s)", flush=True)
         if not dense_started:  # on the core the first run to finish leaves free
-            running["dense"], dense_started = subprocess.Popen(dense, env=one_thread, stdout=subprocess.DEVNULL), True
+            running["dense"] = subprocess.Popen(dense_eval, env=one_thread, stdout=subprocess.DEVNULL)
+            dense_started = True
     dense = {TEXTS[0]: json.loads(dense_json.read_text())["perplexity"]["ppl"]}
     report_started = time.perf_counter()
     subprocess.run(command("report", *(str(f) for f in folders.values()), "--out", str(out / "report")), env=env,
