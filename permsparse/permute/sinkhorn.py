@@ -21,23 +21,21 @@ from torch import Tensor, nn
 
 
 def log_sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
-    """Log-domain Sinkhorn normalisation of a batch ``(B, b, b)``: returns ``log P``.
+    """Log-domain Sinkhorn normalisation of a batch ``(B, b, b)``: returns ``log P``, without a gradient
+    (:func:`sinkhorn_matrices` is the differentiable form).
 
     Rows and columns are normalised alternately with ``logsumexp`` (stable at small temperatures,
     where ``exp`` of the raw scores would overflow). It ends with the column step, so columns sum
     to one exactly and rows to within the convergence of ``iters`` rounds.
     """
-    x = log_alpha
-    for _ in range(iters):
-        x = x - torch.logsumexp(x, dim=-1, keepdim=True)
-        x = x - torch.logsumexp(x, dim=-2, keepdim=True)
-    return x
+    return _sinkhorn_steps(log_alpha, iters)[0]
 
 
+@torch.no_grad()
 def _sinkhorn_steps(log_alpha: Tensor, iters: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """:func:`log_sinkhorn` without autograd, with the row and the column normaliser subtracted at every
-    iteration: the iterate is updated in place and every ``logsumexp`` reuses one buffer (the same
-    arithmetic as ``torch.logsumexp``, without allocating the whole batch again per operation)."""
+    """:func:`log_sinkhorn`, with the row and the column normaliser subtracted at every iteration. The
+    iterate is updated in place and every ``logsumexp`` reuses one buffer (the same arithmetic as
+    ``torch.logsumexp``, without allocating the whole batch again per operation)."""
     x, rows, cols = log_alpha.clone(), [], []
     buffer = torch.empty_like(x)
     for _ in range(iters):
