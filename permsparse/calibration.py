@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .adapters import Adapter
+from .adapters import Adapter, linear_weight
 from .discover import model_inputs
 
 
@@ -118,9 +118,15 @@ def collect_input_stats(
 
     ``readers`` maps a key to the one linear that is hooked for it (linears that read the same tensor
     share one key). Returns the statistics and the block's outputs. Non-finite activations raise an
-    error naming the layer.
+    error naming the layer. A linear that no token reaches (an expert its router never chose) gets the
+    statistics of unit, uncorrelated inputs with ``tokens == 0``: Wanda then scores it by magnitude.
     """
     stats: dict[str, InputStats] = {}
+    for key, name in readers.items():  # every key on every process, so the sums below match up
+        weight = linear_weight(block.get_submodule(name))
+        d, device = weight.shape[1], weight.device
+        stats[key] = InputStats(torch.zeros(d, dtype=torch.float64, device=device),
+                                torch.zeros(d, d, dtype=torch.float64, device=device) if want_gram else None, 0)
 
     def make_hook(key: str, linear_name: str):
         def hook(_module, args):
@@ -128,14 +134,7 @@ def collect_input_stats(
             squares = x.double().square_().sum(0)  # finite exactly when x is: no float32 square overflows a double
             if not torch.isfinite(squares).all():
                 raise FloatingPointError(f"non-finite activations entering {block_name}.{linear_name}")
-            s = stats.get(key)
-            if s is None:
-                d = x.shape[-1]
-                s = stats[key] = InputStats(
-                    torch.zeros(d, dtype=torch.float64, device=x.device),
-                    torch.zeros(d, d, dtype=torch.float64, device=x.device) if want_gram else None,
-                    0,
-                )
+            s = stats[key]
             s.sq_sum += squares
             if s.gram is not None:
                 s.gram += (x.T @ x).double()
@@ -150,6 +149,10 @@ def collect_input_stats(
         s.tokens = int(distributed.sum_(torch.tensor(s.tokens, dtype=torch.float64, device=s.sq_sum.device)))
         if s.gram is not None:
             s.gram = distributed.sum_(s.gram).float()
+        if not s.tokens:
+            s.sq_sum.fill_(1.0)
+            if s.gram is not None:
+                s.gram = torch.eye(len(s.sq_sum), device=s.gram.device)
     return stats, outputs
 
 

@@ -211,6 +211,11 @@ def run_prune(args) -> int:
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank)
     if not main_rank:
         return 0
+    if report.dense:
+        log.info("kept dense: %d mixture-of-experts routers (%s ...)", len(report.dense), report.dense[0])
+    if report.uncalibrated:
+        log.info("no calibration token reached %d expert linears; scored as if their inputs were white "
+                 "(Wanda: by magnitude): %s", len(report.uncalibrated), ", ".join(report.uncalibrated))
     if reads_images(model):
         metrics = evaluate_images(model, tokenizer, config, args)
     else:

@@ -6,6 +6,10 @@ its permuted host score, then run the pruned block to make the next block's inpu
 is stored in the original column order (``W * unpermute(mask)``), so the model runs unchanged and
 loads anywhere. The ``e2e`` learned permutation instead gathers every block's statistics and starts on
 the dense model first, learns all permutations at once, then prunes.
+
+Packed mixture-of-experts weights are pruned as one linear per expert projection
+(:func:`permsparse.discover.experts_as_linears`), each on the statistics of the tokens routed to its
+expert; the routers stay dense.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .progress import bar
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .config import PruneConfig
+from .discover import experts_as_linears
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .memory import check_memory
 from .permute.learned import BlockData, Plan, learn_block, learn_model, objective
@@ -70,12 +75,28 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     processor. ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
     """
     started = time.perf_counter()
+    with experts_as_linears(model):
+        run = start_run(model, config, state_dir, progress)
+        prune_run(run, tokenizer, windows, holdout, labels)
+    run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
+    return run.report
+
+
+def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool) -> Run:
+    """The run's structure, targets and resume state; an objective the model cannot have fails here."""
     adapter = adapter_for(model)
     if config.learned is not None and config.learned.scope == "e2e":
-        objective(model, config.learned)  # an objective the model cannot have fails before any work
+        objective(model, config.learned)
     targets, skipped = select_targets(model, adapter, config)
-    run = Run(model, adapter, adapter.attention(model.config), config, targets, PruneReport(skipped=skipped),
-              Progress(state_dir, config.fingerprint()), progress)
+    routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
+    return Run(model, adapter, adapter.attention(model.config), config, targets,
+               PruneReport(skipped=skipped, dense=routers), Progress(state_dir, config.fingerprint()), progress)
+
+
+def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.Tensor | None,
+              labels: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Calibrate (when the config needs it) and prune every block, as the config says."""
+    model, adapter, config, progress = run.model, run.adapter, run.config, run.show
     if not needs_calibration(config):
         for i in bar(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
             apply_plan(run, plan_block(run, i, {}, None))
@@ -91,8 +112,6 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
             prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden, labels)
         else:
             prune_block_by_block(run, inputs, kwargs, len(mine), hidden)
-    run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
-    return run.report
 
 
 def needs_calibration(config: PruneConfig) -> bool:
@@ -140,7 +159,7 @@ def select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig) -> t
     Weights are checked for NaN/Inf here, before any work, so a bad checkpoint fails at once.
     """
     m = config.nm[1] if config.nm else None
-    known = {name for group in adapter.input_groups for name in group}
+    known = {name for group in adapter.input_groups for name in group} | set(adapter.routers)
     per_block, indivisible = [], []
     for i, block in enumerate(adapter.blocks(model)):
         prefix = f"{adapter.blocks_path}.{i}."
@@ -182,6 +201,9 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
     plan = Plan(run.name(i), block, {}, [], {}, {})
     for group in run.targets[i]:
         group_stats = stats.get(group[0])
+        if group_stats is not None and not group_stats.tokens:
+            run.report.uncalibrated += [f"{plan.name}.{name}" for name in group if f"{plan.name}.{name}" not in
+                                        run.report.uncalibrated]
         for name in group:
             plan.act_norms[name] = None if group_stats is None else group_stats.act_norm
             if group_stats is not None and group_stats.gram is not None:
@@ -286,6 +308,11 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
     batch = config.calibration.batch_size
     compensating = (config.permutation.method == "output" and config.permutation.compensate
                     and config.calibration.propagate == "pruned") if learned is None else False
+    if compensating and run.adapter.routers:
+        warnings.warn("the output search aims at the pruned model's own outputs here: routing sends other tokens "
+                      "to each expert from the dense and the pruned inputs, so no drift can be compensated",
+                      stacklevel=3)
+        compensating = False
     reference = inputs if compensating else None  # the dense model's hidden states
     first = 0
     saved = run.progress.load("blocks")

@@ -61,6 +61,8 @@ class PruneReport:
     hidden_perm: list[int] | None = None
     skipped: list[str] = field(default_factory=list)
     training: list[TrainingRecord] = field(default_factory=list)
+    dense: list[str] = field(default_factory=list)  # routers of mixture-of-experts layers: never pruned
+    uncalibrated: list[str] = field(default_factory=list)  # no calibration token reached them: white-input stats
     weights_updated: bool = False  # the host changed kept weights (sparsegpt, admm): W is not W * mask
     seconds: float = 0.0
     peak_rss_mb: float = 0.0

@@ -441,6 +441,11 @@ def _layer_summary(entry: _Entry, has_identity: bool, has_errors: bool) -> str:
                      "matrix, such as the output search, record it).")
     if report.skipped:
         parts.append(f"{len(report.skipped)} linears were left dense: " + ", ".join(report.skipped) + ".")
+    if report.dense:
+        parts.append(f"{len(report.dense)} mixture-of-experts routers stay dense: " + ", ".join(report.dense) + ".")
+    if report.uncalibrated:
+        parts.append(f"{len(report.uncalibrated)} expert linears saw no calibration token and were scored as if "
+                     "their inputs were white (Wanda: by magnitude): " + ", ".join(report.uncalibrated) + ".")
     return "<p>" + " ".join(_e(p) for p in parts) + "</p>"
 
 

@@ -117,10 +117,10 @@ def tiny_family(family: str, seed: int = 0, **options):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        family, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **{**FAMILY_OPTIONS.get(family, {}), **options})
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
+             "eos_token_id": 2}
+    config = AutoConfig.for_model(family, **{**sizes, **FAMILY_OPTIONS.get(family, {}), **options})
     model = (AutoModel if family in ENCODERS else AutoModelForCausalLM).from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -100,14 +100,6 @@ def test_a_wrong_guess_degrades_to_not_foldable():
     assert "no exact fold" in dict(adapter.not_foldable)["self_attn.o_proj"]
 
 
-def test_mixture_of_experts_fails_naming_the_packed_experts():
-    model = tiny_family("qwen2_moe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                        moe_intermediate_size=32, shared_expert_intermediate_size=64)
-    with pytest.raises(NotUnderstood, match=r"packed expert parameters model\.layers\.0\.mlp\.experts\.gate_up_proj.*"
-                                            r"not supported yet"):
-        prune(model, None, PruneConfig(), windows=CALIB, progress=False)
-
-
 def test_a_module_that_is_no_model_fails_clearly():
     with pytest.raises(NotUnderstood, match="not a Hugging Face Transformers model"):
         adapter_for(torch.nn.Linear(4, 4))

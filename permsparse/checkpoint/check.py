@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import linear_weight
+from ..discover import experts_as_linears
 from ..masks import nm_violation
 from .load import load
 from .record import read_record
@@ -71,17 +72,18 @@ def check_checkpoint(folder: str | Path, *, device: str = "cpu", tolerance: floa
     record = read_record(folder)
     report = CheckReport(str(folder), record.export, record.config.pattern)
     model = load(folder, device=device)
-    for name, entry in record.layouts.items():
-        report.layouts[entry.layout] = report.layouts.get(entry.layout, 0) + 1
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            problem = "no such linear in the checkpoint"
-        else:
-            problem = _problem(linear_weight(module).detach().cpu(), entry.layout, entry.perm, record.config)
-        report.layers[name] = problem or "ok"
-        if problem:
-            report.failures.append(f"{name}: {problem}")
+    with experts_as_linears(model):  # packed experts are checked as the linears they were pruned as
+        for name, entry in record.layouts.items():
+            report.layouts[entry.layout] = report.layouts.get(entry.layout, 0) + 1
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                problem = "no such linear in the checkpoint"
+            else:
+                problem = _problem(linear_weight(module).detach().cpu(), entry.layout, entry.perm, record.config)
+            report.layers[name] = problem or "ok"
+            if problem:
+                report.failures.append(f"{name}: {problem}")
     logits = model_logits(model, reference_input(record.reference, model))
     ok, report.logits = compare_reference(logits, record.reference, tolerance)
     if not ok:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for, linear_weight
-from ..discover import head_permutation, hidden_size, permute_columns, permute_rows, permute_stream, stream_parts
+from ..discover import experts_as_linears, head_permutation, hidden_size, permute_columns, permute_rows, permute_stream, stream_parts
 from ..masks import as_permutation
 from ..report import PruneReport
 from .record import FoldRecord, Layout
@@ -165,8 +165,16 @@ def fold_for_export(model: nn.Module, report: PruneReport, fallback: str = "mask
     :func:`fold_permutations` (with the report's global hidden permutation, if any); those that do not
     fold stay masked (``fallback="masked"``) or get their columns permuted and a recorded runtime gather
     (``fallback="gather"``). After a global hidden permutation a reader that did not fold is N:M through
-    ``argsort(hidden)[p]``, which is what is recorded.
+    ``argsort(hidden)[p]``, which is what is recorded. Packed experts are folded as their linears
+    (:func:`permsparse.discover.experts_as_linears`); one that does not fold stays masked, since a
+    packed tensor takes no runtime gather.
     """
+    with experts_as_linears(model) as split:
+        return _fold_for_export(model, report, fallback, verified, split)
+
+
+def _fold_for_export(model: nn.Module, report: PruneReport, fallback: str, verified: str,
+                     split: list[str]) -> tuple[dict[str, Layout], FoldRecord]:
     names = [layer.name for layer in report.layers]
     perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
     identity = {name for name, p in perms.items() if torch.equal(p, torch.arange(p.numel()))}
@@ -195,7 +203,10 @@ def fold_for_export(model: nn.Module, report: PruneReport, fallback: str = "mask
             kept_identity.append(name)
             continue
         not_folded[name] = result.not_folded.get(name, "permutation not folded")
-        if fallback == "gather":
+        if fallback == "gather" and any(name.startswith(experts + ".") for experts in split):
+            not_folded[name] += "; kept masked (a packed expert weight takes no runtime gather)"
+            layouts[name] = Layout("masked", q.tolist())
+        elif fallback == "gather":
             permute_columns(model.get_submodule(name), q)
             layouts[name] = Layout("gather", q.tolist())
             gathered.append(name)

@@ -107,6 +107,13 @@ def _shape_problem(cls, weight: torch.Tensor) -> str:
     return ""
 
 
+def _module(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 @torch.no_grad()
 def convert_semi_structured(model: nn.Module, names: list[str], backend: str = "auto") -> dict:
     """Replace the weights of the named linears (2:4 in storage order) by semi-structured sparse tensors.
@@ -117,11 +124,16 @@ def convert_semi_structured(model: nn.Module, names: list[str], backend: str = "
     result = {"backend": None, "converted": [], "not_converted": {}}
     if not names:
         return result
+    packed = [name for name in names if _module(model, name) is None]  # split experts' linears
+    names = [name for name in names if name not in packed]
+    result["not_converted"] = dict.fromkeys(packed, "a packed expert weight (3-D): no semi-structured kernel")
+    if not names:
+        return result
     first = linear_weight(model.get_submodule(names[0]))
     unavailable = semi_structured_unavailable(first.device if torch.cuda.is_available() else None)
     if unavailable:
         warnings.warn(f"{unavailable}; all {len(names)} linears stay dense", RuntimeWarning, stacklevel=3)
-        result["not_converted"] = dict.fromkeys(names, unavailable)
+        result["not_converted"].update(dict.fromkeys(names, unavailable))
         return result
     cls = semi_structured_class(backend)
     result["backend"] = cls.BACKEND

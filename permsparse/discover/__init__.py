@@ -3,7 +3,9 @@
 :func:`discover` finds, for a Hugging Face model:
 
 - the blocks: the outermost ModuleList of modules holding linears (the largest one); every block must
-  hold the same linears, and a weight that belongs to no linear (packed MoE experts) is refused by name;
+  hold the same linears, and a weight that belongs to no linear is refused by name, except the routers
+  of mixture-of-experts layers whose packed experts are split into linears (:mod:`.experts`: discover
+  such a model inside :func:`experts_as_linears`; every expert then runs on every probe token);
 - from one traced forward pass (:mod:`.trace`) on seeded token ids, or seeded random images of the
   config's size for a model that reads pixel values: which linears read the same tensor (a shared site), which
   linears of a block feed each linear's input, which write into the residual stream and which read it,
@@ -27,6 +29,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from .experts import ExpertLinears, every_expert_runs, experts_as_linears, routers
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
 from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, head_permutation,
                         hidden_size, permute_stream, stream_parts)
@@ -35,8 +38,8 @@ from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model
 from .verify import Probe, find_fold, stream_problem
 
 __all__ = [
-    "Adapter", "AttentionGeometry", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry", "discover",
-    "head_permutation", "hidden_size", "is_linear", "linear_weight", "model_inputs", "permute_columns", "permute_rows",
+    "Adapter", "AttentionGeometry", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
+    "discover", "experts_as_linears", "head_permutation", "hidden_size", "is_linear", "linear_weight", "model_inputs", "permute_columns", "permute_rows",
     "permute_stream", "primary_output", "probe_input", "run_model", "stored_layout", "stream_parts",
 ]
 
@@ -79,10 +82,14 @@ def plan_roles(model: nn.Module, blocks_path: str,
 def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
     """The structure of ``model`` (see the module docstring); :class:`NotUnderstood` names what is not."""
     blocks_path = find_blocks(model)
-    check_blocks(model, blocks_path)
+    dense = routers(model)
+    check_blocks(model, blocks_path, tuple(dense))
     count = len(model.get_submodule(blocks_path))
+    block_routers = tuple(sorted({name.split(".", len(blocks_path.split(".")) + 1)[-1] for name in dense}))
+    if any(f"{blocks_path}.{i}.{rel}" not in dense for i in range(count) for rel in block_routers):
+        raise NotUnderstood(f"the blocks of {blocks_path} differ in their mixture-of-experts routers: {', '.join(dense)}")
     probe_data = probe_input(model)
-    with _evaluation(model):
+    with _evaluation(model), every_expert_runs(model):
         traced = trace(model, blocks_path, probe_data)
         facts = [block_facts(traced, blocks_path, i) for i in range(count)]
         outside = model_facts(model, traced, blocks_path)
@@ -93,14 +100,17 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
                 raise NotUnderstood(f"{blocks_path}.{i} differs from {blocks_path}.0 in its {part.replace('_', ' ')}: "
                                     f"{getattr(other, part)} vs {getattr(block, part)}")
         readers, writers = plan_roles(model, blocks_path, block.linears) or (block.stream_readers, block.writers)
+        readers, writers = (tuple(n for n in names if n not in block_routers) for names in (readers, writers))
+        groups = tuple(g for g in (tuple(n for n in group if n not in block_routers) for group in block.groups) if g)
         adapter = Adapter(
             name=getattr(model.config, "model_type", type(model).__name__), blocks_path=blocks_path,
-            input_groups=block.groups, residual_readers=readers, residual_writers=writers, block_norms=block.norms,
+            input_groups=groups, residual_readers=readers, residual_writers=writers, block_norms=block.norms,
             token_embedding=outside.token_embedding, position_embeddings=outside.position_embeddings,
             embedding_norms=outside.embedding_norms, input_projection=outside.input_projection,
             final_norms=outside.final_norms, output_readers=outside.output_readers,
-            stream_parameters=outside.stream_parameters, geometry=attention_geometry(model.config, hints))
-        consumers = [(rel, feeds) for rel, feeds in block.feeds if rel not in readers]
+            stream_parameters=outside.stream_parameters, geometry=attention_geometry(model.config, hints),
+            routers=block_routers)
+        consumers = [(rel, feeds) for rel, feeds in block.feeds if rel not in readers and rel not in block_routers]
         names = [f"{blocks_path}.{i}.{rel}" for i in range(count) for rel, _ in consumers]
         probe = Probe(model, probe_data, names)
         producers, not_foldable, attn_output = [], [], ""

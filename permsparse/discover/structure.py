@@ -98,7 +98,8 @@ class Adapter:
     (the linears reading the final hidden state: the LM head, an output projection, a pooler).
     ``stream_parameters`` (full names) start the stream without being an embedding's or a linear's: a
     patch embedding's convolution (its output channels) and a class token or position embeddings (their
-    last axis). ``stream_problem`` says why one permutation of the whole stream would change the model's output
+    last axis). ``routers`` (block-relative) route tokens to mixture-of-experts linears: they stay dense,
+    and their columns read the residual stream. ``stream_problem`` says why one permutation of the whole stream would change the model's output
     ("" when it was verified not to).
     """
 
@@ -119,6 +120,7 @@ class Adapter:
     output_readers: tuple[str, ...] = ()
     stream_parameters: tuple[str, ...] = ()
     geometry: AttentionGeometry | None = None
+    routers: tuple[str, ...] = ()
     stream_problem: str = ""
 
     def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
@@ -181,7 +183,7 @@ def stream_parts(model: nn.Module, adapter: Adapter) -> dict[str, list[tuple[str
         prefix = f"{adapter.blocks_path}.{i}."
         for name in adapter.block_norms:
             add("norms", prefix + name)
-        for name in adapter.residual_readers:
+        for name in adapter.residual_readers + adapter.routers:
             add("readers", prefix + name)
         for name in adapter.residual_writers:
             add("writers", prefix + name)

@@ -88,12 +88,13 @@ def find_blocks(model: nn.Module) -> str:
     return stacks[0][0]
 
 
-def check_blocks(model: nn.Module, blocks_path: str) -> None:
-    """Every block holds the same linears, and no weight that is not a linear's."""
+def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()) -> None:
+    """Every block holds the same linears, and no weight that is not a linear's or one of the ``dense``
+    modules' (full names: routers)."""
     blocks = model.get_submodule(blocks_path)
     packed, strange = [], []
     for name, module in blocks.named_modules():
-        if is_linear(module):
+        if is_linear(module) or f"{blocks_path}.{name}" in dense:
             continue
         for pname, param in module.named_parameters(recurse=False):
             if param.dim() == 3:
@@ -102,7 +103,8 @@ def check_blocks(model: nn.Module, blocks_path: str) -> None:
                 strange.append(f"{blocks_path}.{name}.{pname} ({type(module).__name__}, {tuple(param.shape)})")
     if packed:
         raise NotUnderstood(f"packed expert parameters {', '.join(packed[:4])}{' ...' if len(packed) > 4 else ''} "
-                            "(3-D, mixture of experts) are not supported yet")
+                            "(3-D, mixture of experts) are not split into linears (discover them inside "
+                            "permsparse.discover.experts_as_linears)")
     if strange:
         raise NotUnderstood(f"weights that belong to no linear layer: {', '.join(strange[:4])}")
 
