@@ -105,6 +105,12 @@ FAMILY_OPTIONS = {
     "olmo2": {"num_key_value_heads": 2},
     "falcon": {},  # multi-query attention and a parallel MLP that share one norm
     "bert": {},
+    # families no adapter or test names otherwise: discovered as they are
+    "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},  # q/k norms, norms around attention and MLP
+    "phi": {},  # partial rotary, attention and MLP in parallel from one norm
+    "cohere": {"num_key_value_heads": 2},  # parallel attention and gated MLP, logit scale
+    "starcoder2": {"num_key_value_heads": 2},  # biases, ungated MLP
+    "glm": {"num_key_value_heads": 2, "head_dim": 16},  # fused gate/up projection
 }
 ENCODERS = {"bert"}
 

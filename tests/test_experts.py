@@ -1,9 +1,11 @@
 """Mixture-of-experts layers whose experts are packed 3-D tensors (transformers 5): split into one linear
 per expert projection, pruned on the tokens routed to each expert, exported packed, checked."""
+import json
+
 import pytest
 import torch
 
-from permsparse import PruneConfig, prune
+from permsparse import PruneConfig, Search, check_checkpoint, prune
 from permsparse.adapters import adapter_for
 from permsparse.calibration import capture_block_inputs, collect_input_stats
 from permsparse.discover import ExpertLinears, NotUnderstood, discover, experts_as_linears
@@ -19,8 +21,12 @@ MOE = {
     "qwen2_moe": {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 64},
     "olmoe": {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64},
+    # transposed (E, in, out) tensors, gate and up interleaved, biases, its own clamped gating
+    "gpt_oss": {"num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "intermediate_size": 32, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8},
 }
 EXPERT = "mlp.experts.{}.{}"
+METHODS = {**CONFIGS, "sparsegpt": PruneConfig(score="sparsegpt", permutation=Search("ria"), binding="shared")}
 
 
 def tiny_moe(family, seed=0):
@@ -44,11 +50,13 @@ def test_split_experts_compute_the_packed_output_and_write_into_it(family):
     experts = model.model.layers[0].mlp.experts
     assert type(experts) is packed and list(model.state_dict()) == keys
     assert experts.down_proj[2].abs().sum() == 0
-    width = experts.gate_up_proj.shape[1] // 2
-    assert experts.gate_up_proj[1, width + 3, 5] == 7.0  # up rows follow the gate rows
+    if family == "gpt_oss":  # (E, in, out), gate and up interleaved
+        assert experts.gate_up_proj[1, 5, 2 * 3 + 1] == 7.0
+    else:  # (E, out, in), the up rows after the gate rows
+        assert experts.gate_up_proj[1, experts.gate_up_proj.shape[1] // 2 + 3, 5] == 7.0
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_discovery_finds_every_expert_its_fold_and_the_dense_routers(family):
     model = tiny_moe(family)
     with pytest.raises(NotUnderstood, match=r"packed expert parameters model\.layers\.0\.mlp\.experts\.gate_up_proj"):
@@ -62,19 +70,20 @@ def test_discovery_finds_every_expert_its_fold_and_the_dense_routers(family):
         assert folds[EXPERT.format(e, "down_proj")] == [gate, up]
         assert {gate, up} <= set(adapter.residual_readers)
         assert EXPERT.format(e, "down_proj") in adapter.residual_writers
-    expected = ("mlp.gate", "mlp.shared_expert_gate") if family == "qwen2_moe" else ("mlp.gate",)
+    expected = {"qwen2_moe": ("mlp.gate", "mlp.shared_expert_gate"), "gpt_oss": ("mlp.router",)}.get(family, ("mlp.gate",))
     assert adapter.routers == expected and not adapter.not_foldable and adapter.stream_problem == ""
     assert not set(expected) & {name for group in adapter.input_groups for name in group}
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_every_method_prunes_the_experts_exports_and_checks(family, method, tmp_path):
-    model, config = tiny_moe(family), CONFIGS[method]
-    routers = {name: p.clone() for name, p in model.named_parameters() if ".gate." in name or "expert_gate" in name}
+    model, config = tiny_moe(family), METHODS[method]
+    routers = {name: p.clone() for name, p in model.named_parameters() if any(f".{r}." in name for r in
+                                                                              ("gate", "shared_expert_gate", "router"))}
     report = prune(model, None, config, windows=CALIB[:4], holdout=HOLDOUT[:2], progress=False)
     assert all(torch.equal(p, routers[name]) for name, p in model.named_parameters() if name in routers)
-    assert set(report.dense) == {name.rpartition(".")[0] for name in routers}
+    assert set(report.dense) == {name.rpartition(".")[0] for name in routers} and routers
     perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
     with experts_as_linears(model):
         for e in range(4):
@@ -146,3 +155,20 @@ def test_split_experts_see_the_same_routing_as_the_packed_model():
     packed = output(model, INPUT)
     with experts_as_linears(model):
         torch.testing.assert_close(output(model, INPUT), packed, atol=1e-5, rtol=1e-5)
+
+
+def test_two_processes_prune_experts_as_one_does(tiny_tokenizer, tmp_path):
+    """Every process sums statistics for every expert (also one its own windows route no token to), so
+    two processes give the checkpoint of one (the command line under torchrun, gloo)."""
+    from .test_distributed import command, run, same_checkpoint
+
+    folder = tmp_path / "tiny-moe"
+    tiny_family("qwen3_moe", **{**MOE["qwen3_moe"], "num_experts": 8, "num_experts_per_tok": 1}).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    extra = ("--perm", "learned", "--init", "ria", "--steps", "2", "--judge-every", "1", "--tile", "16", "--batch", "4")
+    one = run(command(folder, tmp_path / "one", *extra))
+    run(command(folder, tmp_path / "two", *extra, processes=2))
+    same_checkpoint(tmp_path / "one", tmp_path / "two")
+    record = json.loads((tmp_path / "one" / "permsparse.json").read_text())
+    assert record["report"]["dense"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert check_checkpoint(tmp_path / "two").ok and one.returncode == 0
