@@ -359,6 +359,8 @@ def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: tor
     run.progress.save(f"stream-{distributed.rank()}", {"done": done, "inputs": inputs, "reference": reference},
                       every_rank=True)
     distributed.barrier()
+    if not distributed.is_main():  # rank 0 alone keeps the shared part (and may remove it once the run is done)
+        return
     saved = run.progress.load("blocks") or {"masks": {}}
     saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
     saved.update(done=done, report=run.report)
