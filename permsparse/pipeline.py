@@ -35,7 +35,7 @@ from .permute.sites import search_site, sites_for_group
 from .report import LayerRecord, PruneReport, SiteRecord, peak_rss_mb
 from .resume import Progress, pack_mask, unpack_mask
 from .scores import compute_score
-from .update import UPDATES
+from .update import UPDATES, UpdateResult
 
 
 @dataclass
@@ -230,47 +230,82 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
 
 
 @torch.no_grad()
-def apply_plan(run: Run, plan: Plan, update: bool | None = None) -> dict[str, torch.Tensor]:
+def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
     """Prune every linear of ``plan`` through its site's permutation; record it; return masks by full name.
 
-    With a weight-updating host (and ``update`` not False) the kept weights are updated too, on the
+    With a weight-updating host the kept weights are updated too, on the
     linear's Gram matrix, and the mask is the host's own inside the permuted groups or the permutation's.
+    ``starts`` (a learned permutation's warm starts, by site) are tried by the update as well: each site
+    keeps whichever permutation the update reconstructs with the lower output error on the calibration
+    inputs, since the learned permutation is trained for the frozen-weight mask, not for the update.
     """
     config, masks = run.config, {}
-    update = config.updates if update is None else update
+    update = config.updates
     for site in plan.sites:
-        perm = plan.perms.get(site.name)
         full_names = [f"{plan.name}.{name}" for name in site.linears]
+        candidates = [plan.perms.get(site.name)]
+        start = (starts or {}).get(site.name) if update and config.nm is not None else None
+        if start is not None and not torch.equal(start, candidates[0]):
+            candidates.append(start)
+        layers = [site_layer(run, plan, name, perm) for perm in candidates for name in site.linears]
+        per_candidate = [layers[k * len(site.linears):(k + 1) * len(site.linears)] for k in range(len(candidates))]
+        best = min(range(len(candidates)), key=lambda k: sum(layer.update.error for layer in per_candidate[k])
+                   if update else 0.0)
+        perm = candidates[best]
+        if best:
+            run.report.kept_start.append(f"{plan.name}.{site.name}")
         if config.nm is not None:
             run.report.sites.append(SiteRecord(f"{plan.name}.{site.name}", full_names, perm.tolist()))
-        for name, full in zip(site.linears, full_names):
+        for name, full, layer in zip(site.linears, full_names, per_candidate[best]):
             weight = linear_weight(plan.module.get_submodule(name))
-            scores = plan.scores(name, config.host)
-            if config.nm is None:
-                mask, identity_mask = unstructured_mask(scores, config.density), None
-            else:
-                mask, identity_mask = permuted_nm_mask(scores, perm, *config.nm), nm_mask(scores, *config.nm)
-            errors = (None, None)
-            if name in plan.grams:
-                errors = tuple(None if m is None else relative_error(weight, m, plan.grams[name])
-                               for m in (mask, identity_mask))
+            mask, errors = layer.mask, layer.errors
             if update:
-                mask, errors = update_weight(run, weight, plan.grams[name], perm, mask), (None, errors[1])
+                weight.copy_(layer.update.weight)
+                mask = layer.update.mask
             else:
                 weight.mul_(mask.to(weight.dtype))
             masks[full] = mask
             run.report.layers.append(LayerRecord(
                 full, tuple(weight.shape), None if config.nm is None else f"{plan.name}.{site.name}",
-                kept_share(scores, mask), None if identity_mask is None else kept_share(scores, identity_mask),
-                plan.seconds.get(site.name), *errors))
+                kept_share(layer.scores, mask), None if layer.identity_mask is None
+                else kept_share(layer.scores, layer.identity_mask), plan.seconds.get(site.name), *errors))
     run.report.weights_updated = run.report.weights_updated or update
     return masks
 
 
+@dataclass
+class SiteLayer:
+    """One linear pruned through one candidate permutation, not yet written: its host scores, its mask
+    (and the identity's), the relative output errors of both, and the update a weight-updating host made."""
+
+    scores: torch.Tensor
+    mask: torch.Tensor
+    identity_mask: torch.Tensor | None
+    errors: tuple[float | None, float | None]
+    update: UpdateResult | None
+
+
+def site_layer(run: Run, plan: Plan, name: str, perm: torch.Tensor | None) -> SiteLayer:
+    config = run.config
+    weight = linear_weight(plan.module.get_submodule(name))
+    scores = plan.scores(name, config.host)
+    if config.nm is None:
+        mask, identity_mask = unstructured_mask(scores, config.density), None
+    else:
+        mask, identity_mask = permuted_nm_mask(scores, perm, *config.nm), nm_mask(scores, *config.nm)
+    errors = (None, None)
+    if name in plan.grams:
+        errors = tuple(None if m is None else relative_error(weight, m, plan.grams[name])
+                       for m in (mask, identity_mask))
+    if not config.updates:
+        return SiteLayer(scores, mask, identity_mask, errors, None)
+    return SiteLayer(scores, mask, identity_mask, (None, errors[1]), updated_weight(run, weight, plan.grams[name], perm, mask))
+
+
 @torch.no_grad()
-def update_weight(run: Run, weight: torch.Tensor, gram: torch.Tensor, perm: torch.Tensor | None,
-                  mask: torch.Tensor) -> torch.Tensor:
-    """Prune ``weight`` in place with the config's weight-updating host on ``gram``; return the mask it kept.
+def updated_weight(run: Run, weight: torch.Tensor, gram: torch.Tensor, perm: torch.Tensor | None,
+                   mask: torch.Tensor) -> UpdateResult:
+    """``weight`` pruned and updated by the config's weight-updating host on ``gram`` (not written back).
 
     N:M: on the permuted columns, with the host's own mask or ``mask`` (the permutation's) fixed.
     Unstructured: the host's own mask at the config's density.
@@ -278,13 +313,10 @@ def update_weight(run: Run, weight: torch.Tensor, gram: torch.Tensor, perm: torc
     config = run.config
     algorithm = UPDATES[config.score]
     if config.nm is None:
-        result = algorithm(weight, gram, density=config.density)
-    elif config.update_mask == "own":
-        result = algorithm(weight, gram, *config.nm, perm=perm)
-    else:
-        result = algorithm(weight, gram, *config.nm, perm=perm, mask=mask)
-    weight.copy_(result.weight)
-    return result.mask
+        return algorithm(weight, gram, density=config.density)
+    if config.update_mask == "own":
+        return algorithm(weight, gram, *config.nm, perm=perm)
+    return algorithm(weight, gram, *config.nm, perm=perm, mask=mask)
 
 
 def kept_share(scores: torch.Tensor, mask: torch.Tensor) -> float:
@@ -333,12 +365,13 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
             next_reference = collect_drift(block, run.readers(i), inputs, reference, kwargs, stats, batch)
         dense_holdout = run_block(block, inputs[count:], kwargs, batch) if len(inputs) > count else inputs[count:]
         plan = plan_block(run, i, stats, hidden)
+        starts = dict(plan.perms) if learned is not None else None
         if learned is not None and any(not site.hidden for site in plan.sites):
             block_data = BlockData(inputs[:count], dense_out, inputs[count:], dense_holdout, kwargs)
             perms, record = learn_block(plan, block_data, config, run.geometry)
             plan.perms.update(perms)
             run.report.training.append(record)
-        masks = apply_plan(run, plan)
+        masks = apply_plan(run, plan, starts)
         if config.calibration.propagate == "pruned":
             inputs = run_block(block, inputs, kwargs, batch)
         else:
@@ -397,6 +430,7 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         plans[-1].grams = {}  # the searches used them; held for every block they would not fit a large model
     if not starts:
         run.progress.save("starts", {plan.name: plan.perms for plan in plans})
+    initial = {plan.name: dict(plan.perms) for plan in plans}
     if any(not site.hidden for plan in plans for site in plan.sites):
         with torch.enable_grad():
             learned, record = learn_model(run.model, plans, windows, holdout, config, run.geometry, progress=run.show,
@@ -414,7 +448,7 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         stats, _ = collect_input_stats(run.blocks[i], run.readers(i), inputs, kwargs, True, plan.name,
                                        config.calibration.batch_size)
         plan.grams = {name: stats[group[0]].gram for group in run.targets[i] for name in group}
-        apply_plan(run, plan)
+        apply_plan(run, plan, initial[plan.name])
         plan.grams = {}
         inputs = run_block(run.blocks[i], inputs, kwargs, config.calibration.batch_size)
 

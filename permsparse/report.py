@@ -63,6 +63,7 @@ class PruneReport:
     training: list[TrainingRecord] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)  # routers of mixture-of-experts layers: never pruned
     uncalibrated: list[str] = field(default_factory=list)  # no calibration token reached them: white-input stats
+    kept_start: list[str] = field(default_factory=list)  # sites whose weight update did better on the learned start
     weights_updated: bool = False  # the host changed kept weights (sparsegpt, admm): W is not W * mask
     seconds: float = 0.0
     peak_rss_mb: float = 0.0

@@ -52,3 +52,37 @@ def test_learned_permutation_then_reconstruction_exports_and_checks(tmp_path):
     assert error < plain and report.weights_updated and report.training
     out = export_checkpoint(model, None, tmp_path / "r", config, report)
     assert check_checkpoint(out).ok and read_record(out).report.weights_updated
+
+
+@pytest.mark.parametrize("host", ["sparsegpt", "admm"])
+def test_each_site_keeps_the_permutation_its_update_reconstructs_best(host):
+    """A learned permutation is trained for the frozen-weight mask; with a weight update each site keeps
+    it or its warm start, whichever the update leaves with the lower output error on the calibration
+    inputs, and the weights are that update's."""
+    from permsparse.calibration import capture_block_inputs, collect_input_stats
+    from permsparse.pipeline import apply_plan, plan_block, start_run
+    from permsparse.update import UPDATES
+
+    model = tiny_llama()
+    run = start_run(model, PruneConfig(score=host, permutation=Learned(init="ria")), None, False)
+    inputs, kwargs = capture_block_inputs(model, run.adapter, CALIB)
+    stats, _ = collect_input_stats(run.blocks[0], run.readers(0), inputs, kwargs, True, run.name(0))
+    plan = plan_block(run, 0, stats, None)
+    starts = dict(plan.perms)  # RIA's; the "learned" ones below: RIA's on half the sites, none's on the rest
+    names = sorted(starts)
+    plan.perms = {site: starts[site] if k % 2 else torch.arange(len(starts[site])) for k, site in enumerate(names)}
+    dense = {name: model.get_submodule(f"{run.name(0)}.{name}").weight.clone() for site in plan.sites
+             for name in site.linears}
+    expected = {}
+    for site in plan.sites:
+        results = [[UPDATES[host](dense[name], plan.grams[name], 2, 4, perm=perm) for name in site.linears]
+                   for perm in (plan.perms[site.name], starts[site.name])]
+        best = min((0, 1), key=lambda k: sum(r.error for r in results[k]))
+        expected[site.name] = best, results[best]
+    apply_plan(run, plan, starts)
+    for site in plan.sites:
+        best, results = expected[site.name]
+        assert (f"{run.name(0)}.{site.name}" in run.report.kept_start) == (best == 1)
+        for name, result in zip(site.linears, results):
+            assert torch.equal(model.get_submodule(f"{run.name(0)}.{name}").weight, result.weight), name
+    assert run.report.kept_start  # RIA beats no permutation somewhere
