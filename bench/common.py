@@ -81,7 +81,8 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
     result = {"label": row.label, "prune_s": 0.0, "config": None if row.config is None else to_dict(row.config)}
     if row.config is not None:
         report = prune(model, tokenizer, row.config, progress=False)
-        result.update(prune_s=report.seconds, layers=to_dict(report.layers), training=to_dict(report.training))
+        result.update(prune_s=report.seconds, layers=to_dict(report.layers), training=to_dict(report.training),
+                      kept_start=list(report.kept_start))
     result["ppl"] = {}
     started = time.perf_counter()
     for source in protocol.evals:
