@@ -202,8 +202,7 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
     for group in run.targets[i]:
         group_stats = stats.get(group[0])
         if group_stats is not None and not group_stats.tokens:
-            run.report.uncalibrated += [f"{plan.name}.{name}" for name in group if f"{plan.name}.{name}" not in
-                                        run.report.uncalibrated]
+            run.report.uncalibrated += [f"{plan.name}.{name}" for name in group]
         for name in group:
             plan.act_norms[name] = None if group_stats is None else group_stats.act_norm
             if group_stats is not None and group_stats.gram is not None:
@@ -247,10 +246,9 @@ def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | No
         start = (starts or {}).get(site.name) if update and config.nm is not None else None
         if start is not None and not torch.equal(start, candidates[0]):
             candidates.append(start)
-        layers = [site_layer(run, plan, name, perm) for perm in candidates for name in site.linears]
-        per_candidate = [layers[k * len(site.linears):(k + 1) * len(site.linears)] for k in range(len(candidates))]
-        best = min(range(len(candidates)), key=lambda k: sum(layer.update.error for layer in per_candidate[k])
-                   if update else 0.0)
+        per_candidate = [[site_layer(run, plan, name, perm) for name in site.linears] for perm in candidates]
+        best = 0 if len(candidates) == 1 else min(
+            range(len(candidates)), key=lambda k: sum(layer.update.error for layer in per_candidate[k]))
         perm = candidates[best]
         if best:
             run.report.kept_start.append(f"{plan.name}.{site.name}")
@@ -293,13 +291,14 @@ def site_layer(run: Run, plan: Plan, name: str, perm: torch.Tensor | None) -> Si
         mask, identity_mask = unstructured_mask(scores, config.density), None
     else:
         mask, identity_mask = permuted_nm_mask(scores, perm, *config.nm), nm_mask(scores, *config.nm)
-    errors = (None, None)
-    if name in plan.grams:
-        errors = tuple(None if m is None else relative_error(weight, m, plan.grams[name])
-                       for m in (mask, identity_mask))
-    if not config.updates:
-        return SiteLayer(scores, mask, identity_mask, errors, None)
-    return SiteLayer(scores, mask, identity_mask, (None, errors[1]), updated_weight(run, weight, plan.grams[name], perm, mask))
+    gram = plan.grams.get(name)
+    if config.updates:  # the masked error of an updated weight means nothing: only the identity's is kept
+        identity_error = None if identity_mask is None else relative_error(weight, identity_mask, gram)
+        return SiteLayer(scores, mask, identity_mask, (None, identity_error),
+                         updated_weight(run, weight, gram, perm, mask))
+    errors = (None, None) if gram is None else tuple(None if m is None else relative_error(weight, m, gram)
+                                                     for m in (mask, identity_mask))
+    return SiteLayer(scores, mask, identity_mask, errors, None)
 
 
 @torch.no_grad()
@@ -385,8 +384,9 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
 
 def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: torch.Tensor,
                 reference: torch.Tensor | None) -> None:
-    """Progress after ``done`` blocks: every mask so far (bit-packed) and the report, and each process's
-    next inputs (its share of the windows)."""
+    """Progress after ``done`` blocks: every mask so far (bit-packed), the weights a weight-updating host
+    changed (a mask alone cannot restore them), the report, and each process's next inputs (its share of
+    the windows)."""
     if run.progress.folder is None:
         return
     run.progress.save(f"stream-{distributed.rank()}", {"done": done, "inputs": inputs, "reference": reference},
@@ -394,20 +394,28 @@ def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: tor
     distributed.barrier()
     if not distributed.is_main():  # rank 0 alone keeps the shared part (and may remove it once the run is done)
         return
-    saved = run.progress.load("blocks") or {"masks": {}}
+    saved = run.progress.load("blocks") or {"masks": {}, "weights": {}}
     saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
+    if run.config.updates:
+        saved["weights"].update({name: linear_weight(run.model.get_submodule(name)).detach().cpu().clone()
+                                 for name in masks})
     saved.update(done=done, report=run.report)
     run.progress.save("blocks", saved)
 
 
 @torch.no_grad()
 def restore(run: Run, saved: dict) -> None:
-    """Re-apply the masks of the finished blocks and take their records."""
+    """Re-apply the masks (or, from a weight-updating host, the weights) of the finished blocks and take
+    their records."""
     for name, packed in saved["masks"].items():
         weight = linear_weight(run.model.get_submodule(name))
-        weight.mul_(unpack_mask(packed).to(weight.dtype))
+        if name in saved["weights"]:
+            weight.copy_(saved["weights"][name])
+        else:
+            weight.mul_(unpack_mask(packed).to(weight.dtype))
     report = saved["report"]
     run.report.layers, run.report.sites, run.report.training = report.layers, report.sites, report.training
+    run.report.uncalibrated, run.report.kept_start = report.uncalibrated, report.kept_start
 
 
 def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torch.Tensor, holdout: torch.Tensor,

@@ -166,9 +166,9 @@ def test_two_processes_prune_experts_as_one_does(tiny_tokenizer, tmp_path):
     tiny_family("qwen3_moe", **{**MOE["qwen3_moe"], "num_experts": 8, "num_experts_per_tok": 1}).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     extra = ("--perm", "learned", "--init", "ria", "--steps", "2", "--judge-every", "1", "--tile", "16", "--batch", "4")
-    one = run(command(folder, tmp_path / "one", *extra))
+    run(command(folder, tmp_path / "one", *extra))
     run(command(folder, tmp_path / "two", *extra, processes=2))
     same_checkpoint(tmp_path / "one", tmp_path / "two")
     record = json.loads((tmp_path / "one" / "permsparse.json").read_text())
     assert record["report"]["dense"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
-    assert check_checkpoint(tmp_path / "two").ok and one.returncode == 0
+    assert check_checkpoint(tmp_path / "two").ok

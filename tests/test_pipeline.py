@@ -106,8 +106,9 @@ def test_indivisible_layers_are_skipped_with_a_warning_or_fail_when_strict():
 
 
 @pytest.mark.parametrize("config", [PruneConfig(),
-                                    PruneConfig(permutation=Search("output"))],
-                         ids=["wanda", "output-compensate"])
+                                    PruneConfig(permutation=Search("output")),
+                                    PruneConfig(score="sparsegpt", permutation=Search("ria"))],
+                         ids=["wanda", "output-compensate", "sparsegpt-updates"])
 def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, config):
     reference = tiny_llama()
     prune(reference, None, config, windows=CALIB, progress=False)

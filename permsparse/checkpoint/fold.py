@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for, linear_weight
-from ..discover import experts_as_linears, head_permutation, hidden_size, permute_columns, permute_rows, permute_stream, stream_parts
+from ..discover import (experts_as_linears, head_permutation, hidden_size, optional_submodule, permute_columns,
+                        permute_rows, permute_stream, stream_parts)
 from ..masks import as_permutation
 from ..report import PruneReport
 from .record import FoldRecord, Layout
@@ -42,14 +43,6 @@ class FoldResult:
     folded: list[str]
     not_folded: dict[str, str]
     hidden_perm_applied: bool
-
-
-def _optional(model: nn.Module, name: str) -> nn.Module | None:
-    """The submodule ``name``, or None when it is absent (or set to None)."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 @torch.no_grad()
@@ -96,7 +89,7 @@ def fold_permutations(
     hidden = None if hidden_perm is None else as_permutation(hidden_perm, hidden_size(model, adapter), "hidden_perm")
 
     for full, perm in perms.items():
-        module = _optional(model, full)
+        module = optional_submodule(model, full)
         if module is None:
             not_folded[full] = "no such linear"
             continue

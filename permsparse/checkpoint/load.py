@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..adapters import linear_weight
+from ..discover import optional_submodule
 from ..masks import as_permutation, is_nm
 from ..models import auto_class
 from .record import read_record
@@ -107,13 +108,6 @@ def _shape_problem(cls, weight: torch.Tensor) -> str:
     return ""
 
 
-def _module(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 @torch.no_grad()
 def convert_semi_structured(model: nn.Module, names: list[str], backend: str = "auto") -> dict:
     """Replace the weights of the named linears (2:4 in storage order) by semi-structured sparse tensors.
@@ -124,7 +118,7 @@ def convert_semi_structured(model: nn.Module, names: list[str], backend: str = "
     result = {"backend": None, "converted": [], "not_converted": {}}
     if not names:
         return result
-    packed = [name for name in names if _module(model, name) is None]  # split experts' linears
+    packed = [name for name in names if optional_submodule(model, name) is None]  # split experts' linears
     names = [name for name in names if name not in packed]
     result["not_converted"] = dict.fromkeys(packed, "a packed expert weight (3-D): no semi-structured kernel")
     if not names:

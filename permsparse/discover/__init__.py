@@ -32,14 +32,15 @@ from torch import nn
 from .experts import ExpertLinears, every_expert_runs, experts_as_linears, routers
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
 from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, head_permutation,
-                        hidden_size, permute_stream, stream_parts)
+                        hidden_size, optional_submodule, permute_stream, stream_parts)
 from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model_facts, model_inputs, primary_output,
                     probe_input, run_model, trace)
 from .verify import Probe, find_fold, stream_problem
 
 __all__ = [
     "Adapter", "AttentionGeometry", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
-    "discover", "experts_as_linears", "head_permutation", "hidden_size", "is_linear", "linear_weight", "model_inputs", "permute_columns", "permute_rows",
+    "discover", "experts_as_linears", "head_permutation", "hidden_size", "is_linear", "linear_weight", "model_inputs",
+    "optional_submodule", "permute_columns", "permute_rows",
     "permute_stream", "primary_output", "probe_input", "run_model", "stored_layout", "stream_parts",
 ]
 
@@ -85,8 +86,9 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
     dense = routers(model)
     check_blocks(model, blocks_path, tuple(dense))
     count = len(model.get_submodule(blocks_path))
-    block_routers = tuple(sorted({name.split(".", len(blocks_path.split(".")) + 1)[-1] for name in dense}))
-    if any(f"{blocks_path}.{i}.{rel}" not in dense for i in range(count) for rel in block_routers):
+    first = f"{blocks_path}.0."
+    block_routers = tuple(name.removeprefix(first) for name in dense if name.startswith(first))
+    if set(dense) != {f"{blocks_path}.{i}.{rel}" for i in range(count) for rel in block_routers}:
         raise NotUnderstood(f"the blocks of {blocks_path} differ in their mixture-of-experts routers: {', '.join(dense)}")
     probe_data = probe_input(model)
     with _evaluation(model), every_expert_runs(model):

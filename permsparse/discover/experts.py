@@ -99,11 +99,12 @@ class ExpertLinears(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         final = torch.zeros_like(hidden_states)
         count = self.num_experts
-        with torch.no_grad():  # which tokens each expert reads, as the packed module routes them
-            hits = nn.functional.one_hot(top_k_index, num_classes=count + 1).permute(2, 1, 0)
         if self.probe:
             routed = top_k_weights.new_zeros(hidden_states.shape[0], count + 1)
             routed = routed.scatter_add(1, top_k_index, top_k_weights)[:, :count] + 1.0 / count
+        else:
+            with torch.no_grad():  # which tokens each expert reads, as the packed module routes them
+                hits = nn.functional.one_hot(top_k_index, num_classes=count + 1).permute(2, 1, 0)
         for e, expert in enumerate(self):
             if self.probe:
                 tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device)

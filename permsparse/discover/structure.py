@@ -152,7 +152,7 @@ def head_permutation(p: torch.Tensor, geometry: AttentionGeometry) -> tuple[torc
     return (local[:, 0] + (torch.arange(kv) * hd)[:, None]).flatten(), ""
 
 
-def _optional(model: nn.Module, name: str) -> nn.Module | None:
+def optional_submodule(model: nn.Module, name: str) -> nn.Module | None:
     """The submodule ``name``, or None when the name is empty or the module is absent (or set to None)."""
     if not name:
         return None
@@ -167,7 +167,7 @@ def stream_parts(model: nn.Module, adapter: Adapter) -> dict[str, list[tuple[str
     parts: dict[str, list[tuple[str, nn.Module]]] = {"embeddings": [], "norms": [], "readers": [], "writers": []}
 
     def add(role: str, name: str) -> None:
-        module = _optional(model, name)
+        module = optional_submodule(model, name)
         if module is not None:
             parts[role].append((name, module))
 
