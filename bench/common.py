@@ -99,6 +99,8 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
         result["zero_shot"] = {s.task: s.acc for s in scores}
         result["zero_shot_items"] = {s.task: s.items for s in scores}
         result["zero_shot"]["mean"] = sum(s.acc for s in scores) / len(scores)
+        result["zero_shot_norm"] = {s.task: s.acc_norm for s in scores if s.acc_norm is not None}
+        result["zero_shot_correct"] = {s.task: list(s.correct) for s in scores}
     result["eval_s"] = time.perf_counter() - started
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -151,6 +153,39 @@ def gap_closed(results: list[dict], none: str, limit: str) -> None:
         for text, ppl in r["ppl"].items():
             span = by_label[none]["ppl"][text] - by_label[limit]["ppl"][text]
             r["gap"][text] = (by_label[none]["ppl"][text] - ppl) / span if span else None
+
+
+def paired_difference(a: dict, b: dict) -> dict[str, tuple[float, float]] | None:
+    """Zero-shot accuracy of row ``a`` minus row ``b`` on the same items: per task and for the mean over
+    tasks, the mean difference and its paired standard error (per task: the standard deviation of the
+    item differences over the square root of the items; the mean's: the root sum of squares over the tasks).
+    None when either row lacks item results or they were scored on different items."""
+    ca, cb = a.get("zero_shot_correct"), b.get("zero_shot_correct")
+    if not ca or not cb or ca.keys() != cb.keys() or any(len(ca[t]) != len(cb[t]) for t in ca):
+        return None
+    out = {}
+    for task in ca:
+        d = [x - y for x, y in zip(ca[task], cb[task])]
+        n = len(d)
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("nan")
+        out[task] = (mean, (var / n) ** 0.5)
+    tasks = len(out)
+    out["mean"] = (sum(m for m, _ in out.values()) / tasks, sum(se ** 2 for _, se in out.values()) ** 0.5 / tasks)
+    return out
+
+
+def print_paired(results: list[dict], versus: list[str]) -> None:
+    """For each row against each label of ``versus``: the paired zero-shot difference (accuracy points)."""
+    by_label = {r["label"]: r for r in results if "error" not in r}
+    for ref in versus:
+        if ref not in by_label:
+            continue
+        for r in results:
+            diff = None if r["label"] == ref else paired_difference(r, by_label[ref])
+            if diff is not None:
+                cells = "  ".join(f"{t} {100 * m:+.1f}±{100 * se:.1f}" for t, (m, se) in diff.items())
+                print(f"  {r['label']} - {ref}: {cells}")
 
 
 def print_table(results: list[dict], columns: list[tuple[str, str, str]]) -> None:

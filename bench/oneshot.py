@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from common import (Row, add_protocol_args, gap_closed, ppl_columns, print_table, protocol_from, run_rows,
-                    save_json)
+from common import (Row, add_protocol_args, gap_closed, ppl_columns, print_paired, print_table, protocol_from,
+                    run_rows, save_json)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -24,6 +24,9 @@ def main() -> None:
     add_protocol_args(parser)
     parser.add_argument("--calib", default=Calibration().source, help="calibration source of every row")
     parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")
+    parser.add_argument("--versus", nargs="*", default=["2:4 wanda", "2:4 wanda + ria"],
+                        help="rows every other row's zero-shot accuracy is compared with, item by item")
+    parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
     args = parser.parse_args()
     protocol = protocol_from(args)
     calib = Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
@@ -47,11 +50,14 @@ def main() -> None:
     print(f"one-shot pruning of {args.model}: calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, "
           f"seed {args.seed}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "
           f"{', '.join(args.evals)}", flush=True)
-    results = run_rows(rows, protocol, args.jobs, args.rows, partial="oneshot")
+    results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
     gap_closed(results, "2:4 wanda", "unstructured 50% (wanda)")
     print_table(results, [("label", "method", "")] + ppl_columns(protocol)
                 + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
-    print(f"saved {save_json('oneshot', vars(args), results)}")
+    if protocol.tasks:
+        print("\nzero-shot accuracy, paired differences on the same items (points, ± standard error):")
+        print_paired(results, args.versus)
+    print(f"saved {save_json(args.save_as, vars(args), results)}")
 
 
 if __name__ == "__main__":

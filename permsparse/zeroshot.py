@@ -95,7 +95,8 @@ class TaskResult:
     for tasks whose official metric list lacks it (BoolQ, WinoGrande, LAMBADA, MMLU); ``perplexity`` is set for
     ``lambada_openai`` only. ``items`` counts the documents scored (for MMLU, summed over the 57 subjects).
     ``seconds`` is the wall time of the harness run for this task, data loading included. ``source`` says where
-    the documents came from.
+    the documents came from. ``correct`` holds each scored document's ``acc`` (1 or 0) in document order (MMLU:
+    subject after subject), so two models scored on the same items can be compared pair by pair.
     """
 
     task: str
@@ -109,6 +110,7 @@ class TaskResult:
     perplexity: float | None = None
     perplexity_stderr: float | None = None
     source: str = ""
+    correct: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------- where things live
@@ -603,6 +605,8 @@ def _result(task: str, results: dict[str, Any], seconds: float, source: str) -> 
         perplexity=_number(metrics.get("perplexity,none")),
         perplexity_stderr=_number(metrics.get("perplexity_stderr,none")) if "perplexity,none" in metrics else None,
         source=source,
+        correct=tuple(int(sample["acc"]) for leaf in leaves
+                      for sample in sorted(results.get("samples", {}).get(leaf, []), key=lambda s: s["doc_id"])),
     )
 
 
@@ -692,13 +696,13 @@ def zero_shot(
                     where = f"local: {root}"
                     results = lm_eval.simple_evaluate(
                         model=lm, tasks=[spec], task_manager=manager, limit=limit,
-                        bootstrap_iters=bootstrap_iters, log_samples=False,
+                        bootstrap_iters=bootstrap_iters, log_samples=True,
                     )
                 else:
                     where = "hub"
                     results = lm_eval.simple_evaluate(
                         model=lm, tasks=[task], task_manager=manager, num_fewshot=shots, limit=limit,
-                        bootstrap_iters=bootstrap_iters, log_samples=False,
+                        bootstrap_iters=bootstrap_iters, log_samples=True,
                     )
                 seconds = time.perf_counter() - start
                 out.append(_result(task, results, seconds, where))

@@ -237,6 +237,7 @@ def test_zero_shot_tiny_model_is_sane_and_deterministic(tiny_model, tiny_tokeniz
     for r in first:
         assert 0.0 <= r.acc <= 1.0 and r.items == 4 and r.num_fewshot == 0 and r.seconds > 0
         assert r.acc * 4 == round(r.acc * 4)  # a fraction of the 4 items
+        assert len(r.correct) == 4 and set(r.correct) <= {0, 1} and sum(r.correct) / 4 == r.acc  # item by item
         assert math.isfinite(r.acc_stderr)
         assert r.source.startswith("local")
     assert first[0].acc_norm is not None and 0.0 <= first[0].acc_norm <= 1.0
@@ -259,6 +260,8 @@ def test_zero_shot_lambada_and_mmlu_group(tiny_model, tiny_tokenizer):
     assert mmlu.task == "mmlu" and mmlu.items == 57 and mmlu.num_fewshot == 0  # one question per subject
     assert mmlu.acc * 57 == pytest.approx(round(mmlu.acc * 57))  # item-weighted: a count over the 57 questions
     assert mmlu.acc_norm is None
+    assert len(mmlu.correct) == 57 and sum(mmlu.correct) / 57 == pytest.approx(mmlu.acc)
+    assert len(lambada.correct) == 1 and lambada.correct[0] == lambada.acc
 
 
 # ------------------------------------------------------------------------------------------------ errors and skips
