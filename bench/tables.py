@@ -92,6 +92,26 @@ def render_oneshot(data: dict) -> str:
     return header(data) + protocol_line(data) + ppl_table(data, "method", data["results"])
 
 
+def render_zeroshot_paired(data: dict) -> str:
+    """Zero-shot accuracy per task, and each row's mean against the reference rows on the same items."""
+    from common import paired_difference
+
+    tasks = data["protocol"]["tasks"]
+    rows = [r for r in data["results"] if "error" not in r]
+    refs = [r for r in rows if r["label"] in data["protocol"].get("versus", [])]
+    headers = ["method"] + [TASK_NAMES.get(t, t) for t in tasks] + ["mean acc"]
+    headers += [f"mean - {r['label']} (paired)" for r in refs]
+    body = []
+    for r in rows:
+        accuracy = r.get("zero_shot", {})
+        cells = [r["label"]] + [fmt(100 * accuracy[t] if t in accuracy else None, ".1f") for t in (*tasks, "mean")]
+        for ref in refs:
+            diff = None if ref is r else paired_difference(r, ref)
+            cells.append("–" if diff is None else f"{100 * diff['mean'][0]:+.2f} ± {100 * diff['mean'][1]:.2f}")
+        body.append(cells)
+    return header(data) + protocol_line(data) + table(headers, body)
+
+
 def render_learned(data: dict) -> str:
     out = header(data) + protocol_line(data)
     for calib in data["protocol"]["calibs"]:
@@ -187,6 +207,7 @@ def render_testbed_recipes(data: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
+             "zeroshot_300": render_zeroshot_paired,
              "learned": render_learned,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
