@@ -100,7 +100,7 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
         result["zero_shot_items"] = {s.task: s.items for s in scores}
         result["zero_shot"]["mean"] = sum(s.acc for s in scores) / len(scores)
         result["zero_shot_norm"] = {s.task: s.acc_norm for s in scores if s.acc_norm is not None}
-        result["zero_shot_correct"] = {s.task: list(s.correct) for s in scores}
+        result["zero_shot_correct"] = {s.task: "".join(map(str, s.correct)) for s in scores}  # "1011...": item by item
     result["eval_s"] = time.perf_counter() - started
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -165,7 +165,7 @@ def paired_difference(a: dict, b: dict) -> dict[str, tuple[float, float]] | None
         return None
     out = {}
     for task in ca:
-        d = [x - y for x, y in zip(ca[task], cb[task])]
+        d = [int(x) - int(y) for x, y in zip(ca[task], cb[task])]
         n = len(d)
         mean = sum(d) / n
         var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("nan")

@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from common import paired_difference
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
@@ -94,8 +96,6 @@ def render_oneshot(data: dict) -> str:
 
 def render_zeroshot_paired(data: dict) -> str:
     """Zero-shot accuracy per task, and each row's mean against the reference rows on the same items."""
-    from common import paired_difference
-
     tasks = data["protocol"]["tasks"]
     rows = [r for r in data["results"] if "error" not in r]
     refs = [r for r in rows if r["label"] in data["protocol"].get("versus", [])]
