@@ -155,6 +155,46 @@ def gap_closed(results: list[dict], none: str, limit: str) -> None:
             r["gap"][text] = (by_label[none]["ppl"][text] - ppl) / span if span else None
 
 
+def seed_of(label: str) -> tuple[str, int | None]:
+    """``"c4 | ria | seed 2"`` -> ``("c4 | ria", 2)``; a label without a seed -> ``(label, None)``."""
+    head, sep, tail = label.rpartition(" | seed ")
+    return (head, int(tail)) if sep and tail.isdigit() else (label, None)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
+
+
+def across_seeds(results: list[dict], reference: str) -> list[dict]:
+    """Rows labelled ``... | seed S`` grouped by method: per text the mean and standard deviation over the
+    seeds of perplexity and gap closed, and of the gap closed minus ``reference``'s (the method of that
+    name, paired seed by seed); mean pruning seconds. Methods in the order they first appear."""
+    by_method: dict[str, dict[int, dict]] = {}
+    for r in results:
+        method, seed = seed_of(r["label"])
+        if seed is not None and "error" not in r:
+            by_method.setdefault(method, {})[seed] = r
+    ref = by_method.get(reference, {})
+    summary = []
+    for method, runs in by_method.items():
+        texts = next(iter(runs.values()))["ppl"]
+        row = {"label": method, "seeds": sorted(runs), "ppl": {}, "gap": {}, "gap_minus_ref": {},
+               "prune_s": mean_sd([r["prune_s"] for r in runs.values()])[0] if all(r.get("config") for r in runs.values())
+               else None}
+        for t in texts:
+            row["ppl"][t] = mean_sd([r["ppl"][t] for r in runs.values()])
+            gaps = {s: (r.get("gap") or {}).get(t) for s, r in runs.items()}
+            row["gap"][t] = mean_sd(list(gaps.values())) if None not in gaps.values() else (None, None)
+            paired = [gaps[s] - ref[s]["gap"][t] for s in runs if s in ref and ref[s].get("gap") and gaps[s] is not None]
+            if method != reference and paired and len(paired) == len(runs):
+                row["gap_minus_ref"][t] = mean_sd(paired)
+        summary.append(row)
+    return summary
+
+
 def paired_difference(a: dict, b: dict) -> dict[str, tuple[float, float]] | None:
     """Zero-shot accuracy of row ``a`` minus row ``b`` on the same items: per task and for the mean over
     tasks, the mean difference and its paired standard error (per task: the standard deviation of the
@@ -218,6 +258,17 @@ def ppl_columns(protocol: Protocol, gap: bool = True) -> list[tuple[str, str, st
     return columns
 
 
+def cpu_model() -> str:
+    """The CPU's model name (matrix kernels, hence the last bits of every result, depend on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def save_json(name: str, protocol: dict, results) -> Path:
     """``bench/results/NAME.json`` with the protocol, the machine, the date and the command line."""
     import torch
@@ -225,7 +276,7 @@ def save_json(name: str, protocol: dict, results) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     machine = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-               "torch": torch.__version__}
+               "torch": torch.__version__, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     payload = {"protocol": protocol, "machine": machine, "date": datetime.date.today().isoformat(),
                "command": "python3 " + shlex.join(sys.argv), "results": results}
     path.write_text(json.dumps(payload, indent=1, default=str))

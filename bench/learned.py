@@ -7,12 +7,18 @@ windows of ``--seqlen`` tokens of each text of ``--evals``; gap closed per cell 
 (ppl of none - ppl of unstructured 50%) within the same calibration source. The validation text
 (``--validation``, Alpaca by default: neither a calibration source here nor a reported evaluation) is
 the one defaults and hyper-parameters are chosen on; the others only report.
+
+With several ``--seeds`` every row runs once per seed (the seed draws the calibration and held-out
+windows and seeds the learner), gap closed is taken within each seed, and a summary gives each method's
+mean and standard deviation over the seeds, and its gap closed minus RIA's paired by seed: the spread
+that a single-seed table hides.
 """
 from __future__ import annotations
 
 import argparse
 
-from common import EVAL_NAMES, Row, add_protocol_args, gap_closed, ppl_columns, print_table, protocol_from, run_rows, save_json
+from common import (EVAL_NAMES, Row, across_seeds, add_protocol_args, gap_closed, ppl_columns, print_table, protocol_from,
+                    run_rows, save_json)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -36,17 +42,17 @@ VARIANTS = {
 }
 
 
-def rows_for(calib: str, args) -> list[Row]:
-    base = Calibration(source=calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+def rows_for(calib: str, args, seed: int, suffix: str = "") -> list[Row]:
+    base = Calibration(source=calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
     baselines = {"none": PruneConfig(calibration=base), "unstructured 50%": PruneConfig(pattern="50%", calibration=base),
                  "ria": PruneConfig(permutation=Search("ria"), calibration=base),
                  "output": PruneConfig(permutation=Search("output"), calibration=base)}
-    rows = [Row(f"{calib} | {name}", baselines[name]) for name in args.baselines]
+    rows = [Row(f"{calib} | {name}{suffix}", baselines[name]) for name in args.baselines]
     for name in args.variants:
         learned, calibration = VARIANTS[name]
         config = PruneConfig(permutation=Learned(**learned),
                              calibration=Calibration(**{**vars(base), **calibration}))
-        rows.append(Row(f"{calib} | learned {name}", config))
+        rows.append(Row(f"{calib} | learned {name}{suffix}", config))
     return rows
 
 
@@ -58,20 +64,37 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="*", default=["none", "unstructured 50%", "ria", "output"],
                         help="baseline rows of each calibration source")
     parser.add_argument("--validation", default="alpaca", help="the evaluation text defaults are chosen on")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run every row once per seed (default: --seed alone) and summarise over the seeds")
     parser.add_argument("--save-as", default="learned", help="name of the JSON file under bench/results")
     args = parser.parse_args()
     protocol = protocol_from(args)
-    rows = [row for calib in args.calibs for row in rows_for(calib, args)]
+    seeds = args.seeds or [args.seed]
+    suffixes = {s: f" | seed {s}" if len(seeds) > 1 else "" for s in seeds}
+    rows = [row for calib in args.calibs for s in seeds for row in rows_for(calib, args, s, suffixes[s])]
     print(f"learned permutation across domains on {args.model}, 2:4 Wanda: calibration {args.nsamples} x {args.seqlen} "
           f"of {', '.join(args.calibs)}; evaluation first {args.windows} windows of {args.seqlen} of "
           f"{', '.join(EVAL_NAMES.get(t, t) for t in args.evals)} (validation: {args.validation})", flush=True)
     results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
     for calib in args.calibs:
-        group = [r for r in results if r["label"].startswith(f"{calib} | ")]
-        gap_closed(group, f"{calib} | none", f"{calib} | unstructured 50%")
-        print(f"\ncalibration: {calib}")
-        print_table(group, [("label", "method", "")] + ppl_columns(protocol)
-                    + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+        for s in seeds:
+            group = [r for r in results if r["label"].startswith(f"{calib} | ") and r["label"].endswith(suffixes[s])]
+            gap_closed(group, f"{calib} | none{suffixes[s]}", f"{calib} | unstructured 50%{suffixes[s]}")
+            print(f"\ncalibration: {calib}{suffixes[s]}")
+            print_table(group, [("label", "method", "")] + ppl_columns(protocol)
+                        + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+        if len(seeds) > 1:
+            summary = across_seeds([r for r in results if r["label"].startswith(f"{calib} | ")], f"{calib} | ria")
+            print(f"\ncalibration: {calib}, mean ± sd over seeds {', '.join(map(str, seeds))}")
+            for r in summary:
+                cells = []
+                for t, (m, sd) in r["ppl"].items():
+                    g, gsd = r["gap"][t]
+                    cell = f"{t} {m:.2f}±{sd:.2f} gap {g:.3f}±{gsd:.3f}"
+                    if t in r["gap_minus_ref"]:
+                        cell += " (gap - ria's {:+.3f}±{:.3f})".format(*r["gap_minus_ref"][t])
+                    cells.append(cell)
+                print(f"  {r['label']:<45} {'  '.join(cells)}")
     print(f"saved {save_json(args.save_as, vars(args), results)}")
 
 

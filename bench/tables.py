@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import paired_difference
+from common import across_seeds, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -32,7 +32,8 @@ def header(data: dict) -> str:
     """The run's date, machine and command (a section of a JSON that holds several runs, or the whole)."""
     machine = data.get("machine", {})
     cores = machine.get("cpus") or machine.get("cpu_count")
-    where = machine.get("gpu") or (f"a {cores}-core CPU" if cores
+    kind = f" ({machine['cpu']}, {machine['cpu_capability']} kernels)" if machine.get("cpu") else ""
+    where = machine.get("gpu") or (f"a {cores}-core CPU{kind}" if cores
                                    else f"a CPU with {machine.get('threads', '?')} torch thread(s)")
     return f"*Run {data.get('date', '?')} on {where}: `{data.get('command', '?')}`.*\n\n"
 
@@ -81,8 +82,10 @@ def protocol_line(data: dict) -> str:
     threads = p.get("threads", 1)
     threads = (f"one process per row, {p.get('jobs', 1)} at a time, {threads} thread each" if isinstance(threads, int)
                else f"threads: {threads}")
+    seeds = p.get("seeds") or [p["seed"]]
+    seeds = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
     return (f"Protocol: SmolLM2-135M ({p['model']}), 2:4; calibration {p['nsamples']} x {p['seqlen']} tokens of "
-            f"{calib}, seed {p['seed']}; evaluation on the first {p['windows']} windows of {p['seqlen']} tokens of "
+            f"{calib}, {seeds}; evaluation on the first {p['windows']} windows of {p['seqlen']} tokens of "
             f"{texts}{zero_shot}; {threads}.\n\n")
 
 
@@ -118,6 +121,32 @@ def render_learned(data: dict) -> str:
         group = [r for r in data["results"] if r["label"].startswith(f"{calib} | ")]
         if group:
             out += f"Calibrated on **{calib}**:\n\n" + ppl_table(data, "method", group, strip=f"{calib} | ") + "\n"
+    return out
+
+
+def render_learned_seeds(data: dict) -> str:
+    """Each method's mean ± sd over the seeds (perplexity, gap closed) and its gap closed minus RIA's,
+    paired seed by seed."""
+    texts = data["protocol"]["evals"]
+    out = header(data) + protocol_line(data)
+    for calib in data["protocol"]["calibs"]:
+        summary = across_seeds([r for r in data["results"] if r["label"].startswith(f"{calib} | ")], f"{calib} | ria")
+        headers = ["method"]
+        for t in texts:
+            headers += [f"{TEXTS.get(t, t)} ppl", "gap closed", "gap - ria's"]
+        headers.append("pruning s")
+        body = []
+        for r in summary:
+            cells = [r["label"].removeprefix(f"{calib} | ")]
+            for t in texts:
+                (m, sd), (g, gsd) = r["ppl"][t], r["gap"][t]
+                minus = r["gap_minus_ref"].get(t)
+                cells += [f"{m:.2f} ± {sd:.2f}", "–" if g is None else f"{g:.3f} ± {gsd:.3f}",
+                          "–" if minus is None else f"{minus[0]:+.3f} ± {minus[1]:.3f}"]
+            cells.append(fmt(r["prune_s"], ".0f"))
+            body.append(cells)
+        out += f"Calibrated on **{calib}**, mean ± standard deviation over {len(summary[0]['seeds'])} seeds:\n\n"
+        out += table(headers, body) + "\n"
     return out
 
 
@@ -208,7 +237,7 @@ def render_testbed_recipes(data: dict) -> str:
 
 RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
              "zeroshot_300": render_zeroshot_paired,
-             "learned": render_learned,
+             "learned": render_learned, "learned_seeds": render_learned_seeds,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
 

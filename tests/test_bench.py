@@ -1,0 +1,41 @@
+"""The benchmark harness's arithmetic: seeds summarised per method, paired by seed; README tables current."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import across_seeds, mean_sd, seed_of  # noqa: E402
+import tables  # noqa: E402
+
+
+def row(label, ppl, gap=None, config=True):
+    return {"label": label, "ppl": {"wikitext2": ppl}, "gap": None if gap is None else {"wikitext2": gap},
+            "config": {} if config else None, "prune_s": 10.0}
+
+
+def test_seed_of_splits_the_label():
+    assert seed_of("c4 | learned default | seed 12") == ("c4 | learned default", 12)
+    assert seed_of("c4 | ria") == ("c4 | ria", None)
+
+
+def test_across_seeds_means_and_pairs_by_seed():
+    results = [row("c4 | ria | seed 0", 200.0, 0.5), row("c4 | ria | seed 1", 210.0, 0.4),
+               row("c4 | learned | seed 0", 140.0, 0.8), row("c4 | learned | seed 1", 150.0, 0.6),
+               row("c4 | learned | seed 2", 1.0, 1.0)]  # no ria at seed 2: no paired difference
+    summary = {r["label"]: r for r in across_seeds(results, "c4 | ria")}
+    assert summary["c4 | ria"]["ppl"]["wikitext2"] == pytest.approx((205.0, 50 ** 0.5))
+    assert summary["c4 | ria"]["gap_minus_ref"] == {}
+    assert summary["c4 | learned"]["seeds"] == [0, 1, 2]
+    assert "wikitext2" not in summary["c4 | learned"]["gap_minus_ref"]
+    del results[-1]
+    learned = {r["label"]: r for r in across_seeds(results, "c4 | ria")}["c4 | learned"]
+    assert learned["gap_minus_ref"]["wikitext2"] == pytest.approx(mean_sd([0.3, 0.2]))
+    assert learned["gap"]["wikitext2"] == pytest.approx((0.7, mean_sd([0.8, 0.6])[1]))
+
+
+def test_readme_tables_match_their_results():
+    text = (ROOT / "README.md").read_text()
+    assert tables.regenerate(text) == text, "README tables are stale: run python3 bench/tables.py"
