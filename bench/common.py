@@ -121,8 +121,8 @@ def run_rows(rows: list[Row], protocol: Protocol, jobs: int = 1, only: list[str]
     """Run every row (or those labelled in ``only``) in a fresh process, ``jobs`` at a time, printing each
     as it finishes and, with ``partial``, saving what is done so far to ``bench/results/PARTIAL.partial.json``.
     With ``jobs > 1`` rows share the machine, so their seconds include that contention."""
-    if only is not None:
-        rows = [r for r in rows if r.label in only]
+    if only is not None:  # a method's label selects its rows of every seed
+        rows = [r for r in rows if r.label in only or seed_of(r.label)[0] in only]
     ctx = mp.get_context("spawn")
     done: dict[str, dict] = {}
     with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
@@ -193,6 +193,20 @@ def across_seeds(results: list[dict], reference: str) -> list[dict]:
                 row["gap_minus_ref"][t] = mean_sd(paired)
         summary.append(row)
     return summary
+
+
+def print_seeds(results: list[dict], reference: str) -> None:
+    """Each method's mean ± sd over the seeds, per text, and its gap closed minus ``reference``'s."""
+    print(f"\nmean ± sd over seeds; gap closed minus {reference}'s, paired by seed:")
+    for r in across_seeds(results, reference):
+        cells = []
+        for t, (m, sd) in r["ppl"].items():
+            g, gsd = r["gap"][t]
+            cell = f"{t} {m:.2f}±{sd:.2f}" + ("" if g is None else f" gap {g:.3f}±{gsd:.3f}")
+            if t in r["gap_minus_ref"]:
+                cell += " ({:+.3f}±{:.3f})".format(*r["gap_minus_ref"][t])
+            cells.append(cell)
+        print(f"  {r['label']:<45} {'  '.join(cells)}")
 
 
 def paired_difference(a: dict, b: dict) -> dict[str, tuple[float, float]] | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import (EVAL_NAMES, Row, across_seeds, add_protocol_args, gap_closed, ppl_columns, print_table, protocol_from,
+from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed, ppl_columns, print_seeds, print_table, protocol_from,
                     run_rows, save_json)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
@@ -84,17 +84,7 @@ def main() -> None:
             print_table(group, [("label", "method", "")] + ppl_columns(protocol)
                         + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
         if len(seeds) > 1:
-            summary = across_seeds([r for r in results if r["label"].startswith(f"{calib} | ")], f"{calib} | ria")
-            print(f"\ncalibration: {calib}, mean ± sd over seeds {', '.join(map(str, seeds))}")
-            for r in summary:
-                cells = []
-                for t, (m, sd) in r["ppl"].items():
-                    g, gsd = r["gap"][t]
-                    cell = f"{t} {m:.2f}±{sd:.2f} gap {g:.3f}±{gsd:.3f}"
-                    if t in r["gap_minus_ref"]:
-                        cell += " (gap - ria's {:+.3f}±{:.3f})".format(*r["gap_minus_ref"][t])
-                    cells.append(cell)
-                print(f"  {r['label']:<45} {'  '.join(cells)}")
+            print_seeds([r for r in results if r["label"].startswith(f"{calib} | ")], f"{calib} | ria")
     print(f"saved {save_json(args.save_as, vars(args), results)}")
 
 

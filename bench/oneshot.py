@@ -7,29 +7,23 @@ the permuted groups) and with the learned one, followed by a reconstruction with
 host choosing its own mask inside the learned groups. Every row uses the
 tool's default calibration (``--calib``, ``--nsamples`` x ``--seqlen``, seed ``--seed``); evaluation on
 the first ``--windows`` windows of ``--seqlen`` tokens of each ``--evals`` text. Gap closed per text:
-(ppl of 2:4 Wanda - ppl) / (ppl of 2:4 Wanda - ppl of unstructured 50%).
+(ppl of 2:4 Wanda - ppl) / (ppl of 2:4 Wanda - ppl of unstructured 50%). With several ``--seeds``
+every row runs once per seed, gap closed is taken within each seed, and a summary gives each method's
+mean ± sd over the seeds and its gap closed minus each ``--versus`` row's, paired seed by seed.
 """
 from __future__ import annotations
 
 import argparse
 
-from common import (Row, add_protocol_args, gap_closed, ppl_columns, print_paired, print_table, protocol_from,
-                    run_rows, save_json)
+from common import (Row, add_protocol_args, gap_closed, ppl_columns, print_paired, print_seeds, print_table,
+                    protocol_from, run_rows, save_json)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_protocol_args(parser)
-    parser.add_argument("--calib", default=Calibration().source, help="calibration source of every row")
-    parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")
-    parser.add_argument("--versus", nargs="*", default=["2:4 wanda", "2:4 wanda + ria"],
-                        help="rows every other row's zero-shot accuracy is compared with, item by item")
-    parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
-    args = parser.parse_args()
-    protocol = protocol_from(args)
-    calib = Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+def rows_for(args, seed: int, suffix: str) -> list[Row]:
+    """Every row of the benchmark, calibrated with ``seed``, labels ending in ``suffix``."""
+    calib = Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
     base = dict(calibration=calib)
     rows = [Row("dense", None),
             Row("unstructured 50% (wanda)", PruneConfig(pattern="50%", **base)),
@@ -47,13 +41,37 @@ def main() -> None:
                                                                        **base)),
                  Row(f"2:4 {host} + learned (own mask)", PruneConfig(score=host, permutation=Learned(),
                                                                     binding=args.binding, **base))]
+    return [Row(row.label + suffix, row.config) for row in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_protocol_args(parser)
+    parser.add_argument("--calib", default=Calibration().source, help="calibration source of every row")
+    parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")
+    parser.add_argument("--versus", nargs="*", default=["2:4 wanda", "2:4 wanda + ria"],
+                        help="rows every other row is compared with: zero-shot accuracy item by item, and gap "
+                             "closed seed by seed (--seeds)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run every row once per seed (default: --seed alone) and summarise over the seeds")
+    parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
+    args = parser.parse_args()
+    protocol = protocol_from(args)
+    seeds = args.seeds or [args.seed]
+    suffixes = {s: f" | seed {s}" if len(seeds) > 1 else "" for s in seeds}
+    rows = [row for s in seeds for row in rows_for(args, s, suffixes[s])]
     print(f"one-shot pruning of {args.model}: calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, "
-          f"seed {args.seed}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "
+          f"seed {', '.join(map(str, seeds))}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "
           f"{', '.join(args.evals)}", flush=True)
     results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
-    gap_closed(results, "2:4 wanda", "unstructured 50% (wanda)")
-    print_table(results, [("label", "method", "")] + ppl_columns(protocol)
-                + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+    for suffix in suffixes.values():
+        group = [r for r in results if r["label"].endswith(suffix)]
+        gap_closed(group, f"2:4 wanda{suffix}", f"unstructured 50% (wanda){suffix}")
+        print_table(group, [("label", "method", "")] + ppl_columns(protocol)
+                    + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+    if len(seeds) > 1:
+        for ref in args.versus:
+            print_seeds(results, ref)
     if protocol.tasks:
         print("\nzero-shot accuracy, paired differences on the same items (points, ± standard error):")
         print_paired(results, args.versus)

@@ -124,30 +124,41 @@ def render_learned(data: dict) -> str:
     return out
 
 
-def render_learned_seeds(data: dict) -> str:
-    """Each method's mean ± sd over the seeds (perplexity, gap closed) and its gap closed minus RIA's,
-    paired seed by seed."""
+def seeds_table(data: dict, results: list[dict], reference: str, strip: str = "") -> str:
+    """Each method's mean ± sd over the seeds (perplexity, gap closed) and its gap closed minus
+    ``reference``'s, paired seed by seed."""
     texts = data["protocol"]["evals"]
+    short = reference.removeprefix(strip)
+    headers = ["method"]
+    for t in texts:
+        headers += [f"{TEXTS.get(t, t)} ppl", "gap closed", f"gap - {short}'s"]
+    headers.append("pruning s")
+    body = []
+    for r in across_seeds(results, reference):
+        cells = [r["label"].removeprefix(strip)]
+        for t in texts:
+            (m, sd), (g, gsd) = r["ppl"][t], r["gap"][t]
+            minus = r["gap_minus_ref"].get(t)
+            cells += [f"{m:.2f} ± {sd:.2f}", "–" if g is None else f"{g:.3f} ± {gsd:.3f}",
+                      "–" if minus is None else f"{minus[0]:+.3f} ± {minus[1]:.3f}"]
+        cells.append(fmt(r["prune_s"], ".0f"))
+        body.append(cells)
+    return table(headers, body)
+
+
+def render_learned_seeds(data: dict) -> str:
     out = header(data) + protocol_line(data)
     for calib in data["protocol"]["calibs"]:
-        summary = across_seeds([r for r in data["results"] if r["label"].startswith(f"{calib} | ")], f"{calib} | ria")
-        headers = ["method"]
-        for t in texts:
-            headers += [f"{TEXTS.get(t, t)} ppl", "gap closed", "gap - ria's"]
-        headers.append("pruning s")
-        body = []
-        for r in summary:
-            cells = [r["label"].removeprefix(f"{calib} | ")]
-            for t in texts:
-                (m, sd), (g, gsd) = r["ppl"][t], r["gap"][t]
-                minus = r["gap_minus_ref"].get(t)
-                cells += [f"{m:.2f} ± {sd:.2f}", "–" if g is None else f"{g:.3f} ± {gsd:.3f}",
-                          "–" if minus is None else f"{minus[0]:+.3f} ± {minus[1]:.3f}"]
-            cells.append(fmt(r["prune_s"], ".0f"))
-            body.append(cells)
-        out += f"Calibrated on **{calib}**, mean ± standard deviation over {len(summary[0]['seeds'])} seeds:\n\n"
-        out += table(headers, body) + "\n"
+        group = [r for r in data["results"] if r["label"].startswith(f"{calib} | ")]
+        if group:
+            out += (f"Calibrated on **{calib}**, mean ± standard deviation over {len(data['protocol']['seeds'])} "
+                    f"seeds:\n\n" + seeds_table(data, group, f"{calib} | ria", strip=f"{calib} | ") + "\n")
     return out
+
+
+def render_oneshot_seeds(data: dict) -> str:
+    return (header(data) + protocol_line(data)
+            + seeds_table(data, data["results"], data["protocol"]["versus"][0]))
 
 
 def render_permutation(data: dict) -> str:
@@ -238,6 +249,7 @@ def render_testbed_recipes(data: dict) -> str:
 RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
              "zeroshot_300": render_zeroshot_paired,
              "learned": render_learned, "learned_seeds": render_learned_seeds,
+             "oneshot_seeds": render_oneshot_seeds,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
 
