@@ -45,8 +45,9 @@ class Row:
     config: object | None  # a PruneConfig, or None for the dense model
 
 
-def add_protocol_args(parser, evals=("wikitext2", "shakespeare")) -> None:
-    """The options every benchmark shares: model, evaluation windows and texts, calibration, seed, jobs."""
+def add_protocol_args(parser, evals=("wikitext2", "shakespeare"), seeds: bool = False) -> None:
+    """The options every benchmark shares: model, evaluation windows and texts, calibration, seed, jobs;
+    with ``seeds``, ``--seeds`` too (every row once per seed, see :func:`seed_suffixes`)."""
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
     parser.add_argument("--windows", type=int, default=16, help="first K evaluation windows of each text")
@@ -59,6 +60,15 @@ def add_protocol_args(parser, evals=("wikitext2", "shakespeare")) -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
     parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks of every row (lm-evaluation-harness)")
     parser.add_argument("--limit", type=int, default=None, help="first N items of each zero-shot task")
+    if seeds:
+        parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                            help="run every row once per seed (default: --seed alone) and summarise over the seeds")
+
+
+def seed_suffixes(args) -> dict[int, str]:
+    """Seed -> the suffix of its rows' labels (``" | seed S"``; none when one seed runs)."""
+    seeds = args.seeds or [args.seed]
+    return {s: f" | seed {s}" if len(seeds) > 1 else "" for s in seeds}
 
 
 def protocol_from(args) -> Protocol:
@@ -180,16 +190,18 @@ def across_seeds(results: list[dict], reference: str) -> list[dict]:
     ref = by_method.get(reference, {})
     summary = []
     for method, runs in by_method.items():
-        texts = next(iter(runs.values()))["ppl"]
+        pruned = all(r.get("config") is not None for r in runs.values())
         row = {"label": method, "seeds": sorted(runs), "ppl": {}, "gap": {}, "gap_minus_ref": {},
-               "prune_s": mean_sd([r["prune_s"] for r in runs.values()])[0] if all(r.get("config") for r in runs.values())
-               else None}
-        for t in texts:
+               "prune_s": mean_sd([r["prune_s"] for r in runs.values()])[0] if pruned else None}
+        for t in next(iter(runs.values()))["ppl"]:
             row["ppl"][t] = mean_sd([r["ppl"][t] for r in runs.values()])
             gaps = {s: (r.get("gap") or {}).get(t) for s, r in runs.items()}
-            row["gap"][t] = mean_sd(list(gaps.values())) if None not in gaps.values() else (None, None)
-            paired = [gaps[s] - ref[s]["gap"][t] for s in runs if s in ref and ref[s].get("gap") and gaps[s] is not None]
-            if method != reference and paired and len(paired) == len(runs):
+            if None in gaps.values():
+                row["gap"][t] = (None, None)
+                continue
+            row["gap"][t] = mean_sd(list(gaps.values()))
+            paired = [gaps[s] - ref[s]["gap"][t] for s in runs if (ref.get(s, {}).get("gap") or {}).get(t) is not None]
+            if method != reference and len(paired) == len(runs):  # every seed has the reference's
                 row["gap_minus_ref"][t] = mean_sd(paired)
         summary.append(row)
     return summary

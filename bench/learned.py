@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed, ppl_columns, print_seeds, print_table, protocol_from,
-                    run_rows, save_json)
+                    run_rows, save_json, seed_suffixes)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -58,19 +58,17 @@ def rows_for(calib: str, args, seed: int, suffix: str = "") -> list[Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_protocol_args(parser, evals=("wikitext2", "shakespeare", "alpaca"))
+    add_protocol_args(parser, evals=("wikitext2", "shakespeare", "alpaca"), seeds=True)
     parser.add_argument("--calibs", nargs="+", default=["c4", "wikitext2-valid"], help="calibration sources")
     parser.add_argument("--variants", nargs="*", default=["default"], choices=sorted(VARIANTS))
     parser.add_argument("--baselines", nargs="*", default=["none", "unstructured 50%", "ria", "output"],
                         help="baseline rows of each calibration source")
     parser.add_argument("--validation", default="alpaca", help="the evaluation text defaults are chosen on")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None,
-                        help="run every row once per seed (default: --seed alone) and summarise over the seeds")
     parser.add_argument("--save-as", default="learned", help="name of the JSON file under bench/results")
     args = parser.parse_args()
     protocol = protocol_from(args)
-    seeds = args.seeds or [args.seed]
-    suffixes = {s: f" | seed {s}" if len(seeds) > 1 else "" for s in seeds}
+    suffixes = seed_suffixes(args)
+    seeds = list(suffixes)
     rows = [row for calib in args.calibs for s in seeds for row in rows_for(calib, args, s, suffixes[s])]
     print(f"learned permutation across domains on {args.model}, 2:4 Wanda: calibration {args.nsamples} x {args.seqlen} "
           f"of {', '.join(args.calibs)}; evaluation first {args.windows} windows of {args.seqlen} of "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from common import (Row, add_protocol_args, gap_closed, ppl_columns, print_paired, print_seeds, print_table,
-                    protocol_from, run_rows, save_json)
+                    protocol_from, run_rows, save_json, seed_suffixes)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -46,19 +46,17 @@ def rows_for(args, seed: int, suffix: str) -> list[Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_protocol_args(parser)
+    add_protocol_args(parser, seeds=True)
     parser.add_argument("--calib", default=Calibration().source, help="calibration source of every row")
     parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")
     parser.add_argument("--versus", nargs="*", default=["2:4 wanda", "2:4 wanda + ria"],
                         help="rows every other row is compared with: zero-shot accuracy item by item, and gap "
                              "closed seed by seed (--seeds)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None,
-                        help="run every row once per seed (default: --seed alone) and summarise over the seeds")
     parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
     args = parser.parse_args()
     protocol = protocol_from(args)
-    seeds = args.seeds or [args.seed]
-    suffixes = {s: f" | seed {s}" if len(seeds) > 1 else "" for s in seeds}
+    suffixes = seed_suffixes(args)
+    seeds = list(suffixes)
     rows = [row for s in seeds for row in rows_for(args, s, suffixes[s])]
     print(f"one-shot pruning of {args.model}: calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, "
           f"seed {', '.join(map(str, seeds))}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "

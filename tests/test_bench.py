@@ -39,3 +39,11 @@ def test_across_seeds_means_and_pairs_by_seed():
 def test_readme_tables_match_their_results():
     text = (ROOT / "README.md").read_text()
     assert tables.regenerate(text) == text, "README tables are stale: run python3 bench/tables.py"
+
+
+def test_across_seeds_leaves_the_dense_row_without_gap_or_seconds():
+    results = [row("dense | seed 0", 36.0, config=False), row("dense | seed 1", 36.0, config=False),
+               row("ria | seed 0", 200.0, 0.5), row("ria | seed 1", 190.0, 0.6)]
+    summary = {r["label"]: r for r in across_seeds(results, "ria")}
+    assert summary["dense"]["gap"]["wikitext2"] == (None, None) and summary["dense"]["prune_s"] is None
+    assert summary["ria"]["prune_s"] == 10.0 and summary["ria"]["ppl"]["wikitext2"][0] == 195.0
