@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
+import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -173,9 +174,17 @@ def seed_of(label: str) -> tuple[str, int | None]:
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, var ** 0.5
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def gap_closed_by_seed(results: list[dict], none: str, limit: str) -> None:
+    """:func:`gap_closed` within each seed's rows, against that seed's ``none`` and ``limit`` rows."""
+    seeds: dict[int | None, list[dict]] = {}
+    for r in results:
+        seeds.setdefault(seed_of(r["label"])[1], []).append(r)
+    for seed, group in seeds.items():
+        suffix = "" if seed is None else f" | seed {seed}"
+        gap_closed(group, none + suffix, limit + suffix)
 
 
 def across_seeds(results: list[dict], reference: str) -> list[dict]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed, ppl_columns, print_seeds, print_table, protocol_from,
+from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed_by_seed, ppl_columns, print_seeds, print_table, protocol_from,
                     run_rows, save_json, seed_suffixes)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
@@ -75,14 +75,13 @@ def main() -> None:
           f"{', '.join(EVAL_NAMES.get(t, t) for t in args.evals)} (validation: {args.validation})", flush=True)
     results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
     for calib in args.calibs:
-        for s in seeds:
-            group = [r for r in results if r["label"].startswith(f"{calib} | ") and r["label"].endswith(suffixes[s])]
-            gap_closed(group, f"{calib} | none{suffixes[s]}", f"{calib} | unstructured 50%{suffixes[s]}")
-            print(f"\ncalibration: {calib}{suffixes[s]}")
-            print_table(group, [("label", "method", "")] + ppl_columns(protocol)
-                        + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+        group = [r for r in results if r["label"].startswith(f"{calib} | ")]
+        gap_closed_by_seed(group, f"{calib} | none", f"{calib} | unstructured 50%")
+        print(f"\ncalibration: {calib}")
+        print_table(group, [("label", "method", "")] + ppl_columns(protocol)
+                    + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
         if len(seeds) > 1:
-            print_seeds([r for r in results if r["label"].startswith(f"{calib} | ")], f"{calib} | ria")
+            print_seeds(group, f"{calib} | ria")
     print(f"saved {save_json(args.save_as, vars(args), results)}")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import (Row, add_protocol_args, gap_closed, ppl_columns, print_paired, print_seeds, print_table,
+from common import (Row, add_protocol_args, gap_closed_by_seed, ppl_columns, print_paired, print_seeds, print_table,
                     protocol_from, run_rows, save_json, seed_suffixes)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
@@ -62,11 +62,9 @@ def main() -> None:
           f"seed {', '.join(map(str, seeds))}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "
           f"{', '.join(args.evals)}", flush=True)
     results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
-    for suffix in suffixes.values():
-        group = [r for r in results if r["label"].endswith(suffix)]
-        gap_closed(group, f"2:4 wanda{suffix}", f"unstructured 50% (wanda){suffix}")
-        print_table(group, [("label", "method", "")] + ppl_columns(protocol)
-                    + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
+    gap_closed_by_seed(results, "2:4 wanda", "unstructured 50% (wanda)")
+    print_table(results, [("label", "method", "")] + ppl_columns(protocol)
+                + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
     if len(seeds) > 1:
         for ref in args.versus:
             print_seeds(results, ref)

@@ -7,7 +7,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import across_seeds, mean_sd, seed_of  # noqa: E402
+from common import across_seeds, gap_closed_by_seed, mean_sd, seed_of  # noqa: E402
 import tables  # noqa: E402
 
 
@@ -47,3 +47,10 @@ def test_across_seeds_leaves_the_dense_row_without_gap_or_seconds():
     summary = {r["label"]: r for r in across_seeds(results, "ria")}
     assert summary["dense"]["gap"]["wikitext2"] == (None, None) and summary["dense"]["prune_s"] is None
     assert summary["ria"]["prune_s"] == 10.0 and summary["ria"]["ppl"]["wikitext2"][0] == 195.0
+
+
+def test_gap_closed_by_seed_uses_each_seeds_own_limits():
+    results = [row("none | seed 0", 300.0), row("limit | seed 0", 100.0), row("ria | seed 0", 200.0),
+               row("none | seed 1", 400.0), row("limit | seed 1", 200.0), row("ria | seed 1", 250.0)]
+    gap_closed_by_seed(results, "none", "limit")
+    assert [r["gap"]["wikitext2"] for r in results] == pytest.approx([0.0, 1.0, 0.5, 0.0, 1.0, 0.75])
