@@ -83,7 +83,7 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
     import torch
 
     from permsparse import load_model, perplexity, prune
-    from permsparse.data import token_stream
+    from permsparse.data import check_disjoint, token_stream
     from permsparse.report import peak_rss_mb
     from permsparse.serial import to_dict
 
@@ -91,6 +91,9 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
     model, tokenizer = load_model(protocol.model)
     result = {"label": row.label, "prune_s": 0.0, "config": None if row.config is None else to_dict(row.config)}
     if row.config is not None:
+        for k, source in enumerate(protocol.evals):
+            check_disjoint(tokenizer, row.config.calibration.source, source, protocol.seqlen,
+                           None if protocol.full and k == 0 else protocol.windows)
         report = prune(model, tokenizer, row.config, progress=False)
         result.update(prune_s=report.seconds, layers=to_dict(report.layers), training=to_dict(report.training),
                       kept_start=list(report.kept_start))

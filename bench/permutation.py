@@ -31,7 +31,7 @@ def layer_table(model_name: str, methods: list[str], calib: str, nsamples: int, 
 
     model, tokenizer = load_model(model_name)
     adapter = adapter_for(model)
-    samples, _ = data.calibration_windows(data.token_stream(tokenizer, calib), nsamples, seqlen, seed)
+    samples, _ = data.calibration_windows(data.calibration_stream(tokenizer, calib), nsamples, seqlen, seed)
     inputs, kwargs = capture_block_inputs(model, adapter, samples)
     rows = {m: {"label": m, "efficacy": [], "err_vs_none": [], "gap_closed": [], "search_s": 0.0} for m in methods}
     for i, block in enumerate(adapter.blocks(model)):

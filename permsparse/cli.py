@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import distributed
+from . import data, distributed
 from .checkpoint.check import check_checkpoint
 from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
@@ -208,6 +208,10 @@ def run_prune(args) -> int:
     log.info("%s", args.command_line)
     log.info("config: %s", json.dumps(to_dict(config)))
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+    texts = [t for t in args.eval_texts.split(",") if t]
+    if args.eval_windows != 0 and not reads_images(model):
+        for text in texts:
+            data.check_disjoint(tokenizer, config.calibration.source, text, config.calibration.seqlen, args.eval_windows)
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank)
     if not main_rank:
         return 0
@@ -219,7 +223,7 @@ def run_prune(args) -> int:
     if reads_images(model):
         metrics = evaluate_images(model, tokenizer, config, args)
     else:
-        metrics = evaluate(model, tokenizer, args.model, [t for t in args.eval_texts.split(",") if t], args,
+        metrics = evaluate(model, tokenizer, args.model, texts, args,
                            seqlen=config.calibration.seqlen, windows=args.eval_windows)
     zero_shot_results = []
     if tasks:

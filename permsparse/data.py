@@ -5,6 +5,11 @@ else the Hugging Face hub through ``datasets``. Any existing text file path work
 list of documents: tokenised one by one and joined with the tokenizer's EOS token into one stream, so
 windows cut from it may span documents as in Wanda's and SparseGPT's C4 recipe, but never glue two
 documents without a boundary.
+
+A text that is also evaluated (``Source.evaluated``) is split: its evaluation windows are its first ones,
+so calibration draws only from what follows its first ``EVAL_HEAD`` share of tokens, and an evaluation
+that reaches further than that head while calibrating on the same text is refused
+(:func:`check_disjoint`).
 """
 from __future__ import annotations
 
@@ -26,20 +31,25 @@ class Source:
     hub: tuple[str, str | None, str] | None  # (dataset, config, split)
     kind: str = "text"  # text | wikitext-raw | wikitext-tokenised | jsonl | alpaca
     description: str = ""
+    evaluated: bool = False  # also an evaluation text: its head is kept from calibration
+
+
+EVAL_HEAD = 0.1  # share of an evaluated text's tokens, from its start, that calibration never draws from
 
 
 SOURCES: dict[str, Source] = {
     "wikitext2": Source("wikitext-2-raw/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test"), "wikitext-raw",
-                        "WikiText-2 raw test (the evaluation text)"),
+                        "WikiText-2 raw test (the evaluation text)", evaluated=True),
     "wikitext2-valid": Source("wikitext-2/valid.txt", ("wikitext", "wikitext-2-raw-v1", "validation"),
                               "wikitext-tokenised", "WikiText-2 validation"),
-    "shakespeare": Source("tinyshakespeare/input.txt", None, "text", "Tiny Shakespeare"),
+    "shakespeare": Source("tinyshakespeare/input.txt", None, "text", "Tiny Shakespeare", evaluated=True),
     "c4": Source("calib/c4/c4_sample.jsonl", ("allenai/c4", "en", "train"), "jsonl",
                  "C4 en train, shard 00000 (the Wanda/SparseGPT calibration shard): its first 1,000 documents"),
     "c4-demo": Source("calib/c4_demo/c4_demo.jsonl", None, "jsonl", "300 other C4 documents"),
     "c4-validation": Source(None, ("allenai/c4", "en", "validation"), "jsonl",
                             "C4 en validation, shard 00000 (the SparseGPT/Wanda evaluation text; hub only)"),
-    "alpaca": Source("calib/alpaca/alpaca_5000.json", None, "alpaca", "5,000 Stanford Alpaca instructions"),
+    "alpaca": Source("calib/alpaca/alpaca_5000.json", None, "alpaca", "5,000 Stanford Alpaca instructions",
+                     evaluated=True),
 }
 
 
@@ -99,11 +109,6 @@ def load_documents(source: str) -> list[str]:
     raise FileNotFoundError(f"data source {source!r} is not reachable; tried: {'; '.join(tried)}")
 
 
-def load_text(source: str) -> str:
-    """A source's documents joined by blank lines (for evaluation texts, which are one document)."""
-    return "\n\n".join(load_documents(source))
-
-
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids of the whole text as one 1-D tensor (tokenised once, as the protocol asks)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -118,6 +123,33 @@ def token_stream(tokenizer, source: str) -> torch.Tensor:
     ids = tokenizer(documents, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
+
+
+def eval_head(source: str, ids: torch.Tensor) -> int:
+    """How many leading tokens of ``source``'s stream ``ids`` calibration leaves to evaluation: the first
+    ``EVAL_HEAD`` share of a text that is also evaluated, none of any other."""
+    spec = SOURCES.get(source)
+    return int(ids.numel() * EVAL_HEAD) if spec is not None and spec.evaluated else 0
+
+
+def calibration_stream(tokenizer, source: str) -> torch.Tensor:
+    """The tokens calibration windows of ``source`` are drawn from: its stream after the evaluation head."""
+    ids = token_stream(tokenizer, source)
+    return ids[eval_head(source, ids):]
+
+
+def check_disjoint(tokenizer, calibration: str, text: str, seqlen: int, windows: int | None) -> None:
+    """Refuse to evaluate ``text`` on more tokens than its head when the calibration (a source or a
+    mixture) draws from it: the evaluation would score tokens the model was calibrated on."""
+    if text not in (name for name, _ in mixture(calibration)):
+        return
+    ids = token_stream(tokenizer, text)
+    head = eval_head(text, ids)
+    needed = ids.numel() if windows is None else windows * seqlen
+    if needed > head:
+        raise ValueError(f"calibrating on {text!r} leaves only its first {head} tokens to evaluation, and evaluating it "
+                         f"reads {needed}: evaluate at most {head // seqlen} windows (--eval-windows / --windows) or "
+                         "calibrate on another source")
 
 
 BOS_PROBE = "The quick brown fox"
@@ -211,7 +243,7 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
     for k, (name, _) in enumerate(parts):
         if counts[0][k] == 0 and counts[1][k] == 0:
             continue
-        w, h = calibration_windows(token_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k], bos)
+        w, h = calibration_windows(calibration_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k], bos)
         windows.append(w)
         held.append(h)
     return torch.cat(windows), torch.cat(held)

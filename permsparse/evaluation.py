@@ -77,8 +77,8 @@ def next_token_nll(lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) 
 
 
 def eval_tokens(tokenizer, source: str = "wikitext2") -> torch.Tensor:
-    """The evaluation text's token ids, tokenised once."""
-    return data.tokenize(tokenizer, data.load_text(source))
+    """The evaluation text's token ids, tokenised once (documents joined by EOS, as calibration joins them)."""
+    return data.token_stream(tokenizer, source)
 
 
 @torch.no_grad()

@@ -55,6 +55,7 @@ def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir, tmp_path, c
     (["--pattern", "5:4"], "pattern 5:4 is invalid"),
     (["--pattern", "0:4"], "pattern 0:4 is invalid"),
     (["--pattern", "2:48", "--strict"], "not divisible by M=48"),
+    (["--calib", "shakespeare", "--eval-texts", "shakespeare", "--eval-windows", "100000"], "evaluate at most"),
 ])
 def test_bad_input_is_one_clear_error(tiny_llama_dir, tmp_path, capsys, args, message):
     out = tmp_path / "pruned"

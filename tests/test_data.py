@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from permsparse import Calibration
-from permsparse.data import calibration_windows, draw_calibration, load_documents, mixture, token_stream
+from permsparse.data import (EVAL_HEAD, bos_id, calibration_stream, calibration_windows, check_disjoint,
+                             draw_calibration, load_documents, mixture, token_stream)
 
 
 def test_offline_sources_read_their_documents():
@@ -48,3 +49,17 @@ def test_the_test_text_is_refused_for_calibration_unless_asked():
     with pytest.raises(ValueError, match="--allow-test-calibration"):
         Calibration(source="wikitext2")
     assert Calibration(source="wikitext2", allow_test_text=True).source == "wikitext2"
+
+
+def test_calibration_on_an_evaluated_text_never_draws_its_evaluation_windows(tiny_tokenizer):
+    ids = token_stream(tiny_tokenizer, "shakespeare")
+    head = int(ids.numel() * EVAL_HEAD)
+    assert torch.equal(calibration_stream(tiny_tokenizer, "shakespeare"), ids[head:])
+    assert torch.equal(calibration_stream(tiny_tokenizer, "c4-demo"), token_stream(tiny_tokenizer, "c4-demo"))
+    train, held = draw_calibration(tiny_tokenizer, "c4:1,shakespeare:1", 8, 64, seed=0, holdout=4)
+    own, own_held = calibration_windows(ids[head:], 4, 64, 1, 2, bos_id(tiny_tokenizer))  # part 2, seed + 1
+    assert torch.equal(train[4:], own) and torch.equal(held[2:], own_held)
+    check_disjoint(tiny_tokenizer, "c4:1,shakespeare:1", "shakespeare", 64, head // 64)  # fits the head
+    check_disjoint(tiny_tokenizer, "c4", "shakespeare", 64, None)  # not calibrated on: the whole text
+    with pytest.raises(ValueError, match=f"evaluate at most {head // 64} windows"):
+        check_disjoint(tiny_tokenizer, "shakespeare", "shakespeare", 64, head // 64 + 1)
