@@ -46,9 +46,10 @@ class Row:
     config: object | None  # a PruneConfig, or None for the dense model
 
 
-def add_protocol_args(parser, evals=("wikitext2", "shakespeare"), seeds: bool = False) -> None:
+def add_protocol_args(parser, evals=("wikitext2", "shakespeare"), seeds: bool = False, reuse: bool = False) -> None:
     """The options every benchmark shares: model, evaluation windows and texts, calibration, seed, jobs;
-    with ``seeds``, ``--seeds`` too (every row once per seed, see :func:`seed_suffixes`)."""
+    with ``seeds``, ``--seeds`` too (every row once per seed, see :func:`seed_suffixes`); with ``reuse``,
+    ``--reuse`` (rows taken from stored results, see :func:`reusable`)."""
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
     parser.add_argument("--windows", type=int, default=16, help="first K evaluation windows of each text")
@@ -61,6 +62,11 @@ def add_protocol_args(parser, evals=("wikitext2", "shakespeare"), seeds: bool = 
     parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
     parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks of every row (lm-evaluation-harness)")
     parser.add_argument("--limit", type=int, default=None, help="first N items of each zero-shot task")
+    if reuse:
+        parser.add_argument("--reuse", nargs="*", default=[], metavar="NAME",
+                            help="take rows from bench/results/NAME.json that match a row here (label, config, "
+                                 "protocol, CPU and torch) instead of running them again; the stored commit is the "
+                                 "caller's to check")
     if seeds:
         parser.add_argument("--seeds", nargs="+", type=int, default=None,
                             help="run every row once per seed (default: --seed alone) and summarise over the seeds")
@@ -130,17 +136,52 @@ def _guarded_row(row: Row, protocol: Protocol) -> dict:
         return {"label": row.label, "error": traceback.format_exc()}
 
 
+def machine() -> dict:
+    """What a result's last bits depend on beyond the code: Python, platform, CPUs, torch and its kernels."""
+    import torch
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str, dict]:
+    """Results stored in ``bench/results/NAME.json`` (for each of ``names``) that stand for rows here: the
+    same label and config, evaluated on every text here under the same model, windows, tasks and items,
+    on a machine with the same CPU model, torch and kernel level (on which the same command gives the same
+    bits). Each keeps the evaluations here and records the file it came from."""
+    from permsparse.serial import to_dict
+
+    wanted = {r.label: (None if r.config is None else to_dict(r.config)) for r in rows}
+    here = {k: machine()[k] for k in ("cpu", "cpu_capability", "torch")}
+    found: dict[str, dict] = {}
+    for name in names:
+        stored = json.loads((RESULTS / f"{name}.json").read_text())
+        p = stored["protocol"]
+        same = (p["model"] == protocol.model and p["seqlen"] == protocol.seqlen and p["windows"] == protocol.windows
+                and tuple(p.get("tasks") or ()) == protocol.tasks and p.get("limit") == protocol.limit
+                and not protocol.full and all(stored["machine"].get(k) == v for k, v in here.items()))
+        for r in stored["results"] if same else ():
+            if (r["label"] in wanted and r["label"] not in found and "error" not in r and r["config"] == wanted[r["label"]]
+                    and all(t in r["ppl"] for t in protocol.evals)):
+                found[r["label"]] = {**{k: v for k, v in r.items() if k != "gap"},
+                                     "ppl": {t: r["ppl"][t] for t in protocol.evals}, "reused_from": name}
+    return found
+
+
 def run_rows(rows: list[Row], protocol: Protocol, jobs: int = 1, only: list[str] | None = None,
-             partial: str | None = None) -> list[dict]:
+             partial: str | None = None, reuse: list[str] = ()) -> list[dict]:
     """Run every row (or those labelled in ``only``) in a fresh process, ``jobs`` at a time, printing each
     as it finishes and, with ``partial``, saving what is done so far to ``bench/results/PARTIAL.partial.json``.
+    Rows that the results named in ``reuse`` already hold (:func:`reusable`) are taken from there.
     With ``jobs > 1`` rows share the machine, so their seconds include that contention."""
     if only is not None:  # a method's label selects its rows of every seed
         rows = [r for r in rows if r.label in only or seed_of(r.label)[0] in only]
+    done: dict[str, dict] = reusable(rows, protocol, list(reuse)) if reuse else {}
+    for label, r in done.items():
+        print(f"  reused: {label:<40} from {r['reused_from']}", flush=True)
     ctx = mp.get_context("spawn")
-    done: dict[str, dict] = {}
     with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_guarded_row, row, protocol) for row in rows]
+        futures = [pool.submit(_guarded_row, row, protocol) for row in rows if row.label not in done]
         for future in as_completed(futures):
             r = future.result()
             done[r["label"]] = r
@@ -307,15 +348,25 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def commit() -> str:
+    """The checkout's commit, with ``+changes`` when tracked files differ from it ("?" outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+changes" if dirty else "")
+
+
 def save_json(name: str, protocol: dict, results) -> Path:
     """``bench/results/NAME.json`` with the protocol, the machine, the date and the command line."""
-    import torch
-
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-               "torch": torch.__version__, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    payload = {"protocol": protocol, "machine": machine, "date": datetime.date.today().isoformat(),
+    payload = {"protocol": protocol, "machine": machine(), "commit": commit(), "date": datetime.date.today().isoformat(),
                "command": "python3 " + shlex.join(sys.argv), "results": results}
     path.write_text(json.dumps(payload, indent=1, default=str))
     return path

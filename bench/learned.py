@@ -37,6 +37,8 @@ VARIANTS = {
     "blockwise, ria start": ({"init": "ria", "scope": "blockwise"}, {}),
     "kl+hidden, ria start, 20 steps of 1": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 20,
                                              "batch": 1}, {}),
+    "kl+hidden, ria start, 20 steps of 4": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 20,
+                                             "batch": 4}, {}),
     "ce+hidden, ria start, 20 steps of 1": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 1.0, "steps": 20,
                                              "batch": 1}, {}),
 }
@@ -58,7 +60,7 @@ def rows_for(calib: str, args, seed: int, suffix: str = "") -> list[Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_protocol_args(parser, evals=("wikitext2", "shakespeare", "alpaca"), seeds=True)
+    add_protocol_args(parser, evals=("wikitext2", "shakespeare", "alpaca"), seeds=True, reuse=True)
     parser.add_argument("--calibs", nargs="+", default=["c4", "wikitext2-valid"], help="calibration sources")
     parser.add_argument("--variants", nargs="*", default=["default"], choices=sorted(VARIANTS))
     parser.add_argument("--baselines", nargs="*", default=["none", "unstructured 50%", "ria", "output"],
@@ -73,7 +75,7 @@ def main() -> None:
     print(f"learned permutation across domains on {args.model}, 2:4 Wanda: calibration {args.nsamples} x {args.seqlen} "
           f"of {', '.join(args.calibs)}; evaluation first {args.windows} windows of {args.seqlen} of "
           f"{', '.join(EVAL_NAMES.get(t, t) for t in args.evals)} (validation: {args.validation})", flush=True)
-    results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
+    results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as, reuse=args.reuse)
     for calib in args.calibs:
         group = [r for r in results if r["label"].startswith(f"{calib} | ")]
         gap_closed_by_seed(group, f"{calib} | none", f"{calib} | unstructured 50%")

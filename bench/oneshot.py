@@ -46,7 +46,7 @@ def rows_for(args, seed: int, suffix: str) -> list[Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_protocol_args(parser, seeds=True)
+    add_protocol_args(parser, seeds=True, reuse=True)
     parser.add_argument("--calib", default=Calibration().source, help="calibration source of every row")
     parser.add_argument("--binding", default="per-linear", help="binding of the permutation rows")
     parser.add_argument("--versus", nargs="*", default=["2:4 wanda", "2:4 wanda + ria"],
@@ -61,7 +61,7 @@ def main() -> None:
     print(f"one-shot pruning of {args.model}: calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, "
           f"seed {', '.join(map(str, seeds))}; evaluation: first {args.windows} windows of {args.seqlen} tokens of "
           f"{', '.join(args.evals)}", flush=True)
-    results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as)
+    results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as, reuse=args.reuse)
     gap_closed_by_seed(results, "2:4 wanda", "unstructured 50% (wanda)")
     print_table(results, [("label", "method", "")] + ppl_columns(protocol)
                 + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])

@@ -1,4 +1,6 @@
-"""The benchmark harness's arithmetic: seeds summarised per method, paired by seed; README tables current."""
+"""The benchmark harness's arithmetic: seeds summarised per method, paired by seed; stored rows reused only
+where they stand for the row; README tables current."""
+import json
 import sys
 from pathlib import Path
 
@@ -7,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import across_seeds, gap_closed_by_seed, mean_sd, seed_of  # noqa: E402
+import common  # noqa: E402
+from common import Protocol, Row, across_seeds, gap_closed_by_seed, mean_sd, seed_of  # noqa: E402
 import tables  # noqa: E402
 
 
@@ -54,3 +57,25 @@ def test_gap_closed_by_seed_uses_each_seeds_own_limits():
                row("none | seed 1", 400.0), row("limit | seed 1", 200.0), row("ria | seed 1", 250.0)]
     gap_closed_by_seed(results, "none", "limit")
     assert [r["gap"]["wikitext2"] for r in results] == pytest.approx([0.0, 1.0, 0.5, 0.0, 1.0, 0.75])
+
+
+def test_stored_rows_are_reused_only_for_the_same_row_protocol_and_machine(tmp_path, monkeypatch):
+    from permsparse import PruneConfig, Search
+    from permsparse.serial import to_dict
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    ria, none = PruneConfig(permutation=Search("ria")), PruneConfig()
+    protocol = Protocol("smollm2-135m", 512, 16, ("wikitext2",))
+    stored = [{"label": "c4 | ria", "config": to_dict(ria), "ppl": {"wikitext2": 200.0, "alpaca": 70.0}, "gap": {}},
+              {"label": "c4 | none", "config": to_dict(PruneConfig(pattern="4:8")), "ppl": {"wikitext2": 300.0}}]
+    payload = {"protocol": {"model": "smollm2-135m", "seqlen": 512, "windows": 16, "tasks": [], "limit": None},
+               "machine": common.machine(), "results": stored}
+    (tmp_path / "here.json").write_text(json.dumps(payload))
+    rows = [Row("c4 | ria", ria), Row("c4 | none", none)]
+    found = common.reusable(rows, protocol, ["here"])
+    assert list(found) == ["c4 | ria"]  # the stored none row has another config
+    assert found["c4 | ria"]["ppl"] == {"wikitext2": 200.0} and found["c4 | ria"]["reused_from"] == "here"
+    assert common.reusable(rows, Protocol("smollm2-135m", 512, 32, ("wikitext2",)), ["here"]) == {}
+    assert common.reusable(rows, Protocol("smollm2-135m", 512, 16, ("shakespeare",)), ["here"]) == {}
+    (tmp_path / "there.json").write_text(json.dumps({**payload, "machine": {**payload["machine"], "cpu": "other"}}))
+    assert common.reusable(rows, protocol, ["there"]) == {}
