@@ -146,6 +146,8 @@ def check_disjoint(tokenizer, calibration: str, text: str, seqlen: int, windows:
     ids = token_stream(tokenizer, text)
     head = eval_head(text, ids)
     needed = ids.numel() if windows is None else windows * seqlen
+    if head == 0:
+        raise ValueError(f"calibration draws from all of {text!r}: evaluate another text or calibrate on another source")
     if needed > head:
         raise ValueError(f"calibrating on {text!r} leaves only its first {head} tokens to evaluation, and evaluating it "
                          f"reads {needed}: evaluate at most {head // seqlen} windows (--eval-windows / --windows) or "

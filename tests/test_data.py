@@ -63,3 +63,5 @@ def test_calibration_on_an_evaluated_text_never_draws_its_evaluation_windows(tin
     check_disjoint(tiny_tokenizer, "c4", "shakespeare", 64, None)  # not calibrated on: the whole text
     with pytest.raises(ValueError, match=f"evaluate at most {head // 64} windows"):
         check_disjoint(tiny_tokenizer, "shakespeare", "shakespeare", 64, head // 64 + 1)
+    with pytest.raises(ValueError, match="draws from all of"):
+        check_disjoint(tiny_tokenizer, "c4-demo", "c4-demo", 64, 1)
