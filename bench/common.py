@@ -149,7 +149,15 @@ def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str,
     same label and config, evaluated on every text here under the same model, windows, tasks and items,
     on a machine with the same CPU model, torch and kernel level (on which the same command gives the same
     bits). Each keeps the evaluations here and records the file it came from."""
+    from permsparse import PruneConfig
     from permsparse.serial import to_dict
+
+    defaults = to_dict(PruneConfig())
+
+    def completed(config: dict | None) -> dict | None:
+        """A stored config with the top-level fields it predates at their defaults: the code that ran it had
+        no such field, so it ran as the default does (no distillation, say)."""
+        return None if config is None else {**{k: v for k, v in defaults.items() if k not in config}, **config}
 
     wanted = {r.label: (None if r.config is None else to_dict(r.config)) for r in rows}
     here = {k: machine()[k] for k in ("cpu", "cpu_capability", "torch")}
@@ -161,7 +169,7 @@ def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str,
                 and tuple(p.get("tasks") or ()) == protocol.tasks and p.get("limit") == protocol.limit
                 and not protocol.full and all(stored["machine"].get(k) == v for k, v in here.items()))
         for r in stored["results"] if same else ():
-            if (r["label"] in wanted and r["label"] not in found and "error" not in r and r["config"] == wanted[r["label"]]
+            if (r["label"] in wanted and r["label"] not in found and "error" not in r and completed(r["config"]) == wanted[r["label"]]
                     and all(t in r["ppl"] for t in protocol.evals)):
                 found[r["label"]] = {**{k: v for k, v in r.items() if k != "gap"},
                                      "ppl": {t: r["ppl"][t] for t in protocol.evals}, "reused_from": name}

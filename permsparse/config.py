@@ -168,6 +168,47 @@ class Learned:
         return self.eps_start * (self.eps_end / self.eps_start) ** frac
 
 
+@dataclass(frozen=True)
+class Distill:
+    """Distillation of the kept weights after pruning (off at 0 steps).
+
+    Every pruned linear's kept weights train towards the dense model's outputs with its N:M (or
+    unstructured) mask fixed, on fresh windows of the calibration text, one batch per step (AdamW, a
+    short warm-up, then cosine decay); the weights judged best on the held-out windows are kept. The
+    objective is that of the learned permutation (:mod:`permsparse.objective`): KL from the dense model's
+    next-token distributions by default, so the pruned model follows the dense model rather than the
+    calibration text's tokens.
+    """
+
+    steps: int = option(0, "steps of distillation of the kept weights after pruning (0: none)", flag="--distill-steps")
+    batch: int = option(2, "calibration windows per distillation step, each drawn once", flag="--distill-batch")
+    lr: float = option(1e-4, "peak AdamW learning rate of the kept weights", flag="--distill-lr")
+    ce: float = option(0.0, "weight of the cross-entropy on the calibration windows' tokens", flag="--distill-ce")
+    kl: float = option(1.0, "weight of the KL divergence from the dense model's next-token distributions",
+                       flag="--distill-kl")
+    hidden: float = option(0.0, "weight of the distance of every block's output to the dense model's",
+                           flag="--distill-hidden")
+    hidden_loss: Literal["mse", "smoothl1", "cosine"] = option("mse", "distance of a block's output to the dense one",
+                                                               flag="--distill-hidden-loss")
+    judge_every: int = option(25, "steps between judgments on the held-out windows (the best judged weights are kept)",
+                              flag="--distill-judge-every")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.steps < 0 or self.batch < 1 or self.judge_every < 1 or self.lr <= 0:
+            raise ValueError("need distill steps >= 0, distill batch and judge every >= 1 and a learning rate > 0")
+        if min(self.ce, self.kl, self.hidden) < 0:
+            raise ValueError("distillation objective weights must be >= 0")
+        if self.steps and self.ce == 0 and self.kl == 0 and self.hidden == 0:
+            raise ValueError("the distillation objective is empty: give --distill-ce, --distill-kl or "
+                             "--distill-hidden a weight above 0")
+
+    @property
+    def windows(self) -> int:
+        """Calibration windows the distillation trains on, each once."""
+        return self.steps * self.batch
+
+
 Permutation = typing.Union[Search, Learned]
 
 
@@ -191,6 +232,7 @@ class PruneConfig:
         "(the attention output's stays within heads), so o/down fold; global: as shared plus one hidden "
         "permutation for the residual stream, so every permutation folds")
     calibration: Calibration = field(default_factory=Calibration)
+    distill: Distill = field(default_factory=Distill)
     include: tuple[str, ...] = option((), "glob patterns of full linear names to prune (default: all)")
     exclude: tuple[str, ...] = option((), "glob patterns of full linear names to keep dense")
     strict: bool = option(False, "fail on layers whose in_features is not divisible by M instead of skipping them")
@@ -204,6 +246,8 @@ class PruneConfig:
             raise ValueError("permutations only matter for N:M patterns, not unstructured sparsity")
         if self.learned is not None and self.calibration.holdout < 1:
             raise ValueError("a learned permutation is judged on held-out windows: --holdout must be at least 1")
+        if self.distill.steps and self.calibration.holdout < 1:
+            raise ValueError("distillation is judged on held-out windows: --holdout must be at least 1")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -226,6 +270,11 @@ class PruneConfig:
     def updates(self) -> bool:
         """Whether the host updates the weights it keeps (sparsegpt, admm)."""
         return self.score in ("sparsegpt", "admm")
+
+    @property
+    def judged(self) -> bool:
+        """Whether the run judges something on held-out windows (a learned permutation, distillation)."""
+        return self.learned is not None or self.distill.steps > 0
 
     @property
     def learned(self) -> Learned | None:

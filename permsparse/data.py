@@ -189,12 +189,14 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None, bos
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
-                        holdout: int = 0, bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        holdout: int = 0, bos_id: int | None = None, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``nsamples`` random windows of ``seqlen`` tokens (seeded), as SparseGPT and Wanda draw them, and
-    ``holdout`` more that overlap none of them (nor each other): text training never sees. With
-    ``bos_id`` every window is BOS followed by ``seqlen - 1`` text tokens."""
+    ``holdout`` more that overlap none of them (nor each other): text training never sees. ``extra``
+    further windows (distillation's), drawn after those and overlapping no held-out one, follow the
+    ``nsamples`` in the first tensor; the first ``nsamples`` and the held-out windows are the same
+    whatever ``extra`` is. With ``bos_id`` every window is BOS followed by ``seqlen - 1`` text tokens."""
     if bos_id is not None:
-        windows, held = calibration_windows(ids, nsamples, seqlen - 1, seed, holdout)
+        windows, held = calibration_windows(ids, nsamples, seqlen - 1, seed, holdout, extra=extra)
         return tuple(torch.cat([torch.full((len(w), 1), bos_id, dtype=torch.long), w], dim=1) for w in (windows, held))
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration text of {ids.numel()} tokens is shorter than seqlen {seqlen}")
@@ -212,8 +214,18 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     if len(held) < holdout:
         raise ValueError(f"calibration text of {ids.numel()} tokens is too short for {holdout} held-out windows of "
                          f"{seqlen} beside {nsamples} training windows; lower --holdout or --nsamples")
+    more: list[int] = []
+    for _ in range(100 * extra):
+        if len(more) == extra:
+            break
+        s = int(torch.randint(0, ids.numel() - seqlen, (1,), generator=gen))
+        if all(abs(s - t) >= seqlen for t in held):
+            more.append(s)
+    if len(more) < extra:
+        raise ValueError(f"calibration text of {ids.numel()} tokens leaves too little beside {holdout} held-out "
+                         f"windows for {extra} distillation windows of {seqlen}; lower --holdout or --distill-steps")
     cut = lambda ss: torch.stack([ids[s:s + seqlen] for s in ss]) if ss else ids.new_zeros(0, seqlen)  # noqa: E731
-    return cut(starts), cut(held)
+    return cut(starts + more), cut(held)
 
 
 def mixture(source: str) -> list[tuple[str, float]]:
@@ -234,21 +246,24 @@ def mixture(source: str) -> list[tuple[str, float]]:
 
 
 def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
-                     holdout: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     holdout: int = 0, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out windows of a source or a weighted mixture of sources (see :func:`mixture`):
     each part gives its share of the windows (largest remainders get the rest), drawn from its own stream.
+    ``extra`` more training windows (see :func:`calibration_windows`) follow the first ``nsamples``.
     Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`)."""
     parts = mixture(source)
     bos = bos_id(tokenizer)
-    counts = [_shares(nsamples, [w for _, w in parts]), _shares(holdout, [w for _, w in parts])]
-    windows, held = [], []
+    counts = [_shares(n, [w for _, w in parts]) for n in (nsamples, holdout, extra)]
+    windows, held, more = [], [], []
     for k, (name, _) in enumerate(parts):
-        if counts[0][k] == 0 and counts[1][k] == 0:
+        if not any(count[k] for count in counts):
             continue
-        w, h = calibration_windows(calibration_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k], bos)
-        windows.append(w)
+        w, h = calibration_windows(calibration_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k],
+                                   bos, extra=counts[2][k])
+        windows.append(w[:counts[0][k]])
+        more.append(w[counts[0][k]:])
         held.append(h)
-    return torch.cat(windows), torch.cat(held)
+    return torch.cat(windows + more), torch.cat(held)
 
 
 def _shares(total: int, weights: list[float]) -> list[int]:

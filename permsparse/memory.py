@@ -3,7 +3,8 @@
 The estimate counts what grows with the configuration on top of the loaded model: the calibration
 windows' hidden states (block by block), the statistics of one block, and for the ``e2e`` learned
 permutation one training step's graph (the relaxed weights, the masks, every block's activations at
-``--batch`` windows, the dense model's hidden states of that batch, one chunk of logits). It is an
+``--batch`` windows, the dense model's hidden states of that batch, one chunk of logits), and for
+distillation the kept weights' training state and one step's graph at ``--distill-batch`` windows. It is an
 estimate: the run stops when it exceeds the memory available, with the flags that lower it.
 """
 from __future__ import annotations
@@ -79,20 +80,23 @@ def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: t
     est = Estimate()
     batch = config.calibration.batch_size
     est.parts["one block's forward"] = batch * seqlen * (4 * hidden + 3 * ffn + heads * seqlen) * 4
+    linears = sum(linear_weight(m).numel() for name, m in model.named_modules()
+                  if name.startswith(adapter.blocks_path + ".") and hasattr(m, "weight")
+                  and getattr(m.weight, "dim", lambda: 0)() == 2)
+
+    def activations(b: int) -> int:  # one block's training graph at ``b`` windows
+        return (b * seqlen * (ACT_PER_HIDDEN * hidden + ACT_PER_FFN * ffn) * 4
+                + ATTENTION_COPIES * b * heads * seqlen * seqlen * 4)
+
     learned = config.learned
     if learned is not None and learned.scope == "e2e":
         est.parts["hidden states"] = 2 * stream
-        linears = sum(linear_weight(m).numel() for name, m in model.named_modules()
-                      if name.startswith(adapter.blocks_path + ".") and hasattr(m, "weight")
-                      and getattr(m.weight, "dim", lambda: 0)() == 2)
         b = learned.windows_per_step
         est.parts["relaxed weights"] = linears * (dtype_bytes + 1)
-        per_block = (b * seqlen * (ACT_PER_HIDDEN * hidden + ACT_PER_FFN * ffn) * 4
-                     + ATTENTION_COPIES * b * heads * seqlen * seqlen * 4)
         if learned.recompute:  # each block's input kept, one block's activations at a time
-            est.parts["training activations"] = (layers + 1) * b * seqlen * hidden * 4 + per_block
+            est.parts["training activations"] = (layers + 1) * b * seqlen * hidden * 4 + activations(b)
         else:
-            est.parts["training activations"] = layers * per_block
+            est.parts["training activations"] = layers * activations(b)
         est.parts["dense hidden states"] = (layers + 1) * b * seqlen * hidden * 4
         est.parts["held-out dense states"] = (layers + 1) * holdout.shape[0] * seqlen * hidden * 4
         est.parts["logits"] = LOGIT_CHUNK_BYTES
@@ -102,6 +106,11 @@ def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: t
         est.parts["hidden states"] = (3 if compensating else 2) * stream
         if config.start == "output":
             est.parts["statistics"] = 4 * max(hidden, ffn) ** 2 * 8 * (2 if compensating else 1)
+    if config.distill.steps:  # dense copy, gradient, AdamW's two moments and the best weights; masks
+        b = config.distill.batch
+        est.parts["distillation weights"] = linears * (5 * dtype_bytes + 1)
+        est.parts["distillation activations"] = (layers * activations(b) + (layers + 1) * b * seqlen * hidden * 4
+                                                 + LOGIT_CHUNK_BYTES)
     return est
 
 
@@ -118,6 +127,8 @@ def check_memory(model: nn.Module, adapter: Adapter, config: PruneConfig, window
                      if not learned.recompute else "lower --batch (windows per step) or --seqlen, or use --scope blockwise")
         else:
             flags = "lower --nsamples or --seqlen"
+        if config.distill.steps:
+            flags += "; lower --distill-batch, or prune without --distill-steps"
         raise InsufficientMemory(
             f"this run needs about {est.total / GIB:.1f} GiB beyond the model ({est.describe()} GiB) and "
             f"{free / GIB:.1f} GiB are available on {device}: {flags}")

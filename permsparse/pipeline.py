@@ -27,9 +27,11 @@ from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .config import PruneConfig
 from .discover import experts_as_linears
+from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .memory import check_memory
-from .permute.learned import BlockData, Plan, learn_block, learn_model, objective
+from .objective import objective
+from .permute.learned import BlockData, Plan, learn_block, learn_model
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
 from .report import LayerRecord, PruneReport, SiteRecord, peak_rss_mb
@@ -87,6 +89,11 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool) 
     adapter = adapter_for(model)
     if config.learned is not None and config.learned.scope == "e2e":
         objective(model, config.learned)
+    if config.distill.steps:
+        objective(model, config.distill)
+        if adapter.routers:
+            raise ValueError(f"{type(model).__name__}: distillation of the kept weights does not train "
+                             "mixture-of-experts layers yet; prune without --distill-steps")
     targets, skipped = select_targets(model, adapter, config)
     routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
     return Run(model, adapter, adapter.attention(model.config), config, targets,
@@ -101,8 +108,10 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
         for i in bar(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
             apply_plan(run, plan_block(run, i, {}, None))
     else:
-        windows, holdout, labels = calibration(model, tokenizer, config, windows, holdout, labels)
+        calib = calibration(model, tokenizer, config, windows, holdout, labels)
+        windows, holdout, labels = calib.windows, calib.holdout, calib.labels
         check_memory(model, adapter, config, *(sequences(model, adapter, w) for w in (windows, holdout)))
+        dense = dense_weights(model, target_names(run)) if config.distill.steps else None
         if len(windows) < distributed.world() or 0 < len(holdout) < distributed.world():
             raise ValueError(f"{distributed.world()} processes need at least as many calibration and held-out windows")
         mine, held = distributed.shard(windows), distributed.shard(holdout)  # this process's share
@@ -112,20 +121,41 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
             prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden, labels)
         else:
             prune_block_by_block(run, inputs, kwargs, len(mine), hidden)
+        if dense is not None:
+            del inputs, kwargs
+            distill_run(run, dense, calib)
 
 
 def needs_calibration(config: PruneConfig) -> bool:
     return (config.score != "magnitude" or needs_gram(config.start) or config.learned is not None
-            or config.binding == "global")
+            or config.binding == "global" or config.distill.steps > 0)
+
+
+def target_names(run: Run) -> list[str]:
+    """Full names of every linear the run prunes, block by block."""
+    return [f"{run.name(i)}.{name}" for i, groups in enumerate(run.targets) for group in groups for name in group]
+
+
+@dataclass
+class CalibrationSet:
+    """What a run calibrates on: training windows, held-out windows (a learned permutation's and
+    distillation's judgment), the class labels of both for images, and distillation's windows (fresh
+    windows of the calibration text; the training windows when those were given, or are images)."""
+
+    windows: torch.Tensor
+    holdout: torch.Tensor
+    labels: tuple[torch.Tensor, torch.Tensor] | None
+    distill: torch.Tensor
+    distill_labels: torch.Tensor | None
 
 
 def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch.Tensor | None,
-                holdout: torch.Tensor | None, labels: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The training windows and, for a learned permutation, the held-out windows it is judged on; for
-    images, their labels too (drawn with them, or as given)."""
+                holdout: torch.Tensor | None, labels: tuple[torch.Tensor, torch.Tensor] | None) -> CalibrationSet:
+    """The training windows and, for a learned permutation or distillation, the held-out windows they are
+    judged on; for images, their labels too (drawn with them, or as given); distillation's windows."""
     calib = config.calibration
-    wanted = calib.holdout if config.learned is not None else 0
+    wanted = calib.holdout if config.judged else 0
+    extra = None
     if windows is None:
         if images.reads_images(model) != images.is_image_source(calib.source):
             kind = "images (--calib cifar10 or imagefolder:PATH)" if images.reads_images(model) else "text"
@@ -135,13 +165,17 @@ def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch
                                                                  wanted, allow_test=calib.allow_test_text)
         else:
             windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
-                                                     calib.seed, wanted)
+                                                     calib.seed, wanted, config.distill.windows)
+            windows, extra = windows[:calib.nsamples], windows[calib.nsamples:]
     if holdout is None or not wanted:
         holdout = windows.new_zeros(0, *windows.shape[1:])
         labels = None if labels is None else (labels[0], labels[1][:0])
     if wanted and len(holdout) == 0:
-        raise ValueError("a learned permutation is judged on held-out windows: give holdout windows (or --holdout > 0)")
-    return windows, holdout, labels
+        raise ValueError("a learned permutation or distillation is judged on held-out windows: give holdout windows "
+                         "(or --holdout > 0)")
+    if extra is not None:
+        return CalibrationSet(windows, holdout, labels, extra, None)
+    return CalibrationSet(windows, holdout, labels, windows, None if labels is None else labels[0])
 
 
 def sequences(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> torch.Tensor:
@@ -459,6 +493,17 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         apply_plan(run, plan, initial[plan.name])
         plan.grams = {}
         inputs = run_block(run.blocks[i], inputs, kwargs, config.calibration.batch_size)
+
+
+def distill_run(run: Run, dense: dict[str, torch.Tensor], calib: CalibrationSet) -> None:
+    """Distil the pruned model's kept weights towards the dense ones (:func:`permsparse.distill.distill`),
+    resuming from the saved state of an interrupted run."""
+    labels = (calib.distill_labels, None if calib.labels is None else calib.labels[1])
+    record = distill(run.model, dense, calib.distill, calib.holdout, run.config.distill, seed=run.config.calibration.seed,
+                     labels=labels, progress=run.show, state=run.progress.load("distill"),
+                     save_state=lambda state: run.progress.save("distill", state))
+    run.report.distillation = record
+    run.report.weights_updated = True
 
 
 @torch.no_grad()

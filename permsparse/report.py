@@ -53,6 +53,19 @@ class TrainingRecord:
 
 
 @dataclass
+class DistillRecord:
+    """The history of the distillation of the kept weights: the loss at every step, and ``(step, value)``
+    for every judgment on the held-out windows (step 0 is the pruned model before any step); the weights
+    of ``best_step`` were kept."""
+
+    loss: list[float]
+    judged: list[tuple[int, float]]
+    best_judged: float
+    best_step: int
+    seconds: float
+
+
+@dataclass
 class PruneReport:
     """The result of :func:`permsparse.prune`."""
 
@@ -64,7 +77,8 @@ class PruneReport:
     dense: list[str] = field(default_factory=list)  # routers of mixture-of-experts layers: never pruned
     uncalibrated: list[str] = field(default_factory=list)  # no calibration token reached them: white-input stats
     kept_start: list[str] = field(default_factory=list)  # sites whose weight update did better on the learned start
-    weights_updated: bool = False  # the host changed kept weights (sparsegpt, admm): W is not W * mask
+    distillation: DistillRecord | None = None  # the kept weights' distillation, when it ran
+    weights_updated: bool = False  # kept weights changed (sparsegpt, admm, distillation): W is not W * mask
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 

@@ -79,3 +79,19 @@ def test_stored_rows_are_reused_only_for_the_same_row_protocol_and_machine(tmp_p
     assert common.reusable(rows, Protocol("smollm2-135m", 512, 16, ("shakespeare",)), ["here"]) == {}
     (tmp_path / "there.json").write_text(json.dumps({**payload, "machine": {**payload["machine"], "cpu": "other"}}))
     assert common.reusable(rows, protocol, ["there"]) == {}
+
+
+def test_a_stored_config_that_predates_a_field_stands_for_that_fields_default(tmp_path, monkeypatch):
+    from permsparse import Distill, PruneConfig, Search
+    from permsparse.serial import to_dict
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    ria = PruneConfig(permutation=Search("ria"))
+    old = {k: v for k, v in to_dict(ria).items() if k != "distill"}  # written before distillation existed
+    payload = {"protocol": {"model": "smollm2-135m", "seqlen": 512, "windows": 16, "tasks": [], "limit": None},
+               "machine": common.machine(), "results": [{"label": "ria", "config": old, "ppl": {"wikitext2": 200.0}}]}
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    protocol = Protocol("smollm2-135m", 512, 16, ("wikitext2",))
+    assert list(common.reusable([Row("ria", ria)], protocol, ["old"])) == ["ria"]
+    distilled = PruneConfig(permutation=Search("ria"), distill=Distill(steps=10))
+    assert common.reusable([Row("ria", distilled)], protocol, ["old"]) == {}

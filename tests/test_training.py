@@ -9,7 +9,7 @@ from permsparse import Calibration, Learned, PruneConfig, export_checkpoint, pru
 from permsparse.adapters import adapter_for, linear_weight
 from permsparse.calibration import capture_block_inputs, collect_input_stats, run_block
 from permsparse.masks import is_nm, permuted_nm_mask
-from permsparse.permute.learned import hidden_distance, judge_model
+from permsparse.objective import hidden_distance, judge_model
 from permsparse.scores import compute_score
 
 from .conftest import CALIB, HOLDOUT, tiny_gpt2, tiny_llama
@@ -71,7 +71,7 @@ def test_the_exported_model_reproduces_the_recorded_e2e_objective(binding, tmp_p
     model, report = learned(cfg)
     out = export_checkpoint(model, None, tmp_path / "e2e", cfg, report)
     saved = AutoModelForCausalLM.from_pretrained(out).eval()
-    recomputed = judge_model(saved, tiny_llama(), HOLDOUT, cfg.learned)
+    recomputed = judge_model(saved, tiny_llama(), HOLDOUT, cfg.learned, cfg.learned.windows_per_step)
     (record,) = report.training
     assert recomputed == pytest.approx(record.best_judged, rel=1e-5)
     assert record.best_judged == min(v for _, v in record.judged) <= record.init_judged
