@@ -4,7 +4,9 @@ Rows: dense; unstructured 50% Wanda (the reference limit); 2:4 with the magnitud
 2:4 Wanda with each permutation (cp, ria, output, learned), per-linear binding; the hosts that update
 the kept weights (SparseGPT, ADMM) without a permutation, with RIA's (each choosing its own mask inside
 the permuted groups) and with the learned one, followed by a reconstruction with its mask fixed or by the
-host choosing its own mask inside the learned groups. Every row uses the
+host choosing its own mask inside the learned groups; and with ``--distill-steps`` above 0, the rows
+unstructured 50%, 2:4 Wanda, + ria, + learned and ADMM + ria again followed by the distillation of their
+kept weights (the library's defaults but the step count). Every row uses the
 tool's default calibration (``--calib``, ``--nsamples`` x ``--seqlen``, seed ``--seed``); evaluation on
 the first ``--windows`` windows of ``--seqlen`` tokens of each ``--evals`` text. Gap closed per text:
 (ppl of 2:4 Wanda - ppl) / (ppl of 2:4 Wanda - ppl of unstructured 50%). With several ``--seeds``
@@ -14,11 +16,15 @@ mean ± sd over the seeds and its gap closed minus each ``--versus`` row's, pair
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from common import (Row, add_protocol_args, gap_closed_by_seed, ppl_columns, print_paired, print_seeds, print_table,
                     protocol_from, run_rows, save_json, seed_suffixes)
 
-from permsparse import Calibration, Learned, PruneConfig, Search
+from permsparse import Calibration, Distill, Learned, PruneConfig, Search
+
+
+DISTILLED = ("unstructured 50% (wanda)", "2:4 wanda", "2:4 wanda + ria", "2:4 wanda + learned", "2:4 admm + ria")
 
 
 def rows_for(args, seed: int, suffix: str) -> list[Row]:
@@ -41,6 +47,10 @@ def rows_for(args, seed: int, suffix: str) -> list[Row]:
                                                                        **base)),
                  Row(f"2:4 {host} + learned (own mask)", PruneConfig(score=host, permutation=Learned(),
                                                                     binding=args.binding, **base))]
+    if args.distill_steps:
+        distilled = {row.label: row.config for row in rows if row.label in DISTILLED}
+        rows += [Row(f"{label} + distill", replace(config, distill=Distill(steps=args.distill_steps)))
+                 for label, config in distilled.items()]
     return [Row(row.label + suffix, row.config) for row in rows]
 
 
@@ -52,6 +62,8 @@ def main() -> None:
     parser.add_argument("--versus", nargs="*", default=["2:4 wanda", "2:4 wanda + ria"],
                         help="rows every other row is compared with: zero-shot accuracy item by item, and gap "
                              "closed seed by seed (--seeds)")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="also the rows of DISTILLED followed by this many steps of distillation of their kept weights")
     parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
     args = parser.parse_args()
     protocol = protocol_from(args)

@@ -114,7 +114,8 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
         dense = dense_weights(model, target_names(run)) if config.distill.steps else None
         if len(windows) < distributed.world() or 0 < len(holdout) < distributed.world():
             raise ValueError(f"{distributed.world()} processes need at least as many calibration and held-out windows")
-        mine, held = distributed.shard(windows), distributed.shard(holdout)  # this process's share
+        mine = distributed.shard(windows)  # this process's share; the held-out windows run through the blocks
+        held = distributed.shard(holdout) if config.learned is not None else holdout[:0]  # only to judge permutations
         inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([mine, held]), config.calibration.batch_size)
         hidden = global_permutation(run, inputs[:len(mine)], kwargs) if config.binding == "global" else None
         if config.learned is not None and config.learned.scope == "e2e":
