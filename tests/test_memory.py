@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import permsparse.memory as memory
-from permsparse import Learned, PruneConfig, prune
+from permsparse import Distill, Learned, PruneConfig, prune
 from permsparse.adapters import adapter_for
 from permsparse.cli import main
 
@@ -25,13 +25,29 @@ def test_the_estimate_grows_with_the_batch_and_window_length_not_with_the_window
     assert total(2, 8, 64)["training activations"] > 2 * small["training activations"]
 
 
-@pytest.mark.parametrize("permutation, flags", [(Learned(steps=2), "--batch"), (None, "--nsamples")])
-def test_a_run_that_cannot_fit_stops_before_the_statistics_pass(monkeypatch, permutation, flags):
+def test_distillation_adds_five_copies_of_the_linears_and_one_training_step_at_its_batch():
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    windows, holdout = torch.zeros(8, 32, dtype=torch.long), torch.zeros(4, 32, dtype=torch.long)
+    plain = memory.estimate(model, adapter, PruneConfig(), windows, holdout)
+    parts = [memory.estimate(model, adapter, PruneConfig(distill=Distill(steps=5, batch=b)), windows, holdout).parts
+             for b in (1, 4)]
+    linears = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert parts[0]["distillation weights"] == linears * (5 * 4 + 1)
+    graph = [p["distillation activations"] - memory.LOGIT_CHUNK_BYTES for p in parts]  # one chunk of logits either way
+    assert graph[1] == 4 * graph[0] > 0
+    assert "distillation weights" not in plain.parts
+
+
+@pytest.mark.parametrize("permutation, distill, flags", [(Learned(steps=2), 0, "--batch"), (None, 0, "--nsamples"),
+                                                         (None, 3, "--distill-batch")])
+def test_a_run_that_cannot_fit_stops_before_the_statistics_pass(monkeypatch, permutation, distill, flags):
     import permsparse.pipeline as pipeline
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
     monkeypatch.setattr(pipeline, "capture_block_inputs", lambda *a, **k: pytest.fail("heavy work started"))
-    config = PruneConfig() if permutation is None else PruneConfig(permutation=permutation)
+    config = PruneConfig(distill=Distill(steps=distill))
+    config = config if permutation is None else PruneConfig(permutation=permutation)
     with pytest.raises(memory.InsufficientMemory, match=flags):
         prune(tiny_llama(), None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
 
