@@ -182,7 +182,7 @@ class Distill:
 
     steps: int = option(0, "steps of distillation of the kept weights after pruning (0: none)", flag="--distill-steps")
     batch: int = option(2, "calibration windows per distillation step, each drawn once", flag="--distill-batch")
-    lr: float = option(1e-4, "peak AdamW learning rate of the kept weights", flag="--distill-lr")
+    lr: float = option(1e-3, "peak AdamW learning rate of the kept weights", flag="--distill-lr")
     ce: float = option(0.0, "weight of the cross-entropy on the calibration windows' tokens", flag="--distill-ce")
     kl: float = option(1.0, "weight of the KL divergence from the dense model's next-token distributions",
                        flag="--distill-kl")
