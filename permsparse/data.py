@@ -202,30 +202,30 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
         raise ValueError(f"calibration text of {ids.numel()} tokens is shorter than seqlen {seqlen}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen).tolist()
-    taken = sorted(starts)
-    held: list[int] = []
-    for _ in range(100 * holdout):
-        if len(held) == holdout:
-            break
-        s = int(torch.randint(0, ids.numel() - seqlen, (1,), generator=gen))
-        if all(abs(s - t) >= seqlen for t in taken):
-            held.append(s)
-            taken.append(s)
+    held = _starts_apart(gen, holdout, ids.numel() - seqlen, seqlen, sorted(starts), from_each_other=True)
     if len(held) < holdout:
         raise ValueError(f"calibration text of {ids.numel()} tokens is too short for {holdout} held-out windows of "
                          f"{seqlen} beside {nsamples} training windows; lower --holdout or --nsamples")
-    more: list[int] = []
-    for _ in range(100 * extra):
-        if len(more) == extra:
-            break
-        s = int(torch.randint(0, ids.numel() - seqlen, (1,), generator=gen))
-        if all(abs(s - t) >= seqlen for t in held):
-            more.append(s)
+    more = _starts_apart(gen, extra, ids.numel() - seqlen, seqlen, held, from_each_other=False)
     if len(more) < extra:
         raise ValueError(f"calibration text of {ids.numel()} tokens leaves too little beside {holdout} held-out "
                          f"windows for {extra} distillation windows of {seqlen}; lower --holdout or --distill-steps")
     cut = lambda ss: torch.stack([ids[s:s + seqlen] for s in ss]) if ss else ids.new_zeros(0, seqlen)  # noqa: E731
     return cut(starts + more), cut(held)
+
+
+def _starts_apart(gen: torch.Generator, count: int, high: int, seqlen: int, avoid: list[int],
+                  from_each_other: bool) -> list[int]:
+    """Up to ``count`` seeded window starts in ``[0, high)`` whose windows overlap none of ``avoid``'s (nor,
+    ``from_each_other``, each other's); fewer when 100 draws per start find no room."""
+    out: list[int] = []
+    for _ in range(100 * count):
+        if len(out) == count:
+            break
+        s = int(torch.randint(0, high, (1,), generator=gen))
+        if all(abs(s - t) >= seqlen for t in avoid + (out if from_each_other else [])):
+            out.append(s)
+    return out
 
 
 def mixture(source: str) -> list[tuple[str, float]]:
