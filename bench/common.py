@@ -16,7 +16,7 @@ import shlex
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,7 +66,7 @@ def add_protocol_args(parser, evals=("wikitext2", "shakespeare"), seeds: bool = 
         parser.add_argument("--reuse", nargs="*", default=[], metavar="NAME",
                             help="take rows from bench/results/NAME.json that match a row here (label, config, "
                                  "protocol, CPU and torch) instead of running them again; the stored commit is the "
-                                 "caller's to check")
+                                 "caller's to check; NAME.partial resumes an interrupted run of the same command")
     if seeds:
         parser.add_argument("--seeds", nargs="+", type=int, default=None,
                             help="run every row once per seed (default: --seed alone) and summarise over the seeds")
@@ -179,7 +179,8 @@ def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str,
 def run_rows(rows: list[Row], protocol: Protocol, jobs: int = 1, only: list[str] | None = None,
              partial: str | None = None, reuse: list[str] = ()) -> list[dict]:
     """Run every row (or those labelled in ``only``) in a fresh process, ``jobs`` at a time, printing each
-    as it finishes and, with ``partial``, saving what is done so far to ``bench/results/PARTIAL.partial.json``.
+    as it finishes and, with ``partial``, saving what is done so far to ``bench/results/PARTIAL.partial.json``
+    (in the shape of a finished result, so ``--reuse PARTIAL.partial`` resumes an interrupted run).
     Rows that the results named in ``reuse`` already hold (:func:`reusable`) are taken from there.
     With ``jobs > 1`` rows share the machine, so their seconds include that contention."""
     if only is not None:  # a method's label selects its rows of every seed
@@ -199,9 +200,14 @@ def run_rows(rows: list[Row], protocol: Protocol, jobs: int = 1, only: list[str]
                 ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["ppl"].items())
                 print(f"  done: {r['label']:<40} ppl {ppl} ({r['prune_s']:.0f} s pruning)", flush=True)
             if partial:
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                (RESULTS / f"{partial}.partial.json").write_text(json.dumps(list(done.values()), indent=1, default=str))
+                save_partial(partial, protocol, list(done.values()))
     return [done[row.label] for row in rows]
+
+
+def save_partial(name: str, protocol: Protocol, results: list[dict]) -> Path:
+    """``bench/results/NAME.partial.json``: the rows done so far, stored as a finished result so that
+    ``--reuse NAME.partial`` takes them back."""
+    return save_json(f"{name}.partial", asdict(protocol), results)
 
 
 def gap_closed(results: list[dict], none: str, limit: str) -> None:

@@ -81,6 +81,19 @@ def test_stored_rows_are_reused_only_for_the_same_row_protocol_and_machine(tmp_p
     assert common.reusable(rows, protocol, ["there"]) == {}
 
 
+def test_an_interrupted_runs_partial_results_are_reused(tmp_path, monkeypatch):
+    from permsparse import PruneConfig, Search
+    from permsparse.serial import to_dict
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    ria = PruneConfig(permutation=Search("ria"))
+    protocol = Protocol("smollm2-135m", 512, 16, ("wikitext2",), threads=1)
+    done = {"label": "ria", "config": to_dict(ria), "ppl": {"wikitext2": 200.0}, "prune_s": 9.0}
+    common.save_partial("run", protocol, [done])
+    found = common.reusable([Row("ria", ria), Row("none", PruneConfig())], protocol, ["run.partial"])
+    assert list(found) == ["ria"] and found["ria"]["ppl"] == {"wikitext2": 200.0}
+
+
 def test_a_stored_config_that_predates_a_field_stands_for_that_fields_default(tmp_path, monkeypatch):
     from permsparse import Distill, PruneConfig, Search
     from permsparse.serial import to_dict
