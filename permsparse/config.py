@@ -62,8 +62,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | float:
 class Calibration:
     """The calibration windows: text source, how many, how long, and how blocks see them."""
 
-    source: str = option("c4", "calibration text: a source name (c4, c4-demo, alpaca, wikitext2-valid, shakespeare), "
-                         "a weighted mix such as c4:3,alpaca:1, or a text file; general web text by default, as the "
+    source: str = option("c4", "calibration text: a source name (c4, c4-demo, alpaca, wikitext2-valid, shakespeare; "
+                         "self: text the dense model samples itself), a weighted mix such as c4:3,alpaca:1, or a text "
+                         "file; general web text by default, as the "
                          "literature calibrates, so no evaluation text is the calibration's domain", flag="--calib")
     nsamples: int = option(32, "calibration windows")
     seqlen: int = option(512, "tokens per calibration window")

@@ -6,6 +6,10 @@ list of documents: tokenised one by one and joined with the tokenizer's EOS toke
 windows cut from it may span documents as in Wanda's and SparseGPT's C4 recipe, but never glue two
 documents without a boundary.
 
+``self`` is no file: its windows are text the dense model samples itself, from BOS at temperature 1
+(self-calibration, Williams et al., NAACL 2025), the distribution a pruned model distilled towards the
+dense one is asked to match, and no evaluation text's domain.
+
 A text that is also evaluated (``Source.evaluated``) is split: its evaluation windows are its first ones,
 so calibration draws only from what follows its first ``EVAL_HEAD`` share of tokens, and an evaluation
 that reaches further than that head while calibrating on the same text is refused
@@ -13,12 +17,15 @@ that reaches further than that head while calibrating on the same text is refuse
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +41,7 @@ class Source:
     evaluated: bool = False  # also an evaluation text: its head is kept from calibration
 
 
+SELF = "self"  # calibration windows sampled from the dense model (:func:`sampled_windows`)
 EVAL_HEAD = 0.1  # share of an evaluated text's tokens, from its start, that calibration never draws from
 
 
@@ -91,8 +99,12 @@ def load_documents(source: str) -> list[str]:
     path = Path(source).expanduser()
     if path.is_file():
         return [path.read_text(encoding="utf-8")]
+    if source == SELF:
+        raise ValueError(f"{SELF!r} is text sampled from the model, not a document source: calibrate on it "
+                         "(--calib self), evaluate on a text")
     if source not in SOURCES:
-        raise FileNotFoundError(f"unknown data source {source!r}: not a file, nor one of {', '.join(SOURCES)}")
+        raise FileNotFoundError(f"unknown data source {source!r}: not a file, nor one of {', '.join(SOURCES)}, "
+                                f"nor {SELF!r} (calibration only)")
     spec = SOURCES[source]
     tried = []
     if spec.local:
@@ -246,11 +258,13 @@ def mixture(source: str) -> list[tuple[str, float]]:
 
 
 def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
-                     holdout: int = 0, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     holdout: int = 0, extra: int = 0, model: torch.nn.Module | None = None,
+                     show: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out windows of a source or a weighted mixture of sources (see :func:`mixture`):
     each part gives its share of the windows (largest remainders get the rest), drawn from its own stream.
     ``extra`` more training windows (see :func:`calibration_windows`) follow the first ``nsamples``.
-    Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`)."""
+    Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`). The part ``self`` samples
+    its windows from ``model`` (:func:`sampled_windows`)."""
     parts = mixture(source)
     bos = bos_id(tokenizer)
     counts = [_shares(n, [w for _, w in parts]) for n in (nsamples, holdout, extra)]
@@ -258,12 +272,52 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
     for k, (name, _) in enumerate(parts):
         if not any(count[k] for count in counts):
             continue
-        w, h = calibration_windows(calibration_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k],
-                                   bos, extra=counts[2][k])
+        if name == SELF:
+            if model is None:
+                raise ValueError(f"calibration {source!r} samples text from the model: pass the model")
+            start = bos if bos is not None else tokenizer.eos_token_id
+            if start is None:
+                raise ValueError(f"calibration {source!r}: the tokenizer has neither BOS nor EOS to start samples from")
+            w, h, x = (sampled_windows(model, counts[i][k], seqlen, seed + k + 1000 * i, start,
+                                           keep_start=bos is not None, show=show)
+                       for i in (0, 1, 2))
+            w = torch.cat([w, x])
+        else:
+            w, h = calibration_windows(calibration_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k],
+                                       bos, extra=counts[2][k])
         windows.append(w[:counts[0][k]])
         more.append(w[counts[0][k]:])
         held.append(h)
     return torch.cat(windows + more), torch.cat(held)
+
+
+@torch.no_grad()
+def sampled_windows(model: torch.nn.Module, count: int, seqlen: int, seed: int, start_id: int,
+                    keep_start: bool, batch: int = 32, show: bool = True) -> torch.Tensor:
+    """``count`` windows of ``seqlen`` tokens sampled from ``model`` (seeded; temperature 1, no truncation),
+    each from ``start_id`` on: kept as the first token when it is the BOS every window starts with,
+    dropped when it only opens the sample (an EOS). A sampled EOS does not stop a window: the next
+    document follows, as in the EOS-joined streams of the other sources."""
+    if count == 0:
+        return torch.zeros(0, seqlen, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    new = seqlen - 1 if keep_start else seqlen
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.x | 4.x
+    out = []
+    with progress.bar(total=count * new, desc="sampling calibration text", unit="tok", disable=not show) as tokens_bar:
+        for first in range(0, count, batch):
+            ids = torch.full((min(batch, count - first), 1), start_id, dtype=torch.long, device=device)
+            tokens, cache = ids, None
+            for _ in range(new):
+                step = model(input_ids=tokens, use_cache=True, **{key: cache})
+                cache = getattr(step, key)
+                probs = torch.softmax(step.logits[:, -1].float(), dim=-1).cpu()
+                tokens = torch.multinomial(probs, 1, generator=gen).to(device)
+                ids = torch.cat([ids, tokens], dim=1)
+                tokens_bar.update(len(ids))
+            out.append(ids if keep_start else ids[:, 1:])
+    return torch.cat(out).cpu()
 
 
 def _shares(total: int, weights: list[float]) -> list[int]:

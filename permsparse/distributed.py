@@ -62,3 +62,10 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor``, in place on every rank, and returned (one process: ``tensor`` itself)."""
+    if active():
+        dist.broadcast(tensor, src=0)
+    return tensor

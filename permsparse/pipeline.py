@@ -108,7 +108,7 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
         for i in bar(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
             apply_plan(run, plan_block(run, i, {}, None))
     else:
-        calib = calibration(model, tokenizer, config, windows, holdout, labels)
+        calib = calibration(model, tokenizer, config, windows, holdout, labels, show=progress)
         windows, holdout, labels = calib.windows, calib.holdout, calib.labels
         check_memory(model, adapter, config, *(sequences(model, adapter, w) for w in (windows, holdout)))
         dense = dense_weights(model, target_names(run)) if config.distill.steps else None
@@ -151,7 +151,8 @@ class CalibrationSet:
 
 
 def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch.Tensor | None,
-                holdout: torch.Tensor | None, labels: tuple[torch.Tensor, torch.Tensor] | None) -> CalibrationSet:
+                holdout: torch.Tensor | None, labels: tuple[torch.Tensor, torch.Tensor] | None,
+                show: bool = True) -> CalibrationSet:
     """The training windows and, for a learned permutation or distillation, the held-out windows they are
     judged on; for images, their labels too (drawn with them, or as given); distillation's windows."""
     calib = config.calibration
@@ -166,7 +167,9 @@ def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch
                                                                  wanted, allow_test=calib.allow_test_text)
         else:
             windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
-                                                     calib.seed, wanted, config.distill.windows)
+                                                     calib.seed, wanted, config.distill.windows, model=model, show=show)
+            if any(name == data.SELF for name, _ in data.mixture(calib.source)):  # sampled: rank 0's on every rank
+                windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
             windows, extra = windows[:calib.nsamples], windows[calib.nsamples:]
     if holdout is None or not wanted:
         holdout = windows.new_zeros(0, *windows.shape[1:])

@@ -173,3 +173,15 @@ def test_an_encoder_is_pruned_and_judged_by_its_embeddings(tmp_path, tiny_tokeni
     assert main(["check", str(out)]) == 0
     assert main(["eval", str(out), "--seqlen", "64", "--windows", "2", "--source", "shakespeare"]) == 0
     assert "embedding cosine" in capsys.readouterr().out
+
+
+def test_self_calibration_prunes_the_same_model_twice(tiny_llama_dir, tmp_path, capsys):
+    args = ["prune", "--model", str(tiny_llama_dir), "--calib", "self", "--nsamples", "4", "--seqlen", "32",
+            "--eval-texts", "shakespeare", "--eval-windows", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    meta = json.loads((tmp_path / "a" / "permsparse.json").read_text())
+    assert meta["config"]["calibration"]["source"] == "self"
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in "ab")
+    assert is_nm(a.model.layers[0].mlp.up_proj.weight, 2, 4)
+    assert torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)

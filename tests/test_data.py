@@ -65,3 +65,41 @@ def test_calibration_on_an_evaluated_text_never_draws_its_evaluation_windows(tin
         check_disjoint(tiny_tokenizer, "shakespeare", "shakespeare", 64, head // 64 + 1)
     with pytest.raises(ValueError, match="draws from all of"):
         check_disjoint(tiny_tokenizer, "c4-demo", "c4-demo", 64, 1)
+
+
+def test_self_calibration_samples_the_model_as_a_full_forward_would(tiny_tokenizer):
+    from permsparse.data import sampled_windows
+
+    from .conftest import tiny_llama
+    model = tiny_llama().eval()
+    eos = tiny_tokenizer.eos_token_id
+    windows = sampled_windows(model, 3, 12, seed=5, start_id=eos, keep_start=False, batch=2, show=False)
+    gen, ids = torch.Generator().manual_seed(5), []
+    for first, count in ((0, 2), (2, 1)):  # the same batches, each token drawn from a whole forward pass
+        seq = torch.full((count, 1), eos)
+        with torch.no_grad():
+            for _ in range(12):
+                probs = torch.softmax(model(seq, use_cache=False).logits[:, -1].float(), dim=-1)
+                seq = torch.cat([seq, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        ids.append(seq[:, 1:])
+    assert torch.equal(windows, torch.cat(ids))
+
+
+def test_self_calibration_is_seeded_and_keeps_training_and_held_out_apart(tiny_tokenizer):
+    from .conftest import tiny_llama
+    model = tiny_llama().eval()
+    train, held = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, holdout=2, model=model, show=False)
+    assert train.shape == (4, 16) and held.shape == (2, 16)
+    again, held_again = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, holdout=2, extra=3, model=model,
+                                         show=False)
+    assert again.shape == (7, 16) and torch.equal(again[:4], train) and torch.equal(held_again, held)
+    other, _ = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=1, model=model, show=False)
+    assert not torch.equal(other, train)
+    assert not any(torch.equal(h, t) for h in held for t in again)
+    mixed, _ = draw_calibration(tiny_tokenizer, "c4:1,self:1", 4, 16, seed=0, model=model, show=False)
+    c4_part, _ = draw_calibration(tiny_tokenizer, "c4", 2, 16, seed=0)
+    assert mixed.shape == (4, 16) and torch.equal(mixed[:2], c4_part)
+    with pytest.raises(ValueError, match="pass the model"):
+        draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0)
+    with pytest.raises(ValueError, match="not a document source"):
+        load_documents("self")

@@ -40,7 +40,8 @@ def same_checkpoint(a, b) -> None:
     ("--perm", "learned", "--init", "ria", "--steps", "4", "--judge-every", "2", "--tile", "16", "--batch", "4"),
     ("--perm", "learned", "--scope", "blockwise", "--init", "ria", "--steps", "3", "--tile", "16", "--batch", "4"),
     ("--perm", "output", "--binding", "shared"),
-], ids=["e2e", "blockwise", "output-search"])
+    ("--calib", "self", "--perm", "ria"),  # sampled calibration text: rank 0's on every rank
+], ids=["e2e", "blockwise", "output-search", "self-calibration"])
 def test_two_processes_give_the_permutations_and_weights_of_one(tiny_llama_dir, tmp_path, extra):
     run(command(tiny_llama_dir, tmp_path / "one", *extra))
     run(command(tiny_llama_dir, tmp_path / "two", *extra, processes=2))
