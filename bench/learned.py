@@ -41,6 +41,10 @@ VARIANTS = {
                                              "batch": 4}, {}),
     "kl+hidden, ria start, 20 steps of 4, 128 windows": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0,
                                                           "steps": 20, "batch": 4}, {"nsamples": 128}),
+    "kl+hidden, ria start, 20 steps of 4, tiles of 192": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0,
+                                                           "steps": 20, "batch": 4, "tile": 192}, {}),
+    "kl+hidden, ria start, 20 steps of 4, tiles up to 512": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0,
+                                                              "steps": 20, "batch": 4, "tile": 512}, {}),
     "ce+hidden, ria start, 20 steps of 1": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 1.0, "steps": 20,
                                              "batch": 1}, {}),
 }

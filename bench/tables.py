@@ -251,7 +251,7 @@ RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_one
              "learned": render_learned, "learned_seeds": render_learned_seeds,
              "learned_shakespeare": render_learned, "learned_mix": render_learned, "learned_batch4": render_learned_seeds,
              "learned_windows128": render_learned_seeds, "learned_self": render_learned_seeds,
-             "learned_self_batch4": render_learned_seeds,
+             "learned_self_batch4": render_learned_seeds, "learned_self_tiles": render_learned_seeds,
              "oneshot_seeds": render_oneshot_seeds, "distill": render_oneshot,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
