@@ -23,6 +23,7 @@ from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed_by_seed, ppl_
 from permsparse import Calibration, Learned, PruneConfig, Search
 
 # name -> (Learned fields, Calibration fields) changed from the defaults; every variant names its start
+KL_HIDDEN = {"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0}  # the distillation objective from RIA
 VARIANTS = {
     "default": ({}, {}),
     "ce+hidden, ria start": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 1.0}, {}),
@@ -30,21 +31,16 @@ VARIANTS = {
     "ce, ria start": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 0.0}, {}),
     "hidden, ria start": ({"init": "ria", "ce": 0.0, "kl": 0.0, "hidden": 1.0}, {}),
     "kl, ria start": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 0.0}, {}),
-    "kl+hidden, ria start": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0}, {}),
+    "kl+hidden, ria start": (KL_HIDDEN, {}),
     "kl+hidden, output start": ({"init": "output", "ce": 0.0, "kl": 1.0, "hidden": 1.0}, {}),
-    "kl+hidden, ria start, 128 windows": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0}, {"nsamples": 128}),
-    "kl+hidden, ria start, 60 steps": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 60}, {}),
+    "kl+hidden, ria start, 128 windows": (KL_HIDDEN, {"nsamples": 128}),
+    "kl+hidden, ria start, 60 steps": ({**KL_HIDDEN, "steps": 60}, {}),
     "blockwise, ria start": ({"init": "ria", "scope": "blockwise"}, {}),
-    "kl+hidden, ria start, 20 steps of 1": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 20,
-                                             "batch": 1}, {}),
-    "kl+hidden, ria start, 20 steps of 4": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0, "steps": 20,
-                                             "batch": 4}, {}),
-    "kl+hidden, ria start, 20 steps of 4, 128 windows": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0,
-                                                          "steps": 20, "batch": 4}, {"nsamples": 128}),
-    "kl+hidden, ria start, 20 steps of 4, tiles of 192": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0,
-                                                           "steps": 20, "batch": 4, "tile": 192}, {}),
-    "kl+hidden, ria start, 20 steps of 4, tiles up to 512": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 1.0,
-                                                              "steps": 20, "batch": 4, "tile": 512}, {}),
+    "kl+hidden, ria start, 20 steps of 1": ({**KL_HIDDEN, "steps": 20, "batch": 1}, {}),
+    "kl+hidden, ria start, 20 steps of 4": ({**KL_HIDDEN, "steps": 20, "batch": 4}, {}),
+    "kl+hidden, ria start, 20 steps of 4, 128 windows": ({**KL_HIDDEN, "steps": 20, "batch": 4}, {"nsamples": 128}),
+    "kl+hidden, ria start, 20 steps of 4, tiles of 192": ({**KL_HIDDEN, "steps": 20, "batch": 4, "tile": 192}, {}),
+    "kl+hidden, ria start, 20 steps of 4, tiles up to 512": ({**KL_HIDDEN, "steps": 20, "batch": 4, "tile": 512}, {}),
     "ce+hidden, ria start, 20 steps of 1": ({"init": "ria", "ce": 1.0, "kl": 0.0, "hidden": 1.0, "steps": 20,
                                              "batch": 1}, {}),
 }

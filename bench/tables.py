@@ -115,15 +115,6 @@ def render_zeroshot_paired(data: dict) -> str:
     return header(data) + protocol_line(data) + table(headers, body)
 
 
-def render_learned(data: dict) -> str:
-    out = header(data) + protocol_line(data)
-    for calib in data["protocol"]["calibs"]:
-        group = [r for r in data["results"] if r["label"].startswith(f"{calib} | ")]
-        if group:
-            out += f"Calibrated on **{calib}**:\n\n" + ppl_table(data, "method", group, strip=f"{calib} | ") + "\n"
-    return out
-
-
 def seeds_table(data: dict, results: list[dict], reference: str, strip: str = "") -> str:
     """Each method's mean ± sd over the seeds (perplexity, gap closed) and its gap closed minus
     ``reference``'s, paired seed by seed."""
@@ -146,13 +137,18 @@ def seeds_table(data: dict, results: list[dict], reference: str, strip: str = ""
     return table(headers, body)
 
 
-def render_learned_seeds(data: dict) -> str:
+def render_learned(data: dict) -> str:
+    """A ``bench/learned.py`` run: per calibration source, one table of the seed, or each method's mean ±
+    sd over several seeds with its gap closed against RIA's paired by seed."""
     out = header(data) + protocol_line(data)
+    seeds = data["protocol"].get("seeds") or []
     for calib in data["protocol"]["calibs"]:
         group = [r for r in data["results"] if r["label"].startswith(f"{calib} | ")]
-        if group:
-            out += (f"Calibrated on **{calib}**, mean ± standard deviation over {len(data['protocol']['seeds'])} "
+        if group and len(seeds) > 1:
+            out += (f"Calibrated on **{calib}**, mean ± standard deviation over {len(seeds)} "
                     f"seeds:\n\n" + seeds_table(data, group, f"{calib} | ria", strip=f"{calib} | ") + "\n")
+        elif group:
+            out += f"Calibrated on **{calib}**:\n\n" + ppl_table(data, "method", group, strip=f"{calib} | ") + "\n"
     return out
 
 
@@ -247,23 +243,32 @@ def render_testbed_recipes(data: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
-             "zeroshot_300": render_zeroshot_paired,
-             "learned": render_learned, "learned_seeds": render_learned_seeds,
-             "learned_shakespeare": render_learned, "learned_mix": render_learned, "learned_batch4": render_learned_seeds,
-             "learned_windows128": render_learned_seeds, "learned_self": render_learned_seeds,
-             "learned_self_batch4": render_learned_seeds, "learned_self_tiles": render_learned_seeds,
-             "oneshot_seeds": render_oneshot_seeds, "distill": render_oneshot,
+             "zeroshot_300": render_zeroshot_paired, "oneshot_seeds": render_oneshot_seeds, "distill": render_oneshot,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
 
 
+def renderer(name: str, data: dict):
+    """The renderer of ``NAME.json``: its own entry, else the one of the script that wrote it."""
+    if name in RENDERERS:
+        return RENDERERS[name]
+    if data.get("command", "").startswith("python3 bench/learned.py"):
+        return render_learned
+    return None
+
+
 def regenerate(text: str) -> str:
-    for name, render in RENDERERS.items():
+    for name in dict.fromkeys(re.findall(r"<!-- table:(\w+) -->", text)):
         path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        render = renderer(name, data)
+        if render is None:
+            continue
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
-        if path.is_file() and pattern.search(text):
-            body = render(json.loads(path.read_text()))
-            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        body = render(data)
+        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
     return text
 
 
