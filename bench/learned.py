@@ -11,14 +11,15 @@ the one defaults and hyper-parameters are chosen on; the others only report.
 With several ``--seeds`` every row runs once per seed (the seed draws the calibration and held-out
 windows and seeds the learner), gap closed is taken within each seed, and a summary gives each method's
 mean and standard deviation over the seeds, and its gap closed minus RIA's paired by seed: the spread
-that a single-seed table hides.
+that a single-seed table hides. With ``--tasks``, every row's zero-shot accuracy is compared with RIA's
+item by item.
 """
 from __future__ import annotations
 
 import argparse
 
-from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed_by_seed, ppl_columns, print_seeds, print_table, protocol_from,
-                    run_rows, save_json, seed_suffixes)
+from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed_by_seed, ppl_columns, print_paired, print_seeds,
+                    print_table, protocol_from, run_rows, save_json, seed_suffixes)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -86,6 +87,9 @@ def main() -> None:
                     + [("prune_s", "prune s", ".0f"), ("peak_rss_mb", "peak MB", ".0f")])
         if len(seeds) > 1:
             print_seeds(group, f"{calib} | ria")
+        if protocol.tasks:
+            print("zero-shot accuracy against ria on the same items (points, ± paired standard error):")
+            print_paired(group, [f"{calib} | ria"])
     print(f"saved {save_json(args.save_as, vars(args), results)}")
 
 
