@@ -17,6 +17,7 @@ that reaches further than that head while calibrating on the same text is refuse
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -259,12 +260,13 @@ def mixture(source: str) -> list[tuple[str, float]]:
 
 def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                      holdout: int = 0, extra: int = 0, model: torch.nn.Module | None = None,
-                     show: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     show: bool = True, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out windows of a source or a weighted mixture of sources (see :func:`mixture`):
     each part gives its share of the windows (largest remainders get the rest), drawn from its own stream.
     ``extra`` more training windows (see :func:`calibration_windows`) follow the first ``nsamples``.
     Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`). The part ``self`` samples
-    its windows from ``model`` (:func:`sampled_windows`)."""
+    its windows from ``model`` (:func:`sampled_windows`), kept in and taken back from the folder ``cache``
+    when one is given (:func:`cached_samples`)."""
     parts = mixture(source)
     bos = bos_id(tokenizer)
     counts = [_shares(n, [w for _, w in parts]) for n in (nsamples, holdout, extra)]
@@ -278,8 +280,8 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
             start = bos if bos is not None else tokenizer.eos_token_id
             if start is None:
                 raise ValueError(f"calibration {source!r}: the tokenizer has neither BOS nor EOS to start samples from")
-            w, h, x = (sampled_windows(model, counts[i][k], seqlen, seed + k + 1000 * i, start,
-                                           keep_start=bos is not None, show=show)
+            w, h, x = (cached_samples(cache, model, counts[i][k], seqlen, seed + k + 1000 * i, start,
+                                      keep_start=bos is not None, show=show)
                        for i in (0, 1, 2))
             w = torch.cat([w, x])
         else:
@@ -318,6 +320,39 @@ def sampled_windows(model: torch.nn.Module, count: int, seqlen: int, seed: int, 
                 tokens_bar.update(len(ids))
             out.append(ids if keep_start else ids[:, 1:])
     return torch.cat(out).cpu()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of ``model``'s class, parameter and buffer names, shapes, dtypes and every byte of their
+    values: two models share it only when they compute the same function."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_samples(cache: Path | None, model: torch.nn.Module, count: int, seqlen: int, seed: int, start_id: int,
+                   keep_start: bool, show: bool = True) -> torch.Tensor:
+    """:func:`sampled_windows`, kept in ``cache/<key>.pt`` and read back from there by any later run with
+    the same key: the model's fingerprint, every sampling argument, the device type and torch's version
+    (the kernels, hence the draws, may differ between versions and devices). Without ``cache``, sampled
+    each time. The file is written whole or not at all (a rename), so runs side by side may share it."""
+    if cache is None or count == 0:
+        return sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show)
+    device = next(model.parameters()).device.type
+    spec = dict(model=model_fingerprint(model), count=count, seqlen=seqlen, seed=seed, start_id=start_id,
+                keep_start=keep_start, device=device, torch=torch.__version__)
+    path = Path(cache) / f"{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]}.pt"
+    if path.is_file():
+        progress.log.info("sampled calibration text: %d windows of %d tokens read from %s", count, seqlen, path)
+        return torch.load(path, weights_only=True)
+    windows = sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(windows, partial)
+    os.replace(partial, path)
+    return windows
 
 
 def _shares(total: int, weights: list[float]) -> list[int]:

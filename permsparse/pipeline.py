@@ -30,6 +30,7 @@ from .discover import experts_as_linears
 from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .memory import check_memory
+from .models import cache_dir
 from .objective import objective
 from .permute.learned import BlockData, Plan, learn_block, learn_model
 from .permute.search import find_permutation, needs_gram
@@ -167,7 +168,8 @@ def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch
                                                                  wanted, allow_test=calib.allow_test_text)
         else:
             windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
-                                                     calib.seed, wanted, config.distill.windows, model=model, show=show)
+                                                     calib.seed, wanted, config.distill.windows, model=model, show=show,
+                                                     cache=cache_dir() / "samples" if distributed.is_main() else None)
             if any(name == data.SELF for name, _ in data.mixture(calib.source)):  # sampled: rank 0's on every rank
                 windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
             windows, extra = windows[:calib.nsamples], windows[calib.nsamples:]

@@ -103,3 +103,32 @@ def test_self_calibration_is_seeded_and_keeps_training_and_held_out_apart(tiny_t
         draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0)
     with pytest.raises(ValueError, match="not a document source"):
         load_documents("self")
+
+
+def test_sampled_calibration_text_is_kept_and_read_back_for_the_same_model_only(tiny_tokenizer, tmp_path, monkeypatch):
+    from permsparse import data
+
+    from .conftest import tiny_llama
+    model = tiny_llama().eval()
+    first, held = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, holdout=2, model=model, show=False,
+                                   cache=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # training and held-out windows
+    fresh, _ = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, holdout=2, model=model, show=False)
+    assert torch.equal(fresh, first)  # the file holds what sampling gives
+
+    def no_sampling(model, count, seqlen, *args, **kwargs):
+        if count:
+            raise AssertionError("sampled again")
+        return torch.zeros(0, seqlen, dtype=torch.long)
+
+    monkeypatch.setattr(data, "sampled_windows", no_sampling)
+    again, held_again = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, holdout=2, model=model, show=False,
+                                         cache=tmp_path)
+    assert torch.equal(again, first) and torch.equal(held_again, held)
+    other = tiny_llama().eval()
+    with torch.no_grad():
+        other.model.norm.weight[0] += 1e-3  # one value changed: another model
+    with pytest.raises(AssertionError, match="sampled again"):
+        draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, model=other, show=False, cache=tmp_path)
+    with pytest.raises(AssertionError, match="sampled again"):
+        draw_calibration(tiny_tokenizer, "self", 4, 16, seed=1, model=model, show=False, cache=tmp_path)
