@@ -6,7 +6,8 @@ the kept weights (SparseGPT, ADMM) without a permutation, with RIA's (each choos
 the permuted groups) and with the learned one, followed by a reconstruction with its mask fixed or by the
 host choosing its own mask inside the learned groups; and with ``--distill-steps`` above 0, the rows
 unstructured 50%, 2:4 Wanda, + ria, + learned and ADMM + ria again followed by the distillation of their
-kept weights (the library's defaults but the step count). Every row uses the
+kept weights (the library's defaults but the step count). The learned permutation is the library's
+default but for ``--learned-batch`` windows per step. Every row uses the
 tool's default calibration (``--calib``, ``--nsamples`` x ``--seqlen``, seed ``--seed``); evaluation on
 the first ``--windows`` windows of ``--seqlen`` tokens of each ``--evals`` text. Gap closed per text:
 (ppl of 2:4 Wanda - ppl) / (ppl of 2:4 Wanda - ppl of unstructured 50%). With several ``--seeds``
@@ -31,21 +32,22 @@ def rows_for(args, seed: int, suffix: str) -> list[Row]:
     """Every row of the benchmark, calibrated with ``seed``, labels ending in ``suffix``."""
     calib = Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
     base = dict(calibration=calib)
+    learned = Learned(batch=args.learned_batch)
     rows = [Row("dense", None),
             Row("unstructured 50% (wanda)", PruneConfig(pattern="50%", **base)),
             Row("2:4 magnitude", PruneConfig(score="magnitude", **base)),
             Row("2:4 wanda", PruneConfig(**base)),
             Row("2:4 ria", PruneConfig(score="ria", **base))]
     for label, permutation in [("cp", Search("cp")), ("ria", Search("ria")), ("output", Search("output")),
-                               ("learned", Learned())]:
+                               ("learned", learned)]:
         rows.append(Row(f"2:4 wanda + {label}", PruneConfig(permutation=permutation, binding=args.binding, **base)))
     for host in ("sparsegpt", "admm"):
         rows += [Row(f"2:4 {host}", PruneConfig(score=host, **base)),
                  Row(f"2:4 {host} + ria", PruneConfig(score=host, permutation=Search("ria"), binding=args.binding, **base)),
                  Row(f"2:4 {host} + learned (reconstruct)", PruneConfig(score=host, update_mask="permutation",
-                                                                       permutation=Learned(), binding=args.binding,
+                                                                       permutation=learned, binding=args.binding,
                                                                        **base)),
-                 Row(f"2:4 {host} + learned (own mask)", PruneConfig(score=host, permutation=Learned(),
+                 Row(f"2:4 {host} + learned (own mask)", PruneConfig(score=host, permutation=learned,
                                                                     binding=args.binding, **base))]
     if args.distill_steps:
         distilled = {row.label: row.config for row in rows if row.label in DISTILLED}
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--versus", nargs="*", default=["2:4 wanda", "2:4 wanda + ria"],
                         help="rows every other row is compared with: zero-shot accuracy item by item, and gap "
                              "closed seed by seed (--seeds)")
+    parser.add_argument("--learned-batch", type=int, default=Learned().batch,
+                        help="windows per training step of every learned permutation (0: the library's default)")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also the rows of DISTILLED followed by this many steps of distillation of their kept weights")
     parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
