@@ -146,7 +146,7 @@ def machine() -> dict:
 
 def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str, dict]:
     """Results stored in ``bench/results/NAME.json`` (for each of ``names``) that stand for rows here: the
-    same label and config, evaluated on every text here under the same model, windows, tasks and items,
+    same label (or the label without its seed, from a one-seed run) and config, evaluated on every text here under the same model, windows, tasks and items,
     on a machine with the same CPU model, torch and kernel level (on which the same command gives the same
     bits). Each keeps the evaluations here and records the file it came from."""
     from permsparse import PruneConfig
@@ -160,6 +160,12 @@ def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str,
         return None if config is None else {**{k: v for k, v in defaults.items() if k not in config}, **config}
 
     wanted = {r.label: (None if r.config is None else to_dict(r.config)) for r in rows}
+    stands_for: dict[str, list[str]] = {}  # stored label -> the labels here it may stand for
+    for label in wanted:
+        stands_for.setdefault(label, []).append(label)
+        method, seed = seed_of(label)
+        if seed is not None:  # a one-seed run's label carries no seed: its config's seed decides
+            stands_for.setdefault(method, []).append(label)
     here = {k: machine()[k] for k in ("cpu", "cpu_capability", "torch")}
     found: dict[str, dict] = {}
     for name in names:
@@ -169,10 +175,11 @@ def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str,
                 and tuple(p.get("tasks") or ()) == protocol.tasks and p.get("limit") == protocol.limit
                 and not protocol.full and all(stored["machine"].get(k) == v for k, v in here.items()))
         for r in stored["results"] if same else ():
-            if (r["label"] in wanted and r["label"] not in found and "error" not in r and completed(r["config"]) == wanted[r["label"]]
-                    and all(t in r["ppl"] for t in protocol.evals)):
-                found[r["label"]] = {**{k: v for k, v in r.items() if k != "gap"},
-                                     "ppl": {t: r["ppl"][t] for t in protocol.evals}, "reused_from": name}
+            for label in stands_for.get(r["label"], ()):
+                if (label not in found and "error" not in r and completed(r["config"]) == wanted[label]
+                        and all(t in r["ppl"] for t in protocol.evals)):
+                    found[label] = {**{k: v for k, v in r.items() if k != "gap"}, "label": label,
+                                    "ppl": {t: r["ppl"][t] for t in protocol.evals}, "reused_from": name}
     return found
 
 

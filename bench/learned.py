@@ -88,8 +88,9 @@ def main() -> None:
         if len(seeds) > 1:
             print_seeds(group, f"{calib} | ria")
         if protocol.tasks:
-            print("zero-shot accuracy against ria on the same items (points, ± paired standard error):")
-            print_paired(group, [f"{calib} | ria"])
+            print("zero-shot accuracy against ria of the same seed on the same items (points, ± paired standard error):")
+            for s, suffix in suffixes.items():
+                print_paired([r for r in group if r["label"].endswith(suffix)], [f"{calib} | ria{suffix}"])
     print(f"saved {save_json(args.save_as, vars(args), results)}")
 
 

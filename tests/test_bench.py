@@ -81,6 +81,23 @@ def test_stored_rows_are_reused_only_for_the_same_row_protocol_and_machine(tmp_p
     assert common.reusable(rows, protocol, ["there"]) == {}
 
 
+def test_a_one_seed_runs_rows_stand_for_the_rows_of_their_seed(tmp_path, monkeypatch):
+    from permsparse import Calibration, PruneConfig, Search
+    from permsparse.serial import to_dict
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    protocol = Protocol("smollm2-135m", 512, 16, ("wikitext2",))
+    ria = {s: PruneConfig(permutation=Search("ria"), calibration=Calibration(seed=s)) for s in (0, 1)}
+    payload = {"protocol": {"model": "smollm2-135m", "seqlen": 512, "windows": 16, "tasks": [], "limit": None},
+               "machine": common.machine(),
+               "results": [{"label": "c4 | ria", "config": to_dict(ria[1]), "ppl": {"wikitext2": 190.0}}]}
+    (tmp_path / "seed1.json").write_text(json.dumps(payload))
+    rows = [Row(f"c4 | ria | seed {s}", ria[s]) for s in (0, 1)]
+    found = common.reusable(rows, protocol, ["seed1"])
+    assert list(found) == ["c4 | ria | seed 1"]  # the stored config's seed picks the row
+    assert found["c4 | ria | seed 1"]["label"] == "c4 | ria | seed 1"
+
+
 def test_an_interrupted_runs_partial_results_are_reused(tmp_path, monkeypatch):
     from permsparse import PruneConfig, Search
     from permsparse.serial import to_dict
