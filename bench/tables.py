@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import across_seeds, paired_difference
+from common import across_seeds, paired_difference, seed_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -137,6 +137,37 @@ def seeds_table(data: dict, results: list[dict], reference: str, strip: str = ""
     return table(headers, body)
 
 
+def zero_shot_seeds_table(data: dict, results: list[dict], reference: str, strip: str = "") -> str:
+    """Each method's zero-shot accuracy per task averaged over the seeds, and its mean minus
+    ``reference``'s on the same items: per seed, and pooled (the mean of the seeds' differences, with
+    the root sum of their squared paired errors over the seed count)."""
+    tasks = data["protocol"]["tasks"]
+    by_label = {r["label"]: r for r in results if "error" not in r}
+    methods: dict[str, dict[int, dict]] = {}
+    for r in by_label.values():
+        method, seed = seed_of(r["label"])
+        methods.setdefault(method, {})[seed] = r
+    short = reference.removeprefix(strip)
+    headers = ["method"] + [TASK_NAMES.get(t, t) for t in tasks] + ["mean acc", f"mean - {short}'s, per seed",
+                                                                     f"mean - {short}'s, pooled"]
+    body = []
+    for method, runs in methods.items():
+        cells = [method.removeprefix(strip)]
+        for t in (*tasks, "mean"):
+            cells.append(f"{100 * sum(r['zero_shot'][t] for r in runs.values()) / len(runs):.1f}")
+        diffs = {s: paired_difference(r, by_label.get(f"{reference} | seed {s}", {})) for s, r in runs.items()}
+        diffs = {s: d["mean"] for s, d in diffs.items() if d is not None and method != reference}
+        cells.append(", ".join(f"{100 * m:+.2f} ± {100 * se:.2f}" for m, se in diffs.values()) or "–")
+        if diffs:
+            pooled = sum(m for m, _ in diffs.values()) / len(diffs)
+            error = sum(se ** 2 for _, se in diffs.values()) ** 0.5 / len(diffs)
+            cells.append(f"{100 * pooled:+.2f} ± {100 * error:.2f}")
+        else:
+            cells.append("–")
+        body.append(cells)
+    return table(headers, body)
+
+
 def render_learned(data: dict) -> str:
     """A ``bench/learned.py`` run: per calibration source, one table of the seed, or each method's mean ±
     sd over several seeds with its gap closed against RIA's paired by seed."""
@@ -147,6 +178,9 @@ def render_learned(data: dict) -> str:
         if group and len(seeds) > 1:
             out += (f"Calibrated on **{calib}**, mean ± standard deviation over {len(seeds)} "
                     f"seeds:\n\n" + seeds_table(data, group, f"{calib} | ria", strip=f"{calib} | ") + "\n")
+            if data["protocol"].get("tasks"):
+                out += ("Zero-shot accuracy (%), averaged over the seeds:\n\n"
+                        + zero_shot_seeds_table(data, group, f"{calib} | ria", strip=f"{calib} | ") + "\n")
         elif group:
             out += f"Calibrated on **{calib}**:\n\n" + ppl_table(data, "method", group, strip=f"{calib} | ") + "\n"
     return out

@@ -125,3 +125,17 @@ def test_a_stored_config_that_predates_a_field_stands_for_that_fields_default(tm
     assert list(common.reusable([Row("ria", ria)], protocol, ["old"])) == ["ria"]
     distilled = PruneConfig(permutation=Search("ria"), distill=Distill(steps=10))
     assert common.reusable([Row("ria", distilled)], protocol, ["old"]) == {}
+
+
+def test_zero_shot_over_seeds_pairs_within_each_seed_and_pools_the_differences():
+    def scored(label, correct):  # one task of four items
+        return {"label": label, "zero_shot": {"boolq": sum(correct) / 4, "mean": sum(correct) / 4},
+                "zero_shot_correct": {"boolq": correct}}
+
+    results = [scored("ria | seed 0", [1, 0, 0, 0]), scored("learned | seed 0", [1, 1, 0, 0]),
+               scored("ria | seed 1", [1, 1, 1, 0]), scored("learned | seed 1", [1, 1, 1, 1])]
+    text = tables.zero_shot_seeds_table({"protocol": {"tasks": ["boolq"]}}, results, "ria")
+    learned = next(line for line in text.splitlines() if line.startswith("| learned"))
+    # each seed: +25 points on the same items, standard error 25 (differences 0, 1, 0, 0: sd 0.5, 4 items);
+    # pooled: +25 ± sqrt(2 * 25²) / 2
+    assert learned == "| learned | 75.0 | 75.0 | +25.00 ± 25.00, +25.00 ± 25.00 | +25.00 ± 17.68 |"
