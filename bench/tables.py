@@ -278,6 +278,7 @@ def render_testbed_recipes(data: dict) -> str:
 
 RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
              "zeroshot_300": render_zeroshot_paired, "oneshot_seeds": render_oneshot_seeds, "distill": render_oneshot,
+             "admm_self": render_oneshot,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
 
