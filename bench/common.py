@@ -146,9 +146,10 @@ def machine() -> dict:
 
 def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str, dict]:
     """Results stored in ``bench/results/NAME.json`` (for each of ``names``) that stand for rows here: the
-    same label (or the label without its seed, from a one-seed run) and config, evaluated on every text here under the same model, windows, tasks and items,
-    on a machine with the same CPU model, torch and kernel level (on which the same command gives the same
-    bits). Each keeps the evaluations here and records the file it came from."""
+    same label (or that label without its seed, stored by a one-seed run) and config, evaluated on every
+    text here under the same model, windows, tasks and items, on a machine with the same CPU model, torch
+    and kernel level (on which the same command gives the same bits). Each keeps the evaluations here and
+    records the file it came from."""
     from permsparse import PruneConfig
     from permsparse.serial import to_dict
 

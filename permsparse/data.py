@@ -280,7 +280,8 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
             start = bos if bos is not None else tokenizer.eos_token_id
             if start is None:
                 raise ValueError(f"calibration {source!r}: the tokenizer has neither BOS nor EOS to start samples from")
-            w, h, x = (cached_samples(cache, model, counts[i][k], seqlen, seed + k + 1000 * i, start,
+            fingerprint = None if cache is None else model_fingerprint(model)
+            w, h, x = (cached_samples(cache, fingerprint, model, counts[i][k], seqlen, seed + k + 1000 * i, start,
                                       keep_start=bos is not None, show=show)
                        for i in (0, 1, 2))
             w = torch.cat([w, x])
@@ -332,16 +333,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cached_samples(cache: Path | None, model: torch.nn.Module, count: int, seqlen: int, seed: int, start_id: int,
-                   keep_start: bool, show: bool = True) -> torch.Tensor:
+def cached_samples(cache: Path | None, fingerprint: str | None, model: torch.nn.Module, count: int, seqlen: int,
+                   seed: int, start_id: int, keep_start: bool, show: bool = True) -> torch.Tensor:
     """:func:`sampled_windows`, kept in ``cache/<key>.pt`` and read back from there by any later run with
-    the same key: the model's fingerprint, every sampling argument, the device type and torch's version
-    (the kernels, hence the draws, may differ between versions and devices). Without ``cache``, sampled
-    each time. The file is written whole or not at all (a rename), so runs side by side may share it."""
+    the same key: the model's ``fingerprint`` (:func:`model_fingerprint`), every sampling argument, the
+    device type and torch's version (the kernels, hence the draws, may differ between versions and
+    devices). Without ``cache``, sampled each time. The file is written whole or not at all (a rename),
+    so runs side by side may share it."""
     if cache is None or count == 0:
         return sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show)
     device = next(model.parameters()).device.type
-    spec = dict(model=model_fingerprint(model), count=count, seqlen=seqlen, seed=seed, start_id=start_id,
+    spec = dict(model=fingerprint, count=count, seqlen=seqlen, seed=seed, start_id=start_id,
                 keep_start=keep_start, device=device, torch=torch.__version__)
     path = Path(cache) / f"{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]}.pt"
     if path.is_file():
