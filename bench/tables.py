@@ -276,19 +276,21 @@ def render_testbed_recipes(data: dict) -> str:
                         "seconds (GPU, 8 at once)", "projected CPU s (50,000 images)"], rows)
 
 
-RENDERERS = {"demo": render_demo, "vision": render_vision, "oneshot": render_oneshot, "zeroshot": render_oneshot,
-             "zeroshot_300": render_zeroshot_paired, "oneshot_seeds": render_oneshot_seeds, "distill": render_oneshot,
-             "admm_self": render_oneshot,
+RENDERERS = {"demo": render_demo, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
 
 
 def renderer(name: str, data: dict):
-    """The renderer of ``NAME.json``: its own entry, else the one of the script that wrote it."""
+    """The renderer of ``NAME.json``: its own entry, else the one of the script that wrote it (for
+    ``bench/oneshot.py``, the seeds summary when the run has several seeds)."""
     if name in RENDERERS:
         return RENDERERS[name]
-    if data.get("command", "").startswith("python3 bench/learned.py"):
+    command = data.get("command", "")
+    if command.startswith("python3 bench/learned.py"):
         return render_learned
+    if command.startswith("python3 bench/oneshot.py"):
+        return render_oneshot_seeds if len(data["protocol"].get("seeds") or []) > 1 else render_oneshot
     return None
 
 
