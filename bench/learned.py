@@ -39,6 +39,7 @@ VARIANTS = {
     "blockwise, ria start": ({"init": "ria", "scope": "blockwise"}, {}),
     "kl+hidden, ria start, 20 steps of 1": ({**KL_HIDDEN, "steps": 20, "batch": 1}, {}),
     "kl+hidden, ria start, 20 steps of 4": ({**KL_HIDDEN, "steps": 20, "batch": 4}, {}),
+    "kl, ria start, 20 steps of 4": ({"init": "ria", "ce": 0.0, "kl": 1.0, "hidden": 0.0, "steps": 20, "batch": 4}, {}),
     "kl+hidden, ria start, 40 steps of 4": ({**KL_HIDDEN, "steps": 40, "batch": 4}, {}),
     "kl+hidden, ria start, 20 steps of 4, 128 windows": ({**KL_HIDDEN, "steps": 20, "batch": 4}, {"nsamples": 128}),
     "kl+hidden, ria start, 20 steps of 4, tiles of 192": ({**KL_HIDDEN, "steps": 20, "batch": 4, "tile": 192}, {}),
