@@ -260,13 +260,16 @@ def mixture(source: str) -> list[tuple[str, float]]:
 
 def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                      holdout: int = 0, extra: int = 0, model: torch.nn.Module | None = None,
-                     show: bool = True, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     show: bool = True, cache: Path | None = None,
+                     sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out windows of a source or a weighted mixture of sources (see :func:`mixture`):
     each part gives its share of the windows (largest remainders get the rest), drawn from its own stream.
     ``extra`` more training windows (see :func:`calibration_windows`) follow the first ``nsamples``.
     Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`). The part ``self`` samples
     its windows from ``model`` (:func:`sampled_windows`), kept in and taken back from the folder ``cache``
-    when one is given (:func:`cached_samples`)."""
+    when one is given (:func:`cached_samples`). With ``sample`` false, that part's windows are zeros of the
+    same shape: the places a process fills with another process's samples (a broadcast) without
+    sampling text it would discard."""
     parts = mixture(source)
     bos = bos_id(tokenizer)
     counts = [_shares(n, [w for _, w in parts]) for n in (nsamples, holdout, extra)]
@@ -280,10 +283,13 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
             start = bos if bos is not None else tokenizer.eos_token_id
             if start is None:
                 raise ValueError(f"calibration {source!r}: the tokenizer has neither BOS nor EOS to start samples from")
-            fingerprint = None if cache is None else model_fingerprint(model)
-            w, h, x = (cached_samples(cache, fingerprint, model, counts[i][k], seqlen, seed + k + 1000 * i, start,
-                                      keep_start=bos is not None, show=show)
-                       for i in (0, 1, 2))
+            if sample:
+                fingerprint = None if cache is None else model_fingerprint(model)
+                w, h, x = (cached_samples(cache, fingerprint, model, counts[i][k], seqlen, seed + k + 1000 * i, start,
+                                          keep_start=bos is not None, show=show)
+                           for i in (0, 1, 2))
+            else:
+                w, h, x = (torch.zeros(counts[i][k], seqlen, dtype=torch.long) for i in (0, 1, 2))
             w = torch.cat([w, x])
         else:
             w, h = calibration_windows(calibration_stream(tokenizer, name), counts[0][k], seqlen, seed + k, counts[1][k],

@@ -105,6 +105,28 @@ def test_self_calibration_is_seeded_and_keeps_training_and_held_out_apart(tiny_t
         load_documents("self")
 
 
+def test_a_process_that_receives_the_samples_draws_the_other_parts_and_samples_nothing(tiny_tokenizer, monkeypatch):
+    """``sample=False`` (a rank that rank 0's broadcast fills) gives the same shapes and the same windows of
+    the other sources as a sampling draw, zeros in the sampled part, and never runs the model."""
+    from permsparse import data
+
+    from .conftest import tiny_llama
+    model = tiny_llama().eval()
+    train, held = draw_calibration(tiny_tokenizer, "c4:1,self:1", 4, 16, seed=0, holdout=2, extra=2, model=model,
+                                   show=False)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(data, "sampled_windows", no_sampling)
+    places, held_places = draw_calibration(tiny_tokenizer, "c4:1,self:1", 4, 16, seed=0, holdout=2, extra=2,
+                                           model=model, show=False, sample=False)
+    assert places.shape == train.shape == (6, 16) and held_places.shape == held.shape == (2, 16)
+    c4_rows, self_rows = [0, 1, 4], [2, 3, 5]  # training windows by part, then the extra ones by part
+    assert torch.equal(places[c4_rows], train[c4_rows]) and torch.equal(held_places[:1], held[:1])
+    assert not places[self_rows].any() and not held_places[1:].any() and train[self_rows].any()
+
+
 def test_sampled_calibration_text_is_kept_and_read_back_for_the_same_model_only(tiny_tokenizer, tmp_path, monkeypatch):
     from permsparse import data
 
