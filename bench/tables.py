@@ -117,21 +117,26 @@ def render_zeroshot_paired(data: dict) -> str:
 
 def seeds_table(data: dict, results: list[dict], reference: str, strip: str = "") -> str:
     """Each method's mean ± sd over the seeds (perplexity, gap closed) and its gap closed minus
-    ``reference``'s, paired seed by seed."""
+    ``reference``'s, paired seed by seed; without the gap columns when the run has no rows to take a gap
+    from (no none and unstructured rows)."""
     texts = data["protocol"]["evals"]
     short = reference.removeprefix(strip)
+    rows = across_seeds(results, reference)
+    gap = any(r["gap"][t][0] is not None for r in rows for t in texts)
     headers = ["method"]
     for t in texts:
-        headers += [f"{TEXTS.get(t, t)} ppl", "gap closed", f"gap - {short}'s"]
+        headers += [f"{TEXTS.get(t, t)} ppl"] + (["gap closed", f"gap - {short}'s"] if gap else [])
     headers.append("pruning s")
     body = []
-    for r in across_seeds(results, reference):
+    for r in rows:
         cells = [r["label"].removeprefix(strip)]
         for t in texts:
             (m, sd), (g, gsd) = r["ppl"][t], r["gap"][t]
             minus = r["gap_minus_ref"].get(t)
-            cells += [f"{m:.2f} ± {sd:.2f}", "–" if g is None else f"{g:.3f} ± {gsd:.3f}",
-                      "–" if minus is None else f"{minus[0]:+.3f} ± {minus[1]:.3f}"]
+            cells.append(f"{m:.2f} ± {sd:.2f}")
+            if gap:
+                cells += ["–" if g is None else f"{g:.3f} ± {gsd:.3f}",
+                          "–" if minus is None else f"{minus[0]:+.3f} ± {minus[1]:.3f}"]
         cells.append(fmt(r["prune_s"], ".0f"))
         body.append(cells)
     return table(headers, body)
