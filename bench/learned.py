@@ -49,17 +49,24 @@ VARIANTS = {
 }
 
 
+def calib_label(calib: str, args) -> str:
+    """How rows name their calibration: the source, and the sampling temperature when it is not 1."""
+    return calib if args.sample_temperature == 1.0 else f"{calib} at temperature {args.sample_temperature:g}"
+
+
 def rows_for(calib: str, args, seed: int, suffix: str = "") -> list[Row]:
-    base = Calibration(source=calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
+    base = Calibration(source=calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
+                       temperature=args.sample_temperature)
+    label = calib_label(calib, args)
     baselines = {"none": PruneConfig(calibration=base), "unstructured 50%": PruneConfig(pattern="50%", calibration=base),
                  "ria": PruneConfig(permutation=Search("ria"), calibration=base),
                  "output": PruneConfig(permutation=Search("output"), calibration=base)}
-    rows = [Row(f"{calib} | {name}{suffix}", baselines[name]) for name in args.baselines]
+    rows = [Row(f"{label} | {name}{suffix}", baselines[name]) for name in args.baselines]
     for name in args.variants:
         learned, calibration = VARIANTS[name]
         config = PruneConfig(permutation=Learned(**learned),
                              calibration=Calibration(**{**vars(base), **calibration}))
-        rows.append(Row(f"{calib} | learned {name}{suffix}", config))
+        rows.append(Row(f"{label} | learned {name}{suffix}", config))
     return rows
 
 
@@ -70,6 +77,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=["default"], choices=sorted(VARIANTS))
     parser.add_argument("--baselines", nargs="*", default=["none", "unstructured 50%", "ria", "output"],
                         help="baseline rows of each calibration source")
+    parser.add_argument("--sample-temperature", type=float, default=1.0,
+                        help="temperature at which --calibs self samples its text")
     parser.add_argument("--validation", default="alpaca", help="the evaluation text defaults are chosen on")
     parser.add_argument("--save-as", default="learned", help="name of the JSON file under bench/results")
     args = parser.parse_args()
@@ -81,7 +90,7 @@ def main() -> None:
           f"of {', '.join(args.calibs)}; evaluation first {args.windows} windows of {args.seqlen} of "
           f"{', '.join(EVAL_NAMES.get(t, t) for t in args.evals)} (validation: {args.validation})", flush=True)
     results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as, reuse=args.reuse)
-    for calib in args.calibs:
+    for calib in (calib_label(c, args) for c in args.calibs):
         group = [r for r in results if r["label"].startswith(f"{calib} | ")]
         gap_closed_by_seed(group, f"{calib} | none", f"{calib} | unstructured 50%")
         print(f"\ncalibration: {calib}")

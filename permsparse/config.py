@@ -66,6 +66,9 @@ class Calibration:
                          "self: text the dense model samples itself), a weighted mix such as c4:3,alpaca:1, or a text "
                          "file; general web text by default, as the "
                          "literature calibrates, so no evaluation text is the calibration's domain", flag="--calib")
+    temperature: float = option(1.0, "temperature at which the dense model samples the windows of --calib self: "
+                                "above 1 the samples reach text the model finds less likely",
+                                flag="--sample-temperature")
     nsamples: int = option(32, "calibration windows")
     seqlen: int = option(512, "tokens per calibration window")
     seed: int = option(0, "seed of the window draw and of every search and learner")
@@ -80,8 +83,12 @@ class Calibration:
 
     def __post_init__(self):
         check_choices(self)
-        if self.nsamples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch_size < 1:
-            raise ValueError("need nsamples >= 1, seqlen >= 2, holdout >= 0 and batch size >= 1")
+        if self.nsamples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch_size < 1 or not self.temperature > 0:
+            raise ValueError("need nsamples >= 1, seqlen >= 2, holdout >= 0, batch size >= 1 and a sampling "
+                             "temperature above 0")
+        if self.temperature != 1.0 and "self" not in (part.split(":")[0].strip() for part in self.source.split(",")):
+            raise ValueError(f"--sample-temperature applies to text the model samples (--calib self), not to "
+                             f"{self.source!r}")
         if self.source in TEST_SOURCES and not self.allow_test_text:
             raise ValueError(f"calibration source {self.source!r} is the evaluation text: calibrate on wikitext2-valid, "
                              "c4 or another source, or pass --allow-test-calibration if you mean it")

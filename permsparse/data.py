@@ -6,8 +6,8 @@ list of documents: tokenised one by one and joined with the tokenizer's EOS toke
 windows cut from it may span documents as in Wanda's and SparseGPT's C4 recipe, but never glue two
 documents without a boundary.
 
-``self`` is no file: its windows are text the dense model samples itself, from BOS at temperature 1
-(self-calibration, Williams et al., NAACL 2025), the distribution a pruned model distilled towards the
+``self`` is no file: its windows are text the dense model samples itself, from BOS at temperature 1 unless
+asked otherwise (self-calibration, Williams et al., NAACL 2025), the distribution a pruned model distilled towards the
 dense one is asked to match, and no evaluation text's domain.
 
 A text that is also evaluated (``Source.evaluated``) is split: its evaluation windows are its first ones,
@@ -261,12 +261,12 @@ def mixture(source: str) -> list[tuple[str, float]]:
 def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                      holdout: int = 0, extra: int = 0, model: torch.nn.Module | None = None,
                      show: bool = True, cache: Path | None = None,
-                     sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     sample: bool = True, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out windows of a source or a weighted mixture of sources (see :func:`mixture`):
     each part gives its share of the windows (largest remainders get the rest), drawn from its own stream.
     ``extra`` more training windows (see :func:`calibration_windows`) follow the first ``nsamples``.
     Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`). The part ``self`` samples
-    its windows from ``model`` (:func:`sampled_windows`), kept in and taken back from the folder ``cache``
+    its windows from ``model`` at ``temperature`` (:func:`sampled_windows`), kept in and taken back from the folder ``cache``
     when one is given (:func:`cached_samples`). With ``sample`` false, that part's windows are zeros of the
     same shape: the places a process fills with another process's samples (a broadcast) without
     sampling text it would discard."""
@@ -286,7 +286,7 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
             if sample:
                 fingerprint = None if cache is None else model_fingerprint(model)
                 w, h, x = (cached_samples(cache, fingerprint, model, counts[i][k], seqlen, seed + k + 1000 * i, start,
-                                          keep_start=bos is not None, show=show)
+                                          keep_start=bos is not None, show=show, temperature=temperature)
                            for i in (0, 1, 2))
             else:
                 w, h, x = (torch.zeros(counts[i][k], seqlen, dtype=torch.long) for i in (0, 1, 2))
@@ -302,8 +302,8 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
 
 @torch.no_grad()
 def sampled_windows(model: torch.nn.Module, count: int, seqlen: int, seed: int, start_id: int,
-                    keep_start: bool, batch: int = 32, show: bool = True) -> torch.Tensor:
-    """``count`` windows of ``seqlen`` tokens sampled from ``model`` (seeded; temperature 1, no truncation),
+                    keep_start: bool, batch: int = 32, show: bool = True, temperature: float = 1.0) -> torch.Tensor:
+    """``count`` windows of ``seqlen`` tokens sampled from ``model`` (seeded; at ``temperature``, no truncation),
     each from ``start_id`` on: kept as the first token when it is the BOS every window starts with,
     dropped when it only opens the sample (an EOS). A sampled EOS does not stop a window: the next
     document follows, as in the EOS-joined streams of the other sources."""
@@ -321,7 +321,7 @@ def sampled_windows(model: torch.nn.Module, count: int, seqlen: int, seed: int, 
             for _ in range(new):
                 step = model(input_ids=tokens, use_cache=True, **{key: cache})
                 cache = getattr(step, key)
-                probs = torch.softmax(step.logits[:, -1].float(), dim=-1).cpu()
+                probs = torch.softmax(step.logits[:, -1].float() / temperature, dim=-1).cpu()
                 tokens = torch.multinomial(probs, 1, generator=gen).to(device)
                 ids = torch.cat([ids, tokens], dim=1)
                 tokens_bar.update(len(ids))
@@ -340,22 +340,25 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def cached_samples(cache: Path | None, fingerprint: str | None, model: torch.nn.Module, count: int, seqlen: int,
-                   seed: int, start_id: int, keep_start: bool, show: bool = True) -> torch.Tensor:
+                   seed: int, start_id: int, keep_start: bool, show: bool = True,
+                   temperature: float = 1.0) -> torch.Tensor:
     """:func:`sampled_windows`, kept in ``cache/<key>.pt`` and read back from there by any later run with
     the same key: the model's ``fingerprint`` (:func:`model_fingerprint`), every sampling argument, the
     device type and torch's version (the kernels, hence the draws, may differ between versions and
     devices). Without ``cache``, sampled each time. The file is written whole or not at all (a rename),
     so runs side by side may share it."""
     if cache is None or count == 0:
-        return sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show)
+        return sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show, temperature=temperature)
     device = next(model.parameters()).device.type
     spec = dict(model=fingerprint, count=count, seqlen=seqlen, seed=seed, start_id=start_id,
                 keep_start=keep_start, device=device, torch=torch.__version__)
+    if temperature != 1.0:  # files sampled at temperature 1 keep their names
+        spec["temperature"] = temperature
     path = Path(cache) / f"{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]}.pt"
     if path.is_file():
         progress.log.info("sampled calibration text: %d windows of %d tokens read from %s", count, seqlen, path)
         return torch.load(path, weights_only=True)
-    windows = sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show)
+    windows = sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show, temperature=temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(windows, partial)

@@ -169,7 +169,8 @@ def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch
         else:
             windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
                                                      calib.seed, wanted, config.distill.windows, model=model, show=show,
-                                                     cache=cache_dir() / "samples", sample=distributed.is_main())
+                                                     cache=cache_dir() / "samples", sample=distributed.is_main(),
+                                                     temperature=calib.temperature)
             if any(name == data.SELF for name, _ in data.mixture(calib.source)):  # sampled: rank 0's on every rank
                 windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
             windows, extra = windows[:calib.nsamples], windows[calib.nsamples:]

@@ -85,6 +85,32 @@ def test_self_calibration_samples_the_model_as_a_full_forward_would(tiny_tokeniz
     assert torch.equal(windows, torch.cat(ids))
 
 
+def test_sampling_temperature_scales_the_logits(tiny_tokenizer, tmp_path):
+    """A temperature near 0 samples the greedy continuation; another temperature draws other text from the same
+    seed, kept in its own cache file; and a temperature without sampled text is refused."""
+    from permsparse import Calibration
+    from permsparse.data import sampled_windows
+
+    from .conftest import tiny_llama
+    model = tiny_llama().eval()
+    eos = tiny_tokenizer.eos_token_id
+    cold = sampled_windows(model, 2, 10, seed=5, start_id=eos, keep_start=False, show=False, temperature=1e-4)
+    seq = torch.full((2, 1), eos)
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cold, seq[:, 1:])
+    warm, _ = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, model=model, show=False, cache=tmp_path)
+    hot, _ = draw_calibration(tiny_tokenizer, "self", 4, 16, seed=0, model=model, show=False, cache=tmp_path,
+                              temperature=2.0)
+    assert not torch.equal(hot, warm) and len(list(tmp_path.glob("*.pt"))) == 2
+    assert Calibration(source="c4:1,self:1", temperature=1.5).temperature == 1.5
+    with pytest.raises(ValueError, match="applies to text the model samples"):
+        Calibration(source="c4", temperature=1.5)
+    with pytest.raises(ValueError, match="temperature above 0"):
+        Calibration(source="self", temperature=0.0)
+
+
 def test_self_calibration_is_seeded_and_keeps_training_and_held_out_apart(tiny_tokenizer):
     from .conftest import tiny_llama
     model = tiny_llama().eval()
