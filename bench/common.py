@@ -232,6 +232,12 @@ def gap_closed(results: list[dict], none: str, limit: str) -> None:
             r["gap"][text] = (by_label[none]["ppl"][text] - ppl) / span if span else None
 
 
+def calib_label(calib: str, temperature: float = 1.0) -> str:
+    """How ``bench/learned.py`` rows name their calibration: the source, and the temperature of sampled text
+    when it is not 1."""
+    return calib if temperature == 1.0 else f"{calib} at temperature {temperature:g}"
+
+
 def seed_of(label: str) -> tuple[str, int | None]:
     """``"c4 | ria | seed 2"`` -> ``("c4 | ria", 2)``; a label without a seed -> ``(label, None)``."""
     head, sep, tail = label.rpartition(" | seed ")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-from common import (EVAL_NAMES, Row, add_protocol_args, gap_closed_by_seed, ppl_columns, print_paired, print_seeds,
-                    print_table, protocol_from, run_rows, save_json, seed_suffixes)
+from common import (EVAL_NAMES, Row, add_protocol_args, calib_label, gap_closed_by_seed, ppl_columns, print_paired,
+                    print_seeds, print_table, protocol_from, run_rows, save_json, seed_suffixes)
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -49,15 +49,10 @@ VARIANTS = {
 }
 
 
-def calib_label(calib: str, args) -> str:
-    """How rows name their calibration: the source, and the sampling temperature when it is not 1."""
-    return calib if args.sample_temperature == 1.0 else f"{calib} at temperature {args.sample_temperature:g}"
-
-
 def rows_for(calib: str, args, seed: int, suffix: str = "") -> list[Row]:
     base = Calibration(source=calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
                        temperature=args.sample_temperature)
-    label = calib_label(calib, args)
+    label = calib_label(calib, args.sample_temperature)
     baselines = {"none": PruneConfig(calibration=base), "unstructured 50%": PruneConfig(pattern="50%", calibration=base),
                  "ria": PruneConfig(permutation=Search("ria"), calibration=base),
                  "output": PruneConfig(permutation=Search("output"), calibration=base)}
@@ -90,7 +85,7 @@ def main() -> None:
           f"of {', '.join(args.calibs)}; evaluation first {args.windows} windows of {args.seqlen} of "
           f"{', '.join(EVAL_NAMES.get(t, t) for t in args.evals)} (validation: {args.validation})", flush=True)
     results = run_rows(rows, protocol, args.jobs, args.rows, partial=args.save_as, reuse=args.reuse)
-    for calib in (calib_label(c, args) for c in args.calibs):
+    for calib in (calib_label(c, args.sample_temperature) for c in args.calibs):
         group = [r for r in results if r["label"].startswith(f"{calib} | ")]
         gap_closed_by_seed(group, f"{calib} | none", f"{calib} | unstructured 50%")
         print(f"\ncalibration: {calib}")

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import across_seeds, paired_difference, seed_of
+from common import across_seeds, calib_label, paired_difference, seed_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -178,7 +178,7 @@ def render_learned(data: dict) -> str:
     sd over several seeds with its gap closed against RIA's paired by seed."""
     out = header(data) + protocol_line(data)
     seeds = data["protocol"].get("seeds") or []
-    for calib in data["protocol"]["calibs"]:
+    for calib in (calib_label(c, data["protocol"].get("sample_temperature", 1.0)) for c in data["protocol"]["calibs"]):
         group = [r for r in data["results"] if r["label"].startswith(f"{calib} | ")]
         if group and len(seeds) > 1:
             out += (f"Calibrated on **{calib}**, mean ± standard deviation over {len(seeds)} "
