@@ -178,7 +178,8 @@ def render_learned(data: dict) -> str:
     sd over several seeds with its gap closed against RIA's paired by seed."""
     out = header(data) + protocol_line(data)
     seeds = data["protocol"].get("seeds") or []
-    for calib in (calib_label(c, data["protocol"].get("sample_temperature", 1.0)) for c in data["protocol"]["calibs"]):
+    temperature = data["protocol"].get("sample_temperature", 1.0)
+    for calib in (calib_label(c, temperature) for c in data["protocol"]["calibs"]):
         group = [r for r in data["results"] if r["label"].startswith(f"{calib} | ")]
         if group and len(seeds) > 1:
             out += (f"Calibrated on **{calib}**, mean ± standard deviation over {len(seeds)} "

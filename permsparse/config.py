@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .data import SELF, mixture
 from .serial import from_dict, to_dict
 
 SEARCH_METHODS = ("none", "cp", "ria", "output")
@@ -86,7 +87,7 @@ class Calibration:
         if self.nsamples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch_size < 1 or not self.temperature > 0:
             raise ValueError("need nsamples >= 1, seqlen >= 2, holdout >= 0, batch size >= 1 and a sampling "
                              "temperature above 0")
-        if self.temperature != 1.0 and "self" not in (part.split(":")[0].strip() for part in self.source.split(",")):
+        if self.temperature != 1.0 and SELF not in (name for name, _ in mixture(self.source)):
             raise ValueError(f"--sample-temperature applies to text the model samples (--calib self), not to "
                              f"{self.source!r}")
         if self.source in TEST_SOURCES and not self.allow_test_text:

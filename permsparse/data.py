@@ -6,9 +6,9 @@ list of documents: tokenised one by one and joined with the tokenizer's EOS toke
 windows cut from it may span documents as in Wanda's and SparseGPT's C4 recipe, but never glue two
 documents without a boundary.
 
-``self`` is no file: its windows are text the dense model samples itself, from BOS at temperature 1 unless
-asked otherwise (self-calibration, Williams et al., NAACL 2025), the distribution a pruned model distilled towards the
-dense one is asked to match, and no evaluation text's domain.
+``self`` is no file: its windows are text the dense model samples itself, from BOS at temperature 1
+unless asked otherwise (self-calibration, Williams et al., NAACL 2025), the distribution a pruned model
+distilled towards the dense one is asked to match, and no evaluation text's domain.
 
 A text that is also evaluated (``Source.evaluated``) is split: its evaluation windows are its first ones,
 so calibration draws only from what follows its first ``EVAL_HEAD`` share of tokens, and an evaluation
@@ -266,8 +266,8 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
     each part gives its share of the windows (largest remainders get the rest), drawn from its own stream.
     ``extra`` more training windows (see :func:`calibration_windows`) follow the first ``nsamples``.
     Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`). The part ``self`` samples
-    its windows from ``model`` at ``temperature`` (:func:`sampled_windows`), kept in and taken back from the folder ``cache``
-    when one is given (:func:`cached_samples`). With ``sample`` false, that part's windows are zeros of the
+    its windows from ``model`` at ``temperature`` (:func:`sampled_windows`), kept in and taken back from the
+    folder ``cache`` when one is given (:func:`cached_samples`). With ``sample`` false, that part's windows are zeros of the
     same shape: the places a process fills with another process's samples (a broadcast) without
     sampling text it would discard."""
     parts = mixture(source)
