@@ -87,12 +87,17 @@ class Calibration:
         if self.nsamples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch_size < 1 or not self.temperature > 0:
             raise ValueError("need nsamples >= 1, seqlen >= 2, holdout >= 0, batch size >= 1 and a sampling "
                              "temperature above 0")
-        if self.temperature != 1.0 and SELF not in (name for name, _ in mixture(self.source)):
+        if self.temperature != 1.0 and not self.samples_text:
             raise ValueError(f"--sample-temperature applies to text the model samples (--calib self), not to "
                              f"{self.source!r}")
         if self.source in TEST_SOURCES and not self.allow_test_text:
             raise ValueError(f"calibration source {self.source!r} is the evaluation text: calibrate on wikitext2-valid, "
                              "c4 or another source, or pass --allow-test-calibration if you mean it")
+
+    @property
+    def samples_text(self) -> bool:
+        """Whether part of the text source is sampled from the dense model (``self``)."""
+        return SELF in (name for name, _ in mixture(self.source))
 
 
 @dataclass(frozen=True)

@@ -267,9 +267,9 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
     ``extra`` more training windows (see :func:`calibration_windows`) follow the first ``nsamples``.
     Windows start with the tokenizer's BOS when it adds one (:func:`bos_id`). The part ``self`` samples
     its windows from ``model`` at ``temperature`` (:func:`sampled_windows`), kept in and taken back from the
-    folder ``cache`` when one is given (:func:`cached_samples`). With ``sample`` false, that part's windows are zeros of the
-    same shape: the places a process fills with another process's samples (a broadcast) without
-    sampling text it would discard."""
+    folder ``cache`` when one is given (:func:`cached_samples`). With ``sample`` false, that part's windows
+    are zeros of the same shape: the places a process fills with another process's samples (a broadcast)
+    without sampling text it would discard."""
     parts = mixture(source)
     bos = bos_id(tokenizer)
     counts = [_shares(n, [w for _, w in parts]) for n in (nsamples, holdout, extra)]

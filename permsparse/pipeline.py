@@ -171,7 +171,7 @@ def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch
                                                      calib.seed, wanted, config.distill.windows, model=model, show=show,
                                                      cache=cache_dir() / "samples", sample=distributed.is_main(),
                                                      temperature=calib.temperature)
-            if any(name == data.SELF for name, _ in data.mixture(calib.source)):  # sampled: rank 0's on every rank
+            if calib.samples_text:  # sampled: rank 0's on every rank
                 windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
             windows, extra = windows[:calib.nsamples], windows[calib.nsamples:]
     if holdout is None or not wanted:
