@@ -275,9 +275,10 @@ def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | No
 
     With a weight-updating host the kept weights are updated too, on the
     linear's Gram matrix, and the mask is the host's own inside the permuted groups or the permutation's.
-    ``starts`` (a learned permutation's warm starts, by site) are tried by the update as well: each site
-    keeps whichever permutation the update reconstructs with the lower output error on the calibration
-    inputs, since the learned permutation is trained for the frozen-weight mask, not for the update.
+    ``starts`` (by site: the start's search, when ``plan`` holds learned permutations) are tried by the
+    update as well: each site keeps whichever permutation the update reconstructs with the lower output
+    error on the calibration inputs, since the learned permutation is trained for the frozen-weight
+    mask, not for the update.
     """
     config, masks = run.config, {}
     update = config.updates
@@ -479,7 +480,6 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         plans[-1].grams = {}  # the searches used them; held for every block they would not fit a large model
     if not starts:
         run.progress.save("starts", {plan.name: plan.perms for plan in plans})
-    initial = {plan.name: dict(plan.perms) for plan in plans}
     if any(not site.hidden for plan in plans for site in plan.sites):
         with torch.enable_grad():
             learned, record = learn_model(run.model, plans, windows, holdout, config, run.geometry, progress=run.show,
@@ -494,12 +494,23 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         return
     inputs = first  # reconstruction: block by block on the pruned model's inputs, as SparseGPT does
     for i, plan in enumerate(bar(plans, desc="weight updates", disable=not run.show)):
-        stats, _ = collect_input_stats(run.blocks[i], run.readers(i), inputs, kwargs, True, plan.name,
-                                       config.calibration.batch_size)
-        plan.grams = {name: stats[group[0]].gram for group in run.targets[i] for name in group}
-        apply_plan(run, plan, initial[plan.name])
-        plan.grams = {}
-        inputs = run_block(run.blocks[i], inputs, kwargs, config.calibration.batch_size)
+        inputs = reconstruct_block(run, i, plan.perms, inputs, kwargs, hidden)
+    run.report.uncalibrated = list(dict.fromkeys(run.report.uncalibrated))  # both passes name the same layers
+
+
+def reconstruct_block(run: Run, i: int, learned: dict[str, torch.Tensor | None], inputs: torch.Tensor, kwargs: dict,
+                      hidden: torch.Tensor | None) -> torch.Tensor:
+    """Block ``i`` pruned and updated by the weight-updating host on ``inputs`` (the pruned model's), each
+    site through its ``learned`` permutation or through the start's search re-run on these inputs,
+    whichever the update reconstructs better (the search as a searched run on the same host would do
+    it); returns the block's outputs."""
+    batch = run.config.calibration.batch_size
+    stats, _ = collect_input_stats(run.blocks[i], run.readers(i), inputs, kwargs, True, run.name(i), batch)
+    plan = plan_block(run, i, stats, hidden)
+    searched = dict(plan.perms)
+    plan.perms.update(learned)
+    apply_plan(run, plan, searched)
+    return run_block(run.blocks[i], inputs, kwargs, batch)
 
 
 def distill_run(run: Run, dense: dict[str, torch.Tensor], calib: CalibrationSet) -> None:

@@ -444,8 +444,8 @@ def _layer_summary(entry: _Entry, has_identity: bool, has_errors: bool) -> str:
     if report.dense:
         parts.append(f"{len(report.dense)} mixture-of-experts routers stay dense: " + ", ".join(report.dense) + ".")
     if report.kept_start:
-        parts.append(f"{len(report.kept_start)} sites kept the learned permutation's warm start, which the weight "
-                     "update reconstructed better: " + ", ".join(report.kept_start) + ".")
+        parts.append(f"{len(report.kept_start)} sites kept the warm start's search, which the weight update "
+                     "reconstructed better than the learned permutation: " + ", ".join(report.kept_start) + ".")
     if report.uncalibrated:
         parts.append(f"{len(report.uncalibrated)} expert linears saw no calibration token and were scored as if "
                      "their inputs were white (Wanda: by magnitude): " + ", ".join(report.uncalibrated) + ".")

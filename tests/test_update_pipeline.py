@@ -86,3 +86,40 @@ def test_each_site_keeps_the_permutation_its_update_reconstructs_best(host):
         for name, result in zip(site.linears, results):
             assert torch.equal(model.get_submodule(f"{run.name(0)}.{name}").weight, result.weight), name
     assert run.report.kept_start  # RIA beats no permutation somewhere
+
+
+def test_reconstruction_after_learning_weighs_the_learned_permutation_against_the_search_on_its_inputs():
+    """After an end-to-end learned permutation the update runs block by block on the pruned model's
+    inputs; each site's alternative is the start's search on those inputs (as a searched run would
+    choose it), not the start found on the dense model's."""
+    from permsparse.calibration import capture_block_inputs, collect_input_stats
+    from permsparse.pipeline import plan_block, reconstruct_block, run_block, start_run
+    from permsparse.update import UPDATES
+
+    model = tiny_llama()
+    run = start_run(model, PruneConfig(score="admm", permutation=Learned(init="ria")), None, False)
+    dense_inputs, kwargs = capture_block_inputs(model, run.adapter, CALIB)
+    dense_inputs = run_block(run.blocks[0], dense_inputs, kwargs, 8)
+    generator = torch.Generator().manual_seed(0)  # the pruned model's inputs: other channel scales
+    inputs = dense_inputs * torch.rand(dense_inputs.shape[-1], generator=generator).mul(3).add(0.1)
+    on_dense = plan_block(run, 1, collect_input_stats(run.blocks[1], run.readers(1), dense_inputs, kwargs, True,
+                                                      run.name(1))[0], None)
+    stats, _ = collect_input_stats(run.blocks[1], run.readers(1), inputs, kwargs, True, run.name(1))
+    searched = plan_block(run, 1, stats, None)
+    assert any(not torch.equal(on_dense.perms[s], searched.perms[s]) for s in searched.perms)
+    learned = {site: torch.arange(len(perm)) for site, perm in searched.perms.items()}
+    dense = {name: model.get_submodule(f"{run.name(1)}.{name}").weight.clone() for site in searched.sites
+             for name in site.linears}
+    expected = {}
+    for site in searched.sites:
+        results = [[UPDATES["admm"](dense[name], searched.grams[name], 2, 4, perm=perm) for name in site.linears]
+                   for perm in (learned[site.name], searched.perms[site.name])]
+        expected[site.name] = min((0, 1), key=lambda k: sum(r.error for r in results[k])), results
+    outputs = reconstruct_block(run, 1, learned, inputs, kwargs, None)
+    for site in searched.sites:
+        best, results = expected[site.name]
+        assert (f"{run.name(1)}.{site.name}" in run.report.kept_start) == (best == 1)
+        for name, result in zip(site.linears, results[best]):
+            assert torch.equal(model.get_submodule(f"{run.name(1)}.{name}").weight, result.weight), name
+    assert run.report.kept_start  # the search beats no permutation somewhere
+    assert torch.equal(outputs, run_block(run.blocks[1], inputs, kwargs, 8))
