@@ -76,7 +76,7 @@ class PruneReport:
     training: list[TrainingRecord] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)  # routers of mixture-of-experts layers: never pruned
     uncalibrated: list[str] = field(default_factory=list)  # no calibration token reached them: white-input stats
-    kept_start: list[str] = field(default_factory=list)  # sites whose weight update did better on the start's search than on the learned permutation
+    kept_start: list[str] = field(default_factory=list)  # sites where the update kept the search, not the learned one
     distillation: DistillRecord | None = None  # the kept weights' distillation, when it ran
     weights_updated: bool = False  # kept weights changed (sparsegpt, admm, distillation): W is not W * mask
     seconds: float = 0.0
