@@ -243,7 +243,8 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
     for group in run.targets[i]:
         group_stats = stats.get(group[0])
         if group_stats is not None and not group_stats.tokens:
-            run.report.uncalibrated += [f"{plan.name}.{name}" for name in group]
+            run.report.uncalibrated += [f"{plan.name}.{name}" for name in group  # once, though planned twice
+                                        if f"{plan.name}.{name}" not in run.report.uncalibrated]
         for name in group:
             plan.act_norms[name] = None if group_stats is None else group_stats.act_norm
             if group_stats is not None and group_stats.gram is not None:
@@ -495,7 +496,6 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
     inputs = first  # reconstruction: block by block on the pruned model's inputs, as SparseGPT does
     for i, plan in enumerate(bar(plans, desc="weight updates", disable=not run.show)):
         inputs = reconstruct_block(run, i, plan.perms, inputs, kwargs, hidden)
-    run.report.uncalibrated = list(dict.fromkeys(run.report.uncalibrated))  # both passes name the same layers
 
 
 def reconstruct_block(run: Run, i: int, learned: dict[str, torch.Tensor | None], inputs: torch.Tensor, kwargs: dict,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from permsparse import PruneConfig, Search, check_checkpoint, prune
+from permsparse import Learned, PruneConfig, Search, check_checkpoint, prune
 from permsparse.adapters import adapter_for
 from permsparse.calibration import capture_block_inputs, collect_input_stats
 from permsparse.discover import ExpertLinears, NotUnderstood, discover, experts_as_linears
@@ -172,3 +172,18 @@ def test_two_processes_prune_experts_as_one_does(tiny_tokenizer, tmp_path):
     record = json.loads((tmp_path / "one" / "permsparse.json").read_text())
     assert record["report"]["dense"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert check_checkpoint(tmp_path / "two").ok
+
+
+def test_a_reconstruction_after_learning_reports_each_unreached_expert_once():
+    """The weight update after an end-to-end learned permutation plans every block a second time, on the
+    pruned model's inputs; an expert no token reaches in either pass is listed once."""
+    model = tiny_family("qwen3_moe", **{**MOE["qwen3_moe"], "num_experts_per_tok": 1})
+    with torch.no_grad():
+        for layer in model.model.layers:
+            router = layer.mlp.gate.weight
+            router[1], router[2:] = -router[0], 0.0
+    config = PruneConfig(score="sparsegpt", permutation=Learned(init="ria", steps=1, judge_every=1, tile=16))
+    report = prune(model, None, config, windows=CALIB[:4], holdout=HOLDOUT[:2], progress=False)
+    names = {f"model.layers.{i}.{EXPERT.format(e, p)}" for i in range(2) for e in (2, 3)
+             for p in ("gate_proj", "up_proj", "down_proj")}
+    assert sorted(report.uncalibrated) == sorted(names)
