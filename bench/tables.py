@@ -1,8 +1,10 @@
-"""Regenerate the README's result tables from ``bench/results/*.json``.
+"""Regenerate the result tables of README.md and docs/results.md from ``bench/results/*.json``.
 
-Every table sits in README.md between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` and is
-rewritten from ``bench/results/NAME.json``, with the protocol, the date of the run and its command. A
-table whose JSON is missing is left as it is. ``--check`` exits 1 when the README is not up to date.
+Every table sits in one of those files (the README holds the headline demo table, docs/results.md every
+other) between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` and is rewritten from
+``bench/results/NAME.json``, with the protocol, the date of the run and its command; a table may be moved
+from one file to the other, the markers go with it. A table whose JSON is missing is left as it is.
+``--check`` rewrites nothing and exits 1 when either file is not up to date, naming it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from common import across_seeds, calib_label, paired_difference, seed_of
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
+DOCUMENTS = (README, ROOT / "docs" / "results.md")  # every file whose tables are generated
 TASK_NAMES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ", "hellaswag": "HellaSwag",
               "openbookqa": "OBQA", "winogrande": "WinoG", "piqa": "PIQA", "lambada_openai": "LAMBADA",
               "mmlu": "MMLU (5-shot)"}
@@ -317,14 +320,24 @@ def regenerate(text: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    parser.add_argument("--check", action="store_true",
+                        help="rewrite nothing; exit 1 if README.md or docs/results.md is not up to date")
     args = parser.parse_args()
-    text = README.read_text()
-    new = regenerate(text)
+    stale = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        new = regenerate(text)
+        if new == text:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.write_text(new)
     if args.check:
-        return 0 if new == text else 1
-    README.write_text(new)
-    print(f"README.md tables regenerated from {RESULTS}")
+        for path in stale:
+            print(f"{path}: tables out of date, run python3 bench/tables.py", file=sys.stderr)
+        return 1 if stale else 0
+    names = ", ".join(str(path.relative_to(ROOT)) for path in DOCUMENTS)
+    print(f"tables of {names} regenerated from {RESULTS} ({len(stale)} file(s) changed)")
     return 0
 
 

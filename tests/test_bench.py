@@ -1,6 +1,7 @@
 """The benchmark harness's arithmetic: seeds summarised per method, paired by seed; stored rows reused only
-where they stand for the row; README tables current."""
+where they stand for the row; the tables of README.md and docs/results.md current."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -39,9 +40,37 @@ def test_across_seeds_means_and_pairs_by_seed():
     assert learned["gap"]["wikitext2"] == pytest.approx((0.7, mean_sd([0.8, 0.6])[1]))
 
 
-def test_readme_tables_match_their_results():
-    text = (ROOT / "README.md").read_text()
-    assert tables.regenerate(text) == text, "README tables are stale: run python3 bench/tables.py"
+@pytest.mark.parametrize("document", tables.DOCUMENTS, ids=lambda path: path.name)
+def test_generated_tables_match_their_results(document):
+    text = document.read_text()
+    assert tables.regenerate(text) == text, f"{document.name} tables are stale: run python3 bench/tables.py"
+
+
+def test_every_table_sits_in_one_document():
+    names = [name for document in tables.DOCUMENTS
+             for name in re.findall(r"<!-- table:(\w+) -->", document.read_text())]
+    assert "demo" in re.findall(r"<!-- table:(\w+) -->", tables.README.read_text())
+    assert len(names) == len(set(names)), "a table appears twice across README.md and docs/results.md"
+
+
+def test_check_fails_when_either_document_is_stale(tmp_path, monkeypatch):
+    stale = "<!-- table:demo -->\nold\n<!-- /table:demo -->\n"
+    fresh = tables.regenerate(stale)
+    assert fresh != stale  # bench/results/demo.json rewrote the table
+    readme, results = tmp_path / "README.md", tmp_path / "results.md"
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    monkeypatch.setattr(tables, "DOCUMENTS", (readme, results))
+    monkeypatch.setattr(sys, "argv", ["tables.py", "--check"])
+    for first, second in ((fresh, stale), (stale, fresh), (fresh, fresh)):
+        readme.write_text(first)
+        results.write_text(second)
+        assert tables.main() == (0 if first == second == fresh else 1)
+        assert readme.read_text() == first and results.read_text() == second  # --check rewrites nothing
+    readme.write_text(stale)
+    results.write_text(stale)
+    monkeypatch.setattr(sys, "argv", ["tables.py"])
+    assert tables.main() == 0
+    assert readme.read_text() == fresh and results.read_text() == fresh
 
 
 def test_across_seeds_leaves_the_dense_row_without_gap_or_seconds():
