@@ -349,6 +349,47 @@ def run_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def _add_speed(sub) -> None:
+    from .deploy.speed import CANDIDATES, SHAPES
+
+    p = sub.add_parser("speed", help="dense against 2:4 on this GPU: prefill, decode, memory and logit error of a "
+                                     "checkpoint or of a random model of a named shape")
+    p.add_argument("checkpoint", nargs="?", default="", help="permsparse checkpoint folder (default: a random model "
+                                                            "of --shape, every block linear pruned to 2:4)")
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="shape of the random model")
+    p.add_argument("--layers", type=int, default=0, help="only the first K blocks of the random model (default all)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--prefill", default="1x2048,4x2048,1x8192", help="prefill shapes, BATCHxTOKENS, comma-separated")
+    p.add_argument("--decode-batch", type=int, default=1, help="sequences per decode step")
+    p.add_argument("--decode-tokens", type=int, default=128,
+                   help="decode steps per prompt: how much decode weighs against prefill when choosing what runs 2:4")
+    p.add_argument("--candidates", default=",".join(CANDIDATES),
+                   help="comma-separated, timed at the first prefill shape; the fastest exact one at all shapes")
+    p.add_argument("--permuted", action="store_true",
+                   help="random model: store the residual readers and attention outputs permuted with runtime "
+                        "gathers, as a per-linear-binding export does")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+def run_speed(args) -> int:
+    from .deploy.speed import SpeedConfig, format_table, measure_speed, parse_prefill, speed_problem
+
+    config = SpeedConfig(checkpoint=args.checkpoint, shape=args.shape, layers=args.layers, dtype=args.dtype,
+                         prefill=parse_prefill(args.prefill), decode_batch=args.decode_batch,
+                         decode_tokens=args.decode_tokens, permuted=args.permuted,
+                         candidates=tuple(c for c in args.candidates.split(",") if c))
+    problem = speed_problem()
+    if problem:
+        print(f"permsparse: error: {problem}", file=sys.stderr)
+        return 2
+    result = measure_speed(config)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="permsparse", description=__doc__.splitlines()[0])
     from importlib.metadata import version
@@ -359,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_check(sub)
     _add_report(sub)
+    _add_speed(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.command_line = "permsparse " + shlex.join(argv)
@@ -366,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     if quiet:  # Hugging Face's own bars too (loading weights, writing shards)
         hf_logging.disable_progress_bar()
     try:
-        return {"prune": run_prune, "eval": run_eval, "check": run_check, "report": run_report}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "check": run_check, "report": run_report,
+                "speed": run_speed}[args.command](args)
     except MemoryError as err:
         print(f"permsparse: error: out of memory: {err or 'lower --batch, --seqlen or --nsamples'}", file=sys.stderr)
         return 2

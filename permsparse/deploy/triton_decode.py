@@ -1,0 +1,99 @@
+"""A Triton 2:4 GEMM for few tokens that reads the compressed values and metadata (:mod:`.format`).
+
+Decode is memory-bound: at 1–16 tokens a linear's time is the time to read its weight, and the compressed
+format holds 56.25% of the dense bytes. Each program owns ``BN`` output features and walks the input
+dimension in tiles of ``BK``: it loads ``BN x BK/2`` kept values and ``BN x BK/8`` metadata bytes, expands
+them in registers into the dense ``BN x BK`` tile (a value lands on its group's slot, zeros elsewhere) and
+multiplies it with the ``BM x BK`` tile of the input on the tensor cores, accumulating in float32. The
+bias is added before the single store, and an input permutation (a runtime gather ``x[:, perm]``) is
+folded into the input's loads, so neither costs a pass of its own. The output is contiguous
+``(tokens, out)``. Any token count runs (in tiles of ``BM``); the policy measures where it wins.
+
+The launch is a custom operator (``permsparse::matmul24``): ``torch.compile`` calls it as one opaque op and
+CUDA graphs capture it. Imported only where the kernel is used (it needs ``triton``), once per process. Its
+arithmetic runs on the CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is
+imported, and while it runs), which the tests use.
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRETED", "blocks", "matmul24"]
+
+# Whether the kernel runs under Triton's CPU interpreter: decided when the kernel is defined, below.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _sparse24_kernel(x_ptr, perm_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K,
+                     stride_x, stride_values, stride_meta,
+                     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rows_n = rn[:, None] < N
+    rows_m = rm[:, None] < M
+    acc = tl.full((BM, BN), 0.0, tl.float32)  # tl.full, not tl.zeros (a @jit helper the interpreter may miss)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + rk, mask=rk < K, other=0)
+        else:
+            cols = rk
+        x = tl.load(x_ptr + rm[:, None] * stride_x + cols[None, :], mask=rows_m & (rk[None, :] < K), other=0.0)
+        rv = k0 // 2 + tl.arange(0, BK // 2)
+        values = tl.load(values_ptr + rn[:, None] * stride_values + rv[None, :],
+                         mask=rows_n & (rv[None, :] < K // 2), other=0.0)
+        rb = k0 // 8 + tl.arange(0, BK // 8)
+        meta = tl.load(meta_ptr + rn[:, None] * stride_meta + rb[None, :],
+                       mask=rows_n & (rb[None, :] < K // 8), other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(meta & 15, meta >> 4), (BN, BK // 4))  # one 4-bit code per group
+        first, second = tl.split(tl.reshape(values, (BN, BK // 4, 2)))
+        slot = tl.arange(0, 4)[None, None, :]
+        dense = tl.where(slot == (codes & 3)[:, :, None], first[:, :, None],
+                         tl.where(slot == (codes >> 2)[:, :, None], second[:, :, None], 0.0))
+        weight = tl.reshape(dense, (BN, BK)).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(weight), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(weight))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=rows_m & (rn[None, :] < N))
+
+
+def blocks(tokens: int, out_features: int) -> tuple[int, int, int, int]:
+    """``(BM, BN, BK, num_warps)`` for a call: decode-shaped (one 16-row tile, long input tiles, narrow
+    output tiles so that even a 1024-row linear spreads over many programs) up to 16 tokens, square tiles
+    above."""
+    if tokens <= 16:
+        return 16, 32 if out_features >= 8192 else 16, 256, 4
+    return 64, 64, 64, 4
+
+
+@torch.library.custom_op("permsparse::matmul24", mutates_args=())
+def matmul24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
+             perm: Optional[torch.Tensor] = None) -> torch.Tensor:  # typing.Optional: what every torch's schema reads
+    """``x[:, perm] @ W.T + bias`` for ``x`` of shape ``(tokens, in)``, with ``W`` given as
+    ``(values, meta)``; the result is contiguous ``(tokens, out)`` in ``x``'s dtype. A custom operator, so
+    that ``torch.compile`` treats the launch as one opaque call (its shape from :func:`_matmul24_shape`)."""
+    x = x.contiguous()
+    tokens, width = x.shape
+    out_features = values.shape[0]
+    y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
+    bm, bn, bk, warps = blocks(tokens, out_features)
+    grid = (triton.cdiv(out_features, bn), triton.cdiv(tokens, bm))
+    _sparse24_kernel[grid](
+        x, x if perm is None else perm, values, meta, x if bias is None else bias, y, tokens, out_features, width,
+        x.stride(0), values.stride(0), meta.stride(0),
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BM=bm, BN=bn, BK=bk, num_warps=warps)
+    return y
+
+
+@matmul24.register_fake
+def _matmul24_shape(x, values, meta, bias=None, perm=None):
+    return x.new_empty((x.shape[0], values.shape[0]))
