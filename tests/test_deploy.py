@@ -299,6 +299,26 @@ def test_gathers_fold_into_the_norms_exactly(family, binding, tmp_path):
     assert sorted(remove_gathers(deployed)) == sorted(list(folds["norms"]) + list(folds["kept"]))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_folding_gathers_leaves_the_structure_discovered_for_the_architecture(family, tmp_path, monkeypatch):
+    """Discovery's result is kept for every model of an architecture: the fold's discovery must see the model
+    without its gathers, or a plain model of the same shape would later get a structure whose residual stream
+    cannot be permuted."""
+    from permsparse import adapters
+    from permsparse.discover import discover
+
+    model = BUILDERS[family]()
+    config = PruneConfig(permutation=Search("ria"), binding="shared")
+    report = prune(model, None, config, windows=CALIB[:4], progress=False)
+    out = export_checkpoint(model, None, tmp_path / "g", config, report, export=ExportConfig("folded", "gather"))
+    gathered = BUILDERS[family]()  # the architecture of a plain model, with the export's gathers
+    attach_gathers(gathered, {name: entry.perm for name, entry in read_record(out).layouts.items()
+                              if entry.layout == "gather"})
+    monkeypatch.setattr(adapters, "_DISCOVERED", {})  # the next discovery is the gathered model's
+    fold_gathers(gathered)
+    assert adapters.adapter_for(BUILDERS[family]()) == discover(BUILDERS[family]())
+
+
 def test_a_norm_also_read_ungathered_keeps_its_readers_gathers():
     model, dense, names = random_model(TINY_LLAMA, dtype=torch.float32, device="cpu")
     gen = torch.Generator().manual_seed(0)

@@ -122,11 +122,14 @@ def fold_gathers(model: nn.Module) -> GatherFolds:
     result = GatherFolds()
     if not gathered:
         return result
+    remove_gathers(model)  # discovery sees the model without them (its result is kept for the architecture)
     try:
         adapter = adapter_for(model)
     except NotUnderstood as err:
         result.kept = dict.fromkeys(gathered, f"the model's structure is not understood: {err}")
         return result
+    finally:
+        attach_gathers(model, gathered)
     norms = {}
     for i in range(len(adapter.blocks(model))):
         for rel in adapter.block_norms:
