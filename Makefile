@@ -32,7 +32,7 @@ test: setup
 demo: $(CORE)
 	env -u PYTHONDONTWRITEBYTECODE $(PY) bench/demo.py # its runs share the bytecode of what the first imports
 
-# Every benchmark of the README (hours on a CPU), then the README's tables from their JSON
+# Every benchmark of docs/results.md (hours on a CPU), then the tables of it and the README from their JSON
 bench: setup
 	$(PY) bench/oneshot.py --jobs $(JOBS)
 	$(PY) bench/learned.py --jobs $(JOBS) --variants default "ce+hidden, ria start" "kl+hidden, ria start" \

@@ -3,7 +3,8 @@
 Each row runs in its own (spawned) process so its peak memory is its own and rows never see each other's
 pruned weights. A row prunes the model with its config (or not, for the dense row) and evaluates it on
 every evaluation text of the protocol. Results go to ``bench/results/NAME.json`` with the protocol,
-the machine, the date and the command; ``bench/tables.py`` turns them into the README's tables.
+the machine, the date and the command; ``bench/tables.py`` turns them into the tables of the README and
+docs/results.md.
 """
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def capture_block_inputs(
             pass
         return calls.pop()
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)  # before an offloaded block moves
     try:
         hidden_name = next(iter(signature.parameters))
         hidden = [call(samples[i : i + batch_size])[hidden_name] for i in range(0, samples.shape[0], batch_size)]

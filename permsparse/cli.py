@@ -29,6 +29,7 @@ from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, 
 from .evaluation import embedding_similarity, perplexity
 from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
 from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, load_model, load_preprocessor
+from .placement import DTYPES, Placement, compute_device, compute_dtype, input_device, place
 from .serial import to_dict
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
@@ -53,7 +54,6 @@ def _logging(file: Path | None = None, quiet: bool = False) -> None:
         handler = logging.FileHandler(file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -127,8 +127,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--eval-images", type=int, default=None,
                    help="image models: top-1/top-5 on N (seeded) images calibration did not use (CIFAR-10's test split "
                         "for --calib cifar10, the rest of the folder for imagefolder:PATH); default all, 0 skips")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the model's compute dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, Placement)
     add_config_flags(p, PruneConfig)
     add_config_flags(p, Search, choices={"method": (*SEARCH_METHODS, "learned")})
     add_config_flags(p, Learned)
@@ -153,8 +155,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--task", default=None, help="image classifiers: top-1/top-5 on cifar10 (its test split) or "
                    "imagefolder:PATH (one sub-folder per class)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the model's compute dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, Placement)
 
 
 def _add_check(sub) -> None:
@@ -200,6 +204,9 @@ def run_prune(args) -> int:
     check_export(export, config)
     check_output_free(args.out, args.overwrite)
     distributed.initialise()  # under torchrun: rank 0 logs, evaluates and writes; every rank prunes
+    placement = Placement(**given(args, Placement))
+    device = compute_device(placement.device)  # this process's (after initialise: cuda:LOCAL_RANK under torchrun)
+    dtype = compute_dtype(args.dtype, device)
     main_rank = distributed.is_main()
     staging = partial_dir(args.out)
     if args.overwrite and staging.exists() and main_rank:
@@ -208,14 +215,19 @@ def run_prune(args) -> int:
     _logging(staging / "log.txt" if main_rank else None, quiet=not main_rank)
     log.info("%s", args.command_line)
     log.info("config: %s", json.dumps(to_dict(config)))
-    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+    log.info("device %s (--device %s), dtype %s", device, placement.device, str(dtype).removeprefix("torch."))
+    model, tokenizer = load_model(args.model, dtype)
     texts = [t for t in args.eval_texts.split(",") if t]
     if args.eval_windows != 0 and not reads_images(model):
         for text in texts:
             data.check_disjoint(tokenizer, config.calibration.source, text, config.calibration.seqlen, args.eval_windows)
-    report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank)
+    report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank,
+                   placement=placement)
     if not main_rank:
         return 0
+    memory = "" if report.peak_device_mb is None else f", peak {report.peak_device_mb:.0f} MB on the GPU"
+    log.info("pruned in %.1f s (%s)%s", report.seconds,
+             ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.stages.items()), memory)
     if report.dense:
         log.info("kept dense: %d mixture-of-experts routers (%s ...)", len(report.dense), report.dense[0])
     if report.uncalibrated:
@@ -248,7 +260,8 @@ def evaluate(model, tokenizer, model_name: str, texts: list[str], args, *, seqle
         return {}
     metrics, dense = {}, None
     if model.get_output_embeddings() is None:
-        dense, _ = load_model(model_name, getattr(torch, args.dtype))
+        dense, _ = load_model(model_name, next(model.parameters()).dtype)
+        dense.to(input_device(model))
         log.info("%s has no language-model head: reporting the cosine of its embeddings to the dense model's "
                  "instead of perplexity", model_name)
     for text in texts:
@@ -303,14 +316,18 @@ def run_eval(args) -> int:
     tasks = _tasks(args.tasks)
     _logging()
     dense_name = args.model
+    placement = Placement(**given(args, Placement))
+    device = compute_device(placement.device)
+    dtype = compute_dtype(args.dtype, device)
     if (Path(args.model) / "permsparse.json").is_file():
         from .checkpoint.record import read_record
 
-        model = load(args.model, dtype=getattr(torch, args.dtype))
+        model = load(args.model, dtype=dtype)
         tokenizer = load_preprocessor(args.model, model)
         dense_name = read_record(args.model).model
     else:
-        model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+        model, tokenizer = load_model(args.model, dtype)
+    place(model, placement)
     out: dict = {"model": args.model}
     if reads_images(model) or args.task:
         if not (reads_images(model) and is_classifier(model)):

@@ -310,7 +310,7 @@ def sampled_windows(model: torch.nn.Module, count: int, seqlen: int, seed: int, 
     if count == 0:
         return torch.zeros(0, seqlen, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = next(model.get_input_embeddings().parameters()).device  # an offloaded model's blocks visit it
     new = seqlen - 1 if keep_start else seqlen
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.x | 4.x
     out = []
@@ -349,7 +349,7 @@ def cached_samples(cache: Path | None, fingerprint: str | None, model: torch.nn.
     so runs side by side may share it."""
     if cache is None or count == 0:
         return sampled_windows(model, count, seqlen, seed, start_id, keep_start, show=show, temperature=temperature)
-    device = next(model.parameters()).device.type
+    device = next(model.get_input_embeddings().parameters()).device.type
     spec = dict(model=fingerprint, count=count, seqlen=seqlen, seed=seed, start_id=start_id,
                 keep_start=keep_start, device=device, torch=torch.__version__)
     if temperature != 1.0:  # files sampled at temperature 1 keep their names

@@ -22,6 +22,7 @@ from . import distributed
 from .adapters import linear_weight, replaced_weights
 from .config import Distill
 from .objective import DenseStates, dense_states, judge_model, model_terms, objective
+from .placement import input_device
 from .progress import bar
 from .report import DistillRecord
 
@@ -65,7 +66,7 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
     if config.batch < distributed.world():
         raise ValueError(f"{distributed.world()} processes share each distillation step: --distill-batch must be at "
                          "least that")
-    device = next(model.parameters()).device
+    device = input_device(model)
     names = list(dense)
     modules = [model.get_submodule(name) for name in names]
     params = [module.weight for module in modules]

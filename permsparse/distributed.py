@@ -1,6 +1,7 @@
 """Several processes, one result: the few collective operations the pipeline needs, on ``torch.distributed``.
 
-Started with ``torchrun --nproc-per-node K -m permsparse prune ...``, every process (rank) draws the
+Started with ``torchrun --nproc-per-node K -m permsparse prune ...`` (on one or several machines, one process
+per GPU, each computing on its own ``cuda:LOCAL_RANK``), every process (rank) draws the
 same calibration windows and takes its share of them: statistics are summed across ranks, so every rank
 searches the same permutations; a learning step's batch is split across ranks and the gradients of the
 cost tiles are summed, so every rank holds the same costs; the judgments are summed, so every rank keeps
@@ -16,12 +17,15 @@ import torch.distributed as dist
 
 
 def initialise() -> None:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPUs."""
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1). With GPUs each process takes the
+    one of its ``LOCAL_RANK`` and collectives go through NCCL for CUDA tensors and gloo for CPU tensors
+    (the statistics of a run on the CPU, counts kept on the host); without GPUs, gloo alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
 
 
 def finish() -> None:

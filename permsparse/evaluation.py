@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import data
+from .placement import input_device
 from .progress import bar
 
 
@@ -96,7 +97,7 @@ def perplexity(
     if ids is None:
         ids = eval_tokens(tokenizer, source)
     batches = data.eval_windows(ids, seqlen, windows, data.bos_id(tokenizer))
-    device = next(model.parameters()).device
+    device = input_device(model)  # where the inputs go (an offloaded model's too)
     total_nll, total_tokens = 0.0, 0
     for i in bar(range(0, len(batches), batch_size), desc=f"perplexity (seqlen {seqlen})", disable=not progress):
         batch = batches[i : i + batch_size].to(device)
@@ -134,7 +135,7 @@ def embedding_similarity(
     if ids is None:
         ids = eval_tokens(tokenizer, source)
     batches = data.eval_windows(ids, seqlen, windows, data.bos_id(tokenizer))
-    device = next(model.parameters()).device
+    device = input_device(model)  # where the inputs go (an offloaded model's too)
     total = 0.0
     for i in bar(range(0, len(batches), batch_size), desc=f"embedding similarity (seqlen {seqlen})",
                  disable=not progress):

@@ -10,12 +10,12 @@ estimate: the run stops when it exceeds the memory available, with the flags tha
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from .adapters import Adapter, linear_weight
+from .adapters import linear_weight
 from .config import PruneConfig
 
 GIB = 2**30
@@ -59,29 +59,30 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _ffn_width(model: nn.Module, adapter: Adapter) -> int:
-    block = adapter.blocks(model)[0]
+def _ffn_width(model: nn.Module, blocks_path: str) -> int:
+    block = model.get_submodule(blocks_path)[0]
     widths = [linear_weight(m).shape[1] for _, m in block.named_modules() if hasattr(m, "weight")
               and getattr(m, "weight") is not None and getattr(m.weight, "dim", lambda: 0)() == 2]
     return max(widths) if widths else 0
 
 
-def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: torch.Tensor,
+def estimate(model: nn.Module, blocks_path: str, config: PruneConfig, windows: torch.Tensor,
              holdout: torch.Tensor) -> Estimate:
-    """What ``prune`` will hold for ``model`` under ``config`` with these calibration windows."""
+    """What ``prune`` will hold for ``model`` (its stack of blocks at ``blocks_path``) under ``config`` with
+    these calibration windows (only their shapes are read)."""
     cfg = model.config
     hidden = cfg.hidden_size
-    layers = len(adapter.blocks(model))
-    ffn = _ffn_width(model, adapter)
+    layers = len(model.get_submodule(blocks_path))
+    ffn = _ffn_width(model, blocks_path)
     heads = getattr(cfg, "num_attention_heads", 1)
     dtype_bytes = next(model.parameters()).element_size()
     count, seqlen = windows.shape[0] + holdout.shape[0], windows.shape[1]
-    stream = count * seqlen * hidden * 4
+    stream = count * seqlen * hidden * dtype_bytes
     est = Estimate()
     batch = config.calibration.batch_size
     est.parts["one block's forward"] = batch * seqlen * (4 * hidden + 3 * ffn + heads * seqlen) * 4
     linears = sum(linear_weight(m).numel() for name, m in model.named_modules()
-                  if name.startswith(adapter.blocks_path + ".") and hasattr(m, "weight")
+                  if name.startswith(blocks_path + ".") and hasattr(m, "weight")
                   and getattr(m.weight, "dim", lambda: 0)() == 2)
 
     def activations(b: int) -> int:  # one block's training graph at ``b`` windows
@@ -114,22 +115,62 @@ def estimate(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: t
     return est
 
 
-def check_memory(model: nn.Module, adapter: Adapter, config: PruneConfig, windows: torch.Tensor,
-                 holdout: torch.Tensor) -> Estimate:
-    """Stop before any heavy work when the estimate exceeds the memory available."""
-    device = next(model.parameters()).device
-    est = estimate(model, adapter, config, windows, holdout)
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers (a tensor shared by two modules counted once)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def needs_offload(model: nn.Module, blocks_path: str, config: PruneConfig, windows: torch.Tensor,
+                  holdout: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``model`` and what the run holds beside it (:func:`estimate`) exceed ``device``'s free memory,
+    so the blocks must wait on the host (:mod:`permsparse.placement`)."""
+    if device.type != "cuda":
+        return False
+    return resident_bytes(model) + estimate(model, blocks_path, config, windows, holdout).total > available_bytes(device)
+
+
+def _lighter(config: PruneConfig) -> list[tuple[str, PruneConfig]]:
+    """Changes of ``config`` that lower what a run holds, lightest first, each with the flags that make it."""
+    learned = config.learned
+    options = []
+    if learned is not None and learned.scope == "e2e":
+        if not learned.recompute:
+            options.append(("--recompute", replace(config, permutation=replace(learned, recompute=True))))
+        if learned.windows_per_step > 1:
+            flags = "--batch 1" if learned.recompute else "--recompute --batch 1"
+            options.append((flags, replace(config, permutation=replace(learned, batch=1, recompute=True))))
+        options.append(("--scope blockwise", replace(config, permutation=replace(learned, scope="blockwise", batch=0))))
+    if config.distill.steps and config.distill.batch > 1:
+        options.append(("--distill-batch 1", replace(config, distill=replace(config.distill, batch=1))))
+    return options
+
+
+def check_memory(model: nn.Module, blocks_path: str, config: PruneConfig, windows: torch.Tensor,
+                 holdout: torch.Tensor, device: torch.device | None = None, offload: bool = False) -> Estimate:
+    """Stop before any heavy work when the estimate exceeds the memory available on ``device`` (the
+    model's, by default). The model is where it computes already; an ``offload``-ed one brings one block
+    at a time to the device, which the estimate adds. The message names the flags that would make the
+    run fit, where one of them does."""
+    device = next(model.parameters()).device if device is None else device
+    est = estimate(model, blocks_path, config, windows, holdout)
+    if offload:
+        est.parts["one block"] = resident_bytes(model.get_submodule(blocks_path)[0])
     free = available_bytes(device)
-    if est.total > free:
-        learned = config.learned
-        if learned is not None and learned.scope == "e2e":
-            flags = ("add --recompute, lower --batch (windows per step) or --seqlen, or use --scope blockwise"
-                     if not learned.recompute else "lower --batch (windows per step) or --seqlen, or use --scope blockwise")
-        else:
-            flags = "lower --nsamples or --seqlen"
+    if est.total <= free:
+        return est
+    fitting = [flags for flags, lighter in _lighter(config)
+               if estimate(model, blocks_path, lighter, windows, holdout).total + est.parts.get("one block", 0) <= free]
+    if fitting:
+        advice = f"{fitting[0]} would fit"
+    else:
+        advice = "lower --nsamples or --seqlen"
+        if config.learned is not None and config.learned.scope == "e2e":
+            advice = "lower --batch (windows per step) or --seqlen, or use --scope blockwise"
         if config.distill.steps:
-            flags += "; lower --distill-batch, or prune without --distill-steps"
-        raise InsufficientMemory(
-            f"this run needs about {est.total / GIB:.1f} GiB beyond the model ({est.describe()} GiB) and "
-            f"{free / GIB:.1f} GiB are available on {device}: {flags}")
-    return est
+            advice += "; lower --distill-batch, or prune without --distill-steps"
+    if device.type == "cuda":
+        advice += "; on several GPUs (torchrun) each process holds its share of the windows"
+    raise InsufficientMemory(
+        f"this run needs about {est.total / GIB:.1f} GiB beyond the model ({est.describe()} GiB) and "
+        f"{free / GIB:.1f} GiB are available on {device}: {advice}")

@@ -26,16 +26,17 @@ from .progress import bar
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .config import PruneConfig
-from .discover import experts_as_linears
+from .discover import experts_as_linears, find_blocks, is_packed_experts
 from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
-from .memory import check_memory
+from .memory import check_memory, needs_offload
 from .models import cache_dir
 from .objective import objective
 from .permute.learned import BlockData, Plan, learn_block, learn_model
+from .placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
-from .report import LayerRecord, PruneReport, SiteRecord, peak_rss_mb
+from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .resume import Progress, pack_mask, unpack_mask
 from .scores import compute_score
 from .update import UPDATES, UpdateResult
@@ -53,6 +54,15 @@ class Run:
     report: PruneReport
     progress: Progress
     show: bool
+    device: torch.device  # where every tensor of the run lives
+    offloaded: bool  # the blocks wait on the host and visit the device one at a time
+
+    def to_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """``tensor`` on the run's device; images also in the model's dtype."""
+        if tensor is None:
+            return None
+        dtype = next(self.model.parameters()).dtype if tensor.is_floating_point() else tensor.dtype
+        return tensor.to(self.device, dtype)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -68,7 +78,7 @@ class Run:
 
 def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
           holdout: torch.Tensor | None = None, labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-          state_dir=None, progress: bool = True) -> PruneReport:
+          state_dir=None, progress: bool = True, placement: Placement | None = None) -> PruneReport:
     """Prune ``model`` in place as ``config`` says; return what was done.
 
     ``windows`` (token ids ``(nsamples, seqlen)``, or preprocessed images ``(nsamples, 3, H, W)`` for a
@@ -76,17 +86,60 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     the held-out windows a learned permutation is judged on; ``labels`` are the class labels of both, which
     an image classifier's learned permutation trains on. ``tokenizer`` is a vision model's image
     processor. ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
+    ``placement`` moves the model to its device, whole or offloaded (:mod:`permsparse.placement`), where
+    it stays; without it the run computes where the model is.
     """
     started = time.perf_counter()
+    device, offloaded = arrange(model, config, placement, windows, holdout)
     with experts_as_linears(model):
-        run = start_run(model, config, state_dir, progress)
+        run = start_run(model, config, state_dir, progress, device, offloaded)
         prune_run(run, tokenizer, windows, holdout, labels)
     run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
+    run.report.peak_device_mb = peak_device_mb(run.device)
     return run.report
 
 
-def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool) -> Run:
-    """The run's structure, targets and resume state; an objective the model cannot have fails here."""
+def arrange(model: nn.Module, config: PruneConfig, placement: Placement | None, windows: torch.Tensor | None,
+            holdout: torch.Tensor | None) -> tuple[torch.device, bool]:
+    """Move ``model`` where ``placement`` says: whole to its device, or offloaded when asked or when the
+    memory estimate (on the configured or given windows) says the model and the run do not fit the device
+    together. Returns the device and whether the model is offloaded. Runs before packed experts are split
+    into linears, whose weights must stay views of the packed tensors."""
+    if placement is None:
+        return input_device(model), is_offloaded(model)
+    device = compute_device(placement.device)
+    blocks_path = find_blocks(model)
+    if placement.offload == "auto":  # on the configured window counts and lengths (images: counted by count)
+        counts = (config.calibration.nsamples if windows is None else len(windows),
+                  (config.calibration.holdout if config.judged else 0) if holdout is None else len(holdout))
+        seqlen = config.calibration.seqlen if windows is None or not windows.is_floating_point() else 0
+        wanted = needs_offload(model, blocks_path, config, *(torch.zeros(()).expand(n, seqlen) for n in counts),
+                               device)
+    else:
+        wanted = placement.offload == "on"
+    if not wanted:
+        arrange_model(model, device, False)
+        return device, False
+    whole = config.learned is not None and config.learned.scope == "e2e"
+    if whole or config.distill.steps:
+        what = "the e2e learned permutation" if whole else "distillation of the kept weights"
+        why = "--offload on was given" if placement.offload == "on" else f"the model does not fit {device} beside the run"
+        raise ValueError(f"{what} trains the whole model at once and cannot offload its blocks ({why}): use --scope "
+                         "blockwise without --distill-steps, lower --batch or --seqlen, or a larger GPU")
+    if any(is_packed_experts(m) for m in model.modules()):
+        raise ValueError("offloading mixture-of-experts blocks is not supported: their packed expert weights are "
+                         "split into linear views that must not move; use a device that holds the model")
+    if device.type != "cuda":
+        raise ValueError(f"--offload on keeps the blocks on the host for a GPU; the device is {device}")
+    adapter_for(model)  # discovery's probe pass runs on the host, before blocks and the rest are apart
+    arrange_model(model, device, True)
+    return device, True
+
+
+def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, device: torch.device | None = None,
+              offloaded: bool = False) -> Run:
+    """The run's structure, targets and resume state; an objective the model cannot have fails here. The run
+    computes on ``device`` (the model's, by default)."""
     adapter = adapter_for(model)
     if config.learned is not None and config.learned.scope == "e2e":
         objective(model, config.learned)
@@ -98,7 +151,8 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool) 
     targets, skipped = select_targets(model, adapter, config)
     routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
     return Run(model, adapter, adapter.attention(model.config), config, targets,
-               PruneReport(skipped=skipped, dense=routers), Progress(state_dir, config.fingerprint()), progress)
+               PruneReport(skipped=skipped, dense=routers), Progress(state_dir, config.fingerprint()), progress,
+               input_device(model) if device is None else device, offloaded)
 
 
 def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.Tensor | None,
@@ -107,17 +161,24 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
     model, adapter, config, progress = run.model, run.adapter, run.config, run.show
     if not needs_calibration(config):
         for i in bar(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
-            apply_plan(run, plan_block(run, i, {}, None))
+            with block_on(run.blocks[i], run.device), run.report.timed("pruning"):
+                apply_plan(run, plan_block(run, i, {}, None))
     else:
-        calib = calibration(model, tokenizer, config, windows, holdout, labels, show=progress)
+        with run.report.timed("calibration"):
+            calib = calibration(model, tokenizer, config, windows, holdout, labels, show=progress)
+        calib = CalibrationSet(*(run.to_device(t) for t in (calib.windows, calib.holdout)),
+                               None if calib.labels is None else tuple(map(run.to_device, calib.labels)),
+                               run.to_device(calib.distill), run.to_device(calib.distill_labels))
         windows, holdout, labels = calib.windows, calib.holdout, calib.labels
-        check_memory(model, adapter, config, *(sequences(model, adapter, w) for w in (windows, holdout)))
+        check_memory(model, adapter.blocks_path, config, *(sequences(model, adapter, w) for w in (windows, holdout)),
+                     run.device, run.offloaded)
         dense = dense_weights(model, target_names(run)) if config.distill.steps else None
         if len(windows) < distributed.world() or 0 < len(holdout) < distributed.world():
             raise ValueError(f"{distributed.world()} processes need at least as many calibration and held-out windows")
         mine = distributed.shard(windows)  # this process's share; the held-out windows run through the blocks
         held = distributed.shard(holdout) if config.learned is not None else holdout[:0]  # only to judge permutations
-        inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([mine, held]), config.calibration.batch_size)
+        with run.report.timed("statistics"):
+            inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([mine, held]), config.calibration.batch_size)
         hidden = global_permutation(run, inputs[:len(mine)], kwargs) if config.binding == "global" else None
         if config.learned is not None and config.learned.scope == "e2e":
             prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden, labels)
@@ -125,7 +186,8 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
             prune_block_by_block(run, inputs, kwargs, len(mine), hidden)
         if dense is not None:
             del inputs, kwargs
-            distill_run(run, dense, calib)
+            with run.report.timed("distillation"):
+                distill_run(run, dense, calib)
 
 
 def needs_calibration(config: PruneConfig) -> bool:
@@ -257,9 +319,9 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
             started = time.perf_counter()
             if site.hidden:
                 width = linear_weight(block.get_submodule(site.linears[0])).shape[1]
-                plan.perms[site.name] = torch.arange(width) if hidden is None else hidden
+                plan.perms[site.name] = torch.arange(width, device=run.device) if hidden is None else hidden
             elif starts is not None and site.name in starts:
-                plan.perms[site.name] = starts[site.name]
+                plan.perms[site.name] = None if starts[site.name] is None else starts[site.name].to(run.device)
             elif config.start == "random":
                 plan.perms[site.name] = None  # the learner draws random costs
             else:
@@ -285,8 +347,8 @@ def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | No
     update = config.updates
     for site in plan.sites:
         full_names = [f"{plan.name}.{name}" for name in site.linears]
-        candidates = [plan.perms.get(site.name)]
-        start = (starts or {}).get(site.name) if update and config.nm is not None else None
+        candidates = [to(plan.perms.get(site.name), run.device)]
+        start = to((starts or {}).get(site.name), run.device) if update and config.nm is not None else None
         if start is not None and not torch.equal(start, candidates[0]):
             candidates.append(start)
         per_candidate = [[site_layer(run, plan, name, perm) for name in site.linears] for perm in candidates]
@@ -361,6 +423,10 @@ def updated_weight(run: Run, weight: torch.Tensor, gram: torch.Tensor, perm: tor
     return algorithm(weight, gram, *config.nm, perm=perm, mask=mask)
 
 
+def to(perm: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if perm is None else perm.to(device)
+
+
 def kept_share(scores: torch.Tensor, mask: torch.Tensor) -> float:
     return float((scores * mask).sum() / scores.sum().clamp_min(1e-30))
 
@@ -395,34 +461,41 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
         if stream is None or stream["done"] != saved["done"]:
             raise FileExistsError(f"{run.progress.folder} holds progress this process cannot resume from; remove it "
                                   "or pass --overwrite")
-        first, inputs, reference = saved["done"], stream["inputs"], stream["reference"]
+        first, inputs, reference = saved["done"], run.to_device(stream["inputs"]), run.to_device(stream["reference"])
         restore(run, saved)
     blocks = bar(range(first, len(run.blocks)), desc="pruning blocks", initial=first, total=len(run.blocks),
                disable=not run.show)
     for i in blocks:
-        block, name = run.blocks[i], run.name(i)
-        stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], kwargs,
-                                               needs_gram(config.start) or config.updates, name, batch)
-        if reference is not None:
-            next_reference = collect_drift(block, run.readers(i), inputs, reference, kwargs, stats, batch)
-        dense_holdout = run_block(block, inputs[count:], kwargs, batch) if len(inputs) > count else inputs[count:]
-        plan = plan_block(run, i, stats, hidden)
-        starts = dict(plan.perms) if learned is not None else None
-        if learned is not None and any(not site.hidden for site in plan.sites):
-            block_data = BlockData(inputs[:count], dense_out, inputs[count:], dense_holdout, kwargs)
-            perms, record = learn_block(plan, block_data, config, run.geometry)
-            plan.perms.update(perms)
-            run.report.training.append(record)
-        masks = apply_plan(run, plan, starts)
-        if config.calibration.propagate == "pruned":
-            inputs = run_block(block, inputs, kwargs, batch)
-        else:
-            inputs = torch.cat([dense_out, dense_holdout])
-        if not torch.isfinite(inputs).all():
-            raise FloatingPointError(f"non-finite activations leaving {name} after pruning")
-        if reference is not None:
-            reference = next_reference
-        save_blocks(run, i + 1, masks, inputs, reference)
+        with block_on(run.blocks[i], run.device):  # an offloaded block visits the device
+            block, name = run.blocks[i], run.name(i)
+            with run.report.timed("statistics"):
+                stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], kwargs,
+                                                       needs_gram(config.start) or config.updates, name, batch)
+                if reference is not None:
+                    next_reference = collect_drift(block, run.readers(i), inputs, reference, kwargs, stats, batch)
+                dense_holdout = (run_block(block, inputs[count:], kwargs, batch) if len(inputs) > count
+                                 else inputs[count:])
+            with run.report.timed("search"):
+                plan = plan_block(run, i, stats, hidden)
+            starts = dict(plan.perms) if learned is not None else None
+            if learned is not None and any(not site.hidden for site in plan.sites):
+                block_data = BlockData(inputs[:count], dense_out, inputs[count:], dense_holdout, kwargs)
+                with run.report.timed("learning"):
+                    perms, record = learn_block(plan, block_data, config, run.geometry)
+                plan.perms.update(perms)
+                run.report.training.append(record)
+            with run.report.timed("pruning"):
+                masks = apply_plan(run, plan, starts)
+            with run.report.timed("statistics"):
+                if config.calibration.propagate == "pruned":
+                    inputs = run_block(block, inputs, kwargs, batch)
+                else:
+                    inputs = torch.cat([dense_out, dense_holdout])
+            if not torch.isfinite(inputs).all():
+                raise FloatingPointError(f"non-finite activations leaving {name} after pruning")
+            if reference is not None:
+                reference = next_reference
+            save_blocks(run, i + 1, masks, inputs, reference)
 
 
 def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: torch.Tensor,
@@ -455,10 +528,11 @@ def restore(run: Run, saved: dict) -> None:
         if name in saved["weights"]:
             weight.copy_(saved["weights"][name])
         else:
-            weight.mul_(unpack_mask(packed).to(weight.dtype))
+            weight.mul_(unpack_mask(packed).to(weight.device, weight.dtype))
     report = saved["report"]
     run.report.layers, run.report.sites, run.report.training = report.layers, report.sites, report.training
     run.report.uncalibrated, run.report.kept_start = report.uncalibrated, report.kept_start
+    run.report.stages = report.stages
 
 
 def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torch.Tensor, holdout: torch.Tensor,
@@ -474,15 +548,16 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
     for i in bar(range(len(run.blocks)), desc="statistics and starts", disable=not run.show):
         name = run.name(i)
         want_gram = needs_gram(config.start) and name not in starts
-        stats, dense_out = collect_input_stats(run.blocks[i], run.readers(i), inputs[:count], kwargs, want_gram,
-                                               name, config.calibration.batch_size)
-        inputs = dense_out
-        plans.append(plan_block(run, i, stats, hidden, starts.get(name)))
+        with run.report.timed("statistics"):
+            stats, inputs = collect_input_stats(run.blocks[i], run.readers(i), inputs[:count], kwargs, want_gram,
+                                                name, config.calibration.batch_size)
+        with run.report.timed("search"):
+            plans.append(plan_block(run, i, stats, hidden, starts.get(name)))
         plans[-1].grams = {}  # the searches used them; held for every block they would not fit a large model
     if not starts:
         run.progress.save("starts", {plan.name: plan.perms for plan in plans})
     if any(not site.hidden for plan in plans for site in plan.sites):
-        with torch.enable_grad():
+        with torch.enable_grad(), run.report.timed("learning"):
             learned, record = learn_model(run.model, plans, windows, holdout, config, run.geometry, progress=run.show,
                                           labels=labels, state=run.progress.load("training"),
                                           save_state=lambda state: run.progress.save("training", state))
@@ -490,12 +565,14 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         for plan in plans:
             plan.perms.update(learned.get(plan.name, {}))
     if not config.updates:
-        for plan in plans:
-            apply_plan(run, plan)
+        with run.report.timed("pruning"):
+            for plan in plans:
+                apply_plan(run, plan)
         return
     inputs = first  # reconstruction: block by block on the pruned model's inputs, as SparseGPT does
     for i, plan in enumerate(bar(plans, desc="weight updates", disable=not run.show)):
-        inputs = reconstruct_block(run, i, plan.perms, inputs, kwargs, hidden)
+        with run.report.timed("pruning"):
+            inputs = reconstruct_block(run, i, plan.perms, inputs, kwargs, hidden)
 
 
 def reconstruct_block(run: Run, i: int, learned: dict[str, torch.Tensor | None], inputs: torch.Tensor, kwargs: dict,
@@ -538,19 +615,22 @@ def global_permutation(run: Run, inputs: torch.Tensor, kwargs: dict) -> torch.Te
     hidden = run.progress.load("hidden")
     if hidden is not None:
         run.report.hidden_perm = hidden.tolist()
-        return hidden
+        return hidden.to(run.device)
     stacked = []
     for i, block in enumerate(bar(run.blocks, desc="global permutation statistics", disable=not run.show)):
         readers = [g for g in run.targets[i] if all(name in run.adapter.residual_readers for name in g)]
-        stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs, kwargs, False, run.name(i),
-                                            config.calibration.batch_size)
-        for group in readers:
-            for name in group:
-                score = compute_score(config.host, linear_weight(block.get_submodule(name)), stats[group[0]].act_norm)
-                stacked.append(score / score.sum().clamp_min(1e-30))
+        with block_on(block, run.device), run.report.timed("statistics"):
+            stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs, kwargs, False,
+                                                run.name(i), config.calibration.batch_size)
+            for group in readers:
+                for name in group:
+                    score = compute_score(config.host, linear_weight(block.get_submodule(name)),
+                                          stats[group[0]].act_norm)
+                    stacked.append(score / score.sum().clamp_min(1e-30))
     method = "cp" if config.start == "cp" else "ria"
     chunks = config.permutation.chunks if config.learned is None else 1
-    hidden = find_permutation(torch.cat(stacked), *config.nm, method, chunks=chunks, seed=config.calibration.seed)
+    with run.report.timed("search"):
+        hidden = find_permutation(torch.cat(stacked), *config.nm, method, chunks=chunks, seed=config.calibration.seed)
     run.progress.save("hidden", hidden)
     run.report.hidden_perm = hidden.tolist()
     return hidden

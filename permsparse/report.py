@@ -6,7 +6,16 @@
 from __future__ import annotations
 
 import resource
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import torch
+
+# What a run spends its time on: drawing (or sampling) the calibration windows; forward passes that collect
+# statistics or make the next block's inputs; permutation searches; learning permutations; choosing masks and
+# updating weights; distilling the kept weights.
+STAGES = ("calibration", "statistics", "search", "learning", "pruning", "distillation")
 
 
 @dataclass
@@ -80,7 +89,22 @@ class PruneReport:
     distillation: DistillRecord | None = None  # the kept weights' distillation, when it ran
     weights_updated: bool = False  # kept weights changed (sparsegpt, admm, distillation): W is not W * mask
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds by stage (:data:`STAGES`), summed over blocks
     peak_rss_mb: float = 0.0
+    peak_device_mb: float | None = None  # peak memory allocated on the GPU the run computed on
+
+    @contextmanager
+    def timed(self, stage: str):
+        """Add the seconds spent inside to ``stages[stage]`` (GPU work included: the device is synchronised)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+        _synchronise()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronise()
+            self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - started
 
     def permutation_of(self, linear: str) -> list[int] | None:
         """The permutation the named linear's mask was chosen through, if it has one."""
@@ -88,6 +112,16 @@ class PruneReport:
             if linear in site.linears:
                 return site.perm
         return None
+
+
+def _synchronise() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    """Peak memory allocated on ``device`` so far (a GPU), or None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def peak_rss_mb() -> float:

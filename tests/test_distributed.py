@@ -54,7 +54,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tiny_llam
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command(tiny_llama_dir, tmp_path / "killed", *extra), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "killed.partial" / ".resume" / "training.pt"
+    state = tmp_path / "killed.partial" / ".resume" / "training.safetensors"
     deadline = time.time() + 300
     while not state.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -16,7 +16,7 @@ def test_the_estimate_grows_with_the_batch_and_window_length_not_with_the_window
 
     def total(batch, nsamples, seqlen):
         config = PruneConfig(permutation=Learned(batch=batch))
-        return memory.estimate(model, adapter, config, torch.zeros(nsamples, seqlen, dtype=torch.long),
+        return memory.estimate(model, adapter.blocks_path, config, torch.zeros(nsamples, seqlen, dtype=torch.long),
                                torch.zeros(4, seqlen, dtype=torch.long)).parts
 
     small, more_windows, bigger_batch = total(2, 8, 32), total(2, 64, 32), total(8, 8, 32)
@@ -29,8 +29,8 @@ def test_distillation_adds_five_copies_of_the_linears_and_one_training_step_at_i
     model = tiny_llama()
     adapter = adapter_for(model)
     windows, holdout = torch.zeros(8, 32, dtype=torch.long), torch.zeros(4, 32, dtype=torch.long)
-    plain = memory.estimate(model, adapter, PruneConfig(), windows, holdout)
-    parts = [memory.estimate(model, adapter, PruneConfig(distill=Distill(steps=5, batch=b)), windows, holdout).parts
+    plain = memory.estimate(model, adapter.blocks_path, PruneConfig(), windows, holdout)
+    parts = [memory.estimate(model, adapter.blocks_path, PruneConfig(distill=Distill(steps=5, batch=b)), windows, holdout).parts
              for b in (1, 4)]
     linears = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
     assert parts[0]["distillation weights"] == linears * (5 * 4 + 1)
@@ -68,8 +68,8 @@ def test_recomputing_blocks_keeps_activations_of_one_block():
     model = tiny_llama(layers=8)
     adapter = adapter_for(model)
     windows, holdout = torch.zeros(8, 128, dtype=torch.long), torch.zeros(4, 128, dtype=torch.long)
-    plain = memory.estimate(model, adapter, PruneConfig(permutation=Learned()), windows, holdout)
-    lean = memory.estimate(model, adapter, PruneConfig(permutation=Learned(recompute=True)), windows, holdout)
+    plain = memory.estimate(model, adapter.blocks_path, PruneConfig(permutation=Learned()), windows, holdout)
+    lean = memory.estimate(model, adapter.blocks_path, PruneConfig(permutation=Learned(recompute=True)), windows, holdout)
     assert lean.parts["training activations"] < plain.parts["training activations"] / 4
 
 

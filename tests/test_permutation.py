@@ -223,3 +223,17 @@ def test_bad_input_is_a_clear_error():
         find_permutation(s, 4, 4, "ria")
     with pytest.raises(ValueError, match="gram blocks"):
         find_permutation(s, 2, 4, "output", weight=w, gram=torch.stack([gram] * 3))
+
+
+@pytest.mark.parametrize("method", ["cp", "ria"])
+def test_the_gpus_large_tiles_give_the_cpus_sums_and_permutations(method, monkeypatch):
+    """On a GPU :func:`insert_values` sums in tiles of 128M elements instead of 512K; each entry is the same
+    sum either way, so the searches choose the same permutations (checked here on the CPU with the GPU's tiles)."""
+    from permsparse.permute import swaps
+
+    _, _, s = layer(96, 512, seed=4)
+    cand, nth = s.T[:200].contiguous(), s.T[200:330].contiguous()
+    small, perm = swaps.insert_values(cand, nth), find_permutation(s, 2, 4, method, seed=1)
+    monkeypatch.setitem(swaps.TILE_ELEMENTS, "cpu", swaps.TILE_ELEMENTS["cuda"])
+    assert torch.equal(swaps.insert_values(cand, nth), small)
+    assert torch.equal(find_permutation(s, 2, 4, method, seed=1), perm)

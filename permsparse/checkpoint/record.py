@@ -21,7 +21,7 @@ from ..serial import RecordError, from_dict, to_dict
 from ..zeroshot import TaskResult
 
 FILENAME = "permsparse.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclass

@@ -35,6 +35,11 @@ from .record import FORMAT_VERSION, CheckpointRecord, write_record
 from .reference import compare_reference, model_logits, record_reference, reference_input
 
 
+# Largest weight file written at once: safetensors copies one file's tensors from the GPU to the host before
+# writing, so a model on a GPU costs the host this much, never a second copy of the whole model.
+SHARD = "2GB"
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """How the pruned model is written."""
@@ -105,7 +110,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
                               dict(metrics or {}), list(zero_shot or []), command)
     staging = partial_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
-    target.save_pretrained(staging)
+    target.save_pretrained(staging, max_shard_size=SHARD)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     write_record(staging, record)

@@ -16,7 +16,9 @@
 - the folds (:mod:`.verify`): for each linear fed by other linears, the producer rows its permutation
   folds into, guessed among the layouts in use (the whole rows, chunks of fused projections, the value
   part of fused q/k/v within heads) and kept only when a forward pass shows the fold exact; and whether
-  one permutation of the whole residual stream leaves the output unchanged.
+  one permutation of the whole residual stream leaves the output unchanged. A model in 16-bit floats is
+  checked in float32 (cast up for the checks and back after, exactly), since at 16-bit rounding a wrong
+  guess on a small random model can pass for exact.
 
 The attention geometry (heads, kv heads, head dim) is read from the config; :class:`Hints` carry what a
 family's config does not say. The same model always gives the same result.
@@ -27,9 +29,10 @@ import fnmatch
 from contextlib import contextmanager
 from dataclasses import replace
 
+import torch
 from torch import nn
 
-from .experts import ExpertLinears, every_expert_runs, experts_as_linears, routers
+from .experts import ExpertLinears, every_expert_runs, experts_as_linears, is_packed_experts, routers
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
 from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, head_permutation,
                         hidden_size, optional_submodule, permute_stream, stream_parts)
@@ -39,10 +42,28 @@ from .verify import Probe, find_fold, stream_problem
 
 __all__ = [
     "Adapter", "AttentionGeometry", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
-    "discover", "experts_as_linears", "head_permutation", "hidden_size", "is_linear", "linear_weight", "model_inputs",
+    "discover", "experts_as_linears", "find_blocks", "head_permutation", "hidden_size", "is_linear", "is_packed_experts",
+    "linear_weight", "model_inputs",
     "optional_submodule", "permute_columns", "permute_rows",
     "permute_stream", "primary_output", "probe_input", "run_model", "stored_layout", "stream_parts",
 ]
+
+
+@contextmanager
+def _float32(model: nn.Module):
+    """Every 16-bit floating parameter and buffer of ``model`` as a float32 copy while inside; the original
+    tensors come back after (so views of packed expert weights stay views; the checks restore every value
+    they move, and their copies are dropped)."""
+    half = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in (torch.float16, torch.bfloat16)]
+    originals = [t.data for t in half]
+    with torch.no_grad():
+        for t in half:
+            t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, original in zip(half, originals):
+            t.data = original
 
 
 @contextmanager
@@ -91,7 +112,7 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
     if set(dense) != {f"{blocks_path}.{i}.{rel}" for i in range(count) for rel in block_routers}:
         raise NotUnderstood(f"the blocks of {blocks_path} differ in their mixture-of-experts routers: {', '.join(dense)}")
     probe_data = probe_input(model)
-    with _evaluation(model), every_expert_runs(model):
+    with _evaluation(model), _float32(model), every_expert_runs(model):
         traced = trace(model, blocks_path, probe_data)
         facts = [block_facts(traced, blocks_path, i) for i in range(count)]
         outside = model_facts(model, traced, blocks_path)

@@ -26,6 +26,7 @@ from ..calibration import block_output
 from ..config import Learned, PruneConfig
 from ..images import is_classifier
 from ..objective import DenseStates, Terms, dense_states, hidden_distance, judge_model, model_terms, objective
+from ..placement import input_device
 from ..report import TrainingRecord
 from ..scores import compute_score
 from .sites import Site
@@ -159,9 +160,9 @@ def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: T
         sites += block_sites
         fixed.update(block_fixed)
         owners += [(plan.name, site.name[len(plan.name) + 1:]) for site in block_sites]
-    device = next(model.parameters()).device
+    device = input_device(model)
     windows, holdout = windows.to(device), holdout.to(device)
-    schedule = _schedule(windows.shape[0], learned, config.calibration.seed)
+    schedule = _schedule(windows.shape[0], learned, config.calibration.seed).to(device)
 
     blocks = [plan.module for plan in plans]
 
@@ -240,7 +241,7 @@ def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: Atte
             num, den = terms(weights, data.inputs[mine], data.targets[mine])
         else:  # none of the step's windows is this process's: its share of the gradient is zero
             num = sum((w * 0).sum() for w in weights.values())
-            den = torch.zeros(())
+            den = torch.zeros((), device=num.device)
         return Terms(hidden_num=num[None], hidden_den=den[None]).global_loss(replace(learned, ce=0.0, kl=0.0, hidden=1.0))
 
     def judge_fn(weights: dict[str, Tensor]) -> float:

@@ -116,7 +116,7 @@ def output(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, start: to
     two terms are comparable, minus the retained host score over the start's. ``proxy_weight``
     defaults to 0 with ``drift`` and 1 without: a linear's error on the pruned model's inputs against
     its own dense weights is the wrong target, and the retained score pulls the search back towards
-    what the host keeps (README, "Permutation searches", has the measurements).
+    what the host keeps (docs/results.md, "Permutation searches", has the measurements).
 
     Each round draws ``pairs`` random group pairs (inside one chunk of ``chunk_groups`` groups) and
     screens all their ``m*m`` swaps at once (:meth:`OutputError.screen`). Then, best screened first

@@ -1,0 +1,266 @@
+"""One prepared check of the pipeline on one CUDA GPU: at most 8 minutes on an H100 or H200, one table, one JSON.
+
+Parts, in order, each in its own process with its own time limit (a part that runs out is recorded as such,
+and the rest still run):
+
+1. ``tests``: the ``gpu`` tests (tests/test_gpu.py, tests/test_resume.py): pruning on the GPU gives the CPU's
+   masks and permutations for three families, every permutation method and every host; offloaded blocks give
+   the whole model's result; checkpoints pruned on the GPU reload on the CPU to the same logits.
+2. ``1b learned``: the learned default (``permsparse prune --perm learned``: e2e, 20 steps of one window, RIA
+   start, 32 x 512 calibration windows and 8 held out) on a random-weight LLaMA-3.2-1B (all 16 layers, bfloat16,
+   random tokens standing in for text), then the masked export; seconds per stage and peak GPU memory.
+3. ``8b blockwise`` and ``8b e2e``: the same defaults (blockwise, and e2e with ``--recompute``) on the
+   LLaMA-3.1-8B shape with 4 of its 32 layers; every stage that works block by block is projected to 32 layers
+   (times 8), the rest (calibration, the head) kept; peak memory projected from the per-block part.
+4. ``8b searches``: seconds per linear of each search (ria, cp, output) at the 8B shapes (q: 4096 x 4096,
+   gate: 14336 x 4096, down: 4096 x 14336) on the GPU.
+5. ``70b offload``: one LLaMA-3-70B-shape block pruned blockwise with ``--offload on`` (the blocks wait on the
+   host); projected to 80 blocks on one GPU, and on 8 GPUs (torchrun: each rank holds an eighth of the windows,
+   so statistics and learning divide by 8; every rank runs the same searches).
+
+Besides, the memory estimate of the whole 8B model's e2e run (built on the meta device, no weights) says
+whether it fits the GPU. Without a CUDA GPU the script prints why in one line and exits 2. Writes
+bench/results/gpu_check.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PERMSPARSE_CACHE", tempfile.gettempdir() + "/permsparse-cache")
+RESULTS = ROOT / "bench" / "results" / "gpu_check.json"
+
+SHAPES = {  # hidden, MLP, heads, kv heads, layers, vocabulary
+    "llama-3.2-1b": (2048, 8192, 32, 8, 16, 128256),
+    "llama-3.1-8b": (4096, 14336, 32, 8, 32, 128256),
+    "llama-3-70b": (8192, 28672, 64, 8, 80, 128256),
+}
+BLOCK_STAGES = ("statistics", "search", "learning", "pruning")  # stages that grow with the number of blocks
+LIMITS = {"tests": 150, "1b learned": 150, "8b blockwise": 90, "8b e2e": 90, "8b searches": 60, "70b offload": 60}
+
+
+def random_llama(shape: str, layers: int, device: str):
+    """A random-weight LLaMA of ``shape`` with ``layers`` blocks, in bfloat16 on ``device`` (its speed and
+    memory are the real model's: only the values differ; on the meta device it has no values at all)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, ffn, heads, kv, _, vocab = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads, num_key_value_heads=kv,
+                         num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096,
+                         tie_word_embeddings=shape == "llama-3.2-1b")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def estimated_gb(shape: str, layers: int, learned_options: dict, offload: str) -> float:
+    """What the memory estimate says the run holds on the GPU with ``layers`` blocks: the model's weights there
+    (offloaded: all but the blocks, and one block) and :func:`permsparse.memory.estimate`'s parts."""
+    import torch
+
+    from permsparse import Learned, PruneConfig
+    from permsparse.memory import GIB, estimate, resident_bytes
+
+    model = random_llama(shape, layers, "meta")
+    config = PruneConfig(permutation=Learned(**learned_options))
+    calib = config.calibration
+    weights = resident_bytes(model)
+    if offload == "on":
+        weights += resident_bytes(model.model.layers[0]) - resident_bytes(model.model.layers)
+    shapes = (torch.zeros(()).expand(calib.nsamples, calib.seqlen), torch.zeros(()).expand(calib.holdout, calib.seqlen))
+    return (weights + estimate(model, "model.layers", config, *shapes).total) / GIB
+
+
+def tokens(vocab: int, count: int, seqlen: int, seed: int):
+    import torch
+
+    return torch.randint(0, vocab, (count, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def prune_random(shape: str, layers: int, learned_options: dict, offload: str = "off", export: bool = False) -> dict:
+    """The learned default (with ``learned_options``) on a random model; the report's stages and memory."""
+    import torch
+
+    from permsparse import Learned, PruneConfig, export_checkpoint, prune
+    from permsparse.placement import Placement
+
+    model = random_llama(shape, layers, "cpu" if offload == "on" else "cuda")
+    config = PruneConfig(permutation=Learned(**learned_options))
+    vocab = SHAPES[shape][5]
+    calib = config.calibration
+    torch.cuda.reset_peak_memory_stats()
+    report = prune(model, None, config, windows=tokens(vocab, calib.nsamples, calib.seqlen, 1),
+                   holdout=tokens(vocab, calib.holdout, calib.seqlen, 2), progress=False,
+                   placement=Placement("cuda", offload=offload))
+    out = {"shape": shape, "layers": layers, "options": learned_options, "offload": offload, "seconds": report.seconds,
+           "stages": report.stages, "peak_gb": report.peak_device_mb / 1024,
+           "resident_gb": torch.cuda.memory_allocated() / 2**30,
+           "search_s_per_site": {site.name.split(".", 3)[-1]: layer.search_seconds
+                                 for site in report.sites for layer in report.layers
+                                 if layer.site == site.name and layer.name.startswith(f"model.layers.{layers - 1}.")},
+           "steps": [len(t.loss) for t in report.training],
+           "estimated_gb": estimated_gb(shape, layers, learned_options, offload)}
+    if export:
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            export_checkpoint(model, None, Path(folder) / "out", config, report)
+            out["stages"]["export"] = time.perf_counter() - started
+    return out
+
+
+def project(result: dict, depth: int, ranks: int = 1) -> dict:
+    """Seconds and peak GPU memory of the whole model (``depth`` blocks) from a run on some of them.
+
+    Seconds: every stage that works block by block scales with the blocks (the head's share of e2e learning
+    with them: an overestimate); on ``ranks`` data-parallel GPUs the window-proportional stages (statistics,
+    learning) divide by ``ranks``, while every rank runs the same searches. Memory: the measured peak times
+    the ratio of the memory estimate at ``depth`` blocks to the estimate at the blocks that ran."""
+    scale = depth / result["layers"]
+    seconds = {}
+    for stage, value in result["stages"].items():
+        seconds[stage] = value * (scale if stage in BLOCK_STAGES else 1) / (ranks if stage in ("statistics",
+                                                                                                 "learning") else 1)
+    estimated = estimated_gb(result["shape"], depth, result["options"], result["offload"])
+    peak = result["peak_gb"] * estimated / result["estimated_gb"]
+    return {"seconds": sum(seconds.values()), "stages": seconds, "peak_gb": peak, "estimated_gb": estimated}
+
+
+def part_tests() -> dict:
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           "tests/test_gpu.py", "tests/test_resume.py"], cwd=ROOT, capture_output=True, text=True)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
+    failures = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return {"summary": summary, "counts": counts, "failures": failures[:20], "returncode": done.returncode}
+
+
+def part_1b() -> dict:
+    return prune_random("llama-3.2-1b", 16, {}, export=True)
+
+
+def part_8b(scope: str) -> dict:
+    options = {"scope": "blockwise"} if scope == "blockwise" else {"recompute": True}
+    result = prune_random("llama-3.1-8b", 4, options)
+    result["projected"] = project(result, 32)
+    return result
+
+
+def part_searches() -> dict:
+    from search_speed import search_seconds
+
+    return {f"{method} {shape}": search_seconds(method, shape, "cuda")
+            for shape in ("q 4096x4096", "gate 14336x4096", "down 4096x14336") for method in ("ria", "cp", "output")}
+
+
+def part_70b() -> dict:
+    result = prune_random("llama-3-70b", 1, {"scope": "blockwise"}, offload="on")
+    result["projected"] = project(result, 80)
+    result["projected_8_gpus"] = project(result, 80, ranks=8)
+    return result
+
+
+def estimate_8b() -> dict:
+    """What the memory estimate says the whole 8B model's runs hold on the GPU, weights included (a model on
+    the meta device: no weights are made)."""
+    return {label: estimated_gb("llama-3.1-8b", 32, options, "off")
+            for label, options in (("e2e", {}), ("e2e --recompute", {"recompute": True}),
+                                   ("blockwise", {"scope": "blockwise"}))}
+
+
+PARTS = {"tests": part_tests, "1b learned": part_1b, "8b blockwise": lambda: part_8b("blockwise"),
+         "8b e2e": lambda: part_8b("e2e"), "8b searches": part_searches, "70b offload": part_70b}
+
+
+def _child(name: str, queue) -> None:
+    try:
+        queue.put({"result": PARTS[name]()})
+    except BaseException as err:  # noqa: BLE001 - the parent records what failed and goes on
+        import traceback
+
+        queue.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]})
+
+
+def run_part(name: str, limit: float) -> dict:
+    """``PARTS[name]`` in a fresh process (its own GPU memory and peak), stopped after ``limit`` seconds."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(name, queue))
+    started = time.perf_counter()
+    process.start()
+    process.join(limit)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return {"error": f"stopped after its limit of {limit:.0f} s", "wall_s": time.perf_counter() - started}
+    out = queue.get() if not queue.empty() else {"error": f"the process ended with code {process.exitcode}"}
+    out["wall_s"] = time.perf_counter() - started
+    return out
+
+
+def row(name: str, part: dict) -> str:
+    if "error" in part:
+        return f"| {name} | – | – | – | {part['error'][:120]} |"
+    r = part["result"]
+    if name == "tests":
+        return f"| {name} | – | – | – | {r['summary']} |"
+    if name == "8b searches":
+        return f"| {name} | – | – | – | " + ", ".join(f"{k} {v:.1f} s" for k, v in r.items()) + " |"
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+    line = f"| {name} | {sum(r['stages'].values()):.0f} | {r['peak_gb']:.1f} | {stages} |"
+    if "projected" in r:
+        p = r["projected"]
+        line += f" whole model: {p['seconds'] / 60:.1f} min, {p['peak_gb']:.0f} GB"
+        if "projected_8_gpus" in r:
+            line += f"; on 8 GPUs {r['projected_8_gpus']['seconds'] / 60:.1f} min"
+    return line + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"bench/gpu_check.py needs a CUDA GPU; torch {torch.__version__} sees none. Nothing was measured.",
+              file=sys.stderr)
+        return 2
+    began = time.perf_counter()
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    parts = {}
+    for name in args.parts:
+        parts[name] = run_part(name, LIMITS[name])
+        print(f"[{time.perf_counter() - began:5.0f} s] {row(name, parts[name])}", flush=True)
+    result = {"machine": {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+                          "memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30,
+                          "python": platform.python_version()},
+              "date": time.strftime("%Y-%m-%d"), "command": "python3 " + " ".join(sys.argv),
+              "estimate_8b_gb": estimate_8b(), "parts": parts, "seconds": time.perf_counter() - began}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"\n| part | s | peak GB | seconds by stage | notes |\n|---|---|---|---|---|")
+    for name, part in parts.items():
+        print(row(name, part))
+    print(f"\nthe memory estimate of the whole 8B model's runs, weights included (GB): {json.dumps(result['estimate_8b_gb'])}")
+    print(f"wrote {out} ({result['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
