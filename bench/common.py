@@ -103,7 +103,8 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
                            None if protocol.full and k == 0 else protocol.windows)
         report = prune(model, tokenizer, row.config, progress=False)
         result.update(prune_s=report.seconds, layers=to_dict(report.layers), training=to_dict(report.training),
-                      kept_start=list(report.kept_start))
+                      kept_start=list(report.kept_start), stages=dict(report.stages),
+                      distillation=to_dict(report.distillation))
     result["ppl"] = {}
     started = time.perf_counter()
     for source in protocol.evals:
@@ -156,10 +157,16 @@ def reusable(rows: list[Row], protocol: Protocol, names: list[str]) -> dict[str,
 
     defaults = to_dict(PruneConfig())
 
-    def completed(config: dict | None) -> dict | None:
-        """A stored config with the top-level fields it predates at their defaults: the code that ran it had
-        no such field, so it ran as the default does (no distillation, say)."""
-        return None if config is None else {**{k: v for k, v in defaults.items() if k not in config}, **config}
+    def completed(config: dict | None, default: dict = defaults) -> dict | None:
+        """A stored config with the fields it predates at their defaults, at every level: the code that ran it
+        had no such field, so it ran as the default does (no distillation, fixed masks, say)."""
+        if config is None:
+            return None
+        out = {k: v for k, v in default.items() if k not in config}
+        for k, v in config.items():
+            nested = isinstance(v, dict) and isinstance(default.get(k), dict) and v.get("kind") == default[k].get("kind")
+            out[k] = completed(v, default[k]) if nested else v
+        return out
 
     wanted = {r.label: (None if r.config is None else to_dict(r.config)) for r in rows}
     stands_for: dict[str, list[str]] = {}  # stored label -> the labels here it may stand for

@@ -25,7 +25,8 @@ from common import (Row, add_protocol_args, gap_closed_by_seed, ppl_columns, pri
 from permsparse import Calibration, Distill, Learned, PruneConfig, Search
 
 
-DISTILLED = ("unstructured 50% (wanda)", "2:4 wanda", "2:4 wanda + ria", "2:4 wanda + learned", "2:4 admm + ria")
+DISTILLED = ("unstructured 50% (wanda)", "2:4 wanda", "2:4 wanda + ria", "2:4 wanda + learned", "2:4 admm + ria",
+             "2:4 admm")
 
 
 def rows_for(args, seed: int, suffix: str) -> list[Row]:
@@ -53,6 +54,10 @@ def rows_for(args, seed: int, suffix: str) -> list[Row]:
         distilled = {row.label: row.config for row in rows if row.label in DISTILLED}
         rows += [Row(f"{label} + distill", replace(config, distill=Distill(steps=args.distill_steps)))
                  for label, config in distilled.items()]
+        rows += [Row(f"{label} + distill ({masks})", replace(config, distill=Distill(steps=args.distill_steps,
+                                                                                     masks=masks)))
+                 for masks in args.distill_masks for label, config in distilled.items()
+                 if config.nm is not None or masks == "dynamic"]
     return [Row(row.label + suffix, row.config) for row in rows]
 
 
@@ -68,6 +73,8 @@ def main() -> None:
                         help="windows per training step of every learned permutation (0: the library's default)")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also the rows of DISTILLED followed by this many steps of distillation of their kept weights")
+    parser.add_argument("--distill-masks", nargs="*", default=[], choices=["dynamic", "joint", "alternate"],
+                        help="also the distilled rows with masks that follow the weights this way (--distill-masks)")
     parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
     args = parser.parse_args()
     protocol = protocol_from(args)

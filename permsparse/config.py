@@ -186,12 +186,13 @@ class Learned:
 class Distill:
     """Distillation of the kept weights after pruning (off at 0 steps).
 
-    Every pruned linear's kept weights train towards the dense model's outputs with its N:M (or
-    unstructured) mask fixed, on fresh windows of the calibration text, one batch per step (AdamW, a
-    short warm-up, then cosine decay); the weights judged best on the held-out windows are kept. The
-    objective is that of the learned permutation (:mod:`permsparse.objective`): KL from the dense model's
-    next-token distributions by default, so the pruned model follows the dense model rather than the
-    calibration text's tokens.
+    Every pruned linear's kept weights train towards the dense model's outputs, on fresh windows of the
+    calibration text, one batch per step (AdamW, a short warm-up, then cosine decay); the weights judged
+    best on the held-out windows are kept. The objective is that of the learned permutation
+    (:mod:`permsparse.objective`): KL from the dense model's next-token distributions by default, so the
+    pruned model follows the dense model rather than the calibration text's tokens. Each N:M (or
+    unstructured) mask stays as pruning chose it, or follows the weights as they train, through a fixed or
+    a learned permutation (``masks``, :mod:`permsparse.masking`).
     """
 
     steps: int = option(0, "steps of distillation of the kept weights after pruning (0: none)", flag="--distill-steps")
@@ -206,11 +207,19 @@ class Distill:
                                                                flag="--distill-hidden-loss")
     judge_every: int = option(25, "steps between judgments on the held-out windows (the best judged weights are kept)",
                               flag="--distill-judge-every")
+    masks: Literal["fixed", "dynamic", "joint", "alternate"] = option(
+        "fixed", "the masks while the weights train: fixed as pruning chose them; dynamic: chosen again every step "
+        "from the current weights (the host score on the pruning's statistics) through each site's permutation, "
+        "every weight training (pruned ones straight through); joint: dynamic, each site's permutation learned "
+        "along from the pruning's; alternate: phases of --distill-judge-every steps, the permutations alone on the "
+        "current weights, then the weights alone", flag="--distill-masks")
+    perm_lr: float = option(0.1, "joint, alternate: AdamW learning rate of the permutations' cost tiles",
+                            flag="--distill-perm-lr")
 
     def __post_init__(self):
         check_choices(self)
-        if self.steps < 0 or self.batch < 1 or self.judge_every < 1 or self.lr <= 0:
-            raise ValueError("need distill steps >= 0, distill batch and judge every >= 1 and a learning rate > 0")
+        if self.steps < 0 or self.batch < 1 or self.judge_every < 1 or self.lr <= 0 or self.perm_lr <= 0:
+            raise ValueError("need distill steps >= 0, distill batch and judge every >= 1 and learning rates > 0")
         if min(self.ce, self.kl, self.hidden) < 0:
             raise ValueError("distillation objective weights must be >= 0")
         if self.steps and self.ce == 0 and self.kl == 0 and self.hidden == 0:
@@ -262,6 +271,8 @@ class PruneConfig:
             raise ValueError("a learned permutation is judged on held-out windows: --holdout must be at least 1")
         if self.distill.steps and self.calibration.holdout < 1:
             raise ValueError("distillation is judged on held-out windows: --holdout must be at least 1")
+        if self.distill.masks in ("joint", "alternate") and not self.nm:
+            raise ValueError(f"--distill-masks {self.distill.masks} learns permutations, which only N:M patterns have")
 
     @property
     def nm(self) -> tuple[int, int] | None:

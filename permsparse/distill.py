@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import distributed
 from .adapters import linear_weight, replaced_weights
 from .config import Distill
+from .masking import FollowingMasks
 from .objective import DenseStates, dense_states, judge_model, model_terms, objective
 from .placement import input_device
 from .progress import bar
@@ -53,19 +54,25 @@ def batches(windows: Tensor, config: Distill, seed: int) -> Tensor:
 
 def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout: Tensor, config: Distill, *,
             seed: int = 0, labels: tuple[Tensor | None, Tensor | None] = (None, None), progress: bool = True,
-            state: dict | None = None, save_state: Callable[[dict], None] | None = None) -> DistillRecord:
+            state: dict | None = None, save_state: Callable[[dict], None] | None = None,
+            following: FollowingMasks | None = None) -> DistillRecord:
     """Train the kept weights of the pruned linears named in ``dense`` (their dense weights) towards the
     dense model on ``windows``, judged on ``holdout``; the best judged weights are left in ``model``.
 
     ``labels`` are the class labels of ``windows`` and ``holdout`` (an image classifier's cross-entropy).
     ``state`` resumes from what ``save_state`` last received (at every judgment): weights, optimiser,
     best weights and history, so an interrupted run continues to the same result. With several
-    processes each step's batch is split across them and their gradients are summed.
+    processes each step's batch is split across them and their gradients are summed. ``following``
+    (``config.masks`` other than ``fixed``) chooses the masks from the weights as they train
+    (:mod:`permsparse.masking`); its ``kept`` then holds the permutations of the weights left in ``model``.
     """
     weights = objective(model, config)
     if config.batch < distributed.world():
         raise ValueError(f"{distributed.world()} processes share each distillation step: --distill-batch must be at "
                          "least that")
+    if (following is None) != (config.masks == "fixed"):
+        raise ValueError(f"--distill-masks {config.masks} needs the masks' permutations and statistics (and fixed "
+                         "masks none)")
     device = input_device(model)
     names = list(dense)
     modules = [model.get_submodule(name) for name in names]
@@ -74,9 +81,16 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
     windows, holdout = windows.to(device), holdout.to(device)
     train_labels, holdout_labels = (None if part is None else part.to(device) for part in labels)
     schedule = batches(windows, config, seed)
+    phase = config.judge_every  # ``alternate``: steps of each phase
 
-    def masked() -> dict[str, Tensor]:
+    def forward_weights(step: int, permutations_train: bool) -> dict[str, Tensor]:
+        if following is not None:
+            return following.forward_weights(step, config.steps, permutations_train)
         return {name: linear_weight(module) * mask for name, module, mask in zip(names, modules, masks)}
+
+    def pruned() -> dict[str, Tensor]:
+        """The exact pruned weights (the model's own with fixed masks, whose pruned entries stay zero)."""
+        return {} if following is None else following.hard()
 
     teacher: list[DenseStates] = []  # the dense model's states on this process's held-out windows
     with replaced_weights(model, dense):
@@ -85,20 +99,23 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
             teacher.append(dense_states(model, mine[i:i + config.batch], weights))
 
     def judge() -> float:
-        return judge_model(model, model, holdout, weights, config.batch, labels=holdout_labels, cache=teacher)
+        return judge_model(model, model, holdout, weights, config.batch, pruned(), labels=holdout_labels,
+                           cache=teacher)
 
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    tiles = [] if following is None else following.parameters()
+    groups = [{"params": params, "lr": config.lr}] + ([{"params": tiles, "lr": config.perm_lr}] if tiles else [])
+    optimiser = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     record = DistillRecord([], [], 0.0, 0, 0.0)
-    best: tuple[float, int, list[Tensor]] | None = None
+    best: tuple[float, int, list[Tensor], list[Tensor] | None] | None = None
     first = 0
     if state is not None:
         with torch.no_grad():
-            for p, saved in zip(params, state["weights"]):
+            for p, saved in zip(params + tiles, state["weights"] + state.get("costs", [])):
                 p.copy_(saved)
         optimiser.load_state_dict(state["optimiser"])
         record, best, first = copy.deepcopy(state["record"]), state["best"], state["step"]
@@ -109,32 +126,40 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
         value = judge()
         record.judged.append((step, value))
         if best is None or value < best[0]:
-            best = (value, step, [p.detach().cpu().clone() for p in params])
+            perms = None if following is None else [p.cpu() for p in following.permutations()]
+            exact = pruned()
+            kept = [exact.get(name, linear_weight(module)).detach().cpu().clone() for name, module in zip(names, modules)]
+            best = (value, step, kept, perms)
 
     try:
         if state is None:
-            judged(0)
+            judged(0)  # the pruned model as pruning left it
+            if following is not None:
+                following.revive(dense)
         steps = bar(range(first, config.steps), initial=first, total=config.steps, desc="distil kept weights",
                     disable=not progress, leave=False)
         for step in steps:
             rows = schedule[step]
             ids = distributed.shard(windows[rows])
             batch_labels = None if train_labels is None else distributed.shard(train_labels[rows])
+            weights_train, permutations_train = (True, False) if following is None else following.trains(step, phase)
             with replaced_weights(model, dense):
                 target = dense_states(model, ids, weights)
-            with torch.enable_grad(), replaced_weights(model, masked()):
+            with torch.enable_grad(), replaced_weights(model, forward_weights(step, permutations_train)):
                 loss = model_terms(model, ids, weights, target, batch_labels).global_loss(weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            for p in params:  # with several processes: every rank's share of the gradient, summed
-                if p.grad is not None:
+            for p, trains in [(p, weights_train) for p in params] + [(c, permutations_train) for c in tiles]:
+                if not trains:
+                    p.grad = None  # a frozen part of the phase: AdamW skips it
+                elif p.grad is not None:  # with several processes: every rank's share of the gradient, summed
                     distributed.sum_(p.grad)
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, step)
+            optimiser.param_groups[0]["lr"] = learning_rate(config, step)
             optimiser.step()
-            with torch.no_grad():
-                for p, module, mask in zip(params, modules, masks):
-                    linear_weight(module).mul_(mask)
+            if following is None:
+                with torch.no_grad():
+                    for module, mask in zip(modules, masks):
+                        linear_weight(module).mul_(mask)
             record.loss.append(loss.item())
             steps.set_postfix(loss=f"{loss.item():.4g}", best=f"{best[0]:.4g}")
             done = step + 1
@@ -143,6 +168,7 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
                 if save_state is not None and done < config.steps:
                     record.seconds = time.perf_counter() - started
                     save_state(copy.deepcopy({"weights": [p.detach().cpu() for p in params],
+                                              "costs": [c.detach().cpu() for c in tiles],
                                               "optimiser": optimiser.state_dict(), "record": record, "best": best,
                                               "step": done}))
         steps.close()
@@ -153,8 +179,10 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
             p.requires_grad_(True)
     assert best is not None
     with torch.no_grad():
-        for p, kept in zip(params, best[2]):
-            p.copy_(kept)
+        for module, kept in zip(modules, best[2]):
+            linear_weight(module).copy_(kept)
+    if following is not None:
+        following.kept = best[3]
     record.best_judged, record.best_step = best[0], best[1]
     record.seconds = time.perf_counter() - started
     return record

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,14 +25,15 @@ from . import data, distributed, images
 from .progress import bar
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
-from .config import PruneConfig
+from .config import Learned, PruneConfig
 from .discover import experts_as_linears, find_blocks, is_packed_experts
 from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .memory import check_memory, needs_offload
 from .models import cache_dir
 from .objective import objective
-from .permute.learned import BlockData, Plan, learn_block, learn_model
+from .masking import FollowingMasks, FollowingSite
+from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
 from .placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
@@ -56,6 +57,7 @@ class Run:
     show: bool
     device: torch.device  # where every tensor of the run lives
     offloaded: bool  # the blocks wait on the host and visit the device one at a time
+    act_norms: dict[str, torch.Tensor | None] = field(default_factory=dict)  # by full linear name, as pruned
 
     def to_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """``tensor`` on the run's device; images also in the model's dtype."""
@@ -345,6 +347,7 @@ def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | No
     """
     config, masks = run.config, {}
     update = config.updates
+    run.act_norms.update({f"{plan.name}.{name}": norm for name, norm in plan.act_norms.items()})
     for site in plan.sites:
         full_names = [f"{plan.name}.{name}" for name in site.linears]
         candidates = [to(plan.perms.get(site.name), run.device)]
@@ -510,8 +513,9 @@ def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: tor
     distributed.barrier()
     if not distributed.is_main():  # rank 0 alone keeps the shared part (and may remove it once the run is done)
         return
-    saved = run.progress.load("blocks") or {"masks": {}, "weights": {}}
+    saved = run.progress.load("blocks") or {"masks": {}, "weights": {}, "act_norms": {}}
     saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
+    saved["act_norms"].update({name: run.act_norms[name] for name in masks})
     if run.config.updates:
         saved["weights"].update({name: linear_weight(run.model.get_submodule(name)).detach().cpu().clone()
                                  for name in masks})
@@ -529,6 +533,7 @@ def restore(run: Run, saved: dict) -> None:
             weight.copy_(saved["weights"][name])
         else:
             weight.mul_(unpack_mask(packed).to(weight.device, weight.dtype))
+    run.act_norms.update(saved["act_norms"])
     report = saved["report"]
     run.report.layers, run.report.sites, run.report.training = report.layers, report.sites, report.training
     run.report.uncalibrated, run.report.kept_start = report.uncalibrated, report.kept_start
@@ -594,11 +599,42 @@ def distill_run(run: Run, dense: dict[str, torch.Tensor], calib: CalibrationSet)
     """Distil the pruned model's kept weights towards the dense ones (:func:`permsparse.distill.distill`),
     resuming from the saved state of an interrupted run."""
     labels = (calib.distill_labels, None if calib.labels is None else calib.labels[1])
+    following = following_masks(run)
     record = distill(run.model, dense, calib.distill, calib.holdout, run.config.distill, seed=run.config.calibration.seed,
                      labels=labels, progress=run.show, state=run.progress.load("distill"),
-                     save_state=lambda state: run.progress.save("distill", state))
+                     save_state=lambda state: run.progress.save("distill", state), following=following)
     run.report.distillation = record
     run.report.weights_updated = True
+    if following is not None:  # the permutations that chose the kept weights' masks
+        kept = {site.name: perm.tolist() for site, perm in zip(following.sites, following.kept)}
+        for site in run.report.sites:
+            site.perm = kept.get(site.name, site.perm)
+
+
+def following_masks(run: Run) -> FollowingMasks | None:
+    """The masks that follow the weights as distillation trains them (``--distill-masks`` other than fixed):
+    every site of the run with the permutation pruning chose, learned in the learned permutation's tiles
+    (heads for the attention output; a reader of the global hidden permutation keeps it)."""
+    config = run.config
+    if config.distill.masks == "fixed":
+        return None
+    learned = config.learned or Learned()
+    perms = {site.name: torch.as_tensor(site.perm) for site in run.report.sites}
+    sites = []
+    for i, groups in enumerate(run.targets if config.nm is not None else ()):
+        for group in groups:
+            for site in sites_for_group(group, config.binding, run.adapter, run.geometry):
+                name, width = f"{run.name(i)}.{site.name}", perms[f"{run.name(i)}.{site.name}"].numel()
+                tile, tie = tile_size(width, learned.tile, config.nm[1]), None
+                if site.heads is not None:
+                    per_kv = site.heads.num_heads // site.heads.num_kv_heads
+                    tile, tie = site.heads.head_dim, [h // per_kv for h in range(site.heads.num_heads)]
+                sites.append(FollowingSite(name, tuple(f"{run.name(i)}.{linear}" for linear in site.linears),
+                                           perms[name], tile, tie, learnable=not site.hidden))
+    modules = {name: run.model.get_submodule(name) for name in target_names(run)}
+    return FollowingMasks(config.distill.masks, modules, run.act_norms, config.host, config.nm, config.density, sites,
+                          eps=(learned.eps_start, learned.eps_end), sinkhorn_iters=learned.sinkhorn_iters,
+                          warm_sharpness=learned.warm_sharpness, seed=config.calibration.seed)
 
 
 @torch.no_grad()

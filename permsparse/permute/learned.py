@@ -54,7 +54,7 @@ class Plan:
         return compute_score(score, linear_weight(self.module.get_submodule(linear)), self.act_norms[linear])
 
 
-def _tile(width: int, tile: int, m: int) -> int:
+def tile_size(width: int, tile: int, m: int) -> int:
     """The largest multiple of ``m`` that divides ``width`` and is at most ``tile`` (``m`` at least)."""
     return max((t for t in range(m, min(tile, width) + 1, m) if width % t == 0), default=width)
 
@@ -84,7 +84,7 @@ def learn_sites(plan: Plan, config: PruneConfig, geometry: AttentionGeometry, m:
             per_kv = site.heads.num_heads // site.heads.num_kv_heads
             tile, tie = site.heads.head_dim, [h // per_kv for h in range(site.heads.num_heads)]
         else:
-            tile, tie = _tile(width, learned.tile, m), None
+            tile, tie = tile_size(width, learned.tile, m), None
         sites.append(LearnSite(prefix + site.name, base, tile, linears, tie, warm))
     return sites, fixed
 

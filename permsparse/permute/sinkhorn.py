@@ -265,17 +265,19 @@ class _RelaxedWeight(torch.autograd.Function):
     pattern in base order is ``keep[o, g, i] = sum_j mask[o, g, j] P[g, i, j]``: linear in ``P``, so
     ``dL/dP[g, i, j]`` is exactly the first-order change of the loss if channel ``i`` took position
     ``j``'s keep pattern. Only the weight (a reference), the bool mask and the base order are saved.
+    With ``straight_through`` the weight gets the gradient of the product as if every entry were kept
+    (distillation whose masks follow the weights, :mod:`permsparse.masking`).
     """
 
     @staticmethod
-    def forward(ctx, matrices: Tensor, weight: Tensor, mask: Tensor, base: Tensor) -> Tensor:
+    def forward(ctx, matrices: Tensor, weight: Tensor, mask: Tensor, base: Tensor, straight_through: bool) -> Tensor:
         out, width = weight.shape
         tiles, tile, _ = matrices.shape
         keep = torch.einsum("ogj,gij->ogi", mask.view(out, tiles, tile).to(matrices.dtype), matrices)
         unbased = torch.empty_like(weight)  # the keep pattern in the original column order
         unbased[:, base] = keep.reshape(out, width).to(weight.dtype)
         ctx.save_for_backward(weight, mask, base)
-        ctx.tiles = (tiles, tile, matrices.dtype)
+        ctx.tiles, ctx.straight_through = (tiles, tile, matrices.dtype), straight_through
         return weight * unbased
 
     @staticmethod
@@ -283,10 +285,11 @@ class _RelaxedWeight(torch.autograd.Function):
         weight, mask, base = ctx.saved_tensors
         tiles, tile, dtype = ctx.tiles
         g = (grad * weight)[:, base].reshape(weight.shape[0], tiles, tile).to(dtype)
-        return torch.einsum("ogi,ogj->gij", g, mask.view(g.shape).to(dtype)), None, None, None
+        weight_grad = grad if ctx.straight_through else None
+        return torch.einsum("ogi,ogj->gij", g, mask.view(g.shape).to(dtype)), weight_grad, None, None, None
 
 
-def relaxed_weight(weight: Tensor, mask: Tensor, matrices: Tensor, base: Tensor) -> Tensor:
+def relaxed_weight(weight: Tensor, mask: Tensor, matrices: Tensor, base: Tensor, straight_through: bool = False) -> Tensor:
     """Effective weight (original column order) of ``weight`` under per-tile matrices ``matrices``.
 
     ``weight`` is ``(out, width)`` in the original order, ``base`` the base order (original channel
@@ -297,4 +300,4 @@ def relaxed_weight(weight: Tensor, mask: Tensor, matrices: Tensor, base: Tensor)
     if matrices.shape[0] * matrices.shape[1] != weight.shape[1]:
         raise ValueError(f"permutation covers {matrices.shape[0]}x{matrices.shape[1]} channels, "
                          f"weight has {weight.shape[1]}")
-    return _RelaxedWeight.apply(matrices, weight, mask, base)
+    return _RelaxedWeight.apply(matrices, weight, mask, base, straight_through)
