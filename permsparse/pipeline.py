@@ -29,14 +29,14 @@ from .config import Learned, PruneConfig
 from .discover import experts_as_linears, find_blocks, is_packed_experts
 from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
+from .masking import FollowingMasks, FollowingSite
 from .memory import check_memory, needs_offload
 from .models import cache_dir
 from .objective import objective
-from .masking import FollowingMasks, FollowingSite
 from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
-from .placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
+from .placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .resume import Progress, pack_mask, unpack_mask
 from .scores import compute_score
@@ -350,8 +350,8 @@ def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | No
     run.act_norms.update({f"{plan.name}.{name}": norm for name, norm in plan.act_norms.items()})
     for site in plan.sites:
         full_names = [f"{plan.name}.{name}" for name in site.linears]
-        candidates = [to(plan.perms.get(site.name), run.device)]
-        start = to((starts or {}).get(site.name), run.device) if update and config.nm is not None else None
+        candidates = [on_device(plan.perms.get(site.name), run.device)]
+        start = on_device((starts or {}).get(site.name), run.device) if update and config.nm is not None else None
         if start is not None and not torch.equal(start, candidates[0]):
             candidates.append(start)
         per_candidate = [[site_layer(run, plan, name, perm) for name in site.linears] for perm in candidates]
@@ -426,7 +426,7 @@ def updated_weight(run: Run, weight: torch.Tensor, gram: torch.Tensor, perm: tor
     return algorithm(weight, gram, *config.nm, perm=perm, mask=mask)
 
 
-def to(perm: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+def on_device(perm: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if perm is None else perm.to(device)
 
 
