@@ -43,11 +43,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PERMSPARSE_CACHE", tempfile.gettempdir() + "/permsparse-cache")
 RESULTS = ROOT / "bench" / "results" / "gpu_check.json"
 
-SHAPES = {  # hidden, MLP, heads, kv heads, layers, vocabulary
-    "llama-3.2-1b": (2048, 8192, 32, 8, 16, 128256),
-    "llama-3.1-8b": (4096, 14336, 32, 8, 32, 128256),
-    "llama-3-70b": (8192, 28672, 64, 8, 80, 128256),
-}
 BLOCK_STAGES = ("statistics", "search", "learning", "pruning")  # stages that grow with the number of blocks
 LIMITS = {"tests": 90, "1b learned": 120, "8b blockwise": 85, "8b e2e": 85, "8b searches": 65, "70b offload": 35}
 
@@ -58,10 +53,9 @@ def random_llama(shape: str, layers: int, device: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, ffn, heads, kv, _, vocab = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads, num_key_value_heads=kv,
-                         num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096,
-                         tie_word_embeddings=shape == "llama-3.2-1b")
+    from permsparse.deploy.speed import SHAPES
+
+    config = LlamaConfig(**{**SHAPES[shape], "num_hidden_layers": layers})
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -100,7 +94,7 @@ def prune_random(shape: str, layers: int, learned_options: dict, offload: str = 
 
     model = random_llama(shape, layers, "cpu" if offload == "on" else "cuda")
     config = PruneConfig(permutation=Learned(**learned_options))
-    vocab = SHAPES[shape][5]
+    vocab = model.config.vocab_size
     calib = config.calibration
     torch.cuda.reset_peak_memory_stats()
     report = prune(model, None, config, windows=tokens(vocab, calib.nsamples, calib.seqlen, 1),

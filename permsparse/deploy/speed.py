@@ -59,6 +59,9 @@ SHAPES = {
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                          rope_theta=500000.0, max_position_embeddings=131072),
+    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                        rope_theta=500000.0, max_position_embeddings=8192),
 }
 # candidate -> (regime, 2:4 implementation)
 CANDIDATES = {
