@@ -159,7 +159,7 @@ class FollowingMasks:
             matrices = tiles.matrices(eps, self.sinkhorn_iters, "hard", local, soft)
             for name in self.sites[k].linears:  # the mask in the order of the permuted columns, as the relaxation reads it
                 out[name] = relaxed_weight(self.weight(name), masks[name][:, perms[k]], matrices, self.bases[k],
-                                           straight_through=True)
+                                           straight_through=True, hard=local[tiles.tie])
         return out
 
     @torch.no_grad()

@@ -266,14 +266,22 @@ class _RelaxedWeight(torch.autograd.Function):
     ``dL/dP[g, i, j]`` is exactly the first-order change of the loss if channel ``i`` took position
     ``j``'s keep pattern. Only the weight (a reference), the bool mask and the base order are saved.
     With ``straight_through`` the weight gets the gradient of the product as if every entry were kept
-    (distillation whose masks follow the weights, :mod:`permsparse.masking`).
+    (distillation whose masks follow the weights, :mod:`permsparse.masking`). With ``hard`` (each tile's
+    local permutation, ``(G, tile)``, at which ``P`` is one-hot in value, as the hard forward pass makes it)
+    the keep pattern is a gather instead of the product: the same values, without the forward pass's
+    ``out * width * tile`` multiplications.
     """
 
     @staticmethod
-    def forward(ctx, matrices: Tensor, weight: Tensor, mask: Tensor, base: Tensor, straight_through: bool) -> Tensor:
+    def forward(ctx, matrices: Tensor, weight: Tensor, mask: Tensor, base: Tensor, straight_through: bool,
+                hard: Tensor | None) -> Tensor:
         out, width = weight.shape
         tiles, tile, _ = matrices.shape
-        keep = torch.einsum("ogj,gij->ogi", mask.view(out, tiles, tile).to(matrices.dtype), matrices)
+        grouped = mask.view(out, tiles, tile)
+        if hard is None:
+            keep = torch.einsum("ogj,gij->ogi", grouped.to(matrices.dtype), matrices)
+        else:  # P[g, i, j] = 1 where hard[g, j] = i: channel i keeps position j's pattern
+            keep = grouped.gather(2, torch.argsort(hard, dim=-1).expand(out, -1, -1))
         unbased = torch.empty_like(weight)  # the keep pattern in the original column order
         unbased[:, base] = keep.reshape(out, width).to(weight.dtype)
         ctx.save_for_backward(weight, mask, base)
@@ -286,18 +294,20 @@ class _RelaxedWeight(torch.autograd.Function):
         tiles, tile, dtype = ctx.tiles
         g = (grad * weight)[:, base].reshape(weight.shape[0], tiles, tile).to(dtype)
         weight_grad = grad if ctx.straight_through else None
-        return torch.einsum("ogi,ogj->gij", g, mask.view(g.shape).to(dtype)), weight_grad, None, None, None
+        return torch.einsum("ogi,ogj->gij", g, mask.view(g.shape).to(dtype)), weight_grad, None, None, None, None
 
 
-def relaxed_weight(weight: Tensor, mask: Tensor, matrices: Tensor, base: Tensor, straight_through: bool = False) -> Tensor:
+def relaxed_weight(weight: Tensor, mask: Tensor, matrices: Tensor, base: Tensor, straight_through: bool = False,
+                   hard: Tensor | None = None) -> Tensor:
     """Effective weight (original column order) of ``weight`` under per-tile matrices ``matrices``.
 
     ``weight`` is ``(out, width)`` in the original order, ``base`` the base order (original channel
     at each base position), ``mask`` the N:M mask in final position order (see
     :class:`_RelaxedWeight`). At a one-hot ``matrices`` it equals ``weight * permuted_nm_mask``
-    exactly: every product sums one weight and zeros.
+    exactly: every product sums one weight and zeros. ``hard``: the tiles' local permutations where
+    ``matrices`` are one-hot in value (the hard forward pass), so the forward pass gathers.
     """
     if matrices.shape[0] * matrices.shape[1] != weight.shape[1]:
         raise ValueError(f"permutation covers {matrices.shape[0]}x{matrices.shape[1]} channels, "
                          f"weight has {weight.shape[1]}")
-    return _RelaxedWeight.apply(matrices, weight, mask, base, straight_through)
+    return _RelaxedWeight.apply(matrices, weight, mask, base, straight_through, hard)

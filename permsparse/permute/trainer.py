@@ -144,8 +144,9 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
         softs = soft_permutations(modules, eps, config.sinkhorn_iters)
         for site, mod, base, loc, p, soft in zip(sites, modules, bases, locals_, perms, softs):
             mats = mod.matrices(eps, config.sinkhorn_iters, config.forward, loc, soft)
+            one_hot = loc[mod.tie] if config.forward == "hard" else None  # where the forward pass gathers
             for name, lin in site.linears.items():  # the mask in final position order: position j holds p[j]
-                weights[name] = relaxed_weight(lin.weight, final_mask(name, lin, p), mats, base)
+                weights[name] = relaxed_weight(lin.weight, final_mask(name, lin, p), mats, base, hard=one_hot)
         loss = loss_fn(weights, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
