@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = targets(results)
     out.write_text(json.dumps({"command": "python3 bench/gpu_speed.py " + " ".join(argv or sys.argv[1:]),
-                               "runs": results, "targets": summary, "seconds": time.perf_counter() - began},
-                              indent=1))
+                               "date": time.strftime("%Y-%m-%d"), "runs": results, "targets": summary,
+                               "seconds": time.perf_counter() - began}, indent=1))
     print()
     print("\n\n".join(tables))
     print("\ntargets (issue: 2:4 checkpoints that run faster than dense):")

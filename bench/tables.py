@@ -230,6 +230,17 @@ def render_learned_cost(data: dict) -> str:
 
 
 def render_gpu_speed(data: dict) -> str:
+    """``permsparse speed``'s tables of each run and the targets (``bench/gpu_speed.py``); a file written
+    before that command, its per-linear table."""
+    if "runs" in data:
+        from permsparse.deploy.speed import format_table
+
+        runs = [r for r in data["runs"].values() if "error" not in r]
+        gpu = runs[0]["machine"]["gpu"] if runs else "?"
+        failed = [f"{name}: {r['error']}" for name, r in data["runs"].items() if "error" in r]
+        return (f"*Run {data.get('date', '?')} on {gpu}: `{data['command']}`.*\n\n```\n"
+                + "\n\n".join([format_table(r) for r in runs] + failed) + "\n```\n\nTargets:\n\n```\n"
+                + "\n".join(data["targets"]) + "\n```\n")
     rows = [[r["shape"].replace("x", " x "), str(r["tokens"]), fmt(r["dense_ms"], ".3f"), fmt(r.get("cusparselt_ms"), ".3f"),
              fmt(r.get("cusparselt_graph_ms"), ".3f"),
              fmt(r["dense_ms"] / r["cusparselt_graph_ms"] if r.get("cusparselt_graph_ms") else None, ".2f") + "x",
@@ -239,6 +250,19 @@ def render_gpu_speed(data: dict) -> str:
     return (header(data) + (f"{note}\n\n" if note else "")
             + table(["linear (out x in)", "tokens", "dense ms", "2:4 ms (eager)", "2:4 ms (graph)", "speed-up (graph)",
                      "input gather ms"], rows))
+
+
+def render_gpu_check(data: dict) -> str:
+    """``bench/gpu_check.py``: one row per part, and the memory estimate of the whole 8B model's runs."""
+    from gpu_check import row
+
+    machine = data["machine"]
+    lines = [row(name, part) for name, part in data["parts"].items()]
+    estimate = ", ".join(f"{k} {v:.1f} GB" for k, v in data["estimate_8b_gb"].items())
+    return (f"*Run {data['date']} on {machine['gpu']} (torch {machine['torch']}, CUDA {machine['cuda']}): "
+            f"`{data['command']}`.*\n\n| part | s | peak GB | seconds by stage | notes |\n|---|---|---|---|---|\n"
+            + "\n".join(lines) + f"\n\nThe memory estimate of the whole LLaMA-3.1-8B model's runs, weights "
+            f"included: {estimate}.\n")
 
 
 def render_vision(data: dict) -> str:
@@ -287,7 +311,7 @@ def render_testbed_recipes(data: dict) -> str:
 
 RENDERERS = {"demo": render_demo, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
-             "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes}
+             "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 
 
 def renderer(name: str, data: dict):

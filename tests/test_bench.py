@@ -154,6 +154,35 @@ def test_a_stored_config_that_predates_a_field_stands_for_that_fields_default(tm
     assert list(common.reusable([Row("ria", ria)], protocol, ["old"])) == ["ria"]
     distilled = PruneConfig(permutation=Search("ria"), distill=Distill(steps=10))
     assert common.reusable([Row("ria", distilled)], protocol, ["old"]) == {}
+    nested = to_dict(distilled)  # written before the distillation's masks could follow the weights
+    del nested["distill"]["masks"], nested["distill"]["perm_lr"]
+    payload["results"] = [{"label": "d", "config": nested, "ppl": {"wikitext2": 90.0}}]
+    (tmp_path / "older.json").write_text(json.dumps(payload))
+    assert list(common.reusable([Row("d", distilled)], protocol, ["older"])) == ["d"]
+    joint = PruneConfig(permutation=Search("ria"), distill=Distill(steps=10, masks="joint"))
+    assert common.reusable([Row("d", joint)], protocol, ["older"]) == {}
+
+
+def test_gpu_results_render_as_tables():
+    check = {"machine": {"gpu": "H100", "torch": "2.11", "cuda": "13.0"}, "date": "2026-12-06",
+             "command": "python3 bench/gpu_check.py", "estimate_8b_gb": {"e2e": 51.9},
+             "parts": {"tests": {"result": {"summary": "40 passed"}},
+                       "1b learned": {"result": {"stages": {"search": 3.0, "learning": 20.0}, "peak_gb": 12.0}},
+                       "8b searches": {"result": {"ria q 4096x4096": 1.0}, "error": "stopped after its limit of 65 s"},
+                       "70b offload": {"error": "stopped after its limit of 35 s"}}}
+    text = tables.render_gpu_check(check).splitlines()
+    assert "| 1b learned | 23 | 12.0 | search 3.0, learning 20.0 |" in text[5]
+    assert "ria q 4096x4096 1.0 s; the rest stopped" in text[6] and "stopped after its limit of 35 s" in text[7]
+    run = {"model": "llama-3.1-8b (8 of 32 blocks)", "config": {"dtype": "float16", "permuted": False},
+           "machine": {"gpu": "H100"}, "linears": 56, "bytes": {"linear_dense": 1000, "linear_deployed": 570},
+           "deploy": {"converted": ["a"], "storages": {"a": "cusparselt"}, "predicted_speedup": 1.2},
+           "logit_error": {"linear24": 1e-3}, "tolerance": 1e-2, "best": "graph",
+           "rows": [{"candidate": "graph", "regime": "graph", "shape": "1x8192", "dense_ms": 90.8, "sparse_ms": 75.0,
+                     "speedup": 1.21}]}
+    speed = tables.render_gpu_speed({"command": "python3 bench/gpu_speed.py", "date": "2026-12-06",
+                                     "runs": {"8b": run, "1b": {"error": "RuntimeError: x"}},
+                                     "targets": ["  8B folded prefill 1x8192: 1.210 (>= 1.15: met)"]})
+    assert "on H100" in speed and "1.210" in speed and "1b: RuntimeError: x" in speed and "met" in speed
 
 
 def test_zero_shot_over_seeds_pairs_within_each_seed_and_pools_the_differences():
