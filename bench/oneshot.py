@@ -52,10 +52,11 @@ def rows_for(args, seed: int, suffix: str) -> list[Row]:
                                                                     binding=args.binding, **base))]
     if args.distill_steps:
         distilled = {row.label: row.config for row in rows if row.label in DISTILLED}
-        rows += [Row(f"{label} + distill", replace(config, distill=Distill(steps=args.distill_steps)))
+        every = {"judge_every": args.distill_judge_every} if args.distill_judge_every else {}
+        rows += [Row(f"{label} + distill", replace(config, distill=Distill(steps=args.distill_steps, **every)))
                  for label, config in distilled.items()]
         rows += [Row(f"{label} + distill ({masks})", replace(config, distill=Distill(steps=args.distill_steps,
-                                                                                     masks=masks)))
+                                                                                     masks=masks, **every)))
                  for masks in args.distill_masks for label, config in distilled.items()
                  if config.nm is not None or masks == "dynamic"]
     return [Row(row.label + suffix, row.config) for row in rows]
@@ -73,6 +74,9 @@ def main() -> None:
                         help="windows per training step of every learned permutation (0: the library's default)")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also the rows of DISTILLED followed by this many steps of distillation of their kept weights")
+    parser.add_argument("--distill-judge-every", type=int, default=0,
+                        help="steps between the distillation's judgments (0: the library's default); with "
+                             "--distill-masks alternate, the length of its phases")
     parser.add_argument("--distill-masks", nargs="*", default=[], choices=["dynamic", "joint", "alternate"],
                         help="also the distilled rows with masks that follow the weights this way (--distill-masks)")
     parser.add_argument("--save-as", default="oneshot", help="name of the JSON file under bench/results")
