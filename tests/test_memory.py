@@ -80,3 +80,20 @@ def test_recomputing_blocks_gives_the_same_training():
         return report.training[0].loss, [site.perm for site in report.sites]
 
     assert learn(True) == learn(False)
+
+
+def test_a_run_that_does_not_fit_names_the_lightest_change_that_would(monkeypatch):
+    model = tiny_llama(layers=8)
+    adapter = adapter_for(model)
+    windows, holdout = torch.zeros(8, 128, dtype=torch.long), torch.zeros(4, 128, dtype=torch.long)
+    config = PruneConfig(permutation=Learned(batch=4))
+    need = memory.estimate(model, adapter.blocks_path, config, windows, holdout).total
+    lean = memory.estimate(model, adapter.blocks_path, PruneConfig(permutation=Learned(batch=4, recompute=True)),
+                           windows, holdout).total
+    assert lean < need
+    monkeypatch.setattr(memory, "available_bytes", lambda device: lean)
+    with pytest.raises(memory.InsufficientMemory, match="--recompute would fit"):
+        memory.check_memory(model, adapter.blocks_path, config, windows, holdout)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: lean - 1)
+    with pytest.raises(memory.InsufficientMemory, match="--recompute --batch 1 would fit"):
+        memory.check_memory(model, adapter.blocks_path, config, windows, holdout)
