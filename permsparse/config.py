@@ -256,6 +256,10 @@ class PruneConfig:
         "permutation for the residual stream, so every permutation folds")
     calibration: Calibration = field(default_factory=Calibration)
     distill: Distill = field(default_factory=Distill)
+    towers: Literal["language", "vision", "both"] = option(
+        "language", "which towers of a vision-language model are pruned: language (its language model, as the "
+        "seed paper), vision (its image encoder, calibrated on the image sources of --calib, such as "
+        "--calib c4:1,cifar10:1), or both; the projector and the embeddings stay dense")
     include: tuple[str, ...] = option((), "glob patterns of full linear names to prune (default: all)")
     exclude: tuple[str, ...] = option((), "glob patterns of full linear names to keep dense")
     strict: bool = option(False, "fail on layers whose in_features is not divisible by M instead of skipping them")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .data import data_dirs
+from .discover import main_input
 
 CIFAR10 = {"cifar10": ("cifar10/cifar10_train_jpg.zip", "train"), "cifar10-test": ("cifar10/cifar10_test_jpg.zip", "test")}
 TEST_SPLITS = {"cifar10": "cifar10-test"}  # a calibration split and the evaluation split beside it
@@ -44,7 +45,7 @@ def is_image_source(source: str) -> bool:
 
 def reads_images(model: nn.Module) -> bool:
     """Whether ``model``'s main input is pixel values (a vision Transformer)."""
-    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
+    return main_input(model) == "pixel_values"
 
 
 def classifier_classes() -> set[str]:

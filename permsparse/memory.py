@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import linear_weight
+from .discover import blocks_config
 from .config import PruneConfig
 
 GIB = 2**30
@@ -70,7 +71,7 @@ def estimate(model: nn.Module, blocks_path: str, config: PruneConfig, windows: t
              holdout: torch.Tensor) -> Estimate:
     """What ``prune`` will hold for ``model`` (its stack of blocks at ``blocks_path``) under ``config`` with
     these calibration windows (only their shapes are read)."""
-    cfg = model.config
+    cfg = blocks_config(model, blocks_path)
     hidden = cfg.hidden_size
     layers = len(model.get_submodule(blocks_path))
     ffn = _ffn_width(model, blocks_path)

@@ -17,6 +17,7 @@ import fnmatch
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from .progress import bar
 from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
 from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .config import Learned, PruneConfig
-from .discover import experts_as_linears, find_blocks, is_packed_experts
+from .discover import experts_as_linears, find_blocks, find_towers, is_packed_experts, vision_tower
 from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .masking import FollowingMasks, FollowingSite
@@ -40,6 +41,7 @@ from .placement import Placement, arrange_model, block_on, compute_device, input
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .resume import Progress, pack_mask, unpack_mask
 from .scores import compute_score
+from .towers import merged, prefixed, tower_config
 from .update import UPDATES, UpdateResult
 
 
@@ -90,7 +92,40 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     processor. ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
     ``placement`` moves the model to its device, whole or offloaded (:mod:`permsparse.placement`), where
     it stays; without it the run computes where the model is.
+
+    A vision-language model prunes the towers ``config.towers`` names (:mod:`permsparse.towers`), each
+    on its own calibration sources; given ``windows`` serve the tower that reads them (token ids: the
+    language tower, images: the vision tower), and ``tokenizer`` is the model's processor.
     """
+    towers = find_towers(model)
+    if towers is None:
+        if config.towers != "language":
+            raise ValueError(f"{type(model).__name__} has no vision tower: --towers {config.towers} is for "
+                             "vision-language models")
+        return prune_model(model, tokenizer, config, windows=windows, holdout=holdout, labels=labels,
+                           state_dir=state_dir, progress=progress, placement=placement)
+    reports = []
+    for tower in ("language", "vision") if config.towers == "both" else (config.towers,):
+        vision = tower == "vision"
+        path, part = vision_tower(model) if vision else ("", model)
+        given = windows is not None and windows.is_floating_point() == vision  # the windows this tower reads
+        tower_cfg = tower_config(config, tower, path, given)
+        if tower_cfg is None:
+            continue
+        report = prune_model(part, getattr(tokenizer, "image_processor" if vision else "tokenizer", tokenizer),
+                             tower_cfg, windows=windows if given else None, holdout=holdout if given else None,
+                             labels=labels if given else None, progress=progress, placement=placement,
+                             state_dir=None if state_dir is None else Path(state_dir) / tower)
+        reports.append(prefixed(report, path) if vision else report)
+    if not reports:
+        raise ValueError(f"--include {' '.join(config.include)} names no linear of the {config.towers} tower")
+    return merged(reports)
+
+
+def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
+                holdout: torch.Tensor | None = None, labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+                state_dir=None, progress: bool = True, placement: Placement | None = None) -> PruneReport:
+    """:func:`prune` of a model of one tower (a language model, an encoder, a vision model)."""
     started = time.perf_counter()
     device, offloaded = arrange(model, config, placement, windows, holdout)
     with experts_as_linears(model):

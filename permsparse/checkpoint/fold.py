@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for, linear_weight
-from ..discover import (experts_as_linears, head_permutation, hidden_size, optional_submodule, permute_columns,
+from ..discover import (experts_as_linears, find_towers, head_permutation, hidden_size, optional_submodule, permute_columns,
                         permute_rows, permute_stream, stream_parts)
 from ..masks import as_permutation
 from ..report import PruneReport
@@ -68,7 +68,7 @@ def fold_permutations(
     """Fold every exact input permutation into ``model`` in place; report what folded and why not.
 
     ``perms`` maps full linear names to the input permutation ``p`` through which each linear's mask was
-    chosen. A linear fed by producers (adapter ``producers``) gets ``W[:, p]`` and its producers' rows
+    chosen; those of a vision-language model's vision tower fold within that tower. A linear fed by producers (adapter ``producers``) gets ``W[:, p]`` and its producers' rows
     permuted alike, when exact. A residual-stream reader folds only when ``hidden_perm`` is given and
     equals its ``p``; with ``hidden_perm`` the whole stream is permuted first
     (:func:`global_hidden_permutation`), for every reader, listed in ``perms`` or not.
@@ -77,6 +77,17 @@ def fold_permutations(
     order. A linear that is not folded is left as it was (apart from the global permutation, which
     leaves every reader exact).
     """
+    towers = find_towers(model)
+    vision = {} if towers is None else {n: p for n, p in perms.items() if n.startswith(towers.vision + ".")}
+    if vision:  # the vision tower folds as the model of its own it was pruned as
+        prefix = towers.vision + "."
+        inner = fold_permutations(model.get_submodule(towers.vision),
+                                  {n.removeprefix(prefix): p for n, p in vision.items()})
+        outer = fold_permutations(model, {n: p for n, p in perms.items() if n not in vision}, hidden_perm=hidden_perm)
+        order = {name: i for i, name in enumerate(perms)}
+        return FoldResult(sorted(outer.folded + [prefix + n for n in inner.folded], key=order.__getitem__),
+                          {**outer.not_folded, **{prefix + n: why for n, why in inner.not_folded.items()}},
+                          outer.hidden_perm_applied)
     adapter = adapter_for(model)
     geometry = adapter.attention(model.config)
     blocks = adapter.blocks(model)

@@ -34,8 +34,9 @@ from torch import nn
 
 from .experts import ExpertLinears, every_expert_runs, experts_as_linears, is_packed_experts, routers
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
-from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, head_permutation,
+from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, blocks_config, head_permutation,
                         hidden_size, optional_submodule, permute_stream, stream_parts)
+from .towers import TOWERS, Towers, TowerError, find_towers, main_input, reads_pixels, vision_tower
 from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model_facts, model_inputs, primary_output,
                     probe_input, run_model, trace)
 from .verify import Probe, find_fold, stream_problem
@@ -44,7 +45,8 @@ __all__ = [
     "Adapter", "AttentionGeometry", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
     "discover", "experts_as_linears", "find_blocks", "head_permutation", "hidden_size", "is_linear", "is_packed_experts",
     "linear_weight", "model_inputs",
-    "optional_submodule", "permute_columns", "permute_rows",
+    "optional_submodule", "permute_columns", "permute_rows", "TOWERS", "Towers", "TowerError", "find_towers",
+    "main_input", "reads_pixels", "vision_tower", "blocks_config",
     "permute_stream", "primary_output", "probe_input", "run_model", "stored_layout", "stream_parts",
 ]
 
@@ -150,4 +152,8 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
         adapter = replace(adapter, producers=tuple(producers), not_foldable=tuple(not_foldable),
                           attn_output=attn_output)
         problem = stream_problem(probe, adapter, outside.output_is_stream, outside.unplaced)
+    towers = find_towers(model)
+    if towers is not None and not problem:  # the text-only probe does not show the image path into the stream
+        problem = (f"image features from {towers.vision} enter the residual stream of {towers.language} outside its "
+                   "blocks, through a projector discovery does not permute")
     return replace(adapter, stream_problem=problem)

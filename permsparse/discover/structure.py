@@ -194,6 +194,17 @@ def stream_parts(model: nn.Module, adapter: Adapter) -> dict[str, list[tuple[str
     return parts
 
 
+def blocks_config(model: nn.Module, blocks_path: str):
+    """The config of the model that owns the blocks at ``blocks_path``: the nearest enclosing module with a
+    config (a vision-language model's language model), else ``model``'s own."""
+    parts = blocks_path.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        config = getattr(model.get_submodule(".".join(parts[:end])), "config", None)
+        if config is not None:
+            return config
+    return model.config
+
+
 def hidden_size(model: nn.Module, adapter: Adapter) -> int:
     """Width of the residual stream: the rows of a block's first writer."""
     block = adapter.blocks(model)[0]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .linears import is_linear
+from .towers import find_towers, main_input
 
 PROBE_SHAPE = (1, 16)
 PROBE_SEED = 0
@@ -30,7 +31,7 @@ def probe_input(model: nn.Module) -> torch.Tensor:
     """The seeded input discovery runs the model on: token ids, or standard-normal images of the
     config's ``image_size`` for a model whose main input is ``pixel_values``."""
     parameter = next(model.parameters())
-    kind = getattr(model, "main_input_name", "input_ids")
+    kind = main_input(model)
     generator = torch.Generator().manual_seed(PROBE_SEED)
     if kind == "pixel_values":
         size = getattr(model.config, "image_size", None)
@@ -58,7 +59,7 @@ def primary_output(outputs) -> torch.Tensor:
 def model_inputs(model: nn.Module, batch: torch.Tensor) -> dict:
     """The keyword arguments that feed ``batch`` to ``model`` as its main input (token ids, pixel values),
     with ``use_cache=False`` for a model that keeps a cache (one whole pass, nothing kept)."""
-    inputs = {getattr(model, "main_input_name", "input_ids"): batch}
+    inputs = {main_input(model): batch}
     if hasattr(model.config, "use_cache"):
         inputs["use_cache"] = False
     return inputs
@@ -71,10 +72,15 @@ def run_model(model: nn.Module, batch: torch.Tensor):
 
 def find_blocks(model: nn.Module) -> str:
     """The path of the stack of Transformer blocks: the outermost ModuleList of modules holding linears
-    with the most parameters; an error when there is none, or when another stack is nearly as large."""
+    with the most parameters (in a vision-language model, within its language tower); an error when there
+    is none, or when another stack is nearly as large."""
+    towers = find_towers(model)
+    within = "" if towers is None else towers.language + "."
     stacks = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not len(module) or any(name.startswith(s + ".") for s, _ in stacks):
+            continue
+        if not name.startswith(within):
             continue
         if all(any(is_linear(m) for m in child.modules()) for child in module):
             stacks.append((name, sum(p.numel() for p in module.parameters())))

@@ -1,0 +1,220 @@
+"""Vision-language models: each tower found from the model, pruned alone, exported and reloaded exactly.
+
+Tiny random models of transformers' own classes (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3, Gemma 3,
+PaliGemma), built from their configs, judged on an image + text input: only the chosen tower's linears
+change, every pruned linear is N:M, and the masked and folded exports reload to the pruned model's logits.
+"""
+import pytest
+import torch
+
+from permsparse import Learned, PruneConfig, Search, prune
+from permsparse.adapters import adapter_for
+from permsparse.discover import TowerError, find_towers, vision_tower
+from permsparse.masks import is_nm
+
+from .conftest import CALIB, HOLDOUT, PIXELS, PIXELS_HOLDOUT, export_both_ways, reload, tiny_llama
+
+TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2)
+IMAGE, START, END = 500, 502, 503  # special token ids of the tiny models
+MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}
+
+
+def _config(kind: str):
+    from transformers import (Gemma3Config, Idefics3Config, LlavaConfig, PaliGemmaConfig, Qwen2_5_VLConfig,
+                              Qwen2VLConfig)
+
+    if kind == "llava":
+        return LlavaConfig(vision_config={"model_type": "clip_vision_model", **VISION, "projection_dim": 32},
+                           text_config={"model_type": "llama", **TEXT, "head_dim": 16}, image_token_id=IMAGE,
+                           image_seq_length=16, vision_feature_layer=-1)
+    if kind == "qwen2_vl":
+        return Qwen2VLConfig(text_config={**TEXT, "rope_scaling": MROPE},
+                             vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                                                patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+                             image_token_id=IMAGE, video_token_id=501, vision_start_token_id=START,
+                             vision_end_token_id=END)
+    if kind == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(text_config={**TEXT, "rope_scaling": MROPE},
+                                vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, num_heads=2,
+                                                   intermediate_size=64, patch_size=8, spatial_merge_size=2,
+                                                   temporal_patch_size=2, fullatt_block_indexes=[1], window_size=16),
+                                image_token_id=IMAGE, video_token_id=501, vision_start_token_id=START,
+                                vision_end_token_id=END)
+    if kind == "idefics3":
+        return Idefics3Config(text_config={"model_type": "llama", **TEXT, "head_dim": 16}, vision_config=VISION,
+                              scale_factor=2, image_token_id=IMAGE)
+    if kind == "gemma3":
+        return Gemma3Config(text_config={**TEXT, "head_dim": 16}, vision_config=VISION, mm_tokens_per_image=4,
+                            image_token_id=IMAGE, boi_token_id=START, eoi_token_id=END)
+    if kind == "paligemma":
+        return PaliGemmaConfig(text_config={"model_type": "gemma", **TEXT, "head_dim": 16},
+                               vision_config={**VISION, "projection_dim": 64}, image_token_index=IMAGE,
+                               projection_dim=64, hidden_size=64)
+    raise KeyError(kind)
+
+
+KINDS = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "paligemma")
+# where each class keeps its towers, and whether its vision tower reads images (pixel values) directly
+TOWERS = {"llava": ("model.language_model", "model.vision_tower", True),
+          "qwen2_vl": ("model.language_model", "model.visual", False),
+          "qwen2_5_vl": ("model.language_model", "model.visual", False),
+          "idefics3": ("model.text_model", "model.vision_model", True),
+          "gemma3": ("model.language_model", "model.vision_tower", True),
+          "paligemma": ("model.language_model", "model.vision_tower", True)}
+
+
+def tiny_vlm(kind: str, seed: int = 0):
+    """A tiny random vision-language model of ``kind``; norm parameters, biases and the weights a class
+    initialises to zero (Gemma 3's projector) are random, so a forgotten permutation of any of them shows."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(_config(kind)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0, 0.1)
+            elif param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def image_text(kind: str, seed: int = 2) -> dict:
+    """One image and text around its image tokens, as each class's processor lays them out."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(3, 400, (1, n), generator=g)
+
+    if kind in ("qwen2_vl", "qwen2_5_vl"):  # 4x4 patches of 8 pixels, merged 2x2 into 4 image tokens
+        ids = torch.cat([text(3), torch.tensor([[START] + [IMAGE] * 4 + [END]]), text(5)], 1)
+        return {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 8 * 8, generator=g),
+                "image_grid_thw": torch.tensor([[1, 4, 4]]), "mm_token_type_ids": (ids == IMAGE).long()}
+    tokens = {"llava": 16, "paligemma": 16, "gemma3": 4, "idefics3": 4}[kind]
+    ids = torch.cat([text(3), torch.full((1, tokens), IMAGE), text(5)], 1)
+    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    return {"input_ids": ids, "pixel_values": pixels[:, None] if kind == "idefics3" else pixels}
+
+
+def logits_on(inputs: dict):
+    def output(model):
+        with torch.no_grad():
+            return model(**inputs).logits
+    return output
+
+
+def linears(model, prefix: str) -> dict[str, torch.Tensor]:
+    return {name: module.weight.detach().clone() for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith(prefix)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_towers_are_found_and_the_language_stack_is_discovered(kind):
+    model = tiny_vlm(kind)
+    language, vision, _ = TOWERS[kind]
+    towers = find_towers(model)
+    assert (towers.language, towers.vision) == (language, vision)
+    adapter = adapter_for(model)
+    assert adapter.blocks_path == f"{language}.layers"
+    assert adapter.output_readers == ("lm_head",)
+    assert vision in adapter.stream_problem  # the image path into the stream is not permuted
+    assert find_towers(tiny_llama()) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_language_tower_prunes_and_exports_exactly_on_images_and_text(kind, tmp_path):
+    model = tiny_vlm(kind)
+    language, vision, _ = TOWERS[kind]
+    inputs = image_text(kind)
+    dense = logits_on(inputs)(model)
+    untouched = {n: w for n, w in linears(model, "").items() if not n.startswith(language + ".")}
+    config = PruneConfig(permutation=Search("ria"), binding="shared")
+    report = prune(model, None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
+    assert report.layers and all(layer.name.startswith(f"{language}.layers.") for layer in report.layers)
+    perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
+    for layer in report.layers:
+        weight = model.get_submodule(layer.name).weight
+        assert is_nm(weight[:, perms.get(layer.name, torch.arange(weight.shape[1]))], 2, 4), layer.name
+    for name, weight in linears(model, "").items():
+        if name in untouched:
+            assert torch.equal(weight, untouched[name]), f"{name} is outside the language tower but changed"
+    assert not torch.allclose(logits_on(inputs)(model), dense)
+    fold = export_both_ways(model, config, report, tmp_path, logits_on(inputs))
+    assert fold.folded  # o/down fold into v and gate/up within the language tower
+
+
+@pytest.mark.parametrize("method", ["none", "cp", "output", "learned"])
+def test_every_method_prunes_the_language_tower(method, tmp_path):
+    model = tiny_vlm("llava")
+    permutation = Learned(init="ria", steps=2, judge_every=1, tile=16, scope="blockwise") if method == "learned" else Search(method)
+    config = PruneConfig(permutation=permutation)
+    report = prune(model, None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
+    assert len(report.layers) == 14
+    export_both_ways(model, config, report, tmp_path, logits_on(image_text("llava")))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vision_tower_alone(kind):
+    model = tiny_vlm(kind)
+    _, vision, reads_images = TOWERS[kind]
+    if not reads_images:
+        with pytest.raises(TowerError, match=rf"^{vision} \(\w+\) reads \w+, not images"):
+            vision_tower(model)
+        return
+    path, tower = vision_tower(model)
+    assert path == vision
+    assert len(adapter_for(tower).blocks(tower)) == 2
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics3", "gemma3", "paligemma"])
+def test_vision_tower_prunes_and_exports_exactly(kind, tmp_path):
+    model = tiny_vlm(kind)
+    _, vision, _ = TOWERS[kind]
+    inputs = image_text(kind)
+    untouched = {n: w for n, w in linears(model, "").items() if not n.startswith(vision + ".")}
+    config = PruneConfig(permutation=Search("ria"), binding="shared", towers="vision")
+    report = prune(model, None, config, windows=PIXELS, holdout=PIXELS_HOLDOUT, progress=False)
+    assert report.layers and all(layer.name.startswith(vision + ".") for layer in report.layers)
+    perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
+    assert perms and set(perms) <= {layer.name for layer in report.layers}
+    for layer in report.layers:
+        weight = model.get_submodule(layer.name).weight
+        assert is_nm(weight[:, perms.get(layer.name, torch.arange(weight.shape[1]))], 2, 4), layer.name
+    for name, weight in linears(model, "").items():
+        if name in untouched:
+            assert torch.equal(weight, untouched[name]), f"{name} is outside the vision tower but changed"
+    export_both_ways(model, config, report, tmp_path, logits_on(inputs))
+
+
+def test_both_towers_and_clear_refusals(tmp_path):
+    model = tiny_vlm("llava")
+    config = PruneConfig(permutation=Search("ria"), towers="both")
+    with pytest.raises(ValueError, match=r"^the vision tower calibrates on images .* --calib c4:1,cifar10:1$"):
+        prune(model, None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
+    with pytest.raises(ValueError, match="has no vision tower"):
+        prune(tiny_llama(), None, config, windows=CALIB, progress=False)
+    vision_only = PruneConfig(permutation=Search("ria"), towers="vision", include=("model.language_model.*",))
+    with pytest.raises(ValueError, match="names no linear of the vision tower"):
+        prune(model, None, vision_only, windows=PIXELS, holdout=PIXELS_HOLDOUT, progress=False)
+    # language on token ids, then vision on images of its own config (its first block only)
+    language = prune(model, None, PruneConfig(permutation=Search("ria")), windows=CALIB, holdout=HOLDOUT,
+                     progress=False)
+    vision = prune(model, None, PruneConfig(permutation=Search("ria"), towers="vision",
+                                            include=("model.vision_tower.*.layers.0.*",)),
+                   windows=PIXELS, holdout=PIXELS_HOLDOUT, progress=False)
+    assert {layer.name.split(".layers.")[0] for layer in language.layers + vision.layers} == {
+        "model.language_model", "model.vision_tower.encoder"}
+    assert all(".layers.0." in layer.name for layer in vision.layers)
+
+
+def test_vision_tower_permutations_fold_into_the_tower(tmp_path):
+    model = tiny_vlm("llava")
+    config = PruneConfig(permutation=Search("ria"), binding="shared", towers="vision")
+    report = prune(model, None, config, windows=PIXELS, holdout=PIXELS_HOLDOUT, progress=False)
+    fold = export_both_ways(model, config, report, tmp_path, logits_on(image_text("llava")))
+    # the MLP's second linear folds into the first, attention's output into v, within the vision tower
+    assert {"model.vision_tower.encoder.layers.0.mlp.fc2",
+            "model.vision_tower.encoder.layers.1.self_attn.out_proj"} <= set(fold.folded)
