@@ -28,9 +28,10 @@ from .checkpoint.save import ExportConfig, check_export, check_output_free, expo
 from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, Search
 from .evaluation import embedding_similarity, perplexity
 from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
-from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, load_model, load_preprocessor
+from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS, is_vlm, load_model, load_preprocessor
 from .placement import DTYPES, Placement, compute_device, compute_dtype, input_device, place
 from .serial import to_dict
+from .vlm_eval import TASK as VLM_TASK
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 log = logging.getLogger("permsparse")
@@ -142,8 +143,8 @@ def _add_prune(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (WikiText-2 test by default) and zero-shot accuracy of a model or "
                                     "pruned checkpoint")
-    p.add_argument("model", help=f"hub id, HF folder, permsparse checkpoint, .gguf file, {SMOLLM2_ALIAS!r} or "
-                                 f"{TESTBED_ALIAS!r}")
+    p.add_argument("model", help=f"hub id, HF folder, permsparse checkpoint, .gguf file, {SMOLLM2_ALIAS!r}, "
+                                 f"{TESTBED_ALIAS!r} or {VLM_ALIAS!r}")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (published LLaMA numbers: 2048)")
     p.add_argument("--windows", type=int, default=None, help="only the first K windows (default: all; 0 skips)")
     p.add_argument("--source", default="wikitext2", help="evaluation text (default WikiText-2 raw test)")
@@ -153,7 +154,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="score only the first N items of each task (--task: N seeded images)")
     p.add_argument("--task", default=None, help="image classifiers: top-1/top-5 on cifar10 (its test split) or "
-                   "imagefolder:PATH (one sub-folder per class)")
+                   "imagefolder:PATH (one sub-folder per class); vision-language models: cifar10-vlm (ten-way "
+                   "accuracy of the likeliest class name and caption perplexity on CIFAR-10's test split)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="the model's compute dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
@@ -312,6 +314,24 @@ def image_task(task: str) -> str:
     raise ValueError(f"unknown image task {task!r}: use cifar10 (its test split) or imagefolder:PATH")
 
 
+def _eval_vlm(model, processor, args, out: dict) -> int:
+    """``eval --task cifar10-vlm``: a vision-language model's ten-way CIFAR-10 accuracy and caption perplexity."""
+    if not is_vlm(model):
+        raise ValueError(f"--task {VLM_TASK} scores vision-language models; {type(model).__name__} is not a "
+                         "vision-language model")
+    if args.task != VLM_TASK:
+        raise ValueError(f"{type(model).__name__} is a vision-language model: give --task {VLM_TASK}")
+    from .vlm_eval import evaluate
+
+    result = evaluate(model, processor, limit=args.limit, progress=not args.quiet)
+    print(f"accuracy {result.accuracy:.4f} (ten-way), caption ppl {result.caption_ppl:.3f} on {result.images} images "
+          f"of {result.source} ({result.seconds:.1f} s)")
+    out[VLM_TASK] = to_dict(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
 def run_eval(args) -> int:
     tasks = _tasks(args.tasks)
     _logging()
@@ -329,6 +349,8 @@ def run_eval(args) -> int:
         model, tokenizer = load_model(args.model, dtype)
     place(model, placement)
     out: dict = {"model": args.model}
+    if args.task == VLM_TASK or (args.task and is_vlm(model)):
+        return _eval_vlm(model, tokenizer, args, out)
     if reads_images(model) or args.task:
         if not (reads_images(model) and is_classifier(model)):
             raise ValueError(f"--task scores image classifiers; {type(model).__name__} is not one")

