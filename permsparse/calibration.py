@@ -74,11 +74,25 @@ def capture_block_inputs(
     try:
         hidden_name = next(iter(signature.parameters))
         hidden = [call(samples[i : i + batch_size])[hidden_name] for i in range(0, samples.shape[0], batch_size)]
-        kwargs = call(samples[:1])
+        kwargs, last = call(samples[:1]), call(samples[-1:])
     finally:
         handle.remove()
     drop = {hidden_name, "cache", "past_key_values", "layer_past", "use_cache"}
+    for name, value in kwargs.items():
+        if name not in drop and not _same(value, last[name]):
+            raise ValueError(f"the blocks of {type(model).__name__} receive a {name} that differs between calibration "
+                             "windows (with images: positions or attention masks that depend on where the images "
+                             "are); calibrate its language tower on text")
     return torch.cat(hidden), {k: v for k, v in kwargs.items() if k not in drop}
+
+
+def _same(a, b) -> bool:
+    """Whether two block arguments are equal (tensors, or tuples of them, elementwise)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return True  # other arguments (flags, caches, modules) are not compared
 
 
 def block_output(out) -> torch.Tensor:

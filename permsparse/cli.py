@@ -28,9 +28,10 @@ from .checkpoint.save import ExportConfig, check_export, check_output_free, expo
 from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, Search
 from .evaluation import embedding_similarity, perplexity
 from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
-from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS, is_vlm, load_model, load_preprocessor
+from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS, is_vlm, load_model, load_preprocessor, text_tokenizer
 from .placement import DTYPES, Placement, compute_device, compute_dtype, input_device, place
 from .serial import to_dict
+from .towers import tower_source
 from .vlm_eval import TASK as VLM_TASK
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
@@ -218,11 +219,13 @@ def run_prune(args) -> int:
     log.info("%s", args.command_line)
     log.info("config: %s", json.dumps(to_dict(config)))
     log.info("device %s (--device %s), dtype %s", device, placement.device, str(dtype).removeprefix("torch."))
-    model, tokenizer = load_model(args.model, dtype)
+    model, tokenizer = load_model(args.model, dtype)  # a vision-language model: its processor
     texts = [t for t in args.eval_texts.split(",") if t]
-    if args.eval_windows != 0 and not reads_images(model):
+    text_only = text_tokenizer(tokenizer)
+    if args.eval_windows != 0 and not reads_images(model) and config.towers != "vision":
         for text in texts:
-            data.check_disjoint(tokenizer, config.calibration.source, text, config.calibration.seqlen, args.eval_windows)
+            data.check_disjoint(text_only, tower_source(config.calibration.source, "language") if is_vlm(model)
+                                else config.calibration.source, text, config.calibration.seqlen, args.eval_windows)
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank,
                    placement=placement)
     if not main_rank:
@@ -238,13 +241,13 @@ def run_prune(args) -> int:
     if reads_images(model):
         metrics = evaluate_images(model, tokenizer, config, args)
     else:
-        metrics = evaluate(model, tokenizer, args.model, texts, args,
+        metrics = evaluate(model, text_only, args.model, texts, args,
                            seqlen=config.calibration.seqlen, windows=args.eval_windows)
     zero_shot_results = []
     if tasks:
         from .zeroshot import format_table, zero_shot
 
-        zero_shot_results = zero_shot(model, tokenizer, tasks, limit=args.eval_limit, progress=not args.quiet)
+        zero_shot_results = zero_shot(model, text_only, tasks, limit=args.eval_limit, progress=not args.quiet)
         log.info("%s", format_table(zero_shot_results))
     export_checkpoint(model, tokenizer, args.out, config, report, export=export, model_name=args.model,
                       metrics=metrics, zero_shot=zero_shot_results, command=args.command_line, overwrite=args.overwrite,

@@ -272,7 +272,7 @@ def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
     without sampling text it would discard."""
     parts = mixture(source)
     bos = bos_id(tokenizer)
-    counts = [_shares(n, [w for _, w in parts]) for n in (nsamples, holdout, extra)]
+    counts = [shares(n, [w for _, w in parts]) for n in (nsamples, holdout, extra)]
     windows, held, more = [], [], []
     for k, (name, _) in enumerate(parts):
         if not any(count[k] for count in counts):
@@ -366,7 +366,8 @@ def cached_samples(cache: Path | None, fingerprint: str | None, model: torch.nn.
     return windows
 
 
-def _shares(total: int, weights: list[float]) -> list[int]:
+def shares(total: int, weights: list[float]) -> list[int]:
+    """``total`` split by ``weights`` (which sum to 1), the largest remainders rounded up."""
     exact = [total * w for w in weights]
     counts = [int(x) for x in exact]
     order = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))

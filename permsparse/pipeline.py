@@ -32,7 +32,8 @@ from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .masking import FollowingMasks, FollowingSite
 from .memory import check_memory, needs_offload
-from .models import cache_dir
+from .imagetext import draw_image_text, image_table, images_attached, is_image_text_source
+from .models import cache_dir, is_vlm, text_tokenizer
 from .objective import objective
 from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
 from .permute.search import find_permutation, needs_gram
@@ -112,7 +113,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
         tower_cfg = tower_config(config, tower, path, given)
         if tower_cfg is None:
             continue
-        report = prune_model(part, getattr(tokenizer, "image_processor" if vision else "tokenizer", tokenizer),
+        report = prune_model(part, getattr(tokenizer, "image_processor", tokenizer) if vision else tokenizer,
                              tower_cfg, windows=windows if given else None, holdout=holdout if given else None,
                              labels=labels if given else None, progress=progress, placement=placement,
                              state_dir=None if state_dir is None else Path(state_dir) / tower)
@@ -205,26 +206,34 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
             calib = calibration(model, tokenizer, config, windows, holdout, labels, show=progress)
         calib = CalibrationSet(*(run.to_device(t) for t in (calib.windows, calib.holdout)),
                                None if calib.labels is None else tuple(map(run.to_device, calib.labels)),
-                               run.to_device(calib.distill), run.to_device(calib.distill_labels))
+                               run.to_device(calib.distill), run.to_device(calib.distill_labels), calib.images)
         windows, holdout, labels = calib.windows, calib.holdout, calib.labels
         check_memory(model, adapter.blocks_path, config, *(sequences(model, adapter, w) for w in (windows, holdout)),
                      run.device, run.offloaded)
-        dense = dense_weights(model, target_names(run)) if config.distill.steps else None
-        if len(windows) < distributed.world() or 0 < len(holdout) < distributed.world():
-            raise ValueError(f"{distributed.world()} processes need at least as many calibration and held-out windows")
-        mine = distributed.shard(windows)  # this process's share; the held-out windows run through the blocks
-        held = distributed.shard(holdout) if config.learned is not None else holdout[:0]  # only to judge permutations
-        with run.report.timed("statistics"):
-            inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([mine, held]), config.calibration.batch_size)
-        hidden = global_permutation(run, inputs[:len(mine)], kwargs) if config.binding == "global" else None
-        if config.learned is not None and config.learned.scope == "e2e":
-            prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden, labels)
-        else:
-            prune_block_by_block(run, inputs, kwargs, len(mine), hidden)
-        if dense is not None:
-            del inputs, kwargs
-            with run.report.timed("distillation"):
-                distill_run(run, dense, calib)
+        with images_attached(model, calib.images):
+            prune_calibrated(run, calib)
+
+
+def prune_calibrated(run: Run, calib: CalibrationSet) -> None:
+    """Prune every block on the calibration set, as the config says."""
+    model, adapter, config = run.model, run.adapter, run.config
+    windows, holdout, labels = calib.windows, calib.holdout, calib.labels
+    dense = dense_weights(model, target_names(run)) if config.distill.steps else None
+    if len(windows) < distributed.world() or 0 < len(holdout) < distributed.world():
+        raise ValueError(f"{distributed.world()} processes need at least as many calibration and held-out windows")
+    mine = distributed.shard(windows)  # this process's share; the held-out windows run through the blocks
+    held = distributed.shard(holdout) if config.learned is not None else holdout[:0]  # only to judge permutations
+    with run.report.timed("statistics"):
+        inputs, kwargs = capture_block_inputs(model, adapter, torch.cat([mine, held]), config.calibration.batch_size)
+    hidden = global_permutation(run, inputs[:len(mine)], kwargs) if config.binding == "global" else None
+    if config.learned is not None and config.learned.scope == "e2e":
+        prune_end_to_end(run, inputs, kwargs, windows, holdout, len(mine), hidden, labels)
+    else:
+        prune_block_by_block(run, inputs, kwargs, len(mine), hidden)
+    if dense is not None:
+        del inputs, kwargs
+        with run.report.timed("distillation"):
+            distill_run(run, dense, calib)
 
 
 def needs_calibration(config: PruneConfig) -> bool:
@@ -248,6 +257,7 @@ class CalibrationSet:
     labels: tuple[torch.Tensor, torch.Tensor] | None
     distill: torch.Tensor
     distill_labels: torch.Tensor | None
+    images: dict = field(default_factory=dict)  # image inputs of image-text windows, by their ids (imagetext)
 
 
 def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch.Tensor | None,
@@ -257,7 +267,7 @@ def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch
     judged on; for images, their labels too (drawn with them, or as given); distillation's windows."""
     calib = config.calibration
     wanted = calib.holdout if config.judged else 0
-    extra = None
+    extra, table = None, {}
     if windows is None:
         if images.reads_images(model) != images.is_image_source(calib.source):
             kind = "images (--calib cifar10 or imagefolder:PATH)" if images.reads_images(model) else "text"
@@ -266,22 +276,50 @@ def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch
             (windows, holdout), labels = images.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seed,
                                                                  wanted, allow_test=calib.allow_test_text)
         else:
-            windows, holdout = data.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
-                                                     calib.seed, wanted, config.distill.windows, model=model, show=show,
-                                                     cache=cache_dir() / "samples", sample=distributed.is_main(),
-                                                     temperature=calib.temperature)
-            if calib.samples_text:  # sampled: rank 0's on every rank
-                windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
-            windows, extra = windows[:calib.nsamples], windows[calib.nsamples:]
+            windows, holdout, extra, table = text_windows(model, tokenizer, config, wanted, show)
     if holdout is None or not wanted:
         holdout = windows.new_zeros(0, *windows.shape[1:])
         labels = None if labels is None else (labels[0], labels[1][:0])
     if wanted and len(holdout) == 0:
         raise ValueError("a learned permutation or distillation is judged on held-out windows: give holdout windows "
                          "(or --holdout > 0)")
-    if extra is not None:
-        return CalibrationSet(windows, holdout, labels, extra, None)
-    return CalibrationSet(windows, holdout, labels, windows, None if labels is None else labels[0])
+    if extra is not None and len(extra):
+        return CalibrationSet(windows, holdout, labels, extra, None, table)
+    return CalibrationSet(windows, holdout, labels, windows, None if labels is None else labels[0], table)
+
+
+def text_windows(model: nn.Module, tokenizer, config: PruneConfig, wanted: int,
+                 show: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """Training, held-out and distillation windows of the calibration text, and the image inputs of those
+    that are image-text windows (:mod:`permsparse.imagetext`; ``tokenizer`` is then the model's processor).
+    Each part of a mixture gives its share of the windows, the text parts first; distillation's extra windows
+    come from the text parts."""
+    calib = config.calibration
+    parts = data.mixture(calib.source)
+    paired = [(name, weight) for name, weight in parts if is_image_text_source(name)]
+    text = [(name, weight) for name, weight in parts if not is_image_text_source(name)]
+    shares = [data.shares(count, [w for _, w in text] + [w for _, w in paired]) for count in (calib.nsamples, wanted)]
+    counts = [sum(share[:len(text)]) for share in shares]
+    windows = holdout = torch.zeros(0, calib.seqlen, dtype=torch.long)
+    extra = None
+    if text:
+        source = ",".join(f"{name}:{weight:g}" for name, weight in text)
+        windows, holdout = data.draw_calibration(text_tokenizer(tokenizer), source, counts[0], calib.seqlen,
+                                                 calib.seed, counts[1], config.distill.windows if counts[0] else 0,
+                                                 model=model, show=show, cache=cache_dir() / "samples",
+                                                 sample=distributed.is_main(), temperature=calib.temperature)
+        if calib.samples_text:  # sampled: rank 0's on every rank
+            windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
+        windows, extra = windows[:counts[0]], windows[counts[0]:]
+    drawn = []
+    for k, (name, _) in enumerate(paired):
+        if not is_vlm(model):
+            raise ValueError(f"{type(model).__name__} reads no images: {name} calibrates vision-language models")
+        train, held = draw_image_text(tokenizer, name, shares[0][len(text) + k], calib.seqlen, calib.seed + k,
+                                      shares[1][len(text) + k])
+        windows, holdout = torch.cat([windows, train.ids]), torch.cat([holdout, held.ids])
+        drawn += [train, held]
+    return windows, holdout, extra, image_table(*drawn)
 
 
 def sequences(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,15 @@ Tiny random models of transformers' own classes (LLaVA, Qwen2-VL, Qwen2.5-VL, Id
 PaliGemma), built from their configs, judged on an image + text input: only the chosen tower's linears
 change, every pruned linear is N:M, and the masked and folded exports reload to the pruned model's logits.
 """
+import copy
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from permsparse import Learned, PruneConfig, Search, prune
+from permsparse.config import Calibration
 from permsparse.adapters import adapter_for
 from permsparse.discover import TowerError, find_towers, vision_tower
 from permsparse.masks import is_nm
@@ -218,3 +223,131 @@ def test_vision_tower_permutations_fold_into_the_tower(tmp_path):
     # the MLP's second linear folds into the first, attention's output into v, within the vision tower
     assert {"model.vision_tower.encoder.layers.0.mlp.fc2",
             "model.vision_tower.encoder.layers.1.self_attn.out_proj"} <= set(fold.folded)
+
+
+@pytest.fixture()
+def llava_and_processor(tiny_tokenizer):
+    """A tiny LLaVA whose processor (CLIP's image processor, the tiny tokenizer with an ``<image>`` token)
+    builds its inputs: 16 image tokens per 32x32 image."""
+    from transformers import AutoModelForImageTextToText, CLIPImageProcessor, LlavaConfig, LlavaProcessor
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config={"model_type": "clip_vision_model", **VISION, "projection_dim": 32},
+                         text_config={"model_type": "llama", **{**TEXT, "vocab_size": 520, "bos_token_id": 0,
+                                                                "eos_token_id": 1, "pad_token_id": 1}, "head_dim": 16},
+                         image_token_id=image, image_seq_length=16, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               image_token="<image>", num_additional_image_tokens=1)
+    return model, processor
+
+
+@pytest.fixture()
+def few_images(monkeypatch):
+    """Eighty random 32x32 images of ten classes stand in for CIFAR-10's training split."""
+    from permsparse import imagetext
+    from permsparse.images import Images
+
+    pixels = torch.randint(0, 256, (80, 3, 32, 32), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    images = Images(pixels, torch.arange(80) % 10, ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                    "horse", "ship", "truck"])
+    monkeypatch.setattr(imagetext, "load_images", lambda source: images)
+    return images
+
+
+def test_image_text_windows_pack_whole_images_and_feed_them_to_the_model(llava_and_processor, few_images):
+    from permsparse.calibration import capture_block_inputs
+    from permsparse.imagetext import draw_image_text, image_table, images_attached
+
+    model, processor = llava_and_processor
+    image = model.config.image_token_id
+    train, held = draw_image_text(processor, "cifar10-captions", 3, 64, seed=0, holdout=2)
+    assert train.ids.shape == (3, 64) and held.ids.shape == (2, 64)
+    for part in (train, held):
+        for ids, inputs in zip(part.ids, part.images):
+            assert (ids == image).sum() == 16 * len(inputs["pixel_values"]) > 0  # whole images only
+    seen = [tuple(p.flatten()[:8].tolist()) for part in (train, held) for w in part.images for p in w["pixel_values"]]
+    assert len(seen) == len(set(seen))  # no image in two windows, held-out ones included
+    adapter = adapter_for(model)
+    with images_attached(model, image_table(train, held)):
+        captured, _ = capture_block_inputs(model, adapter, train.ids)
+        with torch.no_grad():
+            attached = model(input_ids=train.ids).logits
+    with torch.no_grad():
+        direct = torch.cat([model(input_ids=ids[None], **inputs).logits for ids, inputs in zip(train.ids, train.images)])
+        bare = model(input_ids=train.ids.clamp_max(image - 1)).logits
+    torch.testing.assert_close(attached, direct)
+    assert not torch.allclose(attached, bare)
+    decoder_inputs = []
+    handle = model.get_submodule(adapter.blocks_path)[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: decoder_inputs.append(kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True)
+    with torch.no_grad():
+        for ids, inputs in zip(train.ids, train.images):
+            model(input_ids=ids[None], **inputs)
+    handle.remove()
+    torch.testing.assert_close(captured, torch.cat(decoder_inputs))  # image features in the stream
+
+
+def test_language_tower_calibrates_on_images_and_text(llava_and_processor, few_images, tmp_path):
+    model, processor = llava_and_processor
+    twin = copy.deepcopy(model)
+    config = PruneConfig(permutation=Learned(init="ria", steps=2, judge_every=1, tile=16, scope="blockwise"),
+                         calibration=Calibration(source="cifar10-captions:1,shakespeare:1", nsamples=4, seqlen=64,
+                                                 holdout=2))
+    report = prune(model, processor, config, progress=False)
+    assert len(report.layers) == 14
+    text_only = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, source="shakespeare"))
+    prune(twin, processor, text_only, progress=False)
+    changed = [name for name, weight in linears(model, "model.language_model").items()
+               if not torch.equal(weight, twin.get_submodule(name).weight)]
+    assert changed  # the images changed what was pruned
+    export_both_ways(model, config, report, tmp_path, logits_on(image_text("llava") | {"input_ids": torch.cat(
+        [torch.randint(3, 400, (1, 3)), torch.full((1, 16), model.config.image_token_id), torch.randint(3, 400, (1, 5))], 1)}))
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "gemma3"])
+def test_windows_whose_images_move_positions_or_masks_are_refused(kind):
+    from permsparse.calibration import capture_block_inputs
+    from permsparse.imagetext import ImageTextWindows, image_table, images_attached
+
+    model = tiny_vlm(kind)
+    inputs = image_text(kind)
+    ids = inputs.pop("input_ids")
+    if kind == "gemma3":  # its processor marks the image tokens, which attend to each other both ways
+        inputs["token_type_ids"] = (ids == IMAGE).long()
+    text = torch.randint(3, 400, ids.shape, generator=torch.Generator().manual_seed(9))
+    windows = ImageTextWindows(torch.cat([ids, text]), [inputs, {}])
+    with images_attached(model, image_table(windows)), pytest.raises(ValueError, match="calibrate its language tower on text"):
+        capture_block_inputs(model, adapter_for(model), windows.ids)
+
+
+def test_cli_prunes_both_towers_of_a_saved_vlm(llava_and_processor, few_images, monkeypatch, tmp_path):
+    from permsparse import images as image_sources
+    from permsparse.cli import main
+
+    monkeypatch.setattr(image_sources, "load_images", lambda source: few_images)
+    model, processor = llava_and_processor
+    folder = tmp_path / "tiny-llava"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(folder), "--towers", "both", "--calib",
+                 "shakespeare:1,cifar10-captions:1,cifar10:1", "--nsamples", "4", "--holdout", "2", "--seqlen", "64",
+                 "--perm", "ria", "--eval-texts", "shakespeare", "--eval-windows", "1", "--export", "folded",
+                 "--quiet", "--out", str(out)]) == 0
+    assert main(["check", str(out)]) == 0
+    record = json.loads((out / "permsparse.json").read_text())
+    pruned = [layer["name"] for layer in record["report"]["layers"]]
+    assert {name.split(".layers.")[0] for name in pruned} == {"model.language_model", "model.vision_tower.encoder"}
+    inputs = image_text("llava") | {"input_ids": torch.cat([torch.randint(3, 400, (1, 3)), torch.full(
+        (1, 16), model.config.image_token_id), torch.randint(3, 400, (1, 5))], 1)}
+    from permsparse.checkpoint.load import load
+
+    assert torch.isfinite(logits_on(inputs)(load(out))).all()
+    assert main(["prune", "--model", str(folder), "--towers", "vision", "--out", str(tmp_path / "x")]) == 2
