@@ -1,0 +1,155 @@
+"""Vision-language models: the seed paper's third table, on the cifar10-vlm testbed.
+
+Rows: dense; for each tower pruned (``--towers``, language by default as in the paper, and vision),
+2:4 Wanda with each permutation (none, cp, ria, output, learned), and unstructured 50% Wanda (the
+reference limit). The language tower calibrates on ``--calib`` (image-text windows of CIFAR-10 *training*
+images with their captions, mixed with C4 text, ``--nsamples`` windows of ``--seqlen`` tokens); the vision
+tower on ``--vision-nsamples`` CIFAR-10 training images. Learned rows use ``permsparse prune --perm
+learned``'s defaults (``--steps`` overrides the step count). Every row is judged on CIFAR-10's *test*
+split, which nothing calibrates, trains or chooses on (``--limit`` images, a seeded draw): ten-way accuracy
+of the likeliest class name and the true caption's perplexity (:mod:`permsparse.vlm_eval`), and on the
+language model's text: WikiText-2 test perplexity over its first ``--text-windows`` windows of
+``--seqlen`` tokens. The projector and embeddings stay dense. Gap closed, on accuracy: (accuracy - that of
+the same tower's 2:4 without permutation) / (the dense accuracy - the same), the seed paper's measure.
+
+Each row runs in its own process (its peak memory its own); the testbed is built first, once, in this
+process (``--model cifar10-vlm``). Results: ``bench/results/vlm.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from common import Row, print_table, save_json
+
+from permsparse import Calibration, Learned, PruneConfig, Search
+
+METHODS = ("none", "cp", "ria", "output", "learned")
+
+
+def rows_for(args) -> list[Row]:
+    rows = [Row("dense", None)]
+    for tower in args.towers:
+        if tower == "language":
+            calib = Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                holdout=args.holdout)
+        else:
+            calib = Calibration(source=args.vision_calib, nsamples=args.vision_nsamples, seed=args.seed,
+                                holdout=args.holdout, batch_size=32)
+        rows.append(Row(f"{tower}: 50% wanda", PruneConfig(pattern="50%", calibration=calib, towers=tower)))
+        for method in METHODS:
+            permutation = Learned(**({"steps": args.steps} if args.steps else {})) if method == "learned" \
+                else Search(method)
+            rows.append(Row(f"{tower}: 2:4 wanda + {method}", PruneConfig(permutation=permutation, calibration=calib,
+                                                                           towers=tower)))
+    return rows
+
+
+def run_row(row: Row, args) -> dict:
+    import torch
+
+    from permsparse import load_model, prune
+    from permsparse.evaluation import perplexity
+    from permsparse.models import text_tokenizer
+    from permsparse.report import peak_rss_mb
+    from permsparse.serial import to_dict
+    from permsparse.vlm_eval import evaluate
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model)
+    result = {"label": row.label, "prune_s": 0.0, "config": None if row.config is None else to_dict(row.config)}
+    if row.config is not None:
+        report = prune(model, processor, row.config, progress=False)
+        result.update(prune_s=report.seconds, stages=report.stages, layers=len(report.layers),
+                      training=to_dict(report.training), prune_peak_rss_mb=peak_rss_mb())
+    started = time.perf_counter()
+    scored = evaluate(model, processor, limit=args.limit, progress=False)
+    text = perplexity(model, text_tokenizer(processor), seqlen=args.seqlen, windows=args.text_windows,
+                      source="wikitext2", progress=False)
+    result.update(accuracy=scored.accuracy, caption_ppl=scored.caption_ppl, images=scored.images,
+                  wikitext2_ppl=text.ppl, eval_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+    return result
+
+
+def guarded_row(row: Row, args) -> dict:
+    """A row's result, or its label and the error that stopped it (one failing row loses no other)."""
+    import traceback
+
+    try:
+        return run_row(row, args)
+    except Exception:  # noqa: BLE001 - reported in the results and on the console
+        return {"label": row.label, "error": traceback.format_exc()}
+
+
+def run_rows(rows: list[Row], args) -> list[dict]:
+    """Every row in a fresh (spawned) process, ``--jobs`` at a time, printed as each finishes."""
+    if args.rows is not None:
+        rows = [r for r in rows if r.label in args.rows]
+    done: dict[str, dict] = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        for future in as_completed([pool.submit(guarded_row, row, args) for row in rows]):
+            r = future.result()
+            done[r["label"]] = r
+            if "error" in r:
+                print(f"  FAILED: {r['label']}\n{r['error']}", flush=True)
+            else:
+                print(f"  done: {r['label']:<30} accuracy {r['accuracy']:.4f} caption ppl {r['caption_ppl']:.3f} "
+                      f"WikiText-2 ppl {r['wikitext2_ppl']:.2f} ({r['prune_s']:.0f} s pruning)", flush=True)
+    return [done[row.label] for row in rows if row.label in done]
+
+
+def gap_closed(results: list[dict]) -> None:
+    """``gap``: the share of the accuracy a tower's 2:4 without permutation loses that a row wins back."""
+    by_label = {r["label"]: r for r in results if "error" not in r}
+    dense = by_label.get("dense")
+    for r in results:
+        base = by_label.get(f"{r['label'].split(':')[0]}: 2:4 wanda + none")
+        if "error" in r or dense is None or base is None or r is base or r is dense:
+            continue
+        span = dense["accuracy"] - base["accuracy"]
+        r["gap"] = (r["accuracy"] - base["accuracy"]) / span if span else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cifar10-vlm", help="a vision-language model: alias or HF folder")
+    parser.add_argument("--towers", nargs="+", default=["language", "vision"], choices=["language", "vision"])
+    parser.add_argument("--calib", default="cifar10-captions:1,c4:1", help="language tower: calibration mixture")
+    parser.add_argument("--nsamples", type=int, default=32, help="language tower: calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (calibration and WikiText-2)")
+    parser.add_argument("--vision-calib", default="cifar10", help="vision tower: calibration images")
+    parser.add_argument("--vision-nsamples", type=int, default=512, help="vision tower: calibration images")
+    parser.add_argument("--holdout", type=int, default=8, help="held-out windows (images) the learned rows are "
+                        "judged on")
+    parser.add_argument("--steps", type=int, default=0, help="learned rows: training steps (0: the CLI's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=2000, help="CIFAR-10 test images scored (a seeded draw)")
+    parser.add_argument("--text-windows", type=int, default=32, help="WikiText-2 test windows")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per row")
+    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
+    parser.add_argument("--save-as", default="vlm", help="name of the JSON file under bench/results")
+    args = parser.parse_args()
+
+    from permsparse.models import cache_dir
+    from permsparse.vlm_testbed import ALIAS, vlm_folder
+
+    if args.model == ALIAS:
+        print(f"testbed: {vlm_folder(cache_dir())}", flush=True)  # built here once, not in every row
+    rows = rows_for(args)
+    print(f"vision-language model {args.model}: language tower on {args.nsamples} x {args.seqlen} tokens of "
+          f"{args.calib}, vision tower on {args.vision_nsamples} images of {args.vision_calib} (seed {args.seed}); "
+          f"judged on {args.limit} CIFAR-10 test images and {args.text_windows} WikiText-2 windows", flush=True)
+    results = run_rows(rows, args)
+    gap_closed(results)
+    print_table(results, [("label", "row", ""), ("accuracy", "accuracy", ".4f"), ("gap", "gap to dense", ".3f"),
+                          ("caption_ppl", "caption ppl", ".3f"), ("wikitext2_ppl", "WikiText-2 ppl", ".2f"),
+                          ("prune_s", "prune s", ".0f"), ("eval_s", "eval s", ".0f"),
+                          ("peak_rss_mb", "peak MB", ".0f")])
+    print(f"saved {save_json(args.save_as, vars(args), results)}")
+
+
+if __name__ == "__main__":
+    main()
