@@ -4,8 +4,11 @@ The objective is ``ce * CE + kl * KL + hidden * mean_l dist(h_l, h_l^dense)``: t
 next-token cross-entropy on the calibration windows, the KL divergence of its next-token distributions
 from the dense model's, and the distance of every block's output to the dense model's. An image
 classifier's cross-entropy is that of its class logits on the labels of the calibration images, and its
-KL that of its class distribution from the dense model's. A model without either head (an encoder) has
-no output distribution: its objective is the hidden distillation alone (:func:`objective`).
+KL that of its class distribution from the dense model's. A model without either head (an encoder, a
+vision tower) has no output distribution: the KL's place is taken by what its users read, its final
+hidden states, as the mean cosine distance of every token's to the dense model's (the measure
+:func:`permsparse.evaluation.embedding_similarity` reports), and it has no cross-entropy
+(:func:`objective`).
 
 Two trainers share it: the learned permutation (:mod:`permsparse.permute.learned`, only cost matrices
 train) and the distillation of the kept weights (:mod:`permsparse.distill`, masks fixed). Each passes
@@ -115,21 +118,21 @@ def hidden_distance(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, 
 
 
 def objective(model: nn.Module, weights: W) -> W:
-    """The objective weights ``model`` trains on: as configured for a model with an LM head; for one
-    without (an encoder) the hidden distillation alone. There the default CE and KL weights are dropped,
-    and any other CE or KL weight is refused: both need output distributions. An image classifier's
-    objective is as configured, on its class logits."""
+    """The objective weights ``model`` trains on: as configured for a model with an LM head or an image
+    classifier. For one without either (an encoder), ``kl`` weighs the distance of its final hidden states
+    and ``hidden`` that of every block's output; the default CE weight is dropped and any other refused
+    (the cross-entropy needs an output distribution)."""
     if model.get_output_embeddings() is not None or is_classifier(model):
         return weights
     defaults = {f.name: f.default for f in fields(type(weights))}
     kind, what = type(model).__name__, type(weights).__name__
-    if weights.ce not in (0.0, defaults["ce"]) or weights.kl not in (0.0, defaults["kl"]):
-        raise ValueError(f"{kind} has no LM head, so no cross-entropy or KL: the {what} objective can only distil "
-                         "hidden states (set its ce and kl weights to 0)")
-    if weights.hidden <= 0:
-        raise ValueError(f"{kind} has no LM head: the {what} objective distils hidden states; "
-                         "give its hidden weight a value above 0")
-    return replace(weights, ce=0.0, kl=0.0)
+    if weights.ce not in (0.0, defaults["ce"]):
+        raise ValueError(f"{kind} has no LM head, so no cross-entropy: the {what} objective can only distil its "
+                         "final hidden states (kl) and its blocks' outputs (hidden); set its ce weight to 0")
+    if weights.hidden <= 0 and weights.kl <= 0:
+        raise ValueError(f"{kind} has no LM head: the {what} objective distils its final hidden states (kl) and "
+                         "its blocks' outputs (hidden); give one of them a weight above 0")
+    return replace(weights, ce=0.0)
 
 
 @dataclass
@@ -195,7 +198,10 @@ def model_terms(student: nn.Module, ids: Tensor, weights: Weights, dense: DenseS
     if weights.ce > 0:
         terms.nll = next_token_nll(head, out.last_hidden_state, ids)
         terms.tokens = ids[:, 1:].numel()
-    if dense.final is not None:
+    if dense.final is not None and head is None:  # an encoder: the distance of what its users read
+        terms.kl, count = hidden_distance("cosine", out.last_hidden_state, dense.final)
+        terms.positions = int(count)
+    elif dense.final is not None:
         terms.kl = next_token_kl(head, out.last_hidden_state, dense.final)
         terms.positions = ids.numel()
     return _hidden_terms(terms, out.hidden_states, weights, dense)

@@ -108,5 +108,5 @@ def test_bad_distillation_settings_fail_in_one_line():
     with pytest.raises(ValueError, match="objective is empty"):
         Distill(steps=2, kl=0.0)
     with pytest.raises(ValueError, match="no LM head"):
-        prune(tiny_family("bert"), None, PruneConfig(distill=Distill(steps=2, kl=0.5)), windows=CALIB, holdout=HOLDOUT,
+        prune(tiny_family("bert"), None, PruneConfig(distill=Distill(steps=2, ce=0.5)), windows=CALIB, holdout=HOLDOUT,
               progress=False)

@@ -142,14 +142,24 @@ def test_every_search_prunes_exports_and_checks(family, method, tmp_path):
         assert fold.not_folded and all("stream cannot be permuted" in r for r in fold.not_folded.values())
 
 
-def test_encoder_learns_by_hidden_distillation_only():
-    """No LM head: the default e2e objective distils hidden states; asking for CE or KL fails at once;
-    blockwise learning works."""
-    for learned in (Learned(init="ria", steps=2, judge_every=1, tile=16, ce=2.0),
-                    Learned(init="ria", steps=2, judge_every=1, tile=16, kl=0.5)):
-        with pytest.raises(ValueError, match="no LM head.*only distil hidden states"):
-            prune(tiny_family("bert"), None, PruneConfig(permutation=learned), windows=CALIB[:4],
-                  holdout=HOLDOUT[:2], progress=False)
+def test_encoder_learns_towards_its_final_hidden_states():
+    """No LM head: the e2e objective distils the final hidden states (kl's place: one minus their mean cosine
+    to the dense model's, as embedding similarity reports it) and the blocks' outputs; asking for CE fails
+    at once; blockwise learning works."""
+    from permsparse.objective import dense_states, model_terms, objective
+
+    with pytest.raises(ValueError, match="no LM head, so no cross-entropy"):
+        prune(tiny_family("bert"), None, PruneConfig(permutation=Learned(init="ria", steps=2, ce=2.0)),
+              windows=CALIB[:4], holdout=HOLDOUT[:2], progress=False)
+    dense, model = tiny_family("bert"), tiny_family("bert")
+    prune(model, None, PruneConfig(), windows=CALIB[:4], progress=False)
+    weights = objective(model, Learned(hidden=0.0))
+    assert (weights.ce, weights.kl) == (0.0, 1.0)
+    with torch.no_grad():
+        loss = model_terms(model, INPUT, weights, dense_states(dense, INPUT, weights)).value(weights)
+        cosine = torch.nn.functional.cosine_similarity(model(INPUT).last_hidden_state, dense(INPUT).last_hidden_state,
+                                                       dim=-1).mean()
+    torch.testing.assert_close(loss, 1 - cosine)
     for scope in ("e2e", "blockwise"):
         learned = Learned(init="ria", steps=2, judge_every=1, tile=16, scope=scope)
         report = prune(tiny_family("bert"), None, PruneConfig(permutation=learned, binding="shared"),
