@@ -105,8 +105,12 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
                              "vision-language models")
         return prune_model(model, tokenizer, config, windows=windows, holdout=holdout, labels=labels,
                            state_dir=state_dir, progress=progress, placement=placement)
+    pruned = ("language", "vision") if config.towers == "both" else (config.towers,)
+    if windows is not None and ("vision" if windows.is_floating_point() else "language") not in pruned:
+        raise ValueError(f"the windows given are {'images' if windows.is_floating_point() else 'token ids'}, which "
+                         f"the {config.towers} tower does not read")
     reports = []
-    for tower in ("language", "vision") if config.towers == "both" else (config.towers,):
+    for tower in pruned:
         vision = tower == "vision"
         path, part = vision_tower(model) if vision else ("", model)
         given = windows is not None and windows.is_floating_point() == vision  # the windows this tower reads

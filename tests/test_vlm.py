@@ -201,6 +201,8 @@ def test_both_towers_and_clear_refusals(tmp_path):
         prune(model, None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
     with pytest.raises(ValueError, match="has no vision tower"):
         prune(tiny_llama(), None, config, windows=CALIB, progress=False)
+    with pytest.raises(ValueError, match="token ids, which the vision tower does not read"):
+        prune(model, None, PruneConfig(towers="vision"), windows=CALIB, progress=False)
     vision_only = PruneConfig(permutation=Search("ria"), towers="vision", include=("model.language_model.*",))
     with pytest.raises(ValueError, match="names no linear of the vision tower"):
         prune(model, None, vision_only, windows=PIXELS, holdout=PIXELS_HOLDOUT, progress=False)
