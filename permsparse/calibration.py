@@ -17,6 +17,35 @@ from .adapters import Adapter, linear_weight
 from .discover import model_inputs
 
 
+class BlockArguments(dict):
+    """The keyword arguments every block receives besides its hidden states (rotary embeddings, masks,
+    positions), captured for one window. Those that hold one slice per window of a batch (an ALiBi bias of
+    shape ``(batch * heads, ...)``, a mask a model checks against the batch) are repeated to the batch a
+    call runs: ``block(x, **arguments.batch(len(x)))``; the others broadcast as captured."""
+
+    def __init__(self, values: dict, per_window: dict[str, int] | None = None):
+        super().__init__(values)
+        self.per_window = per_window or {}  # name -> the axis that grows with the batch
+
+    def batch(self, size: int) -> dict:
+        if not self.per_window or size == 1:
+            return self
+        return {**self, **{name: torch.cat([self[name]] * size, dim=axis) for name, axis in self.per_window.items()}}
+
+
+def batch_arguments(kwargs: dict, size: int) -> dict:
+    """``kwargs`` for a call on ``size`` windows (see :class:`BlockArguments`; a plain dict as it is)."""
+    return kwargs.batch(size) if isinstance(kwargs, BlockArguments) else kwargs
+
+
+def _window_axis(one: torch.Tensor, two: torch.Tensor) -> int | None:
+    """The axis along which ``two`` (captured for two windows) is ``one`` (for one) twice, or None."""
+    for axis in range(one.dim()):
+        if two.shape[axis] == 2 * one.shape[axis] and torch.equal(two, torch.cat([one, one], dim=axis)):
+            return axis
+    return None
+
+
 class _Captured(Exception):
     """Raised by the first block's pre-hook to stop the forward once its inputs are recorded."""
 
@@ -45,13 +74,15 @@ class InputStats:
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, adapter: Adapter, samples: torch.Tensor, batch_size: int = 8
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, BlockArguments]:
     """Hidden states entering block 0 for every sample (token ids, or preprocessed images), and the keyword
     arguments blocks receive.
 
     Other arguments (rotary embeddings, causal mask, positions), positional ones included, are bound
     to their parameter names. They are the same for every window of one length, so they are captured
-    once, with batch 1, and broadcast over larger batches later.
+    once, with batch 1, and broadcast over larger batches later; one that a model builds per window of the
+    batch is captured with two windows too, to be repeated to each batch (:class:`BlockArguments`). An
+    argument that differs between windows, or grows with the batch otherwise, stops the run in one line.
     """
     first = adapter.blocks(model)[0]
     signature = inspect.signature(first.forward)
@@ -75,15 +106,27 @@ def capture_block_inputs(
         hidden_name = next(iter(signature.parameters))
         hidden = [call(samples[i : i + batch_size])[hidden_name] for i in range(0, samples.shape[0], batch_size)]
         kwargs, last = call(samples[:1]), call(samples[-1:])
+        pair = call(samples[:2]) if len(samples) > 1 else kwargs
     finally:
         handle.remove()
     drop = {hidden_name, "cache", "past_key_values", "layer_past", "use_cache"}
+    per_window = {}
     for name, value in kwargs.items():
-        if name not in drop and not _same(value, last[name]):
+        if name in drop:
+            continue
+        if not _same(value, last[name]):
             raise ValueError(f"the blocks of {type(model).__name__} receive a {name} that differs between calibration "
                              "windows (with images: positions or attention masks that depend on where the images "
                              "are); calibrate its language tower on text")
-    return torch.cat(hidden), {k: v for k, v in kwargs.items() if k not in drop}
+        other = pair[name]
+        if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.shape != other.shape:
+            axis = _window_axis(value, other)
+            if axis is None:
+                raise ValueError(f"the blocks of {type(model).__name__} receive a {name} of shape "
+                                 f"{tuple(value.shape)} for one window and {tuple(other.shape)} for two, which is not "
+                                 "the first repeated: its windows cannot be replayed block by block")
+            per_window[name] = axis
+    return torch.cat(hidden), BlockArguments({k: v for k, v in kwargs.items() if k not in drop}, per_window)
 
 
 def _same(a, b) -> bool:
@@ -103,7 +146,8 @@ def block_output(out) -> torch.Tensor:
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
     """The block's outputs for all inputs, in mini-batches."""
     return torch.cat(
-        [block_output(block(inputs[i : i + batch_size], **kwargs)) for i in range(0, inputs.shape[0], batch_size)]
+        [block_output(block(inputs[i : i + batch_size], **batch_arguments(kwargs, len(inputs[i : i + batch_size]))))
+         for i in range(0, inputs.shape[0], batch_size)]
     )
 
 
@@ -191,9 +235,10 @@ def collect_drift(
     outputs = []
     with _input_hooks(block, readers, make_hook):
         for i in range(0, inputs.shape[0], batch_size):
-            block(inputs[i : i + batch_size], **kwargs)
+            arguments = batch_arguments(kwargs, len(inputs[i : i + batch_size]))
+            block(inputs[i : i + batch_size], **arguments)
             pruned = dict(seen)
-            outputs.append(block_output(block(reference[i : i + batch_size], **kwargs)))
+            outputs.append(block_output(block(reference[i : i + batch_size], **arguments)))
             for key, x in pruned.items():
                 s = stats[key]
                 if s.drift is None:

@@ -24,7 +24,13 @@ MOE = {
     # transposed (E, in, out) tensors, gate and up interleaved, biases, its own clamped gating
     "gpt_oss": {"num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
                 "intermediate_size": 32, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8},
+    # a router kept inside a gate module (mlp.gate.wg)
+    "hunyuan_v1_moe": {"num_key_value_heads": 2, "head_dim": 16, "num_experts": 4},
+    # a router that is an nn.Linear returning its logits and top-k choices
+    "phimoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 64},
 }
+ROUTERS = {"qwen2_moe": ("mlp.gate", "mlp.shared_expert_gate"), "gpt_oss": ("mlp.router",),
+           "hunyuan_v1_moe": ("mlp.gate.wg",), "phimoe": ("mlp.router",)}
 EXPERT = "mlp.experts.{}.{}"
 METHODS = {**CONFIGS, "sparsegpt": PruneConfig(score="sparsegpt", permutation=Search("ria"), binding="shared")}
 
@@ -56,7 +62,7 @@ def test_split_experts_compute_the_packed_output_and_write_into_it(family):
         assert experts.gate_up_proj[1, experts.gate_up_proj.shape[1] // 2 + 3, 5] == 7.0
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "hunyuan_v1_moe", "phimoe"])
 def test_discovery_finds_every_expert_its_fold_and_the_dense_routers(family):
     model = tiny_moe(family)
     with pytest.raises(NotUnderstood, match=r"packed expert parameters model\.layers\.0\.mlp\.experts\.gate_up_proj"):
@@ -70,17 +76,18 @@ def test_discovery_finds_every_expert_its_fold_and_the_dense_routers(family):
         assert folds[EXPERT.format(e, "down_proj")] == [gate, up]
         assert {gate, up} <= set(adapter.residual_readers)
         assert EXPERT.format(e, "down_proj") in adapter.residual_writers
-    expected = {"qwen2_moe": ("mlp.gate", "mlp.shared_expert_gate"), "gpt_oss": ("mlp.router",)}.get(family, ("mlp.gate",))
+    expected = ROUTERS.get(family, ("mlp.gate",))
     assert adapter.routers == expected and not adapter.not_foldable and adapter.stream_problem == ""
     assert not set(expected) & {name for group in adapter.input_groups for name in group}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "hunyuan_v1_moe", "phimoe"])
 def test_every_method_prunes_the_experts_exports_and_checks(family, method, tmp_path):
     model, config = tiny_moe(family), METHODS[method]
     routers = {name: p.clone() for name, p in model.named_parameters() if any(f".{r}." in name for r in
-                                                                              ("gate", "shared_expert_gate", "router"))}
+                                                                              ("gate", "shared_expert_gate", "router"))
+               and "experts" not in name}
     report = prune(model, None, config, windows=CALIB[:4], holdout=HOLDOUT[:2], progress=False)
     assert all(torch.equal(p, routers[name]) for name, p in model.named_parameters() if name in routers)
     assert set(report.dense) == {name.rpartition(".")[0] for name in routers} and routers

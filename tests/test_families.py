@@ -213,3 +213,48 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(tiny_tokenizer, bos_
     windows, _ = draw_calibration(tiny_tokenizer, str(text), 3, 16, 0)
     assert (windows[:, 0] != bos).any()
     assert (eval_windows(ids, 16, 3, bos)[:, 0] == bos).all()
+
+
+@pytest.mark.parametrize("family", ["bloom", "xglm"])
+def test_block_arguments_built_per_window_are_repeated_to_each_batch(family, tmp_path):
+    """BLOOM's ALiBi bias has a slice per window (batch x heads rows) and XGLM checks its mask against the
+    batch: captured for one window, they are repeated to every batch the blocks run, so batches of 8 give
+    the statistics and the pruned model that batches of 1 give, and the export reloads exactly."""
+    from permsparse.calibration import capture_block_inputs
+
+    model = tiny_family(family, **({"n_head": 4, "n_layer": 2} if family == "bloom" else {"ffn_dim": 128}))
+    _, kwargs = capture_block_inputs(model, adapter_for(model), CALIB)
+    assert kwargs.per_window  # the bias or the mask is the one that grows with the batch
+    config = PruneConfig(permutation=Search("ria"), binding="shared")
+    one = tiny_family(family, **({"n_head": 4, "n_layer": 2} if family == "bloom" else {"ffn_dim": 128}))
+    report = prune(model, None, config, windows=CALIB, progress=False)
+    prune(one, None, dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, batch_size=1)),
+          windows=CALIB, progress=False)
+    for layer in report.layers:
+        torch.testing.assert_close(model.get_submodule(layer.name).weight, one.get_submodule(layer.name).weight)
+    export_both_ways(model, config, report, tmp_path, lambda m: primary_output(m(INPUT)))
+
+
+@pytest.mark.parametrize("family, options, parts", [
+    ("doge", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "sliding_window": 64},
+     "model.layers.0.self_attn.dt_proj (2)"),
+    ("roc_bert", {"is_decoder": True}, "roc_bert.embeddings.pronunciation_embed (768)")])
+def test_parts_of_another_width_on_the_stream_are_named_and_the_rest_prunes(family, options, parts, tmp_path):
+    """A writer or an embedding on the residual stream whose width is not the stream's: discovery names it
+    as why the whole stream cannot be permuted (it used to fail inside the check), and pruning works."""
+    model = tiny_family(family, **options)
+    problem = adapter_for(model).stream_problem
+    assert problem.startswith("parts found on the stream are not 64 wide: ") and parts in problem
+    config = PruneConfig(permutation=Search("ria"), binding="shared")
+    report = prune(model, None, config, windows=CALIB, progress=False)
+    export_both_ways(model, config, report, tmp_path, lambda m: primary_output(m(INPUT)))
+
+
+def test_weights_of_no_linear_are_named_with_their_module():
+    """A state-space mixer's convolution and decay are named as weights of no linear layer (not as
+    packed experts)."""
+    model = tiny_family("mamba", time_step_rank=8, state_size=16)
+    with pytest.raises(NotUnderstood, match=r"^weights that belong to no linear layer: "
+                                            r"backbone\.layers\.0\.mixer\.A_log \(MambaMixer, \(128, 16\)\), "
+                                            r"backbone\.layers\.0\.mixer\.conv1d\.weight \(Conv1d"):
+        adapter_for(model)

@@ -23,15 +23,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .linears import is_packed_experts
 from .trace import NotUnderstood
 
 FORWARD = ("hidden_states", "top_k_index", "top_k_weights")
-
-
-def is_packed_experts(module: nn.Module) -> bool:
-    """A module that stores its experts as 3-D ``gate_up_proj`` and ``down_proj`` parameters."""
-    params = dict(module.named_parameters(recurse=False))
-    return all(name in params and params[name].dim() == 3 for name in ("gate_up_proj", "down_proj"))
 
 
 def _expert_view(param: torch.Tensor, e: int, rows: slice, transposed: bool) -> torch.Tensor:
@@ -164,18 +159,22 @@ def experts_as_linears(model: nn.Module):
 def routers(model: nn.Module) -> list[str]:
     """Full names of the modules that route tokens to split experts: the other children of each
     :class:`ExpertLinears`' parent holding a 2-D ``weight`` with one row per expert (a router) or one row
-    (a shared expert's gate)."""
+    (a shared expert's gate), and deeper modules of that parent with one row per expert (a router kept
+    inside a gate module)."""
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, ExpertLinears):
             continue
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
-        for child_name, child in parent.named_children():
+        inside = {id(m) for m in module.modules()}
+        for rel, child in parent.named_modules():
             weight = getattr(child, "weight", None)
-            if (child is not module and isinstance(weight, torch.Tensor) and weight.dim() == 2
-                    and weight.shape[0] in (module.num_experts, 1)):
-                found.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+            if not rel or id(child) in inside or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            rows = (module.num_experts, 1) if "." not in rel else (module.num_experts,)
+            if weight.shape[0] in rows:
+                found.append(f"{parent_name}.{rel}" if parent_name else rel)
     return found
 
 

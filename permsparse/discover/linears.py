@@ -15,6 +15,12 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def is_packed_experts(module: nn.Module) -> bool:
+    """A module that stores its experts as 3-D ``gate_up_proj`` and ``down_proj`` parameters."""
+    params = dict(module.named_parameters(recurse=False))
+    return all(name in params and params[name].dim() == 3 for name in ("gate_up_proj", "down_proj"))
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``(out, in)`` (a view: writing to it writes the module's weight)."""
     return module.weight.T if isinstance(module, Conv1D) else module.weight

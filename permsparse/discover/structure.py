@@ -206,7 +206,13 @@ def blocks_config(model: nn.Module, blocks_path: str):
 
 
 def hidden_size(model: nn.Module, adapter: Adapter) -> int:
-    """Width of the residual stream: the rows of a block's first writer."""
+    """Width of the residual stream: the rows of the input projection that starts it, else the width of the
+    token embedding, else the rows of a block's first writer."""
+    if adapter.input_projection:
+        return linear_weight(model.get_submodule(adapter.input_projection)).shape[0]
+    embedding = optional_submodule(model, adapter.token_embedding)
+    if embedding is not None:
+        return embedding.weight.shape[1]
     block = adapter.blocks(model)[0]
     return linear_weight(block.get_submodule(adapter.residual_writers[0])).shape[0]
 

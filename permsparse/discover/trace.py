@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .linears import is_linear
+from .linears import is_linear, is_packed_experts
 from .towers import find_towers, main_input
 
 PROBE_SHAPE = (1, 16)
@@ -103,7 +103,7 @@ def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()
         if is_linear(module) or f"{blocks_path}.{name}" in dense:
             continue
         for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3:
+            if param.dim() == 3 and is_packed_experts(module):
                 packed.append(f"{blocks_path}.{name}.{pname}")
             elif param.dim() > 1:
                 strange.append(f"{blocks_path}.{name}.{pname} ({type(module).__name__}, {tuple(param.shape)})")
@@ -160,7 +160,8 @@ def trace(model: nn.Module, blocks_path: str, inputs: torch.Tensor) -> Traced:
     def linear_hook(name):
         def hook(_module, args, output):
             if name not in traced.linears:
-                traced.linears[name] = (args[0], args[0].grad_fn, output.grad_fn)
+                out = output if isinstance(output, torch.Tensor) else output[0]  # a router's (logits, choices)
+                traced.linears[name] = (args[0], args[0].grad_fn, out.grad_fn)
         return hook
 
     def channel_hook(name):

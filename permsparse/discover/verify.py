@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .linears import linear_weight, permute_columns, permute_rows
-from .structure import Adapter, AttentionGeometry, OutputSlice, head_permutation, hidden_size, permute_stream
+from .structure import (Adapter, AttentionGeometry, OutputSlice, head_permutation, hidden_size, permute_stream,
+                        stream_parts)
 from .trace import primary_output, run_model
 
 # Largest difference allowed, relative to the largest reference value: reordered sums only.
@@ -144,6 +145,17 @@ def find_fold(probe: Probe, adapter: Adapter, consumer: str,
     return (), False
 
 
+def off_width(model: nn.Module, adapter: Adapter, width: int) -> list[str]:
+    """Parts found on the residual stream whose channels are not ``width`` (an embedding of another width,
+    a norm of a narrower tensor, a router taken for a writer): named with their width."""
+    parts = stream_parts(model, adapter)
+    widths = [(name, module.weight.shape[1]) for name, module in parts["embeddings"]]
+    widths += [(name, p.numel()) for name, module in parts["norms"] for p in module.parameters(recurse=False)]
+    widths += [(name, linear_weight(module).shape[0]) for name, module in parts["writers"]]
+    widths += [(name, linear_weight(module).shape[1]) for name, module in parts["readers"]]
+    return [f"{name} ({size})" for name, size in widths if size != width]
+
+
 def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool, unplaced: tuple[str, ...] = ()) -> str:
     """Why one permutation of the whole residual stream would change the model's output; "" when a random
     one, applied to every part found, leaves it unchanged."""
@@ -153,7 +165,11 @@ def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool, unpla
         return "the model's output is the final hidden state itself (no head to absorb the permutation)"
     if not adapter.residual_writers or not adapter.residual_readers:
         return "no reader or writer of the residual stream found"
-    perm = _random_perm(hidden_size(probe.model, adapter), SEED)
+    width = hidden_size(probe.model, adapter)
+    narrow = off_width(probe.model, adapter, width)
+    if narrow:
+        return f"parts found on the stream are not {width} wide: {', '.join(narrow[:3])}{' ...' if len(narrow) > 3 else ''}"
+    perm = _random_perm(width, SEED)
     permute_stream(probe.model, adapter, perm)
     try:
         output = probe.run([])[1]

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
 from ..adapters import AttentionGeometry, is_linear, linear_weight, replaced_weights
-from ..calibration import block_output
+from ..calibration import batch_arguments, block_output
 from ..config import Learned, PruneConfig
 from ..images import is_classifier
 from ..objective import DenseStates, Terms, dense_states, hidden_distance, judge_model, model_terms, objective
@@ -231,7 +231,7 @@ def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: Atte
 
     def terms(weights: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         with replaced_weights(block, {**fixed, **weights}):
-            out = block_output(block(inputs, **data.kwargs))
+            out = block_output(block(inputs, **batch_arguments(data.kwargs, len(inputs))))
         return hidden_distance(learned.hidden_loss, out, targets)
 
     def loss_fn(weights: dict[str, Tensor], step: int) -> Tensor:
