@@ -19,14 +19,17 @@ The :class:`Recipe` (seeded, on a fixed two threads):
 - the ``<image>`` token is a new row of the (tied) embedding, zero: its input embedding is always
   replaced by image features and its output logit is 0, so text without images scores as SmolLM2 did;
 - ``pairs`` training images drawn at random (seeded) from the training split less ``holdout`` images
-  held out for choosing the hyper-parameters (``bench/vlm_testbed.py``), each seen once with its
-  caption; AdamW over batches, a linear warm-up then cosine decay;
+  held out for choosing the hyper-parameters, each seen once with its caption; AdamW over batches, a
+  linear warm-up then cosine decay. The learning rate is the best of 3e-4, 1e-3 and 3e-3 on 300 of the
+  held-out images (``bench/vlm_testbed.py``; after 1,024 pairs: 46.3% ten-way accuracy at 3e-3, 22.3%
+  at 1e-3; after 256 pairs all three were near chance); about 0.19 s a pair on two CPU threads;
 - the ViT and the language model frozen (no gradients for their weights).
 
 CIFAR-10's test split is never used for training or for choosing anything; the build records the
 ten-way accuracy and caption perplexity of the result on ``test_images`` of its images (seeded) beside
 the folder (``testbed.json``, with the recipe and the build's seconds). A cached folder built by another
-recipe is built again. Its evaluation: :mod:`permsparse.vlm_eval`.
+recipe is built again. Its evaluation: :mod:`permsparse.vlm_eval`. Built here (two CPU threads): the
+projector trained in 1,550 s; 71.9% ten-way accuracy, caption perplexity 1.158 on 1,000 test images.
 """
 from __future__ import annotations
 
@@ -60,9 +63,9 @@ class Recipe:
     caption: str = "a photo of a {}."  # the class name where {} is; its words are tokenised piece by piece
     vision_feature_layer: int = -1
     vision_feature_select_strategy: str = "full"
-    pairs: int = 3072  # (image, caption) pairs, each image seen once
+    pairs: int = 8192  # (image, caption) pairs, each image seen once
     batch: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of the steps
     holdout: int = 5000  # training images held out (never trained on) for choosing the above
