@@ -42,15 +42,26 @@ class ImageTextWindows:
 
 def pair_text(processor, caption: str) -> str:
     """One image, the question and its caption as the model reads them: its processor's chat template when it
-    has one, else the image placeholder, the question and the caption on lines of their own."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
-        return processor.apply_chat_template(messages, tokenize=False)
+    has one (with the image as a part of the user's turn, or, for a template of text turns, its placeholder
+    at the start of the user's text), else the image placeholder, the question and the caption on lines of
+    their own."""
     token = getattr(processor, "image_token", None)
     if not token:
-        raise ValueError(f"{type(processor).__name__} names no image token and has no chat template: image-text "
-                         "calibration cannot place the image")
+        raise ValueError(f"{type(processor).__name__} names no image token: image-text calibration cannot place the "
+                         "image")
+    if getattr(processor, "chat_template", None):
+        from jinja2 import TemplateError  # what renders chat templates
+
+        turns = ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": caption}]}],
+                 [{"role": "user", "content": f"{token}\n{QUESTION}"}, {"role": "assistant", "content": caption}])
+        for messages in turns:
+            try:
+                text = processor.apply_chat_template(messages, tokenize=False)
+            except (TypeError, ValueError, TemplateError):  # a template of text turns reads no parts
+                continue
+            if token in text:
+                return text
     return f"{token}\n{QUESTION}\n{caption}"
 
 

@@ -353,3 +353,16 @@ def test_cli_prunes_both_towers_of_a_saved_vlm(llava_and_processor, few_images, 
 
     assert torch.isfinite(logits_on(inputs)(load(out))).all()
     assert main(["prune", "--model", str(folder), "--towers", "vision", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_image_text_follows_a_chat_template_of_text_turns(llava_and_processor):
+    """A processor whose chat template reads text turns only (a language model's, as the testbed's) gets
+    the image placeholder at the start of the user's text."""
+    from permsparse.imagetext import pair_text
+
+    _, processor = llava_and_processor
+    assert pair_text(processor, "a photo of a cat.") == "<image>\nWhat is in this picture?\na photo of a cat."
+    processor.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>" + "{{ m['content'] + '\\n' }}"
+                               "{% endfor %}")
+    assert pair_text(processor, "a photo of a cat.") == ("<|user|><image>\nWhat is in this picture?\n"
+                                                         "<|assistant|>a photo of a cat.\n")
