@@ -138,6 +138,31 @@ def _guarded_row(row: Row, protocol: Protocol) -> dict:
         return {"label": row.label, "error": traceback.format_exc()}
 
 
+def guarded(run_row, row: Row, args) -> dict:
+    """``run_row(row, args)``, or the row's label and the error that stopped it (one failing row loses no
+    other)."""
+    import traceback
+
+    try:
+        return run_row(row, args)
+    except Exception:  # noqa: BLE001 - reported in the results and on the console
+        return {"label": row.label, "error": traceback.format_exc()}
+
+
+def run_spawned(rows: list[Row], args, run_row, describe) -> list[dict]:
+    """Every row through ``run_row(row, args)`` in a fresh (spawned) process, ``args.jobs`` at a time (only
+    the labels in ``args.rows`` when given), each printed as it finishes (``describe(result)``)."""
+    if args.rows is not None:
+        rows = [r for r in rows if r.label in args.rows]
+    done: dict[str, dict] = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        for future in as_completed([pool.submit(guarded, run_row, row, args) for row in rows]):
+            r = future.result()
+            done[r["label"]] = r
+            print(f"  FAILED: {r['label']}\n{r['error']}" if "error" in r else f"  done: {describe(r)}", flush=True)
+    return [done[row.label] for row in rows if row.label in done]
+
+
 def machine() -> dict:
     """What a result's last bits depend on beyond the code: Python, platform, CPUs, torch and its kernels."""
     import torch

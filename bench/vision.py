@@ -20,11 +20,9 @@ process (``--model cifar10-vit``, under an hour on 2 cores). Results: ``bench/re
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from common import Row, print_table, save_json
+from common import Row, print_table, run_spawned, save_json
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -74,31 +72,9 @@ def run_row(row: Row, args) -> dict:
     return result
 
 
-def guarded_row(row: Row, args) -> dict:
-    """A row's result, or its label and the error that stopped it (one failing row loses no other)."""
-    import traceback
-
-    try:
-        return run_row(row, args)
-    except Exception:  # noqa: BLE001 - reported in the results and on the console
-        return {"label": row.label, "error": traceback.format_exc()}
-
-
-def run_rows(rows: list[Row], args) -> list[dict]:
-    """Every row in a fresh (spawned) process, ``--jobs`` at a time, printed as each finishes."""
-    if args.rows is not None:
-        rows = [r for r in rows if r.label in args.rows]
-    done: dict[str, dict] = {}
-    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        for future in as_completed([pool.submit(guarded_row, row, args) for row in rows]):
-            r = future.result()
-            done[r["label"]] = r
-            if "error" in r:
-                print(f"  FAILED: {r['label']}\n{r['error']}", flush=True)
-            else:
-                print(f"  done: {r['label']:<28} top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} "
-                      f"({r['prune_s']:.0f} s pruning)", flush=True)
-    return [done[row.label] for row in rows]
+def describe(r: dict) -> str:
+    """A finished row, as the console shows it."""
+    return f"{r['label']:<28} top-1 {r['top1']:.4f} top-5 {r['top5']:.4f} ({r['prune_s']:.0f} s pruning)"
 
 
 def gap_closed(results: list[dict]) -> None:
@@ -148,7 +124,7 @@ def main() -> None:
              else f"{'all' if args.limit is None else f'{args.limit} (seeded)'} CIFAR-10 test images")
     print(f"vision Transformers: {args.model}, calibration {args.nsamples} images of {args.calib} (seed {args.seed}); "
           f"evaluation: {where}", flush=True)
-    results = run_rows(rows, args)
+    results = run_spawned(rows, args, run_row, describe)
     gap_closed(results)
     print_table(results, [("label", "method", ""), ("top1", "top-1", ".4f"), ("top5", "top-5", ".4f"),
                           ("gap", "gap to 50%", ".3f"),

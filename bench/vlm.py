@@ -18,11 +18,9 @@ process (``--model cifar10-vlm``). Results: ``bench/results/vlm.json``.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from common import Row, print_table, save_json
+from common import Row, print_table, run_spawned, save_json
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -73,31 +71,10 @@ def run_row(row: Row, args) -> dict:
     return result
 
 
-def guarded_row(row: Row, args) -> dict:
-    """A row's result, or its label and the error that stopped it (one failing row loses no other)."""
-    import traceback
-
-    try:
-        return run_row(row, args)
-    except Exception:  # noqa: BLE001 - reported in the results and on the console
-        return {"label": row.label, "error": traceback.format_exc()}
-
-
-def run_rows(rows: list[Row], args) -> list[dict]:
-    """Every row in a fresh (spawned) process, ``--jobs`` at a time, printed as each finishes."""
-    if args.rows is not None:
-        rows = [r for r in rows if r.label in args.rows]
-    done: dict[str, dict] = {}
-    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        for future in as_completed([pool.submit(guarded_row, row, args) for row in rows]):
-            r = future.result()
-            done[r["label"]] = r
-            if "error" in r:
-                print(f"  FAILED: {r['label']}\n{r['error']}", flush=True)
-            else:
-                print(f"  done: {r['label']:<30} accuracy {r['accuracy']:.4f} caption ppl {r['caption_ppl']:.3f} "
-                      f"WikiText-2 ppl {r['wikitext2_ppl']:.2f} ({r['prune_s']:.0f} s pruning)", flush=True)
-    return [done[row.label] for row in rows if row.label in done]
+def describe(r: dict) -> str:
+    """A finished row, as the console shows it."""
+    return (f"{r['label']:<30} accuracy {r['accuracy']:.4f} caption ppl {r['caption_ppl']:.3f} "
+            f"WikiText-2 ppl {r['wikitext2_ppl']:.2f} ({r['prune_s']:.0f} s pruning)")
 
 
 def gap_closed(results: list[dict]) -> None:
@@ -142,7 +119,7 @@ def main() -> None:
     print(f"vision-language model {args.model}: language tower on {args.nsamples} x {args.seqlen} tokens of "
           f"{args.calib}, vision tower on {args.vision_nsamples} images of {args.vision_calib} (seed {args.seed}); "
           f"judged on {args.limit} CIFAR-10 test images and {args.text_windows} WikiText-2 windows", flush=True)
-    results = run_rows(rows, args)
+    results = run_spawned(rows, args, run_row, describe)
     gap_closed(results)
     print_table(results, [("label", "row", ""), ("accuracy", "accuracy", ".4f"), ("gap", "gap to dense", ".3f"),
                           ("caption_ppl", "caption ppl", ".3f"), ("wikitext2_ppl", "WikiText-2 ppl", ".2f"),
