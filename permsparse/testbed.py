@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cache import replacing
 from .images import load_images
 from .progress import bar, log
 
@@ -151,20 +149,12 @@ def train(folder: Path, recipe: Recipe = RECIPE, progress: bool = True) -> float
         torch.set_num_threads(threads)
     model.config.id2label = dict(enumerate(train_set.classes))
     model.config.label2id = {name: i for i, name in enumerate(train_set.classes)}
-    staging = Path(tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=folder.parent))
-    replaced = folder.with_name(f".{ALIAS}-replaced-{os.getpid()}")
-    try:
+    with replacing(folder) as staging:  # a testbed of another recipe is replaced
         model.save_pretrained(staging)
         processor().save_pretrained(staging)
         (staging / "testbed.json").write_text(json.dumps(
             {"test_top1": accuracy, "test_images": len(test_set), "seconds": seconds, "threads": TRAIN_THREADS,
              "recipe": asdict(recipe), "torch": torch.__version__}, indent=1))
-        if folder.exists():  # a testbed of another recipe: moved aside, then removed
-            os.replace(folder, replaced)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
     log.info("%s: CIFAR-10 test top-1 %.4f after %d epochs (%.0f s on %d threads)", ALIAS, accuracy, recipe.epochs,
              seconds, TRAIN_THREADS)
     return accuracy

@@ -1,7 +1,8 @@
 """Zero-shot image classification and caption perplexity of a vision-language model on CIFAR-10's test split.
 
-For each image the model reads the testbed's prompt (:class:`permsparse.vlm_testbed.Recipe`) and the
-caption up to the class name (``"a photo of a"``); each of the ten class names is scored by the sum of
+For each image the model reads a prompt (:data:`PROMPT`: SmolLM2's chat format, the image in the user's
+turn, the one the testbed of :mod:`permsparse.vlm_testbed` is trained on) and the caption up to the class
+name (``"a photo of a"``); each of the ten class names is scored by the sum of
 the log-probabilities of its tokens there, and the answer is the name scored highest (ten-way accuracy).
 The caption perplexity is that of the whole true caption (``"a photo of a cat."``), over its tokens.
 The image and the shared text run once per image, the ten continuations then from its key-value cache.
@@ -14,15 +15,81 @@ import inspect
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .images import Images, load_images, preprocess
 from .progress import bar
-from .vlm_testbed import RECIPE, Recipe, Text, text_ids
 
 TASK = "cifar10-vlm"
 SOURCE = "cifar10-test"
+PROMPT = "<|im_start|>user\n<image>\nWhat is in this picture?<|im_end|>\n<|im_start|>assistant\n"
+CAPTION = "a photo of a {}."  # the class name where {} is; its words are tokenised piece by piece
+
+
+class Wording(Protocol):
+    """The text around the image: the prompt (with the image placeholder) and the caption (``{}``: the
+    class name); a testbed's recipe carries both."""
+
+    prompt: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class TaskWording:
+    prompt: str = PROMPT
+    caption: str = CAPTION
+
+
+WORDING = TaskWording()
+
+
+@dataclass(frozen=True)
+class Text:
+    """Token ids of the text around the image: the processor's context (the prompt with the image tokens
+    expanded, then the caption up to the class name), each class name's ids, and the ids after the name."""
+
+    context: list[int]  # prompt and caption prefix, the image tokens expanded
+    caption_start: int  # where the caption begins in ``context``
+    names: list[list[int]]  # each class name's ids (with its leading space)
+    end: list[int]  # the caption after the name ("."); may be empty
+
+    def caption(self, label: int) -> list[int]:
+        """The ids of the whole caption of class ``label`` (the part of the context and the rest)."""
+        return self.context[self.caption_start:] + self.names[label] + self.end
+
+
+def caption_parts(recipe: Wording) -> tuple[str, str]:
+    """The caption before and after the class name: ``("a photo of a", ".")``."""
+    before, after = recipe.caption.split("{}")
+    return before.rstrip(" "), after
+
+
+def text_ids(processor, classes: list[str], recipe: Wording = WORDING, image=None) -> Text:
+    """The :class:`Text` of ``recipe`` for ``processor`` (``image``: any image of the right size, for the
+    processor to count its tokens; a blank one of the image processor's size by default)."""
+    import numpy as np
+
+    if image is None:
+        size = _image_size(processor)
+        image = np.zeros((size, size, 3), dtype=np.uint8)
+    before, after = caption_parts(recipe)
+    tokenizer = processor.tokenizer
+    prompt = processor(text=recipe.prompt, images=image, return_tensors="pt")["input_ids"][0].tolist()
+    context = processor(text=recipe.prompt + before, images=image, return_tensors="pt")["input_ids"][0].tolist()
+    if context[:len(prompt)] != prompt:
+        raise ValueError("the caption prefix changes how the prompt tokenises; end the prompt with a separator")
+    names = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in classes]
+    end = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return Text(context, len(prompt), names, end)
+
+
+def _image_size(processor) -> int:
+    size = getattr(processor.image_processor, "size", None) or {}
+    return int(size.get("height", 32)) if isinstance(size, dict) else 32
+
+
 
 
 @dataclass
@@ -78,7 +145,7 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def evaluate(model, processor, images: Images | str = SOURCE, *, recipe: Recipe = RECIPE, limit: int | None = None,
+def evaluate(model, processor, images: Images | str = SOURCE, *, recipe: Wording = WORDING, limit: int | None = None,
              batch_size: int = 32, progress: bool = True) -> VLMAccuracy:
     """Ten-way accuracy and caption perplexity of ``model`` (with its ``processor``) on ``images`` (a source
     name, CIFAR-10's test split by default); with ``limit``, on that many of them drawn at random (seeded)."""

@@ -36,9 +36,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,8 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cache import replacing
 from .images import Images, load_images
 from .progress import bar, log
+from .vlm_eval import CAPTION, PROMPT, Text, evaluate, text_ids
 
 ALIAS = "cifar10-vlm"
 IMAGE_TOKEN = "<image>"
@@ -59,8 +58,8 @@ RECORD = "testbed.json"
 class Recipe:
     """How the testbed's projector is trained, and the text it is trained on."""
 
-    prompt: str = "<|im_start|>user\n<image>\nWhat is in this picture?<|im_end|>\n<|im_start|>assistant\n"
-    caption: str = "a photo of a {}."  # the class name where {} is; its words are tokenised piece by piece
+    prompt: str = PROMPT  # the evaluation task's wording (:mod:`permsparse.vlm_eval`)
+    caption: str = CAPTION
     vision_feature_layer: int = -1
     vision_feature_select_strategy: str = "full"
     pairs: int = 8192  # (image, caption) pairs, each image seen once
@@ -74,53 +73,6 @@ class Recipe:
 
 
 RECIPE = Recipe()
-
-
-# -- the text ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Text:
-    """Token ids of the text around the image: the processor's context (the prompt with the image tokens
-    expanded, then the caption up to the class name), each class name's ids, and the ids after the name."""
-
-    context: list[int]  # prompt and caption prefix, the image tokens expanded
-    caption_start: int  # where the caption begins in ``context``
-    names: list[list[int]]  # each class name's ids (with its leading space)
-    end: list[int]  # the caption after the name ("."); may be empty
-
-    def caption(self, label: int) -> list[int]:
-        """The ids of the whole caption of class ``label`` (the part of the context and the rest)."""
-        return self.context[self.caption_start:] + self.names[label] + self.end
-
-
-def caption_parts(recipe: Recipe) -> tuple[str, str]:
-    """The caption before and after the class name: ``("a photo of a", ".")``."""
-    before, after = recipe.caption.split("{}")
-    return before.rstrip(" "), after
-
-
-def text_ids(processor, classes: list[str], recipe: Recipe = RECIPE, image=None) -> Text:
-    """The :class:`Text` of ``recipe`` for ``processor`` (``image``: any image of the right size, for the
-    processor to count its tokens; a blank one of the image processor's size by default)."""
-    import numpy as np
-
-    if image is None:
-        size = _image_size(processor)
-        image = np.zeros((size, size, 3), dtype=np.uint8)
-    before, after = caption_parts(recipe)
-    tokenizer = processor.tokenizer
-    prompt = processor(text=recipe.prompt, images=image, return_tensors="pt")["input_ids"][0].tolist()
-    context = processor(text=recipe.prompt + before, images=image, return_tensors="pt")["input_ids"][0].tolist()
-    if context[:len(prompt)] != prompt:
-        raise ValueError("the caption prefix changes how the prompt tokenises; end the prompt with a separator")
-    names = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in classes]
-    end = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    return Text(context, len(prompt), names, end)
-
-
-def _image_size(processor) -> int:
-    size = getattr(processor.image_processor, "size", None) or {}
-    return int(size.get("height", 32)) if isinstance(size, dict) else 32
 
 
 # -- assembling the model ------------------------------------------------------------------------------
@@ -272,8 +224,6 @@ def build(folder: Path, vit, lm, tokenizer, image_processor, train_set: Images, 
     (staging folder, then ``os.replace``), with its record (``testbed.json``: the recipe, the seconds,
     the accuracy and caption perplexity on ``recipe.test_images`` images of ``test_set`` if given, and
     ``notes``); return the record."""
-    from .vlm_eval import evaluate
-
     threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     try:
@@ -290,19 +240,10 @@ def build(folder: Path, vit, lm, tokenizer, image_processor, train_set: Images, 
               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1), "torch": torch.__version__, **(notes or {})}
     if result is not None:
         record.update(test_accuracy=result.accuracy, test_caption_ppl=result.caption_ppl, test_images=result.images)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{ALIAS}-", dir=folder.parent))
-    replaced = folder.with_name(f".{ALIAS}-replaced-{os.getpid()}")
-    try:
+    with replacing(folder) as staging:  # a testbed of another recipe is replaced
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / RECORD).write_text(json.dumps(record, indent=1))
-        if folder.exists():  # a testbed of another recipe: moved aside, then removed
-            os.replace(folder, replaced)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
     if result is not None:
         log.info("%s: ten-way accuracy %.4f, caption perplexity %.3f on %d CIFAR-10 test images; projector trained "
                  "in %.0f s on %d threads", ALIAS, result.accuracy, result.caption_ppl, result.images, seconds,
@@ -332,13 +273,14 @@ def vlm_folder(cache: Path, progress: bool = True) -> Path:
         log.info("the cached %s testbed in %s was built by another recipe; building it again", ALIAS, folder)
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from .models import SMOLLM2_ALIAS, load_model
+    from .smollm2 import ALIAS as SMOLLM2_ALIAS, load_smollm2
 
     vit_folder = testbed_folder(cache, progress=progress)
     log.info("building the %s testbed in %s (once; under an hour on 2 cores)", ALIAS, folder)
     vit = AutoModelForImageClassification.from_pretrained(vit_folder).eval()
     image_processor = AutoImageProcessor.from_pretrained(vit_folder)
-    lm, tokenizer = load_model(SMOLLM2_ALIAS)
+    lm, tokenizer = load_smollm2(cache)
+    lm.eval()
     build(folder, vit, lm, tokenizer, image_processor, load_images("cifar10"), load_images("cifar10-test"),
           progress=progress, notes={"vit_recipe": asdict(VIT_RECIPE), "language_model": SMOLLM2_ALIAS})
     return folder

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from permsparse.models import _one_gguf_reader
+from permsparse.smollm2 import one_gguf_reader
 
 gguf = pytest.importorskip("gguf")
 
@@ -17,7 +17,7 @@ def test_one_gguf_reader_shares_one_parse_per_file_and_restores_the_reader(tmp_p
     writer.write_tensors_to_file()
     writer.close()
     opened = gguf.GGUFReader
-    with _one_gguf_reader():
+    with one_gguf_reader():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling: the same reader
         assert first.get_tensor(0).data.tolist() == np.arange(8).reshape(2, 4).tolist()

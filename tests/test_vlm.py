@@ -17,7 +17,7 @@ from permsparse.adapters import adapter_for
 from permsparse.discover import TowerError, find_towers, vision_tower
 from permsparse.masks import is_nm
 
-from .conftest import CALIB, HOLDOUT, PIXELS, PIXELS_HOLDOUT, export_both_ways, reload, tiny_llama
+from .conftest import CALIB, HOLDOUT, PIXELS, PIXELS_HOLDOUT, export_both_ways, tiny_llama
 
 TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -116,6 +116,17 @@ def linears(model, prefix: str) -> dict[str, torch.Tensor]:
             if isinstance(module, torch.nn.Linear) and name.startswith(prefix)}
 
 
+def assert_only_the_tower_pruned(model, report, untouched: dict[str, torch.Tensor]) -> None:
+    """Every pruned linear is 2:4 through its permutation, and every ``untouched`` linear kept its weight."""
+    perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
+    for layer in report.layers:
+        weight = model.get_submodule(layer.name).weight
+        assert is_nm(weight[:, perms.get(layer.name, torch.arange(weight.shape[1]))], 2, 4), layer.name
+    for name, weight in linears(model, "").items():
+        if name in untouched:
+            assert torch.equal(weight, untouched[name]), f"{name} is outside the pruned tower but changed"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_towers_are_found_and_the_language_stack_is_discovered(kind):
     model = tiny_vlm(kind)
@@ -139,13 +150,7 @@ def test_language_tower_prunes_and_exports_exactly_on_images_and_text(kind, tmp_
     config = PruneConfig(permutation=Search("ria"), binding="shared")
     report = prune(model, None, config, windows=CALIB, holdout=HOLDOUT, progress=False)
     assert report.layers and all(layer.name.startswith(f"{language}.layers.") for layer in report.layers)
-    perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
-    for layer in report.layers:
-        weight = model.get_submodule(layer.name).weight
-        assert is_nm(weight[:, perms.get(layer.name, torch.arange(weight.shape[1]))], 2, 4), layer.name
-    for name, weight in linears(model, "").items():
-        if name in untouched:
-            assert torch.equal(weight, untouched[name]), f"{name} is outside the language tower but changed"
+    assert_only_the_tower_pruned(model, report, untouched)
     assert not torch.allclose(logits_on(inputs)(model), dense)
     fold = export_both_ways(model, config, report, tmp_path, logits_on(inputs))
     assert fold.folded  # o/down fold into v and gate/up within the language tower
@@ -183,14 +188,8 @@ def test_vision_tower_prunes_and_exports_exactly(kind, tmp_path):
     config = PruneConfig(permutation=Search("ria"), binding="shared", towers="vision")
     report = prune(model, None, config, windows=PIXELS, holdout=PIXELS_HOLDOUT, progress=False)
     assert report.layers and all(layer.name.startswith(vision + ".") for layer in report.layers)
-    perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
-    assert perms and set(perms) <= {layer.name for layer in report.layers}
-    for layer in report.layers:
-        weight = model.get_submodule(layer.name).weight
-        assert is_nm(weight[:, perms.get(layer.name, torch.arange(weight.shape[1]))], 2, 4), layer.name
-    for name, weight in linears(model, "").items():
-        if name in untouched:
-            assert torch.equal(weight, untouched[name]), f"{name} is outside the vision tower but changed"
+    assert report.sites and {n for site in report.sites for n in site.linears} <= {layer.name for layer in report.layers}
+    assert_only_the_tower_pruned(model, report, untouched)
     export_both_ways(model, config, report, tmp_path, logits_on(inputs))
 
 

@@ -8,8 +8,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from permsparse.cli import main
 from permsparse.images import Images
 from permsparse.testbed import processor as vit_processor
-from permsparse.vlm_eval import VLMAccuracy, evaluate, score_batch
-from permsparse.vlm_testbed import RECIPE, assemble, build, built_recipe, split, text_ids
+from permsparse.vlm_eval import VLMAccuracy, evaluate, score_batch, text_ids
+from permsparse.vlm_testbed import RECIPE, assemble, build, built_recipe, split
 
 from .conftest import tiny_llama, tiny_vit
 
