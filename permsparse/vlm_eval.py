@@ -146,14 +146,15 @@ def _cache_argument(model) -> str:
 
 
 def evaluate(model, processor, images: Images | str = SOURCE, *, recipe: Wording = WORDING, limit: int | None = None,
-             batch_size: int = 32, progress: bool = True) -> VLMAccuracy:
+             index: torch.Tensor | None = None, batch_size: int = 32, progress: bool = True) -> VLMAccuracy:
     """Ten-way accuracy and caption perplexity of ``model`` (with its ``processor``) on ``images`` (a source
-    name, CIFAR-10's test split by default); with ``limit``, on that many of them drawn at random (seeded)."""
+    name, CIFAR-10's test split by default; ``index``: only those of its images, such as validation images of
+    a training split); with ``limit``, on that many of them drawn at random (seeded)."""
     started = time.perf_counter()
     source = images if isinstance(images, str) else "given images"
     if isinstance(images, str):
         images = load_images(images)
-    order = torch.arange(len(images))
+    order = torch.arange(len(images)) if index is None else index.sort().values
     if limit is not None and limit < len(order):
         order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))[:limit].sort().values]
     if len(order) == 0:

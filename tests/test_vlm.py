@@ -274,6 +274,12 @@ def test_image_text_windows_pack_whole_images_and_feed_them_to_the_model(llava_a
             assert (ids == image).sum() == 16 * len(inputs["pixel_values"]) > 0  # whole images only
     seen = [tuple(p.flatten()[:8].tolist()) for part in (train, held) for w in part.images for p in w["pixel_values"]]
     assert len(seen) == len(set(seen))  # no image in two windows, held-out ones included
+    for part in (train, held):  # the recorded indices name exactly the images in the windows, in order
+        expected = torch.cat([w["pixel_values"] for w in part.images])
+        named = processor.image_processor([few_images.pixels[i].permute(1, 2, 0).numpy() for i in part.index],
+                                          return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(named, expected)
+    assert not set(train.index) & set(held.index)
     adapter = adapter_for(model)
     with images_attached(model, image_table(train, held)):
         captured, _ = capture_block_inputs(model, adapter, train.ids)
@@ -293,6 +299,22 @@ def test_image_text_windows_pack_whole_images_and_feed_them_to_the_model(llava_a
             model(input_ids=ids[None], **inputs)
     handle.remove()
     torch.testing.assert_close(captured, torch.cat(decoder_inputs))  # image features in the stream
+
+
+def test_calibration_images_are_those_the_pruning_run_reads(llava_and_processor, few_images):
+    from permsparse.pipeline import calibration_images, text_windows
+
+    model, processor = llava_and_processor
+    config = PruneConfig(permutation=Learned(steps=1), calibration=Calibration(
+        source="cifar10-captions:1,shakespeare:1", nsamples=4, seqlen=64, holdout=2))
+    _, _, _, table = text_windows(model, processor, config, 2, show=False)
+    read = torch.cat([inputs["pixel_values"] for inputs in table.values()])
+    index = calibration_images(processor, config)
+    named = processor.image_processor([few_images.pixels[i].permute(1, 2, 0).numpy() for i in index],
+                                      return_tensors="pt")["pixel_values"]
+    assert len(index) == len(read) > 0
+    key = lambda p: tuple(p.flatten()[:16].tolist())  # noqa: E731
+    assert sorted(map(key, named)) == sorted(map(key, read))
 
 
 def test_language_tower_calibrates_on_images_and_text(llava_and_processor, few_images, tmp_path):
