@@ -13,6 +13,8 @@ expert; the routers stay dense.
 """
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import time
 import warnings
@@ -42,7 +44,7 @@ from .placement import Placement, arrange_model, block_on, compute_device, input
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .resume import Progress, pack_mask, unpack_mask
 from .scores import compute_score
-from .towers import merged, prefixed, tower_config
+from .towers import merged, prefixed, reading_projector_input, tower_config
 from .update import UPDATES, UpdateResult
 
 
@@ -117,10 +119,11 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
         tower_cfg = tower_config(config, tower, path, given)
         if tower_cfg is None:
             continue
-        report = prune_model(part, getattr(tokenizer, "image_processor", tokenizer) if vision else tokenizer,
-                             tower_cfg, windows=windows if given else None, holdout=holdout if given else None,
-                             labels=labels if given else None, progress=progress, placement=placement,
-                             state_dir=None if state_dir is None else Path(state_dir) / tower)
+        with reading_projector_input(model, part) if vision else contextlib.nullcontext():
+            report = prune_model(part, getattr(tokenizer, "image_processor", tokenizer) if vision else tokenizer,
+                                 tower_cfg, windows=windows if given else None, holdout=holdout if given else None,
+                                 labels=labels if given else None, progress=progress, placement=placement,
+                                 state_dir=None if state_dir is None else Path(state_dir) / tower)
         reports.append(prefixed(report, path) if vision else report)
     if not reports:
         raise ValueError(f"--include {' '.join(config.include)} names no linear of the {config.towers} tower")

@@ -6,11 +6,16 @@ vision tower prunes as a model of its own that reads pixel values, on the image 
 with the image processor; its names are then prefixed with the tower's path, so the report names every
 linear of the whole model. The include/exclude globs name linears of the whole model: for the vision
 tower, a glob that starts with its path loses that prefix, one that starts with ``*`` applies as it is,
-any other names a linear elsewhere. The projector and the embeddings are never pruned.
+any other names a linear elsewhere. The projector and the embeddings are never pruned. While the vision
+tower prunes, its final hidden states are what the projector reads (:func:`reading_projector_input`), so
+its objective aims there.
 """
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+
+from torch import nn
 
 from .config import PruneConfig
 from .data import mixture
@@ -91,3 +96,35 @@ def merged(reports: list[PruneReport]) -> PruneReport:
         if out.distillation is None:
             out.distillation = report.distillation
     return out
+
+
+@contextmanager
+def reading_projector_input(model: nn.Module, tower: nn.Module):
+    """While inside, the ``last_hidden_state`` of ``tower`` (the vision tower of ``model``) is what the
+    projector reads, where the model's config names it (LLaVA's ``vision_feature_layer``: the hidden states of
+    that layer, several concatenated; strategy ``default``: without the class token) instead of the tower's
+    own final (normalised) states; models that read those (Idefics3, Gemma 3, PaliGemma) are left as they are."""
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if layer is None:
+        yield
+        return
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    drop_class = getattr(model.config, "vision_feature_select_strategy", "full") == "default"
+
+    def ask(_module, args, kwargs):
+        return args, {**kwargs, "output_hidden_states": True}
+
+    def read(_module, _args, _kwargs, out):
+        import torch
+
+        states = torch.cat([out.hidden_states[k] for k in layers], dim=-1)
+        out.last_hidden_state = states[:, 1:] if drop_class else states
+        return out
+
+    handles = [tower.register_forward_pre_hook(ask, with_kwargs=True),
+               tower.register_forward_hook(read, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -387,3 +387,28 @@ def test_image_text_follows_a_chat_template_of_text_turns(llava_and_processor):
                                "{% endfor %}")
     assert pair_text(processor, "a photo of a cat.") == ("<|user|><image>\nWhat is in this picture?\n"
                                                          "<|assistant|>a photo of a cat.\n")
+
+
+@pytest.mark.parametrize("layer,strategy", [(-2, "default"), ([-3, -1], "full")])
+def test_vision_tower_objective_reads_what_the_projector_reads(layer, strategy):
+    from transformers import AutoModelForImageTextToText
+
+    from permsparse.towers import reading_projector_input
+
+    config = _config("llava")
+    config.vision_feature_layer, config.vision_feature_select_strategy = layer, strategy
+    config.vision_config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    path, tower = vision_tower(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    seen = []
+    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.model.get_image_features(pixel_values=pixels)
+    handle.remove()
+    with torch.no_grad(), reading_projector_input(model, tower):
+        read = tower(pixels).last_hidden_state
+    torch.testing.assert_close(read, seen[0])
+    with torch.no_grad():  # only inside: the tower's own output is back after
+        assert tower(pixels).last_hidden_state.shape != read.shape
