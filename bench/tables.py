@@ -335,11 +335,9 @@ def render_vlm(data: dict) -> str:
 def render_encoder(data: dict) -> str:
     p = data["protocol"]
     text = "validation" if p.get("eval") == "validation" else "test"
-    steps = f" ({p['steps']} steps)" if p.get("steps") else ""
-    init = f", from the {p['init']} search" if p.get("init") else ""
     line = (f"Protocol: {p['model']}, 2:4 unless stated; calibration {p['nsamples']} x {p['seqlen']} tokens of "
-            f"{p['calib']}, seed {p['seed']}; learned rows with `permsparse prune --perm learned`'s defaults{steps}"
-            f"{init}, judged on {p['holdout']} held-out windows; "
+            f"{p['calib']}, seed {p['seed']}; learned rows with `permsparse prune --perm learned`'s defaults (or "
+            f"the options in brackets), judged on {p['holdout']} held-out windows; "
             f"evaluation on the first {p['sentences']} passages (lines of eight words or more) of WikiText-2 {text}: "
             "sentence cos, the mean cosine of each passage's mean-pooled embedding to the dense model's; nearest "
             "kept, the share of passages whose nearest other passage is the dense model's; token cos, the mean "
@@ -365,6 +363,8 @@ def renderer(name: str, data: dict):
     command = data.get("command", "")
     if command.startswith("python3 bench/learned.py"):
         return render_learned
+    if command.startswith("python3 bench/encoder.py"):
+        return render_encoder
     if command.startswith("python3 bench/oneshot.py"):
         return render_oneshot_seeds if len(data["protocol"].get("seeds") or []) > 1 else render_oneshot
     return None
