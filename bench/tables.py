@@ -350,7 +350,7 @@ def render_encoder(data: dict) -> str:
                                         "peak RSS MB"], rows)
 
 
-RENDERERS = {"demo": render_demo, "vlm": render_vlm, "encoder": render_encoder, "vlm_language": render_vlm, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
+RENDERERS = {"demo": render_demo, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 
