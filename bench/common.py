@@ -47,6 +47,16 @@ class Row:
     config: object | None  # a PruneConfig, or None for the dense model
 
 
+def add_row_args(parser, save_as: str | None = None, threads: int = 1) -> None:
+    """How rows run (``--jobs`` processes of ``--threads`` threads, only ``--rows``) and, with ``save_as``,
+    the JSON file they go to (``--save-as``)."""
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads per row")
+    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
+    if save_as is not None:
+        parser.add_argument("--save-as", default=save_as, help="name of the JSON file under bench/results")
+
+
 def add_protocol_args(parser, evals=("wikitext2", "shakespeare"), seeds: bool = False, reuse: bool = False) -> None:
     """The options every benchmark shares: model, evaluation windows and texts, calibration, seed, jobs;
     with ``seeds``, ``--seeds`` too (every row once per seed, see :func:`seed_suffixes`); with ``reuse``,
@@ -58,9 +68,7 @@ def add_protocol_args(parser, evals=("wikitext2", "shakespeare"), seeds: bool = 
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="also the whole first evaluation text (slow on CPU)")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
-    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
+    add_row_args(parser)
     parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks of every row (lm-evaluation-harness)")
     parser.add_argument("--limit", type=int, default=None, help="first N items of each zero-shot task")
     if reuse:

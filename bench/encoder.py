@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import Row, print_table, run_spawned, save_json
+from common import Row, add_row_args, print_table, run_spawned, save_json
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -106,10 +106,7 @@ def main() -> None:
                         help="WikiText-2's test split, or its validation split (where settings are chosen)")
     parser.add_argument("--sentences", type=int, default=512, help="passages whose pooled embeddings are compared")
     parser.add_argument("--windows", type=int, default=32, help="windows of the per-token cosine")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
-    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
-    parser.add_argument("--save-as", default="encoder", help="name of the JSON file under bench/results")
+    add_row_args(parser, "encoder")
     args = parser.parse_args()
 
     rows = rows_for(args)

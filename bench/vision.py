@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import Row, print_table, run_spawned, save_json
+from common import Row, add_row_args, print_table, run_spawned, save_json
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -108,10 +108,7 @@ def main() -> None:
                         "CIFAR-10 test split, or training images no row calibrates on (where settings are chosen)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate N images, a seeded draw (default: every "
                         "test image; 5,000 validation images)")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
-    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
-    parser.add_argument("--save-as", default="vision", help="name of the JSON file under bench/results")
+    add_row_args(parser, "vision")
     args = parser.parse_args()
 
     from permsparse.models import TESTBED_ALIAS, cache_dir

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import Row, print_table, run_spawned, save_json
+from common import Row, add_row_args, print_table, run_spawned, save_json
 
 from permsparse import Calibration, Learned, PruneConfig, Search
 
@@ -166,10 +166,7 @@ def main() -> None:
     parser.add_argument("--feature-images", type=int, default=512, help="images the vision tower's features are "
                         "compared to the dense model's on (cosine of the projector's input)")
     parser.add_argument("--text-windows", type=int, default=32, help="WikiText-2 test windows")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per row")
-    parser.add_argument("--rows", nargs="*", default=None, help="run only the rows with these labels")
-    parser.add_argument("--save-as", default="vlm", help="name of the JSON file under bench/results")
+    add_row_args(parser, "vlm", threads=2)
     args = parser.parse_args()
 
     from permsparse.models import cache_dir
