@@ -8,7 +8,7 @@ tower on ``--vision-nsamples`` CIFAR-10 training images. Learned rows use ``perm
 learned``'s defaults (``--steps`` and ``--init`` override them). Every row is judged on CIFAR-10's *test*
 split, which nothing calibrates, trains or chooses on (``--limit`` images, a seeded draw): ten-way accuracy
 of the likeliest class name and the true caption's perplexity (:mod:`permsparse.vlm_eval`); the cosine of
-what the projector reads (the vision tower's ``vision_feature_layer``, every token) to the dense model's on
+what the projector reads (the vision tower's ``vision_feature_layer``, per token) to the dense model's on
 ``--feature-images`` of them, the vision tower judged as an encoder; and on the language model's text:
 WikiText-2 test perplexity over its first ``--text-windows`` windows of ``--seqlen`` tokens. The projector
 and embeddings stay dense. Gap closed, on accuracy: (accuracy - that of the same tower's 2:4 without
@@ -63,7 +63,8 @@ def run_row(row: Row, args) -> dict:
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
     result = {"label": row.label, "prune_s": 0.0, "config": None if row.config is None else to_dict(row.config)}
-    pixels = feature_images(processor, args)
+    validation = validation_images(args, processor) if args.eval == "validation" else None
+    pixels = feature_images(processor, args, validation)
     dense_features = projector_input(model, pixels)
     if row.config is not None:
         report = prune(model, processor, row.config, progress=False)
@@ -71,7 +72,7 @@ def run_row(row: Row, args) -> dict:
                       training=to_dict(report.training), prune_peak_rss_mb=peak_rss_mb())
     started = time.perf_counter()
     if args.eval == "validation":
-        scored = evaluate(model, processor, "cifar10", index=validation_images(args), limit=args.limit, progress=False)
+        scored = evaluate(model, processor, "cifar10", index=validation, limit=args.limit, progress=False)
     else:
         scored = evaluate(model, processor, limit=args.limit, progress=False)
     text = perplexity(model, text_tokenizer(processor), seqlen=args.seqlen, windows=args.text_windows,
@@ -83,42 +84,43 @@ def run_row(row: Row, args) -> dict:
     return result
 
 
-def feature_images(processor, args):
+def feature_images(processor, args, validation=None):
     """Pixel values of the images the vision features are compared on: ``--feature-images`` of those the
-    accuracy is scored on (a seeded draw)."""
+    accuracy is scored on (a seeded draw; ``validation``: the validation images' indices)."""
     import torch
 
     from permsparse.images import load_images, preprocess
 
-    source = "cifar10" if args.eval == "validation" else "cifar10-test"
-    pool = validation_images(args) if args.eval == "validation" else torch.arange(len(load_images(source)))
+    source = "cifar10" if validation is not None else "cifar10-test"
+    pool = validation if validation is not None else torch.arange(len(load_images(source)))
     index = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(1))[:args.feature_images]]
     return preprocess(processor.image_processor, load_images(source), index)
 
 
 def projector_input(model, pixels):
-    """What the projector reads of the vision tower on ``pixels``: the hidden states of its
-    ``vision_feature_layer``, every token."""
+    """What the projector reads of the vision tower on ``pixels`` (as the vision tower's objective reads it)."""
     import torch
 
-    with torch.no_grad():
-        out = model.model.vision_tower(pixels, output_hidden_states=True)
-    return out.hidden_states[model.config.vision_feature_layer].float()
+    from permsparse.discover import vision_tower
+    from permsparse.towers import reading_projector_input
+
+    _, tower = vision_tower(model)
+    with torch.no_grad(), reading_projector_input(model, tower):
+        return tower(pixels).last_hidden_state.float()
 
 
-def validation_images(args):
+def validation_images(args, processor):
     """The training images no row reads: those the testbed's projector never trained on, less every image
     the language and the vision tower's calibration (held-out images included) draw."""
     import torch
 
-    from permsparse import Calibration, PruneConfig, load_model
+    from permsparse import Calibration, PruneConfig
     from permsparse.images import calibration_index, image_count
     from permsparse.pipeline import calibration_images
     from permsparse.vlm_testbed import split
 
     total = image_count(args.vision_calib)
     _, held = split(total)
-    _, processor = load_model(args.model)
     language = PruneConfig(calibration=Calibration(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                                                    seed=args.seed, holdout=args.holdout))
     used = torch.cat([calibration_images(processor, language),
@@ -182,7 +184,8 @@ def main() -> None:
     results = run_spawned(rows, args, run_row, describe)
     gap_closed(results)
     print_table(results, [("label", "row", ""), ("accuracy", "accuracy", ".4f"), ("gap", "gap to dense", ".3f"),
-                          ("caption_ppl", "caption ppl", ".3f"), ("feature_cosine", "feature cos", ".4f"), ("wikitext2_ppl", "WikiText-2 ppl", ".2f"),
+                          ("caption_ppl", "caption ppl", ".3f"), ("feature_cosine", "feature cos", ".4f"),
+                          ("wikitext2_ppl", "WikiText-2 ppl", ".2f"),
                           ("prune_s", "prune s", ".0f"), ("eval_s", "eval s", ".0f"),
                           ("peak_rss_mb", "peak MB", ".0f")])
     print(f"saved {save_json(args.save_as, vars(args), results)}")

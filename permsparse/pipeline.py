@@ -14,7 +14,6 @@ expert; the routers stay dense.
 from __future__ import annotations
 
 import contextlib
-
 import fnmatch
 import time
 import warnings

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .config import PruneConfig
@@ -115,8 +116,6 @@ def reading_projector_input(model: nn.Module, tower: nn.Module):
         return args, {**kwargs, "output_hidden_states": True}
 
     def read(_module, _args, _kwargs, out):
-        import torch
-
         states = torch.cat([out.hidden_states[k] for k in layers], dim=-1)
         out.last_hidden_state = states[:, 1:] if drop_class else states
         return out
