@@ -134,8 +134,6 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
     try:
         if state is None:
             judged(0)  # the pruned model as pruning left it
-            if following is not None:
-                following.revive(dense)
         steps = bar(range(first, config.steps), initial=first, total=config.steps, desc="distil kept weights",
                     disable=not progress, leave=False)
         for step in steps:
