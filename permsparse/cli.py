@@ -233,6 +233,11 @@ def run_prune(args) -> int:
     memory = "" if report.peak_device_mb is None else f", peak {report.peak_device_mb:.0f} MB on the GPU"
     log.info("pruned in %.1f s (%s)%s", report.seconds,
              ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.stages.items()), memory)
+    if report.distillation is not None:
+        record = report.distillation
+        log.info("distillation: %d steps, %.2f s per step (judgments included); kept step %d, judged %.4g; "
+                 "%.2f%% of the pruning's kept entries moved out of the masks", len(record.loss),
+                 record.seconds_per_step, record.best_step, record.best_judged, 100 * record.moved)
     if report.dense:
         log.info("kept dense: %d mixture-of-experts routers (%s ...)", len(report.dense), report.dense[0])
     if report.uncalibrated:

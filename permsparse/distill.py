@@ -179,6 +179,8 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
     with torch.no_grad():
         for module, kept in zip(modules, best[2]):
             linear_weight(module).copy_(kept)
+        out = sum(int((mask & (kept == 0).to(mask.device)).sum()) for mask, kept in zip(masks, best[2]))
+        record.moved = out / max(sum(int(mask.sum()) for mask in masks), 1)
     if following is not None:
         following.kept = best[3]
     record.best_judged, record.best_step = best[0], best[1]

@@ -65,13 +65,20 @@ class TrainingRecord:
 class DistillRecord:
     """The history of the distillation of the kept weights: the loss at every step, and ``(step, value)``
     for every judgment on the held-out windows (step 0 is the pruned model before any step); the weights
-    of ``best_step`` were kept."""
+    of ``best_step`` were kept. ``moved`` is the share of the pruning's kept entries that the kept weights'
+    masks no longer keep (0 with fixed masks)."""
 
     loss: list[float]
     judged: list[tuple[int, float]]
     best_judged: float
     best_step: int
     seconds: float
+    moved: float = 0.0
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Wall seconds per step, the held-out judgments included."""
+        return self.seconds / max(len(self.loss), 1)
 
 
 @dataclass

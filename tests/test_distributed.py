@@ -66,17 +66,20 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tiny_llam
     same_checkpoint(tmp_path / "whole", tmp_path / "killed")
 
 
-def test_two_processes_distil_the_weights_of_one_up_to_rounding(tiny_llama_dir, tmp_path):
-    """Each process takes half of every distillation step's windows and the gradients are summed: the same
-    masks, and the same weights up to the order of float additions."""
+@pytest.mark.parametrize("masks", ["fixed", "joint"])
+def test_two_processes_distil_the_weights_of_one_up_to_rounding(tiny_llama_dir, tmp_path, masks):
+    """Each process takes half of every distillation step's windows and the gradients (of the weights, and with
+    joint masks of the permutations' costs) are summed: the same masks and permutations, and the same weights
+    up to the order of float additions."""
     extra = ("--perm", "ria", "--distill-steps", "6", "--distill-batch", "4", "--distill-judge-every", "3",
-             "--distill-lr", "3e-4")
+             "--distill-lr", "3e-4", "--distill-masks", masks)
     run(command(tiny_llama_dir, tmp_path / "one", *extra))
     run(command(tiny_llama_dir, tmp_path / "two", *extra, processes=2))
     wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in wa:
         assert bool(((wa[k] == 0) == (wb[k] == 0)).all()), k
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
-    judged = [json.loads((tmp_path / d / "permsparse.json").read_text())["report"]["distillation"]["judged"]
-              for d in ("one", "two")]
+    reports = [json.loads((tmp_path / d / "permsparse.json").read_text())["report"] for d in ("one", "two")]
+    assert [s["perm"] for s in reports[0]["sites"]] == [s["perm"] for s in reports[1]["sites"]]
+    judged = [report["distillation"]["judged"] for report in reports]
     assert [s for s, _ in judged[0]] == [s for s, _ in judged[1]] == [0, 3, 6]

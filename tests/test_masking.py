@@ -132,3 +132,17 @@ def test_learning_permutations_in_distillation_needs_an_nm_pattern():
         PruneConfig(pattern="50%", distill=Distill(steps=2, masks="joint"))
     with pytest.raises(ValueError, match="learning rates"):
         Distill(steps=2, perm_lr=0.0)
+
+
+def test_the_record_counts_the_kept_entries_that_moved_out_of_the_masks():
+    """Fixed masks keep every entry pruning kept; masks that follow the weights report the share they left,
+    which is the share of the pruning's kept entries now zero in the model."""
+    fixed, fixed_report, _ = distilled("fixed", steps=16)
+    dynamic, report, _ = distilled("dynamic", steps=16)
+    pruned_only = tiny_llama()
+    prune(pruned_only, None, PruneConfig(permutation=Search("ria")), windows=WINDOWS[:8], progress=False)
+    start = {name: w != 0 for name, w in pruned_linears(pruned_only).items()}
+    out = sum(int((start[name] & (w == 0)).sum()) for name, w in pruned_linears(dynamic).items())
+    assert fixed_report.distillation.moved == 0.0
+    assert report.distillation.moved == out / sum(int(m.sum()) for m in start.values()) > 0
+    assert report.distillation.seconds_per_step == report.distillation.seconds / 16
