@@ -302,8 +302,9 @@ def gap_closed_by_seed(results: list[dict], none: str, limit: str) -> None:
 
 def across_seeds(results: list[dict], reference: str) -> list[dict]:
     """Rows labelled ``... | seed S`` grouped by method: per text the mean and standard deviation over the
-    seeds of perplexity and gap closed, and of the gap closed minus ``reference``'s (the method of that
-    name, paired seed by seed); mean pruning seconds. Methods in the order they first appear."""
+    seeds of perplexity and gap closed, and of the perplexity and the gap closed minus ``reference``'s (the
+    method of that name, paired seed by seed, where it has every seed of the method); mean pruning seconds.
+    Methods in the order they first appear."""
     by_method: dict[str, dict[int, dict]] = {}
     for r in results:
         method, seed = seed_of(r["label"])
@@ -313,10 +314,12 @@ def across_seeds(results: list[dict], reference: str) -> list[dict]:
     summary = []
     for method, runs in by_method.items():
         pruned = all(r.get("config") is not None for r in runs.values())
-        row = {"label": method, "seeds": sorted(runs), "ppl": {}, "gap": {}, "gap_minus_ref": {},
+        row = {"label": method, "seeds": sorted(runs), "ppl": {}, "gap": {}, "gap_minus_ref": {}, "ppl_minus_ref": {},
                "prune_s": mean_sd([r["prune_s"] for r in runs.values()])[0] if pruned else None}
         for t in next(iter(runs.values()))["ppl"]:
             row["ppl"][t] = mean_sd([r["ppl"][t] for r in runs.values()])
+            if method != reference and all(t in ref.get(s, {}).get("ppl", {}) for s in runs):
+                row["ppl_minus_ref"][t] = mean_sd([r["ppl"][t] - ref[s]["ppl"][t] for s, r in runs.items()])
             gaps = {s: (r.get("gap") or {}).get(t) for s, r in runs.items()}
             if None in gaps.values():
                 row["gap"][t] = (None, None)

@@ -120,26 +120,28 @@ def render_zeroshot_paired(data: dict) -> str:
 
 def seeds_table(data: dict, results: list[dict], reference: str, strip: str = "") -> str:
     """Each method's mean ± sd over the seeds (perplexity, gap closed) and its gap closed minus
-    ``reference``'s, paired seed by seed; without the gap columns when the run has no rows to take a gap
-    from (no none and unstructured rows)."""
+    ``reference``'s, paired seed by seed; when the run has no rows to take a gap from (no none and
+    unstructured rows), its perplexity minus ``reference``'s instead, paired seed by seed, and the seeds."""
     texts = data["protocol"]["evals"]
     short = reference.removeprefix(strip)
     rows = across_seeds(results, reference)
     gap = any(r["gap"][t][0] is not None for r in rows for t in texts)
-    headers = ["method"]
+    headers = ["method"] + ([] if gap else ["seeds"])
     for t in texts:
-        headers += [f"{TEXTS.get(t, t)} ppl"] + (["gap closed", f"gap - {short}'s"] if gap else [])
+        headers += [f"{TEXTS.get(t, t)} ppl"] + (["gap closed", f"gap - {short}'s"] if gap else [f"- {short}'s"])
     headers.append("pruning s")
     body = []
     for r in rows:
-        cells = [r["label"].removeprefix(strip)]
+        cells = [r["label"].removeprefix(strip)] + ([] if gap else [",".join(map(str, r["seeds"]))])
         for t in texts:
             (m, sd), (g, gsd) = r["ppl"][t], r["gap"][t]
-            minus = r["gap_minus_ref"].get(t)
-            cells.append(f"{m:.2f} ± {sd:.2f}")
+            minus = r["gap_minus_ref"].get(t) if gap else r["ppl_minus_ref"].get(t)
+            cells.append(f"{m:.2f} ± {sd:.2f}" if len(r["seeds"]) > 1 else f"{m:.2f}")
             if gap:
                 cells += ["–" if g is None else f"{g:.3f} ± {gsd:.3f}",
                           "–" if minus is None else f"{minus[0]:+.3f} ± {minus[1]:.3f}"]
+            else:
+                cells.append("–" if minus is None else f"{minus[0]:+.2f} ± {minus[1]:.2f}")
         cells.append(fmt(r["prune_s"], ".0f"))
         body.append(cells)
     return table(headers, body)

@@ -34,9 +34,11 @@ def test_across_seeds_means_and_pairs_by_seed():
     assert summary["c4 | ria"]["gap_minus_ref"] == {}
     assert summary["c4 | learned"]["seeds"] == [0, 1, 2]
     assert "wikitext2" not in summary["c4 | learned"]["gap_minus_ref"]
+    assert "wikitext2" not in summary["c4 | learned"]["ppl_minus_ref"]
     del results[-1]
     learned = {r["label"]: r for r in across_seeds(results, "c4 | ria")}["c4 | learned"]
     assert learned["gap_minus_ref"]["wikitext2"] == pytest.approx(mean_sd([0.3, 0.2]))
+    assert learned["ppl_minus_ref"]["wikitext2"] == pytest.approx(mean_sd([-60.0, -60.0]))
     assert learned["gap"]["wikitext2"] == pytest.approx((0.7, mean_sd([0.8, 0.6])[1]))
 
 
