@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from permsparse import Distill, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
+from permsparse import Distill, Learned, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
 from permsparse.masking import _StraightThrough
 from permsparse.masks import is_nm, permuted_nm_mask
 from permsparse.permute.sinkhorn import perm_matrix, relaxed_weight
@@ -48,16 +48,19 @@ def test_dynamic_masks_change_where_fixed_masks_do_not():
     assert moved > 0  # pruned weights grew back into their groups
 
 
-@pytest.mark.parametrize("host", ["wanda", "admm"])
-def test_the_first_masks_are_the_hosts_own(host):
+@pytest.mark.parametrize("host, permutation", [("wanda", Search("ria")), ("admm", Search("ria")),
+                                               ("wanda", Learned(steps=4, judge_every=2, tile=16, batch=4))],
+                         ids=["wanda-ria", "admm-ria", "wanda-learned"])
+def test_the_first_masks_are_the_hosts_own(host, permutation):
     """The pruned entries start at zero, so the masks chosen from the weights before the first step are the
-    host's own, a weight-updating host's (ADMM) too: the first forward pass runs the pruned model as it was."""
+    host's own through the pruning's permutation (a search's or the frozen-weight learned one), a
+    weight-updating host's (ADMM) too: the first forward pass runs the pruned model as it was."""
     from permsparse.pipeline import following_masks, prune_run, start_run
 
     model = tiny_llama()
-    config = PruneConfig(score=host, permutation=Search("ria"), distill=Distill(steps=1, masks="joint"))
+    config = PruneConfig(score=host, permutation=permutation, distill=Distill(steps=1, masks="joint"))
     run = start_run(model, config, None, False)
-    run.config = PruneConfig(score=host, permutation=Search("ria"))  # prune without distilling: the start
+    run.config = PruneConfig(score=host, permutation=permutation)  # prune without distilling: the start
     prune_run(run, None, WINDOWS[:8], HOLDOUT, None)
     run.config = config
     weights = {name: w.clone() for name, w in pruned_linears(model).items()}
