@@ -435,10 +435,14 @@ def commit() -> str:
 
 
 def save_json(name: str, protocol: dict, results) -> Path:
-    """``bench/results/NAME.json`` with the protocol, the machine, the date and the command line."""
+    """``bench/results/NAME.json`` with the protocol, the machine, the date and the command line (the script
+    named from the checkout's root, wherever it ran from)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
+    script = Path(sys.argv[0]).resolve()
+    root = RESULTS.parents[1]
+    argv = [str(script.relative_to(root)) if script.is_relative_to(root) else sys.argv[0], *sys.argv[1:]]
     payload = {"protocol": protocol, "machine": machine(), "commit": commit(), "date": datetime.date.today().isoformat(),
-               "command": "python3 " + shlex.join(sys.argv), "results": results}
+               "command": "python3 " + shlex.join(argv), "results": results}
     path.write_text(json.dumps(payload, indent=1, default=str))
     return path

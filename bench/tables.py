@@ -141,7 +141,8 @@ def seeds_table(data: dict, results: list[dict], reference: str, strip: str = ""
                 cells += ["–" if g is None else f"{g:.3f} ± {gsd:.3f}",
                           "–" if minus is None else f"{minus[0]:+.3f} ± {minus[1]:.3f}"]
             else:
-                cells.append("–" if minus is None else f"{minus[0]:+.2f} ± {minus[1]:.2f}")
+                spread = "" if minus is None or len(r["seeds"]) == 1 else f" ± {minus[1]:.2f}"
+                cells.append("–" if minus is None else f"{minus[0]:+.2f}{spread}")
         cells.append(fmt(r["prune_s"], ".0f"))
         body.append(cells)
     return table(headers, body)
