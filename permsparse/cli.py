@@ -235,9 +235,10 @@ def run_prune(args) -> int:
              ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.stages.items()), memory)
     if report.distillation is not None:
         record = report.distillation
-        log.info("distillation: %d steps, %.2f s per step (judgments included); kept step %d, judged %.4g; "
-                 "%.2f%% of the pruning's kept entries moved out of the masks", len(record.loss),
-                 record.seconds_per_step, record.best_step, record.best_judged, 100 * record.moved)
+        moved = ("" if config.distill.masks == "fixed"
+                 else f"; {100 * record.moved:.2f}% of the pruning's kept entries moved out of the masks")
+        log.info("distillation: %d steps, %.2f s per step (judgments included); kept step %d, judged %.4g%s",
+                 len(record.loss), record.seconds_per_step, record.best_step, record.best_judged, moved)
     if report.dense:
         log.info("kept dense: %d mixture-of-experts routers (%s ...)", len(report.dense), report.dense[0])
     if report.uncalibrated:

@@ -37,15 +37,21 @@ def test_following_masks_leave_valid_nm_weights_through_the_reported_permutation
     assert check_checkpoint(out).ok
 
 
-def test_dynamic_masks_change_where_fixed_masks_do_not():
-    fixed, _, _ = distilled("fixed", steps=16)
-    dynamic, _, _ = distilled("dynamic", steps=16)
+def test_dynamic_masks_change_where_fixed_masks_do_not_and_the_record_counts_the_entries_that_left():
+    """Fixed masks keep every entry pruning kept; masks that follow the weights move, and the record reports
+    the share of the pruning's kept entries now zero in the model."""
+    fixed, fixed_report, _ = distilled("fixed", steps=16)
+    dynamic, report, _ = distilled("dynamic", steps=16)
     pruned_only = tiny_llama()
     prune(pruned_only, None, PruneConfig(permutation=Search("ria")), windows=WINDOWS[:8], progress=False)
     start = {name: w != 0 for name, w in pruned_linears(pruned_only).items()}
     assert all(torch.equal(w != 0, start[name]) for name, w in pruned_linears(fixed).items())
     moved = sum(int(((w != 0) != start[name]).sum()) for name, w in pruned_linears(dynamic).items())
     assert moved > 0  # pruned weights grew back into their groups
+    out = sum(int((start[name] & (w == 0)).sum()) for name, w in pruned_linears(dynamic).items())
+    assert fixed_report.distillation.moved == 0.0
+    assert report.distillation.moved == out / sum(int(m.sum()) for m in start.values()) > 0
+    assert report.distillation.seconds_per_step == report.distillation.seconds / 16
 
 
 @pytest.mark.parametrize("host, permutation", [("wanda", Search("ria")), ("admm", Search("ria")),
@@ -136,16 +142,3 @@ def test_learning_permutations_in_distillation_needs_an_nm_pattern():
     with pytest.raises(ValueError, match="learning rates"):
         Distill(steps=2, perm_lr=0.0)
 
-
-def test_the_record_counts_the_kept_entries_that_moved_out_of_the_masks():
-    """Fixed masks keep every entry pruning kept; masks that follow the weights report the share they left,
-    which is the share of the pruning's kept entries now zero in the model."""
-    fixed, fixed_report, _ = distilled("fixed", steps=16)
-    dynamic, report, _ = distilled("dynamic", steps=16)
-    pruned_only = tiny_llama()
-    prune(pruned_only, None, PruneConfig(permutation=Search("ria")), windows=WINDOWS[:8], progress=False)
-    start = {name: w != 0 for name, w in pruned_linears(pruned_only).items()}
-    out = sum(int((start[name] & (w == 0)).sum()) for name, w in pruned_linears(dynamic).items())
-    assert fixed_report.distillation.moved == 0.0
-    assert report.distillation.moved == out / sum(int(m.sum()) for m in start.values()) > 0
-    assert report.distillation.seconds_per_step == report.distillation.seconds / 16
