@@ -18,6 +18,14 @@ causal LM with its head, an encoder as its bare model, :func:`permsparse.models.
   reported. Linears that are N:M only through a permutation (the masked layout) are never converted:
   export ``folded`` (optionally with ``fallback="gather"``) to make them 2:4 in storage.
 
+A ``compressed`` checkpoint (:mod:`.compressed`) is built without reading any dense pruned weight: the
+model is made from its config with its parameters left uninitialised (no memory is touched), every
+pruned linear gets its stored form – its ``weight`` then expands for each use, so the model holds the
+compressed bytes plus one dense weight at a time – and the other tensors are loaded one by one. With
+``dense=True`` every pruned linear gets its expanded weight as an ordinary parameter instead (plain HF
+modules, the dense model's memory). Either way the model computes what the masked export computes, bit
+for bit in the same dtype. ``semi_structured=True`` expands (as ``dense=True``) and then converts.
+
 What was done is in ``model.permsparse_deploy``: ``{"gathers": [...], "gather_folds": {...},
 "semi_structured": {"converted": [...], "not_converted": {name: reason}, "storages": ..., "predicted_speedup":
 ..., "bytes": ...} or None}``.
@@ -33,7 +41,8 @@ from ..deploy.convert import BACKENDS, deploy, gpu_problem
 from ..deploy.gathers import GATHER, attach_gathers, fold_gathers, remove_gathers
 from ..deploy.policy import CostKey, read_costs
 from ..models import auto_class
-from ..serial import to_dict
+from ..serial import RecordError, to_dict
+from .compressed import SAVE_DTYPES, attach_stored, read_stored, stored_from_tensors
 from .record import read_record
 
 GATHER_BUFFER = GATHER
@@ -46,7 +55,7 @@ semi_structured_unavailable = gpu_problem
 def load(
     folder: str | Path, device: str | torch.device = "cpu", semi_structured: bool = False,
     dtype: torch.dtype | str = "auto", backend: str = "auto", workload: dict[int, float] | None = None,
-    costs: str | Path | dict[CostKey, float] | None = None,
+    costs: str | Path | dict[CostKey, float] | None = None, dense: bool = False,
 ) -> nn.Module:
     """Load a permsparse checkpoint for inference, with its runtime gathers; see the module docstring.
 
@@ -56,7 +65,8 @@ def load(
     warns and skips. ``backend``: ``auto`` (cuSPARSELt and the Triton kernel, as the policy chooses),
     ``cusparselt`` or ``triton`` alone. ``workload``: calls per token count to expect (default: a
     2048-token prompt and 128 generated tokens). ``costs``: a cost table (or the JSON file ``permsparse
-    speed`` writes) that spares timing the linears at load.
+    speed`` writes) that spares timing the linears at load. ``dense``: a compressed checkpoint's pruned
+    linears as ordinary dense parameters instead of their stored form.
     """
     from transformers import AutoConfig
 
@@ -64,7 +74,10 @@ def load(
         raise ValueError(f"unknown 2:4 backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     folder = Path(folder)
     record = read_record(folder)
-    model = auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
+    if record.export == "compressed":
+        model = load_compressed(folder, dtype, dense=dense or semi_structured)
+    else:
+        model = auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
     model.eval()
     gathers = {name: torch.as_tensor(entry.perm) for name, entry in record.layouts.items() if entry.layout == "gather"}
     attach_gathers(model, gathers)
@@ -85,4 +98,84 @@ def load(
                     info["semi_structured"]["not_converted"][name] = (
                         "2:4 only through its permutation (masked layout); export folded to make it 2:4 in storage")
     model.permsparse_deploy = info
+    return model
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+@torch.no_grad()
+def load_compressed(folder: str | Path, dtype: torch.dtype | str = "auto", dense: bool = False) -> nn.Module:
+    """A compressed checkpoint's model on the CPU: its pruned linears keeping their stored form (``dense``:
+    expanded into ordinary parameters), the other tensors read one at a time, in ``dtype`` (``auto``: the
+    stored one). RecordError (one line) when the files do not describe the model."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    specs, tied, files = read_stored(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    stored_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else SAVE_DTYPES.get(str(config.dtype))
+    if dtype == "auto":
+        dtype = stored_dtype or torch.float32
+    elif isinstance(dtype, str):
+        dtype = SAVE_DTYPES[dtype]
+    with _no_init():  # the parameters stay uninitialised: never touched, they cost no memory before replaced
+        model = auto_class(config).from_config(config, dtype=dtype)
+    owners = dict(model.named_modules())
+    loaded: set[str] = set()
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+
+            def get(key: str):
+                return f.get_tensor(key) if key in keys else None
+
+            for name, spec in specs.items():
+                if f"{name}.weight.values" not in keys:
+                    continue
+                module = owners.get(name)
+                if module is None or "weight" not in module._parameters:
+                    raise RecordError(f"{path.name}: {name} is no linear of this {type(model).__name__}")
+                stored = stored_from_tensors(name, spec, get)
+                problem = stored.problem()
+                if problem:
+                    raise RecordError(f"{path.name}: {name}: {problem}")
+                stored.to(dtype)
+                if dense:
+                    module.weight = nn.Parameter(stored.expand_as_module(), requires_grad=False)
+                else:
+                    attach_stored(module, stored)
+                loaded.add(f"{name}.weight")
+                keys -= {k for k in keys if k.startswith(f"{name}.weight.")}
+            for key in sorted(keys):
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                owner, _, attribute = key.rpartition(".")
+                module = owners.get(owner)
+                if module is None or not (attribute in module._parameters or attribute in module._buffers):
+                    raise RecordError(f"{path.name}: {key} is no parameter or buffer of this {type(model).__name__}")
+                if attribute in module._parameters:
+                    module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+                else:
+                    module._buffers[attribute] = tensor
+                loaded.add(key)
+    for key, source in tied.items():
+        owner, _, attribute = key.rpartition(".")
+        source_owner, _, source_attribute = source.rpartition(".")
+        setattr(owners[owner], attribute, getattr(owners[source_owner], source_attribute))
+        loaded.add(key)
+    expected = set(model.state_dict()) - {k for k in model.state_dict() if ".stored." in k}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise RecordError(f"{folder}: the compressed checkpoint lacks {len(missing)} tensors of the model "
+                          f"(first: {missing[0]})")
     return model

@@ -21,7 +21,7 @@ from ..serial import RecordError, from_dict, to_dict
 from ..zeroshot import TaskResult
 
 FILENAME = "permsparse.json"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 @dataclass
@@ -79,6 +79,30 @@ class Reference:
 
 
 @dataclass
+class StorageRecord:
+    """How the tensors are stored and what they cost: ``dense`` (masked or folded export) or ``compressed``
+    (:mod:`.compressed`), the dtype of the weights, the quantization of the pruned linears (kind, inputs
+    per scale, method; ``none``), the bytes of the weight files, of the pruned linears as stored, and of
+    the same linears dense in bf16, and (compressed) the SHA-256 of every stored linear's expanded weight,
+    signed zeros as +0 (what ``permsparse check`` proves the stored form reproduces)."""
+
+    format: Literal["dense", "compressed"]
+    dtype: str
+    quantization: str
+    group: int | None
+    method: str | None
+    weights_bytes: int
+    pruned_bytes: int
+    pruned_dense_bf16_bytes: int
+    expanded_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pruned_ratio(self) -> float:
+        """Bytes of the pruned linears as stored over the same linears dense in bf16."""
+        return self.pruned_bytes / max(self.pruned_dense_bf16_bytes, 1)
+
+
+@dataclass
 class CheckpointRecord:
     """Everything ``permsparse.json`` holds."""
 
@@ -87,11 +111,12 @@ class CheckpointRecord:
     model: str
     config: PruneConfig
     report: PruneReport
-    export: Literal["masked", "folded"]
+    export: Literal["masked", "folded", "compressed"]
     layouts: dict[str, Layout]
     fold: FoldRecord | None
     plain_hf: bool  # from_pretrained(DIR) alone gives the pruned model's outputs (no runtime gather needed)
     reference: Reference
+    storage: StorageRecord | None  # None: written by format version 4, before it was recorded
     metrics: dict[str, Perplexity | Similarity | Accuracy] = field(default_factory=dict)
     zero_shot: list[TaskResult] = field(default_factory=list)
     command: str = ""
@@ -110,6 +135,9 @@ def read_record(folder: str | Path) -> CheckpointRecord:
         raise FileNotFoundError(f"{folder} has no {FILENAME}: not a permsparse checkpoint")
     data = json.loads(path.read_text())
     version = data.get("format_version") if isinstance(data, dict) else None
+    if version == 4 and "storage" not in data:  # version 5 added only the storage record
+        data = {**data, "format_version": FORMAT_VERSION, "storage": None}
+        version = FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise RecordError(f"{path}: format version {version!r}, this permsparse reads version {FORMAT_VERSION}")
     return from_dict(CheckpointRecord, data, FILENAME)

@@ -54,3 +54,16 @@ class QuantizedWeight:
         weight = torch.empty_like(stored)
         weight[:, self.input_order] = stored
         return weight
+
+
+ATTRIBUTE = "permsparse_quantized"  # where a quantized linear module carries its record
+
+
+def attach(module: torch.nn.Module, quantized: QuantizedWeight) -> None:
+    """Give a linear ``module`` its quantized record: the codes and scales its weight is the dequantization of."""
+    setattr(module, ATTRIBUTE, quantized)
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
+    """Every quantized linear of ``model`` by full module name, with its record (see :func:`attach`)."""
+    return {name: getattr(module, ATTRIBUTE) for name, module in model.named_modules() if hasattr(module, ATTRIBUTE)}
