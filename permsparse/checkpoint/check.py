@@ -1,4 +1,6 @@
-"""Checking a checkpoint: the sparsity pattern of every pruned linear and the recorded logits."""
+"""Checking a checkpoint: the sparsity pattern of every pruned linear and the recorded logits; for a compressed
+checkpoint also its stored form (metadata, positions, scales) and every pruned linear's expanded weight
+against the digest recorded at export."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,8 +11,10 @@ import torch
 from ..adapters import linear_weight
 from ..discover import experts_as_linears
 from ..masks import nm_violation
+from ..serial import RecordError
+from .compressed import read_stored, stored_digest, stored_from_tensors
 from .load import load
-from .record import read_record
+from .record import CheckpointRecord, read_record
 from .reference import compare_reference, model_logits, reference_input
 
 
@@ -28,6 +32,7 @@ class CheckReport:
     layers: dict[str, str] = field(default_factory=dict)
     layouts: dict[str, int] = field(default_factory=dict)
     logits: str = ""
+    storage: str = ""
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -39,6 +44,8 @@ class CheckReport:
         good = sum(1 for v in self.layers.values() if v == "ok")
         out = [f"{self.folder}: {self.format} checkpoint, {self.pattern}, {len(self.layers)} pruned linears ({counts}); "
                f"{good} pass the pattern check", f"reference logits: {self.logits}"]
+        if self.storage:
+            out.insert(1, f"storage: {self.storage}")
         out += [f"FAIL {f}" for f in self.failures]
         out.append("OK" if self.ok else f"FAILED ({len(self.failures)} problems)")
         return out
@@ -63,6 +70,36 @@ def _problem(weight: torch.Tensor, layout: str, perm: list[int] | None, config) 
     return f"not {n}:{m} in storage order ({layout} layout): {problem}" if problem else ""
 
 
+def compressed_failures(folder: Path, record: CheckpointRecord) -> list[str]:
+    """What is wrong with a compressed checkpoint's stored linears: malformed metadata, a pruned linear not
+    stored, positions naming more than N entries of a group (or one twice), scales not finite, an expanded
+    weight whose digest differs from the one recorded at export."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        specs, _, files = read_stored(folder)
+    except (RecordError, FileNotFoundError, SafetensorError, OSError) as err:
+        return [f"compressed metadata: {err}"]
+    failures = [f"{name}: pruned linear not stored compressed" for name in record.layouts if name not in specs]
+    digests = record.storage.expanded_sha256 if record.storage is not None else {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            for name, spec in specs.items():
+                if f"{name}.weight.values" not in keys:
+                    continue
+                try:
+                    stored = stored_from_tensors(name, spec, lambda key: f.get_tensor(key) if key in keys else None)
+                    problem = stored.problem()
+                except (RecordError, ValueError, TypeError) as err:
+                    problem = str(err)
+                if not problem and digests.get(name) != stored_digest(stored.expand()):
+                    problem = "its expanded weight differs from the one recorded at export (SHA-256)"
+                if problem:
+                    failures.append(f"{name}: {problem}")
+    return failures
+
+
 def check_checkpoint(folder: str | Path, *, device: str = "cpu", tolerance: float | None = None) -> CheckReport:
     """Verify a permsparse checkpoint: the pattern of every pruned linear, in its recorded layout, and
     the logits of the recorded input. Never raises for a failed check (see
@@ -71,6 +108,18 @@ def check_checkpoint(folder: str | Path, *, device: str = "cpu", tolerance: floa
     folder = Path(folder)
     record = read_record(folder)
     report = CheckReport(str(folder), record.export, record.config.pattern)
+    storage = record.storage
+    if storage is not None:
+        quant = "" if storage.quantization == "none" else (
+            f", {storage.quantization} ({storage.method}, group {storage.group})")
+        report.storage = (f"{storage.format} {storage.dtype}{quant}; weights {storage.weights_bytes} bytes, pruned linears "
+                          f"{storage.pruned_bytes} bytes = {storage.pruned_ratio:.4f} x their dense bf16 bytes")
+    if record.export == "compressed":
+        report.failures += compressed_failures(folder, record)
+        if report.failures:  # the model cannot be trusted to load as recorded: report the stored form only
+            report.layers = {name: "not checked" for name in record.layouts}
+            report.logits = "not checked (the stored form failed)"
+            return report
     model = load(folder, device=device)
     with experts_as_linears(model):  # packed experts are checked as the linears they were pruned as
         for name, entry in record.layouts.items():

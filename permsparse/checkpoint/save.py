@@ -114,6 +114,20 @@ def save_dtype(export: ExportConfig, model: nn.Module) -> torch.dtype:
     return own if own in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+@torch.no_grad()
+def cast_saved_tensors(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating parameters and persistent buffers of ``model`` to ``dtype`` in place – what a reload of
+    its checkpoint in ``dtype`` holds; non-persistent buffers (rotary frequencies) keep the dtype a model
+    built in ``dtype`` gives them."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buffer.to(dtype)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -208,7 +222,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
     cast = dtype != next(model.parameters()).dtype
     target = model if in_place or not (cast or export.format == "folded") else copy.deepcopy(model)
     if cast:
-        target.to(dtype)
+        cast_saved_tensors(target, dtype)
     reference = record_reference(target)
     fold, stored = None, None
     if export.format in ("masked", "compressed"):
@@ -239,7 +253,8 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
         hf_config.dtype = dtype
         groups = sorted({spec.group for spec in specs.values() if spec.group is not None})
         group = groups[0] if len(groups) == 1 else None
-        kind = quant.kind if _quantizes(config) else "none"
+        kinds = sorted({spec.quant for spec in specs.values() if spec.quant is not None})
+        kind = quant.kind if _quantizes(config) else ("+".join(kinds) or "none")
         hf_config.quantization_config = quantization_config(config.pattern, _dtype_name(dtype), kind, group)
         hf_config.save_pretrained(staging)
         if getattr(target, "generation_config", None) is not None and target.can_generate():

@@ -1,0 +1,304 @@
+"""Compressed checkpoints: N:M kept values + packed positions (or quantized codes + scales), exact reloads."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from permsparse import ExportConfig, PruneConfig, Search, check_checkpoint, export_checkpoint, load, prune
+from permsparse.adapters import linear_weight
+from permsparse.checkpoint.compressed import (StoredWeight, attach_stored, read_stored, store_linear, stored_from_tensors,
+                                              write_stored)
+from permsparse.checkpoint.record import read_record
+from permsparse.cli import main
+from permsparse.deploy.format import compress_nm, decompress_nm, position_bits, position_problem
+from permsparse.quant import QuantizedWeight, attach
+
+from .conftest import BUILDERS, CALIB, INPUT
+from .test_cli import prune_args
+
+COMPRESSED = ExportConfig("compressed")
+
+
+def random_nm(rows: int, width: int, n: int, m: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """A random weight keeping exactly ``n`` of every ``m`` inputs, some groups keeping fewer."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(rows, width // m, m, generator=g).argsort(-1)[..., :n]
+    mask = torch.zeros(rows, width // m, m, dtype=torch.bool).scatter_(-1, keep, True).reshape(rows, width)
+    weight = torch.randn(rows, width, generator=g) * mask
+    weight[0, :m] = 0.0  # a group keeping nothing
+    return weight.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    """Tiny models pruned with RIA permutations, by (family, binding, pattern), built once per module."""
+    cache = {}
+
+    def get(family: str, binding: str = "shared", pattern: str = "2:4"):
+        key = family, binding, pattern
+        if key not in cache:
+            config = PruneConfig(pattern=pattern, permutation=Search("ria"), binding=binding)
+            model = BUILDERS[family]()
+            cache[key] = model, config, prune(model, None, config, windows=CALIB[:4], progress=False)
+        model, config, report = cache[key]
+        return copy.deepcopy(model), config, copy.deepcopy(report)
+
+    return get
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+# --- the N:M layout ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8), (1, 2), (2, 5)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.float8_e4m3fn])
+def test_nm_layout_round_trip_is_exact(n, m, dtype):
+    weight = random_nm(6, m * 5, n, m, torch.float32, seed=n * m)
+    weight = (weight * 8).to(dtype) if dtype == torch.int8 else weight.to(dtype)
+    values, positions = compress_nm(weight, n, m)
+    kept = m * 5 // m * n
+    assert values.shape == (6, kept) and values.dtype == dtype
+    assert positions.shape == (6, -(-kept * position_bits(m) // 8)) and positions.dtype == torch.uint8
+    assert position_problem(positions, kept, n, m) == ""
+    assert torch.equal(decompress_nm(values, positions, n, m).float(), weight.float())
+    transposed = torch.empty(m * 5, 6, dtype=dtype)  # written through a transposed view (GPT-2's Conv1D)
+    decompress_nm(values, positions, n, m, out=transposed.t())
+    assert torch.equal(transposed.t().float(), weight.float())
+
+
+def test_positions_naming_a_slot_twice_or_outside_the_group_are_caught():
+    values, positions = compress_nm(random_nm(4, 32, 2, 4), 2, 4)
+    bad = positions.clone()
+    bad[1, 0] = 0b0101  # row 1, group 0 keeps position 1 twice
+    assert "not 2 distinct increasing positions" in position_problem(bad, 16, 2, 4)
+    values, positions = compress_nm(random_nm(4, 40, 2, 5), 2, 5)  # 3 bits name positions 0..7 of a group of 5
+    bad = positions.clone()
+    bad[2, 0] = 0b111
+    assert "outside its group of 5" in position_problem(bad, 16, 2, 5)
+    with pytest.raises(ValueError, match="not 2:4 in storage order"):
+        compress_nm(torch.ones(2, 8), 2, 4)
+
+
+# --- exact reloads -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,binding", [("llama", "shared"), ("llama", "per-linear"), ("gpt2", "shared"),
+                                            ("gpt2", "per-linear"), ("opt", "shared"), ("opt", "per-linear")])
+def test_compressed_bf16_reloads_bitwise_to_the_masked_export(family, binding, tmp_path, pruned):
+    model, config, report = pruned(family, binding)
+    masked = export_checkpoint(model, None, tmp_path / "masked", config, report,
+                               export=ExportConfig(save_dtype="bfloat16"))
+    folder = export_checkpoint(model, None, tmp_path / "compressed", config, report, export=COMPRESSED)
+    expected = logits(AutoModelForCausalLM.from_pretrained(masked).eval())
+    loaded = load(folder)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    assert torch.equal(logits(loaded), expected)
+    record = read_record(folder)
+    assert record.export == "compressed" and record.storage.format == "compressed" and record.storage.dtype == "bfloat16"
+    stored = 0
+    for layer in report.layers:  # every pruned linear keeps its stored form, no dense parameter
+        module = loaded.get_submodule(layer.name)
+        assert isinstance(module.stored, StoredWeight) and "weight" not in module._parameters
+        assert module.stored.spec.ordered == (record.layouts[layer.name].layout == "masked")
+        stored += module.stored.nbytes
+    assert stored == record.storage.pruned_bytes
+    dense = load(folder, dense=True)  # ordinary modules with ordinary parameters, the same function
+    assert all("weight" in dense.get_submodule(layer.name)._parameters for layer in report.layers)
+    assert torch.equal(logits(dense), expected)
+    result = check_checkpoint(folder)
+    assert result.ok and "bit-identical" in result.logits, result.lines()
+
+
+@pytest.mark.parametrize("pattern", ["4:8", "1:4"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_other_patterns_and_dtypes_reload_exactly(pattern, dtype, tmp_path, pruned):
+    model, config, report = pruned("llama", "per-linear", pattern)
+    masked = export_checkpoint(model, None, tmp_path / "masked", config, report, export=ExportConfig(save_dtype=dtype))
+    folder = export_checkpoint(model, None, tmp_path / "compressed", config, report,
+                               export=ExportConfig("compressed", save_dtype=dtype))
+    assert torch.equal(logits(load(folder)), logits(AutoModelForCausalLM.from_pretrained(masked).eval()))
+    specs, _, _ = read_stored(folder)
+    n, m = config.nm
+    assert {tuple(spec.pattern) for spec in specs.values()} == {(n, m)} and {s.dtype for s in specs.values()} == {dtype}
+    assert check_checkpoint(folder).ok
+
+
+def test_byte_ratios_of_the_stored_linears(tmp_path, pruned):
+    """2:4 bf16 without input orders is 9/16 of the dense bytes exactly; with orders, plus 4 bytes an input."""
+    model, _, _ = pruned("llama")
+    config = PruneConfig(permutation=Search("none"))
+    report = prune(model, None, config, windows=CALIB[:4], progress=False)
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
+    storage = read_record(folder).storage
+    assert storage.pruned_ratio == pytest.approx(0.5625, abs=1e-12)
+    dense = export_checkpoint(model, None, tmp_path / "d", config, report, export=ExportConfig(save_dtype="bfloat16"))
+    dense_storage = read_record(dense).storage
+    assert dense_storage.pruned_ratio == 1.0 and dense_storage.format == "dense"
+    assert storage.weights_bytes < dense_storage.weights_bytes
+    model, config, report = pruned("llama", "per-linear", "4:8")  # 4 kept of 8 with 3-bit positions: 0.5 + 0.09375
+    folder = export_checkpoint(model, None, tmp_path / "48", config, report, export=COMPRESSED)
+    specs, _, _ = read_stored(folder)
+    orders = sum(4 * spec.shape[1] for spec in specs.values() if spec.ordered)
+    entries = sum(spec.shape[0] * spec.shape[1] for spec in specs.values())
+    assert read_record(folder).storage.pruned_bytes == entries * (0.5 + 0.09375) * 2 + orders
+
+
+# --- quantized storage -------------------------------------------------------------------------------------------
+
+def quantized_record(kind: str, weight: torch.Tensor, group: int, order: torch.Tensor | None,
+                     half_scales: bool) -> QuantizedWeight:
+    """Symmetric codes of ``weight[:, order]`` (a plain round-to-nearest, built here)."""
+    stored = weight if order is None else weight[:, order]
+    rows, width = stored.shape
+    top = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}[kind]
+    scales = stored.reshape(rows, width // group, group).abs().amax(-1).clamp_min(1e-8) / top
+    if half_scales:
+        scales = scales.half().float()
+    scaled = stored / scales.repeat_interleave(group, 1)
+    codes = scaled.to(torch.float8_e4m3fn) if kind == "fp8" else scaled.round().clamp(-top - 1, top).to(torch.int8)
+    return QuantizedWeight(kind, codes, scales, group, order)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), None])
+@pytest.mark.parametrize("half_scales", [True, False])
+def test_quantized_storage_round_trips_codes_and_scales_exactly(kind, nm, half_scales, tmp_path):
+    out, width, group = 12, 64, 16
+    order = torch.randperm(width, generator=torch.Generator().manual_seed(1))
+    stored_order = random_nm(out, width, *nm) if nm else torch.randn(out, width)
+    weight = torch.empty_like(stored_order)
+    weight[:, order] = stored_order  # N:M through the input order, as a permuted pruning leaves it
+    record = quantized_record(kind, weight, group, order, half_scales)
+    stored = store_linear(record.weight(torch.bfloat16), nm=nm, order=None, quantized=record, dtype=torch.bfloat16)
+    assert stored.spec.scales == ("float16" if half_scales else "float32")
+    write_stored(tmp_path, stored.tensors("lin"), {"lin": stored.spec}, {}, 10**9)
+    specs, _, files = read_stored(tmp_path)
+    with safe_open(files[0], framework="pt") as f:
+        back = stored_from_tensors("lin", specs["lin"], lambda key: f.get_tensor(key) if key in f.keys() else None)
+    assert back.problem() == ""
+    assert torch.equal(back._scales().float(), record.scales)
+    codes = torch.cat([back._stored_rows(r, r + 1) for r in range(out)])
+    assert torch.equal(codes.float(), record.codes.float()) and torch.equal(back.input_order.long(), order)
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(back.expand(dtype), record.weight(dtype))
+    bits = {"int8": 8, "fp8": 8, "int4": 4}[kind]
+    kept = width if nm is None else width // nm[1] * nm[0]
+    positions = 0 if nm is None else -(-kept * position_bits(nm[1]) // 8)
+    assert back.nbytes == out * (kept * bits // 8 + positions + width // group * (2 if half_scales else 4)) + 4 * width
+
+
+def test_a_quantized_compressed_export_reloads_and_checks_exactly(tmp_path, pruned):
+    model, config, report = pruned("llama", "per-linear")
+    perms = {name: torch.as_tensor(site.perm) for site in report.sites for name in site.linears}
+    records = {}
+    for layer in report.layers:
+        module = model.get_submodule(layer.name)
+        weight = linear_weight(module)
+        records[layer.name] = quantized_record("int4", weight.detach(), 16, perms.get(layer.name), True)
+        with torch.no_grad():
+            weight.copy_(records[layer.name].weight(torch.float32))
+        attach(module, records[layer.name])
+    folder = export_checkpoint(model, None, tmp_path / "q", config, report, export=COMPRESSED)
+    storage = read_record(folder).storage
+    assert storage.quantization == "int4" and storage.group == 16
+    loaded = load(folder)
+    for name, record in records.items():  # the dequantized weights, exactly
+        assert torch.equal(linear_weight(loaded.get_submodule(name)), record.weight(torch.bfloat16))
+    result = check_checkpoint(folder)
+    assert result.ok and "bit-identical" in result.logits, result.lines()
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["weights"] == "int4"
+
+
+# --- refusals and tampering --------------------------------------------------------------------------------------
+
+def test_plain_from_pretrained_refuses_a_compressed_folder(tmp_path, pruned):
+    model, config, report = pruned("llama")
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "permsparse"
+    with pytest.raises(ValueError, match=r"permsparse\.load\(DIR\)"):  # permsparse imported: one line naming it
+        AutoModelForCausalLM.from_pretrained(folder)
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(folder)!r}); print('LOADED')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "LOADED" not in run.stdout  # transformers alone: no weights file, no random model
+    assert "no file named model.safetensors" in run.stderr and "got permsparse" in run.stderr
+
+
+def rewrite(folder, edit):
+    """Apply ``edit(tensors, header)`` to the compressed weights file of ``folder``."""
+    path = folder / "model.permsparse.safetensors"
+    with safe_open(path, framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        header = json.loads(f.metadata()["permsparse"])
+    edit(tensors, header)
+    save_file(tensors, path, metadata={"format": "pt", "permsparse": json.dumps(header)})
+
+
+def test_check_catches_a_tampered_value_positions_and_metadata(tmp_path, pruned, capsys):
+    model, config, report = pruned("llama", "per-linear")
+    name = "model.layers.1.mlp.down_proj"
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
+    assert main(["check", str(folder)]) == 0
+
+    def scale_a_value(tensors, header):
+        tensors[f"{name}.weight.values"][3, 5] *= 1.5
+
+    def repeat_a_position(tensors, header):
+        tensors[f"{name}.weight.positions"][0, 0] = 0b0101
+
+    def claim_another_pattern(tensors, header):
+        header["linears"][name]["pattern"] = [1, 4]
+
+    for edit, message in [(scale_a_value, "differs from the one recorded at export"),
+                          (repeat_a_position, "not 2 distinct increasing positions"),
+                          (claim_another_pattern, "values of shape")]:
+        broken = tmp_path / edit.__name__
+        export_checkpoint(model, None, broken, config, report, export=COMPRESSED)
+        rewrite(broken, edit)
+        result = check_checkpoint(broken)
+        assert not result.ok and any(f.startswith(name) and message in f for f in result.failures), result.failures
+        assert main(["check", str(broken)]) == 1
+        assert name in capsys.readouterr().err
+
+
+def test_bad_export_input_is_refused_and_nothing_is_half_written(tmp_path, tiny_llama_dir, pruned, capsys):
+    assert main(prune_args(tiny_llama_dir, tmp_path / "u", "--pattern", "50%", "--export", "compressed")) == 2
+    assert "compressed export stores N:M or quantized linears" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
+    with pytest.raises(SystemExit):
+        main(prune_args(tiny_llama_dir, tmp_path / "d", "--export", "compressed", "--save-dtype", "float64"))
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown save dtype 'int8'"):
+        ExportConfig("compressed", save_dtype="int8")
+    model, config, report = pruned("llama")
+    name = report.layers[0].name
+    perm = next(torch.as_tensor(site.perm) for site in report.sites if name in site.linears)
+    module = model.get_submodule(name)
+    weight = linear_weight(module)
+    attach(module, quantized_record("int8", weight.detach(), 64, None, False))  # not 2:4 in the identity order
+    with pytest.raises(ValueError, match=f"{name}: cannot be stored compressed: not 2:4 in storage order"):
+        export_checkpoint(model, None, tmp_path / "x", config, report, export=COMPRESSED)
+    attach(module, quantized_record("int8", weight.detach(), 64, perm, False))  # codes that are not the weight
+    with pytest.raises(RuntimeError, match="does not expand to the model's weight"):
+        export_checkpoint(model, None, tmp_path / "x", config, report, export=COMPRESSED)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_a_stored_module_expands_only_while_used():
+    layer = torch.nn.Linear(16, 8, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(random_nm(8, 16, 2, 4))
+    x = torch.randn(3, 16)
+    expected = layer(x)
+    stored = store_linear(layer.weight.detach(), nm=(2, 4), order=None, quantized=None, dtype=torch.float32)
+    attach_stored(layer, stored)
+    assert isinstance(layer, torch.nn.Linear) and "weight" not in layer._parameters
+    assert torch.equal(layer(x), expected)
+    assert {name for name, _ in layer.named_parameters()} == {"bias"}
