@@ -302,3 +302,16 @@ def test_a_stored_module_expands_only_while_used():
     assert isinstance(layer, torch.nn.Linear) and "weight" not in layer._parameters
     assert torch.equal(layer(x), expected)
     assert {name for name, _ in layer.named_parameters()} == {"bias"}
+
+
+def test_prune_check_and_eval_a_compressed_checkpoint_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(prune_args(tiny_llama_dir, out, "--perm", "ria", "--export", "compressed")) == 0
+    record = json.loads((out / "permsparse.json").read_text())
+    assert record["export"] == "compressed" and record["storage"]["dtype"] == "bfloat16"
+    assert not (out / "model.safetensors").exists() and (out / "model.permsparse.safetensors").is_file()
+    assert main(["check", str(out)]) == 0
+    assert "storage: compressed bfloat16" in capsys.readouterr().out
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--seqlen", "64", "--windows", "2", "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["perplexity"]["ppl"] > 1
