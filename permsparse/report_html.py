@@ -738,7 +738,11 @@ def _commands_section(entries: list[_Entry]) -> str:
             facts.append(f"{100 * record.fold.folded_share:.0f}% of permutations folded, "
                          f"{100 * record.fold.storage_nm_share:.0f}% of pruned linears N:M in storage order")
         facts.append("loads with plain from_pretrained" if record.plain_hf
+                     else "needs permsparse.load (compressed weights)" if record.export == "compressed"
                      else "needs permsparse.load (runtime gathers)")
+        if record.storage is not None:
+            facts.append(f"{record.storage.dtype} weights, {record.storage.weights_bytes / 1e6:.1f} MB; pruned linears "
+                         f"{record.storage.pruned_ratio:.3f}x their dense bf16 bytes")
         command = (f'<pre class="command">{_e(record.command)}</pre>' if record.command
                    else '<p class="note">No command line was recorded (the checkpoint was written through the '
                         "Python API).</p>")
