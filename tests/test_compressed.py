@@ -132,7 +132,7 @@ def test_other_patterns_and_dtypes_reload_exactly(pattern, dtype, tmp_path, prun
 
 
 def test_byte_ratios_of_the_stored_linears(tmp_path, pruned):
-    """2:4 bf16 without input orders is 9/16 of the dense bytes exactly; with orders, plus 4 bytes an input."""
+    """2:4 bf16 without input orders is 9/16 of the dense bytes exactly; with orders, plus 2 bytes an input."""
     model, _, _ = pruned("llama")
     config = PruneConfig(permutation=Search("none"))
     report = prune(model, None, config, windows=CALIB[:4], progress=False)
@@ -146,7 +146,7 @@ def test_byte_ratios_of_the_stored_linears(tmp_path, pruned):
     model, config, report = pruned("llama", "per-linear", "4:8")  # 4 kept of 8 with 3-bit positions: 0.5 + 0.09375
     folder = export_checkpoint(model, None, tmp_path / "48", config, report, export=COMPRESSED)
     specs, _, _ = read_stored(folder)
-    orders = sum(4 * spec.shape[1] for spec in specs.values() if spec.ordered)
+    orders = sum(2 * spec.shape[1] for spec in specs.values() if spec.ordered)
     entries = sum(spec.shape[0] * spec.shape[1] for spec in specs.values())
     assert read_record(folder).storage.pruned_bytes == entries * (0.5 + 0.09375) * 2 + orders
 
@@ -192,7 +192,7 @@ def test_quantized_storage_round_trips_codes_and_scales_exactly(kind, nm, half_s
     bits = {"int8": 8, "fp8": 8, "int4": 4}[kind]
     kept = width if nm is None else width // nm[1] * nm[0]
     positions = 0 if nm is None else -(-kept * position_bits(nm[1]) // 8)
-    assert back.nbytes == out * (kept * bits // 8 + positions + width // group * (2 if half_scales else 4)) + 4 * width
+    assert back.nbytes == out * (kept * bits // 8 + positions + width // group * (2 if half_scales else 4)) + 2 * width
 
 
 def test_a_quantized_compressed_export_reloads_and_checks_exactly(tmp_path, pruned):

@@ -12,8 +12,8 @@ linear ``NAME``:
 - ``NAME.weight.positions`` (uint8, N:M only): the packed positions;
 - ``NAME.weight.scales`` (quantized only): ``(out, in / group)``, float16 when every scale is exactly a
   float16 (then 4-bit 2:4 weights in groups of 128 take under 20% of their dense bf16 bytes), else float32;
-- ``NAME.weight.input_order`` (int32, only when not the identity): stored column j reads input
-  ``input_order[j]``.
+- ``NAME.weight.input_order`` (int16, int32 beyond 32767 inputs; only when not the identity): stored
+  column j reads input ``input_order[j]``.
 
 The files are safetensors named ``model.permsparse*.safetensors`` – not ``model.safetensors``, so a plain
 ``from_pretrained`` of the folder never loads a model with missing (randomly initialised) weights; every
@@ -238,6 +238,11 @@ class StoredWeight(nn.Module):
         return ""
 
 
+def _index_dtype(width: int) -> torch.dtype:
+    """The narrowest signed integer type that indexes ``width`` inputs (int16 up to 32767)."""
+    return torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def store_linear(weight: torch.Tensor, *, nm: tuple[int, int] | None, order: torch.Tensor | None,
                  quantized: QuantizedWeight | None, dtype: torch.dtype, transposed: bool = False) -> StoredWeight:
     """The stored form of a linear whose dense ``(out, in)`` weight (its own input order) is ``weight``:
@@ -268,7 +273,7 @@ def store_linear(weight: torch.Tensor, *, nm: tuple[int, int] | None, order: tor
                       None if quantized is None else quantized.kind, None if quantized is None else quantized.group,
                       None if scales is None else str(scales.dtype).removeprefix("torch."), transposed, order is not None)
     return StoredWeight(spec, values.cpu(), None if positions is None else positions.cpu(), scales,
-                        None if order is None else order.to(torch.int32).cpu())
+                        None if order is None else order.to(_index_dtype(weight.shape[1])).cpu())
 
 
 def stored_digest(weight: torch.Tensor) -> str:
