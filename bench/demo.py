@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import print_table, save_json
 
-from permsparse.models import load_model
+from permsparse.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"none": [], "ria": ["--perm", "ria"], "learned (default)": ["--perm", "learned"]}

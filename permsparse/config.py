@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .data import SELF, mixture
+from .data.text import SELF, mixture
 from .serial import from_dict, to_dict
 
 SEARCH_METHODS = ("none", "cp", "ria", "output")
@@ -189,10 +189,10 @@ class Distill:
     Every pruned linear's kept weights train towards the dense model's outputs, on fresh windows of the
     calibration text, one batch per step (AdamW, a short warm-up, then cosine decay); the weights judged
     best on the held-out windows are kept. The objective is that of the learned permutation
-    (:mod:`permsparse.objective`): KL from the dense model's next-token distributions by default, so the
+    (:mod:`permsparse.permute.objective`): KL from the dense model's next-token distributions by default, so the
     pruned model follows the dense model rather than the calibration text's tokens. Each N:M (or
     unstructured) mask stays as pruning chose it, or follows the weights as they train, through a fixed or
-    a learned permutation (``masks``, :mod:`permsparse.masking`).
+    a learned permutation (``masks``, :mod:`permsparse.train.following_masks`).
     """
 
     steps: int = option(0, "steps of distillation of the kept weights after pruning (0: none)", flag="--distill-steps")

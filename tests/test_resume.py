@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from permsparse.report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
-from permsparse.resume import Progress, pack_mask, unpack_mask
+from permsparse.run.resume import Progress, pack_mask, unpack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def test_progress_of_another_configuration_is_refused(tmp_path):
 
 
 def test_nothing_in_the_package_unpickles():
-    source = (ROOT / "permsparse" / "resume.py").read_text()
+    source = (ROOT / "permsparse" / "run" / "resume.py").read_text()
     assert "torch.load" not in source and "pickle" not in source.replace("pickle files", "")
     for path in (ROOT / "permsparse").rglob("*.py"):
         text = path.read_text()

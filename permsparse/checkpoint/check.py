@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import linear_weight
+from ..discover.adapters import linear_weight
 from ..discover import experts_as_linears
-from ..masks import nm_violation
+from ..sparsity.masks import nm_violation
 from .load import load
 from .record import read_record
 from .reference import compare_reference, model_logits, reference_input

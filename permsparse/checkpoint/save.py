@@ -25,10 +25,10 @@ from typing import Literal
 from torch import nn
 
 from ..config import PruneConfig, check_choices, option
-from ..evaluation import Perplexity, Similarity
-from ..images import Accuracy
+from ..evaluate.measures import Perplexity, Similarity
+from ..data.images import Accuracy
 from ..report import PruneReport
-from ..zeroshot import TaskResult
+from ..evaluate.zeroshot import TaskResult
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers
 from .record import FORMAT_VERSION, CheckpointRecord, write_record

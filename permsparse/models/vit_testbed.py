@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cache import replacing
-from .images import load_images
-from .progress import bar, log
+from ..run.cache import replacing
+from ..data.images import load_images
+from ..run.progress import bar, log
 
 ALIAS = "cifar10-vit"
 MEAN = (0.4914, 0.4822, 0.4465)

@@ -28,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import distributed
-from .report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
-from .serial import from_dict, to_dict
+from ..report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
+from ..serial import from_dict, to_dict
 
 MANIFEST = "progress.json"
 SUFFIX = ".safetensors"

