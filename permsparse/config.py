@@ -8,7 +8,6 @@ result). Each field's help text lives beside it; the command line is built from 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import typing
@@ -16,28 +15,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .data.text import SELF, mixture
-from .serial import from_dict, to_dict
+from .serial import check_choices, from_dict, option, to_dict
 
 SEARCH_METHODS = ("none", "cp", "ria", "output")
 TEST_SOURCES = ("wikitext2",)  # evaluation text: refused for calibration unless asked for explicitly
-
-
-def option(default, help: str, flag: str | None = None):
-    """A config field with its command-line help (and flag, when it is not ``--field-name``)."""
-    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def check_choices(record) -> None:
-    """Every ``Literal`` field of ``record`` holds one of its values."""
-    hints = typing.get_type_hints(type(record))
-    for f in dataclasses.fields(record):
-        kind = hints[f.name]
-        if typing.get_origin(kind) is Literal and getattr(record, f.name) not in typing.get_args(kind):
-            choices = ", ".join(map(str, typing.get_args(kind)))
-            raise ValueError(f"unknown {f.name.replace('_', ' ')} {getattr(record, f.name)!r}; choose one of {choices}")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | float:

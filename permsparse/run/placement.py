@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import check_choices, option
+from ..serial import check_choices, option
 from ..discover import find_blocks
 from .memory import available_bytes, resident_bytes
 
