@@ -76,6 +76,11 @@ import torch
 from permsparse import find_permutation
 from permsparse.cache import cache_dir
 assert str(cache_dir()) == "/tmp/rehearsal-cache"
+hidden = ("scipy", "platformdirs")  # nothing of theirs bound in a permsparse module (were they loaded already)
+bound = [f"{name}.{key}" for name, module in list(sys.modules.items()) if name.startswith("permsparse")
+         for key, value in vars(module).items()
+         if str(getattr(value, "__module__", None) or getattr(value, "__name__", "")).split(".")[0] in hidden]
+assert not bound, f"bound at import time: {bound}"
 scores = torch.rand(8, 16, generator=torch.Generator().manual_seed(0))
 assert find_permutation(scores, 2, 4, "cp").shape == (16,)
 for name in [m for m in sys.modules if m.split(".")[0] == "scipy"]:  # loaded by another package: gone too
