@@ -445,9 +445,9 @@ def run_speed(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="permsparse", description=__doc__.splitlines()[0])
-    from importlib.metadata import version
+    from .run.version import package_version
 
-    parser.add_argument("--version", action="version", version=version("permsparse"))
+    parser.add_argument("--version", action="version", version=package_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)

@@ -75,6 +75,7 @@ def test_every_kind_of_value_comes_back_as_it_was(tmp_path):
         assert set(file.metadata()) == {"permsparse"}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_tensors_on_a_gpu_come_back_on_the_cpu(tmp_path):
     value = every_kind("cuda")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from ..evaluate.measures import Perplexity, Similarity
 from ..data.images import Accuracy
 from ..report import PruneReport
 from ..evaluate.zeroshot import TaskResult
+from ..run.version import package_version
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers
 from .record import FORMAT_VERSION, CheckpointRecord, write_record
@@ -105,7 +105,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
         if not ok:
             raise RuntimeError(f"folded model does not reproduce the masked model's logits: {detail}")
         fold.verified = detail
-    record = CheckpointRecord(FORMAT_VERSION, version("permsparse"), model_name, config, report, export.format, layouts, fold,
+    record = CheckpointRecord(FORMAT_VERSION, package_version(), model_name, config, report, export.format, layouts, fold,
                               not any(entry.layout == "gather" for entry in layouts.values()), reference,
                               dict(metrics or {}), list(zero_shot or []), command)
     staging = partial_dir(out)

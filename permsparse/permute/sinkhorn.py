@@ -16,8 +16,9 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from .assignment import linear_sum_assignment
 
 
 def log_sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
