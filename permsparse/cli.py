@@ -23,13 +23,17 @@ from transformers.utils import logging as hf_logging
 
 from . import data, distributed
 from .checkpoint.check import check_checkpoint
+from .checkpoint.digest import record_digest
 from .checkpoint.load import load
+from .checkpoint.output import check_free_space, claimed, describe_os_error
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
 from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, Search
 from .evaluation import embedding_similarity, perplexity, sentence_similarity
+from .limits import check_context, output_bytes
 from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
 from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS, is_vlm, load_model, load_preprocessor, text_tokenizer
 from .placement import DTYPES, Placement, compute_device, compute_dtype, input_device, place
+from .resume import saved_notes
 from .serial import to_dict
 from .towers import tower_source
 from .vlm_eval import TASK as VLM_TASK
@@ -109,8 +113,18 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         if learned:
             raise ValueError(f"{_flags_of(Learned, learned)} only apply to --perm learned")
         permutation = Search(method=method, **search)
-    return PruneConfig(permutation=permutation, calibration=Calibration(**given(args, Calibration)),
-                       distill=Distill(**given(args, Distill)), **given(args, PruneConfig))
+    distill = given(args, Distill)
+    if not distill.get("steps") and set(distill) - {"steps"}:
+        raise ValueError(f"{_flags_of(Distill, sorted(set(distill) - {'steps'}))} only apply with --distill-steps "
+                         "above 0 (no distillation runs without it)")
+    config = PruneConfig(permutation=permutation, calibration=Calibration(**given(args, Calibration)),
+                         distill=Distill(**distill), **given(args, PruneConfig))
+    if "update_mask" in given(args, PruneConfig) and not config.updates:
+        raise ValueError(f"--update-mask only applies to the weight-updating hosts (--score sparsegpt or admm), "
+                         f"not --score {config.score}")
+    if "compensate" in search and config.permutation.method != "output":
+        raise ValueError("--no-compensate only applies to --perm output")
+    return config
 
 
 def _add_prune(sub) -> None:
@@ -119,6 +133,8 @@ def _add_prune(sub) -> None:
                    help=f"hub id, HF folder, .gguf file, {SMOLLM2_ALIAS!r} or {TESTBED_ALIAS!r} (a CIFAR-10 ViT built here)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    p.add_argument("--allow-dense", action="store_true",
+                   help="save the model even when the pattern prunes none of its linears (refused otherwise)")
     p.add_argument("--eval-windows", type=int, default=16,
                    help="windows (of --seqlen tokens) of each --eval-texts text to evaluate after pruning; 0 skips")
     p.add_argument("--eval-texts", default="wikitext2,shakespeare",
@@ -168,7 +184,10 @@ def _add_check(sub) -> None:
     p = sub.add_parser("check", help="verify a checkpoint: N:M of every pruned linear and the recorded logits")
     p.add_argument("folder")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tolerance", type=float, default=None, help="relative logits tolerance (default by dtype)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="relative logits tolerance (default: ours by the weights' dtype, never the checkpoint's)")
+    p.add_argument("--expect", default=None, metavar="DIGEST",
+                   help="fail unless the record's digest (printed at export and by check) is DIGEST")
 
 
 def _tasks(spec: str) -> list[str]:
@@ -199,11 +218,13 @@ def run_report(args) -> int:
 
 
 def run_prune(args) -> int:
-    from .pipeline import prune
-
     tasks = _tasks(args.eval_tasks)
     config = config_from_args(args)
     export = ExportConfig(**given(args, ExportConfig))
+    if "fallback" in given(args, ExportConfig) and export.format != "folded":
+        raise ValueError(f"--fold-fallback only applies to --export folded, not --export {export.format}")
+    if args.eval_limit is not None and not tasks:
+        raise ValueError("--eval-limit only applies with --eval-tasks")
     check_export(export, config)
     check_output_free(args.out, args.overwrite)
     distributed.initialise()  # under torchrun: rank 0 logs, evaluates and writes; every rank prunes
@@ -212,14 +233,31 @@ def run_prune(args) -> int:
     dtype = compute_dtype(args.dtype, device)
     main_rank = distributed.is_main()
     staging = partial_dir(args.out)
-    if args.overwrite and staging.exists() and main_rank:
-        shutil.rmtree(staging)
-    distributed.barrier()
-    _logging(staging / "log.txt" if main_rank else None, quiet=not main_rank)
+    with claimed(staging, args.out, fresh=args.overwrite and main_rank, lock=main_rank):
+        distributed.barrier()
+        _logging(staging / "log.txt" if main_rank else None, quiet=not main_rank)
+        try:
+            return _prune_claimed(args, config, export, tasks, placement, device, dtype, staging)
+        finally:
+            _logging()  # the run's log.txt closed, whether it is kept or not
+
+
+def _prune_claimed(args, config: PruneConfig, export: ExportConfig, tasks: list[str], placement: Placement, device,
+                   dtype, staging: Path) -> int:
+    """``prune`` once its output folder is claimed: load, check the limits, prune, evaluate, export."""
+    from .pipeline import prune
+
+    main_rank = distributed.is_main()
     log.info("%s", args.command_line)
     log.info("config: %s", json.dumps(to_dict(config)))
     log.info("device %s (--device %s), dtype %s", device, placement.device, str(dtype).removeprefix("torch."))
     model, tokenizer = load_model(args.model, dtype)  # a vision-language model: its processor
+    check_context(model, config.calibration.seqlen, "--seqlen")
+    if main_rank:
+        check_free_space(staging, output_bytes(model, config), "the checkpoint and the run's progress")
+    notes = saved_notes(staging / ".resume")
+    if notes:
+        log.info("resuming from %s: %s", staging, "; ".join(notes))
     texts = [t for t in args.eval_texts.split(",") if t]
     text_only = text_tokenizer(tokenizer)
     if args.eval_windows != 0 and not reads_images(model) and config.towers != "vision":
@@ -227,7 +265,7 @@ def run_prune(args) -> int:
             data.check_disjoint(text_only, tower_source(config.calibration.source, "language") if is_vlm(model)
                                 else config.calibration.source, text, config.calibration.seqlen, args.eval_windows)
     report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank,
-                   placement=placement)
+                   placement=placement, allow_dense=args.allow_dense)
     if not main_rank:
         return 0
     memory = "" if report.peak_device_mb is None else f", peak {report.peak_device_mb:.0f} MB on the GPU"
@@ -258,7 +296,8 @@ def run_prune(args) -> int:
     export_checkpoint(model, tokenizer, args.out, config, report, export=export, model_name=args.model,
                       metrics=metrics, zero_shot=zero_shot_results, command=args.command_line, overwrite=args.overwrite,
                       in_place=True)
-    log.info("saved %s (%.1f s pruning, peak RSS %.0f MB)", args.out, report.seconds, report.peak_rss_mb)
+    log.info("saved %s (%.1f s pruning, peak RSS %.0f MB); record digest %s", args.out, report.seconds,
+             report.peak_rss_mb, record_digest(args.out))
     _logging()
     return 0
 
@@ -359,6 +398,8 @@ def run_eval(args) -> int:
         dense_name = read_record(args.model).model
     else:
         model, tokenizer = load_model(args.model, dtype)
+    if args.windows != 0 and args.task is None:
+        check_context(model, args.seqlen, "--seqlen")
     place(model, placement)
     out: dict = {"model": args.model}
     if args.task == VLM_TASK or (args.task and is_vlm(model)):
@@ -392,9 +433,12 @@ def run_eval(args) -> int:
 
 def run_check(args) -> int:
     try:
-        report = check_checkpoint(args.folder, device=args.device, tolerance=args.tolerance)
-    except (FileNotFoundError, ValueError, OSError) as err:
+        report = check_checkpoint(args.folder, device=args.device, tolerance=args.tolerance, expect=args.expect)
+    except (FileNotFoundError, ValueError) as err:
         print(f"permsparse: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"permsparse: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     print("\n".join(report.lines()), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
@@ -441,6 +485,14 @@ def run_speed(args) -> int:
     return 0
 
 
+def _kept(args) -> str:
+    """What an interrupted prune leaves to resume from, in words (nothing for other commands)."""
+    out = getattr(args, "out", None)
+    if args.command != "prune" or out is None or not saved_notes(partial_dir(out) / ".resume"):
+        return ""
+    return f" ({partial_dir(out)} keeps the progress: rerun the same command to resume)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="permsparse", description=__doc__.splitlines()[0])
     from importlib.metadata import version
@@ -466,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except USER_ERRORS as err:
         print(f"permsparse: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unwritable or full disk, a file that vanished: named, progress kept
+        print(f"permsparse: error: {describe_os_error(err)}{_kept(args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("permsparse: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -229,6 +229,11 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
             with block_on(run.blocks[i], run.device), run.report.timed("pruning"):
                 apply_plan(run, plan_block(run, i, {}, None))
     else:
+        if windows is None and not images.reads_images(model):  # what cannot fit is refused before the draw
+            counts = (config.calibration.nsamples, config.calibration.holdout if config.judged else 0)
+            check_memory(model, adapter.blocks_path, config,
+                         *(torch.zeros(()).expand(n, config.calibration.seqlen) for n in counts), run.device,
+                         run.offloaded)
         with run.report.timed("calibration"):
             calib = calibration(model, tokenizer, config, windows, holdout, labels, show=progress)
         calib = CalibrationSet(*(run.to_device(t) for t in (calib.windows, calib.holdout)),

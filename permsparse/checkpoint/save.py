@@ -29,6 +29,7 @@ from ..evaluation import Perplexity, Similarity
 from ..images import Accuracy
 from ..report import PruneReport
 from ..zeroshot import TaskResult
+from .digest import tensor_digests
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers
 from .record import FORMAT_VERSION, CheckpointRecord, write_record
@@ -64,6 +65,8 @@ def partial_dir(out: str | Path) -> Path:
 def check_output_free(out: str | Path, overwrite: bool) -> None:
     """Refuse an existing output folder unless told to overwrite; call before any long work."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is a file, not a folder: --overwrite replaces only folders")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
 
@@ -113,6 +116,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
     target.save_pretrained(staging, max_shard_size=SHARD)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
+    record.tensors = tensor_digests(staging)
     write_record(staging, record)
     shutil.rmtree(staging / ".resume", ignore_errors=True)
     if out.exists():
