@@ -143,3 +143,159 @@ def test_a_sigkill_between_two_progress_files_resumes(tiny_llama_dir, tmp_path):
 
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the command line: one line of error, a non-zero exit, nothing lost or changed ----
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    folder = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def prune_args(model, out, *extra):
+    return ["prune", "--model", str(model), "--calib", SHAKESPEARE, "--nsamples", "4", "--seqlen", "32",
+            "--eval-windows", "0", "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model_dir, tmp_path_factory):
+    """A pruned checkpoint (2:4, RIA permutations, folded), made once; tests tamper with copies."""
+    from permsparse.cli import main
+
+    out = tmp_path_factory.mktemp("checkpoint") / "pruned"
+    assert main(prune_args(model_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 0
+    return out
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def fails(argv, capsys, code=2, message=""):
+    """Run the command; assert it exits ``code`` with exactly one error line (holding ``message``) and no
+    traceback; return that line."""
+    from permsparse.cli import main
+
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("permsparse: error:")]
+    assert len(errors) == 1, err
+    assert message in errors[0], errors[0]
+    return errors[0]
+
+
+def unchanged(before: dict[str, bytes], folder: Path) -> None:
+    """``folder`` holds what it held (its run log may only have grown)."""
+    after = snapshot(folder) if folder.exists() else {}
+    assert set(after) == set(before)
+    for name, data in before.items():
+        if name.endswith("log.txt"):
+            assert after[name].startswith(data), name
+        else:
+            assert after[name] == data, name
+
+
+ARGUMENT_ERRORS = [
+    ("pattern-5:4", ["--pattern", "5:4"], "pattern 5:4 is invalid"),
+    ("pattern-0:4", ["--pattern", "0:4"], "pattern 0:4 is invalid"),
+    ("pattern-words", ["--pattern", "half"], "is not of the form N:M"),
+    ("pattern-100%", ["--pattern", "100%"], "must be between 0% and 100%"),
+    ("distill-lr-alone", ["--distill-lr", "1e-3"], "--distill-lr only apply with --distill-steps"),
+    ("distill-masks-alone", ["--distill-masks", "dynamic", "--distill-batch", "4"],
+     "--distill-batch, --distill-masks only apply with --distill-steps"),
+    ("fold-fallback-masked", ["--fold-fallback", "gather"], "--fold-fallback only applies to --export folded"),
+    ("update-mask-wanda", ["--update-mask", "permutation"], "--update-mask only applies to the weight-updating"),
+    ("compensate-ria", ["--perm", "ria", "--no-compensate"], "--no-compensate only applies to --perm output"),
+    ("steps-search", ["--perm", "ria", "--steps", "3"], "--steps only apply to --perm learned"),
+    ("chunks-learned", ["--perm", "learned", "--chunks", "2"], "--chunks only apply to a permutation search"),
+    ("eval-limit-alone", ["--eval-limit", "3"], "--eval-limit only applies with --eval-tasks"),
+    ("unknown-task", ["--eval-tasks", "no_such_task"], "unknown task"),
+    ("temperature-file", ["--sample-temperature", "2"], "--sample-temperature applies to text the model samples"),
+    ("test-calibration", ["--calib", "wikitext2"], "--allow-test-calibration"),
+    ("nsamples-0", ["--nsamples", "0"], "need nsamples >= 1"),
+    ("seqlen-1", ["--seqlen", "1"], "seqlen >= 2"),
+    ("folded-unstructured", ["--pattern", "50%", "--export", "folded"], "the folded export needs an N:M pattern"),
+    ("perm-unstructured", ["--pattern", "50%", "--perm", "ria"], "permutations only matter for N:M"),
+    ("empty-objective", ["--perm", "learned", "--ce", "0", "--kl", "0", "--hidden", "0"], "objective is empty"),
+    ("holdout-0-learned", ["--perm", "learned", "--holdout", "0"], "--holdout must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("extra, message", [c[1:] for c in ARGUMENT_ERRORS], ids=[c[0] for c in ARGUMENT_ERRORS])
+def test_a_bad_argument_is_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch, extra, message):
+    from permsparse import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "pruned"
+    fails(prune_args(model_dir, out, *extra), capsys, message=message)
+    assert not out.exists() and not out.with_name("pruned.partial").exists()
+
+
+def test_an_existing_output_file_is_refused_even_with_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "result"
+    out.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        fails(prune_args(model_dir, out, *extra), capsys, message="is a file, not a folder")
+        assert out.read_text() == "mine" and not (tmp_path / "result.partial").exists()
+
+
+def test_an_existing_output_folder_is_left_as_it_was(model_dir, checkpoint, tmp_path, capsys):
+    out = copy_of(checkpoint, tmp_path)
+    before = snapshot(out)
+    fails(prune_args(model_dir, out), capsys, message="exists; pass --overwrite")
+    unchanged(before, out)
+
+
+def broken_model(model_dir: Path, tmp_path: Path, how: str) -> Path:
+    folder = copy_of(model_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    if how == "corrupt-config":
+        (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    elif how == "no-config":
+        (folder / "config.json").unlink()
+    elif how == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "empty-weights":
+        weights.write_bytes(b"")
+    elif how == "garbage-weights":
+        weights.write_bytes(b"\xff" * 64)
+    elif how == "pickle-only":
+        weights.unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04garbage")
+    elif how == "pickle-beside":
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04garbage")
+    return folder
+
+
+BROKEN_MODELS = [
+    ("corrupt-config", "config.json is not a readable model config"),
+    ("no-config", "holds no config.json"),
+    ("truncated-weights", "model.safetensors is truncated"),
+    ("empty-weights", "model.safetensors is truncated or not a safetensors file"),
+    ("garbage-weights", "model.safetensors is truncated or not a safetensors file"),
+    ("pickle-only", "pytorch_model.bin holds pickled weights"),
+    ("pickle-beside", "pytorch_model.bin holds pickled weights"),
+]
+
+
+@pytest.mark.parametrize("how, message", BROKEN_MODELS, ids=[c[0] for c in BROKEN_MODELS])
+def test_a_broken_model_folder_is_named_in_one_line(model_dir, tmp_path, capsys, how, message):
+    folder = broken_model(model_dir, tmp_path, how)
+    before = snapshot(folder)
+    out = tmp_path / "pruned"
+    fails(prune_args(folder, out), capsys, message=message)
+    unchanged(before, folder)
+    assert not out.exists() and not (tmp_path / "pruned.partial").exists()  # no log.txt left behind
+
+
+@pytest.mark.parametrize("how, message", BROKEN_MODELS[:3] + BROKEN_MODELS[5:],
+                         ids=[c[0] for c in BROKEN_MODELS[:3] + BROKEN_MODELS[5:]])
+def test_eval_names_a_broken_model_in_one_line(model_dir, tmp_path, capsys, how, message):
+    folder = broken_model(model_dir, tmp_path, how)
+    fails(["eval", str(folder), "--seqlen", "32", "--windows", "1"], capsys, message=message)
