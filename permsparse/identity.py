@@ -49,13 +49,15 @@ def permsparse_version() -> str:
 
 
 def model_digest(model) -> str:
-    """sha256 of the model's class, config and every parameter and buffer (name, dtype, shape, bytes)."""
+    """sha256 of the model's class, config (not the path it was loaded from) and every parameter and buffer
+    (name, dtype, shape, bytes)."""
     import torch
 
     digest = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
+    if config is not None and hasattr(config, "to_dict"):  # where it was loaded from is no part of it
+        settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())

@@ -299,3 +299,308 @@ def test_a_broken_model_folder_is_named_in_one_line(model_dir, tmp_path, capsys,
 def test_eval_names_a_broken_model_in_one_line(model_dir, tmp_path, capsys, how, message):
     folder = broken_model(model_dir, tmp_path, how)
     fails(["eval", str(folder), "--seqlen", "32", "--windows", "1"], capsys, message=message)
+
+
+LIMITS = [
+    ("seqlen-past-context", ["--seqlen", "100000"], "--seqlen 100000 is longer than LlamaForCausalLM's context of 256"),
+    ("nsamples-past-memory", ["--nsamples", "10000000"], "out of memory: this run needs about"),
+    ("pattern-prunes-nothing", ["--pattern", "2:5"], "--pattern 2:5 prunes no linear of LlamaForCausalLM"),
+    ("include-matches-nothing", ["--include", "no.such.*"], "prunes no linear"),
+    ("unknown-calibration", ["--calib", "no-such-set"], "unknown data source 'no-such-set'"),
+]
+
+
+@pytest.mark.parametrize("extra, message", [c[1:] for c in LIMITS], ids=[c[0] for c in LIMITS])
+def test_a_limit_is_refused_after_loading_and_before_the_work(model_dir, tmp_path, capsys, monkeypatch, extra,
+                                                               message):
+    import shutil
+    from collections import namedtuple
+
+    from permsparse import pipeline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**60, 0, 2**60))  # these are other limits
+    monkeypatch.setattr(pipeline, "capture_block_inputs", lambda *a, **k: pytest.fail("the work started"))
+    out = tmp_path / "pruned"
+    fails(prune_args(model_dir, out, *extra), capsys, message=message)
+    assert not out.exists() and not (tmp_path / "pruned.partial").exists()
+
+
+def test_allow_dense_saves_a_model_no_pattern_prunes(model_dir, tmp_path, capsys):
+    from permsparse.cli import main
+
+    out = tmp_path / "dense"
+    assert main(prune_args(model_dir, out, "--pattern", "2:5", "--allow-dense")) == 0
+    from safetensors.torch import load_file
+
+    saved, dense = load_file(out / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert all(torch.equal(saved[k], dense[k]) for k in dense)
+
+
+def test_a_binary_calibration_file_is_named(model_dir, tmp_path, capsys):
+    blob = tmp_path / "calib.bin"
+    blob.write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "pruned"
+    fails(prune_args(model_dir, out, "--calib", str(blob)), capsys, message=f"{blob} is not UTF-8 text")
+    assert not (tmp_path / "pruned.partial").exists()
+
+
+def test_a_read_only_output_is_refused_before_loading(model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from permsparse import cli
+
+    real = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    fails(prune_args(model_dir, tmp_path / "ro" / "out"), capsys,
+          message=f"cannot create {tmp_path / 'ro' / 'out.partial'} for --out {tmp_path / 'ro' / 'out'}: Read-only")
+
+
+def test_an_unwritable_output_folder_is_refused_before_loading(model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    from permsparse import cli
+
+    def no_write(*args, **kwargs):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_write)
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    fails(prune_args(model_dir, tmp_path / "out"), capsys, message="cannot write in")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_full_disk_is_refused_before_the_work(model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from permsparse import pipeline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(pipeline, "capture_block_inputs", lambda *a, **k: pytest.fail("the work started"))
+    fails(prune_args(model_dir, tmp_path / "out"), capsys, message="GiB free, and the checkpoint and the run's "
+                                                                   "progress need about")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def enospc(path):
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_a_disk_full_at_export_keeps_the_progress_and_the_same_command_finishes(model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    from transformers import PreTrainedModel
+
+    from permsparse.cli import main
+
+    out = tmp_path / "out"
+    real = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda self, folder, **k: (_ for _ in ()).throw(
+        enospc(Path(folder) / "model.safetensors")))
+    line = fails(prune_args(model_dir, out), capsys, message="No space left on device")
+    assert "out.partial/model.safetensors" in line and "keeps the progress: rerun the same command" in line
+    assert (tmp_path / "out.partial" / ".resume" / MANIFEST).is_file() and not out.exists()
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert main(prune_args(model_dir, out)) == 0
+    assert "resuming from" in capsys.readouterr().out and (out / "permsparse.json").is_file()
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_disk_full_at_a_progress_write_keeps_the_blocks_before(model_dir, tmp_path, capsys):
+    from permsparse.cli import main
+
+    out = tmp_path / "out"
+    seen = []
+
+    def full(point, path):
+        seen.append(point)
+        if point == "file written" and seen.count("manifest renamed") == 1:
+            raise enospc(path)
+
+    resume.fault = full
+    try:
+        fails(prune_args(model_dir, out), capsys, message="No space left on device")
+    finally:
+        resume.fault = None
+    manifest = json.loads((tmp_path / "out.partial" / ".resume" / MANIFEST).read_text())
+    assert manifest["note"] == "1 of 2 blocks pruned"
+    assert main(prune_args(model_dir, out)) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_an_interrupt_before_any_progress_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    from permsparse import pipeline
+    from permsparse.cli import main
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "capture_block_inputs", interrupt)
+    assert main(prune_args(model_dir, tmp_path / "out")) == 130
+    assert "interrupted" in capsys.readouterr().err and not (tmp_path / "out.partial").exists()
+
+
+def test_an_interrupt_after_a_block_resumes_and_quiet_still_says_so(model_dir, checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from permsparse.cli import main
+
+    out = tmp_path / "out"
+
+    def interrupt(point, path):
+        if point == "folder synced":
+            raise KeyboardInterrupt
+
+    resume.fault = interrupt
+    try:
+        assert main(prune_args(model_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 130
+    finally:
+        resume.fault = None
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert main(prune_args(model_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 0
+    assert f"resuming from {tmp_path / 'out.partial'}: 1 of 2 blocks pruned" in capsys.readouterr().out  # --quiet
+    a, b = load_file(out / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture()
+def interrupted(model_dir, tmp_path):
+    """An output whose run was interrupted after its first block: ``(out, partial folder)``."""
+    from permsparse.cli import main
+
+    out = tmp_path / "out"
+
+    def interrupt(point, path):
+        if point == "folder synced":
+            raise KeyboardInterrupt
+
+    resume.fault = interrupt
+    try:
+        assert main(prune_args(model_dir, out)) == 130
+    finally:
+        resume.fault = None
+    return out, tmp_path / "out.partial"
+
+
+def other_tokenizer(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = copy_of(model_dir, tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def other_weights(model_dir, tmp_path):
+    folder = copy_of(model_dir, tmp_path / "weights")
+    tiny_llama(seed=1).save_pretrained(folder)
+    return folder
+
+
+MISMATCHES = [
+    ("model", lambda model_dir, tmp_path: (other_weights(model_dir, tmp_path), []), "another model"),
+    ("tokenizer", lambda model_dir, tmp_path: (other_tokenizer(model_dir, tmp_path), []), "another tokenizer"),
+    ("calibration-mixture", lambda model_dir, tmp_path: (model_dir, ["--calib", SHAKESPEARE + ":1,c4-demo:1"]),
+     "other calibration data"),  # and another configuration: the source is part of it
+    ("config", lambda model_dir, tmp_path: (model_dir, ["--score", "ria"]), "another configuration"),
+    ("seed", lambda model_dir, tmp_path: (model_dir, ["--seed", "1"]), "another configuration"),
+]
+
+
+@pytest.mark.parametrize("make, words", [c[1:] for c in MISMATCHES], ids=[c[0] for c in MISMATCHES])
+def test_progress_of_another_run_is_refused_and_kept(model_dir, interrupted, tmp_path, capsys, make, words):
+    out, partial = interrupted
+    (tmp_path / "tok").mkdir(exist_ok=True)
+    (tmp_path / "weights").mkdir(exist_ok=True)
+    model, extra = make(model_dir, tmp_path)
+    before = snapshot(partial)
+    fails(prune_args(model, out, *extra), capsys, message=f"holds progress of another run ({words}: ")
+    unchanged(before, partial)
+
+
+def test_progress_of_another_permsparse_version_is_refused(model_dir, interrupted, capsys, monkeypatch):
+    from permsparse import pipeline
+
+    out, partial = interrupted
+    before = snapshot(partial)
+    monkeypatch.setattr(pipeline, "permsparse_version", lambda: "0.0.0-other")
+    fails(prune_args(model_dir, out), capsys, message="another permsparse version")
+    unchanged(before, partial)
+
+
+def test_another_calibration_text_of_the_same_name_is_refused(model_dir, tmp_path, capsys):
+    from permsparse.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text((DATA / "tinyshakespeare" / "input.txt").read_text()[:100_000])
+    out = tmp_path / "out"
+
+    def interrupt(point, path):
+        if point == "folder synced":
+            raise KeyboardInterrupt
+
+    resume.fault = interrupt
+    try:
+        assert main(prune_args(model_dir, out, "--calib", str(text))) == 130
+    finally:
+        resume.fault = None
+    text.write_text((DATA / "tinyshakespeare" / "input.txt").read_text()[100_000:200_000])  # edited in place
+    fails(prune_args(model_dir, out, "--calib", str(text)), capsys, message="other calibration data")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("manifest-json", "progress.json is not a readable progress manifest"),
+    ("manifest-old", "holds progress of an older permsparse"),
+    ("value-torn", "is not a readable progress file"),
+    ("pickles", "pickle files"),
+], ids=["manifest-json", "manifest-old-format", "value-file-torn", "pickle-files"])
+def test_damaged_progress_is_named_and_left_alone(model_dir, interrupted, capsys, damage, message):
+    out, partial = interrupted
+    state = partial / ".resume"
+    if damage == "manifest-json":
+        (state / MANIFEST).write_text("{")
+    elif damage == "manifest-old":
+        (state / MANIFEST).write_text(json.dumps({"fingerprint": "abc"}))
+    elif damage == "value-torn":
+        name = json.loads((state / MANIFEST).read_text())["files"]["blocks"]
+        (state / name).write_bytes((state / name).read_bytes()[:100])
+    else:
+        (state / "blocks.pt").write_bytes(b"\x80\x04")
+    before = snapshot(partial)
+    fails(prune_args(model_dir, out), capsys, message=message)
+    unchanged(before, partial)
+
+
+def test_a_second_run_on_a_locked_output_is_refused_at_once(model_dir, tmp_path, capsys):
+    from permsparse.cli import main
+
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "mine.txt").write_text("the first run's")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(600)\n", str(partial)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(partial)
+        for extra in ([], ["--overwrite"]):
+            fails(prune_args(model_dir, out, *extra), capsys, message=f"{partial} is locked by another permsparse run")
+            unchanged(before, partial)
+    finally:
+        holder.kill()  # the kernel releases a dead process's lock
+        holder.wait()
+    assert main(prune_args(model_dir, out, "--overwrite")) == 0 and (out / "permsparse.json").is_file()
