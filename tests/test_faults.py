@@ -604,3 +604,144 @@ def test_a_second_run_on_a_locked_output_is_refused_at_once(model_dir, tmp_path,
         holder.kill()  # the kernel releases a dead process's lock
         holder.wait()
     assert main(prune_args(model_dir, out, "--overwrite")) == 0 and (out / "permsparse.json").is_file()
+
+
+# ---- check: content, not only behaviour ----
+
+def digest_of(folder):
+    from permsparse.checkpoint.digest import record_digest
+
+    return record_digest(folder)
+
+
+def test_check_prints_the_record_digest_and_expect_pins_it(checkpoint, capsys):
+    from permsparse.cli import main
+
+    digest = digest_of(checkpoint)
+    assert main(["check", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert f"record digest: {digest}" in out and "match the digests recorded at export" in out
+    assert main(["check", str(checkpoint), "--expect", digest]) == 0
+    assert main(["check", str(checkpoint), "--expect", "0" * 64]) == 1
+    assert f"record digest {digest} is not the expected {'0' * 64}" in capsys.readouterr().err
+
+
+def rewrite_weights(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    change(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+NAME = "model.layers.0.mlp.down_proj.weight"
+
+
+def scale_kept(weights):
+    weights[NAME] = weights[NAME] * 1.5  # every kept weight: the same N:M pattern
+
+
+def scale_one(weights):
+    row = weights[NAME][0]
+    weights[NAME][0, int(row.nonzero()[0])] *= 1.0001  # far inside the logits tolerance
+
+
+TAMPERS = [
+    ("kept-weight-x1.5", lambda w: scale_kept(w), f"tensor {NAME}: its content differs"),
+    ("one-weight-x1.0001", lambda w: scale_one(w), f"tensor {NAME}: its content differs"),
+    ("tensor-removed", lambda w: w.pop("model.norm.weight"), "tensor model.norm.weight: recorded at export, missing"),
+    ("tensor-added", lambda w: w.update(extra=torch.zeros(2)), "tensor extra: in the weight files, not recorded"),
+    ("dtype-changed", lambda w: w.update({NAME: w[NAME].double()}), f"tensor {NAME}: its content differs"),
+]
+
+
+@pytest.mark.parametrize("change, message", [c[1:] for c in TAMPERS], ids=[c[0] for c in TAMPERS])
+def test_check_fails_a_weight_changed_after_export(checkpoint, tmp_path, capsys, change, message):
+    from permsparse.cli import main
+
+    folder = copy_of(checkpoint, tmp_path)
+    rewrite_weights(folder, change)
+    assert main(["check", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def edit_record(folder, change):
+    path = folder / "permsparse.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record, indent=1))
+
+
+def test_check_never_takes_its_tolerance_from_the_checked_record(checkpoint, tmp_path, capsys):
+    from permsparse.cli import main
+
+    folder = copy_of(checkpoint, tmp_path)
+
+    def loosen(record):
+        record["reference"]["tolerance"] = 1e9
+        record["reference"]["logits"]["sample"] = [x * 1.01 for x in record["reference"]["logits"]["sample"]]
+
+    edit_record(folder, loosen)
+    assert main(["check", str(folder)]) == 1
+    assert "logits: do not match the recorded reference" in capsys.readouterr().err
+    assert main(["check", str(folder), "--tolerance", "0.5"]) == 0  # the user's own tolerance is taken
+
+
+def test_a_record_without_digests_fails_the_check(checkpoint, tmp_path, capsys):
+    from permsparse.cli import main
+
+    folder = copy_of(checkpoint, tmp_path)
+    edit_record(folder, lambda record: record.update(tensors={}))
+    assert main(["check", str(folder)]) == 1
+    assert "holds no tensor digests" in capsys.readouterr().err
+
+
+CHECK_ERRORS = [
+    ("record-not-json", lambda f: (f / "permsparse.json").write_text("{"), "permsparse.json is not a readable"),
+    ("record-binary", lambda f: (f / "permsparse.json").write_bytes(b"\xff\xfe\x00"), "permsparse.json is not a readable"),
+    ("record-missing", lambda f: (f / "permsparse.json").unlink(), "has no permsparse.json"),
+    ("record-old-version", lambda f: edit_record(f, lambda r: r.update(format_version=4)), "format version 4"),
+    ("record-field-missing", lambda f: edit_record(f, lambda r: r.pop("layouts")), "missing field(s) ['layouts']"),
+    ("weights-truncated", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:999]),
+     "model.safetensors is truncated"),
+    ("weights-missing", lambda f: (f / "model.safetensors").unlink(), "model.safetensors"),
+    ("pickle-added", lambda f: (f / "pytorch_model.bin").write_bytes(b"\x80\x04"), "pytorch_model.bin holds pickled"),
+    ("config-corrupt", lambda f: (f / "config.json").write_text("[1, 2"), "config.json is not a readable model config"),
+]
+
+
+@pytest.mark.parametrize("damage, message", [c[1:] for c in CHECK_ERRORS], ids=[c[0] for c in CHECK_ERRORS])
+def test_check_and_eval_name_a_damaged_checkpoint_in_one_line(checkpoint, tmp_path, capsys, damage, message):
+    folder = copy_of(checkpoint, tmp_path)
+    damage(folder)
+    before = snapshot(folder)
+    fails(["check", str(folder)], capsys, message=message)
+    if (folder / "permsparse.json").is_file() and "record" not in message:
+        fails(["eval", str(folder), "--seqlen", "32", "--windows", "1"], capsys, message=message)
+    unchanged(before, folder)
+
+
+def test_check_of_a_folder_that_does_not_exist(tmp_path, capsys):
+    fails(["check", str(tmp_path / "nowhere")], capsys, message="has no permsparse.json")
+
+
+EVAL_ERRORS = [
+    ("seqlen-past-context", ["--seqlen", "100000"], "--seqlen 100000 is longer than LlamaForCausalLM's context of 256"),
+    ("binary-source", ["--source", "BLOB"], "is not UTF-8 text"),
+    ("unknown-source", ["--source", "no-such-text"], "unknown data source"),
+    ("unknown-task", ["--tasks", "no_such_task"], "unknown task"),
+]
+
+
+@pytest.mark.parametrize("extra, message", [c[1:] for c in EVAL_ERRORS], ids=[c[0] for c in EVAL_ERRORS])
+def test_eval_refuses_in_one_line(checkpoint, tmp_path, capsys, monkeypatch, extra, message):
+    from permsparse import cli
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(bytes(range(256)) * 16)
+    if "--seqlen" in extra:  # refused before evaluating (the texts are read as evaluation starts)
+        monkeypatch.setattr(cli, "perplexity", lambda *a, **k: pytest.fail("evaluation ran"))
+    extra = [str(blob) if e == "BLOB" else e for e in extra]
+    args = ["eval", str(checkpoint), "--windows", "2", *(["--seqlen", "32"] if "--seqlen" not in extra else []), *extra]
+    fails(args, capsys, message=message)
