@@ -27,7 +27,7 @@ from .cache import replacing
 from .images import load_images
 from .progress import bar, log
 
-ALIAS = "cifar10-vit"
+from .aliases import TESTBED_ALIAS as ALIAS
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 TRAIN_THREADS = 2

@@ -48,7 +48,7 @@ from .images import Images, load_images
 from .progress import bar, log
 from .vlm_eval import CAPTION, PROMPT, Text, evaluate, text_ids
 
-ALIAS = "cifar10-vlm"
+from .aliases import VLM_ALIAS as ALIAS
 IMAGE_TOKEN = "<image>"
 TRAIN_THREADS = 2
 RECORD = "testbed.json"

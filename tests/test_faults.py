@@ -4,7 +4,6 @@ Kills are injected at every write of the progress files (:data:`permsparse.resum
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -16,7 +15,6 @@ import torch
 
 from permsparse import PruneConfig, Search, prune
 from permsparse import resume
-from permsparse.adapters import linear_weight
 from permsparse.resume import MANIFEST, Progress
 
 from .conftest import CALIB, DATA, tiny_llama
@@ -229,9 +227,9 @@ ARGUMENT_ERRORS = [
 
 @pytest.mark.parametrize("extra, message", [c[1:] for c in ARGUMENT_ERRORS], ids=[c[0] for c in ARGUMENT_ERRORS])
 def test_a_bad_argument_is_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch, extra, message):
-    from permsparse import cli
+    from permsparse import commands
 
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "pruned"
     fails(prune_args(model_dir, out, *extra), capsys, message=message)
     assert not out.exists() and not out.with_name("pruned.partial").exists()
@@ -348,7 +346,7 @@ def test_a_binary_calibration_file_is_named(model_dir, tmp_path, capsys):
 def test_a_read_only_output_is_refused_before_loading(model_dir, tmp_path, capsys, monkeypatch):
     import errno
 
-    from permsparse import cli
+    from permsparse import commands
 
     real = Path.mkdir
 
@@ -358,7 +356,7 @@ def test_a_read_only_output_is_refused_before_loading(model_dir, tmp_path, capsy
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     fails(prune_args(model_dir, tmp_path / "ro" / "out"), capsys,
           message=f"cannot create {tmp_path / 'ro' / 'out.partial'} for --out {tmp_path / 'ro' / 'out'}: Read-only")
 
@@ -367,13 +365,13 @@ def test_an_unwritable_output_folder_is_refused_before_loading(model_dir, tmp_pa
     import errno
     import tempfile
 
-    from permsparse import cli
+    from permsparse import commands
 
     def no_write(*args, **kwargs):
         raise OSError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_write)
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     fails(prune_args(model_dir, tmp_path / "out"), capsys, message="cannot write in")
     assert not (tmp_path / "out.partial").exists()
 
@@ -736,12 +734,12 @@ EVAL_ERRORS = [
 
 @pytest.mark.parametrize("extra, message", [c[1:] for c in EVAL_ERRORS], ids=[c[0] for c in EVAL_ERRORS])
 def test_eval_refuses_in_one_line(checkpoint, tmp_path, capsys, monkeypatch, extra, message):
-    from permsparse import cli
+    from permsparse import commands
 
     blob = tmp_path / "blob"
     blob.write_bytes(bytes(range(256)) * 16)
     if "--seqlen" in extra:  # refused before evaluating (the texts are read as evaluation starts)
-        monkeypatch.setattr(cli, "perplexity", lambda *a, **k: pytest.fail("evaluation ran"))
+        monkeypatch.setattr(commands, "perplexity", lambda *a, **k: pytest.fail("evaluation ran"))
     extra = [str(blob) if e == "BLOB" else e for e in extra]
     args = ["eval", str(checkpoint), "--windows", "2", *(["--seqlen", "32"] if "--seqlen" not in extra else []), *extra]
     fails(args, capsys, message=message)

@@ -25,6 +25,12 @@ GIB = 2**30
 class OutputError(OSError):
     """The output folder cannot be claimed or written; the message names it and why."""
 
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
 
 @contextmanager
 def claimed(staging: str | Path, out: str | Path, *, fresh: bool = False, lock: bool = True):
@@ -74,10 +80,3 @@ def check_free_space(staging: str | Path, needed: int, what: str) -> None:
         raise OutputError(errno.ENOSPC, f"{staging} has {free / GIB:.2f} GiB free, and {what} need about "
                                         f"{needed / GIB:.2f} GiB: free some space or choose another --out")
 
-
-def describe_os_error(err: OSError) -> str:
-    """One line for an OS error: its text and the file it concerns."""
-    if isinstance(err, OutputError) or not err.strerror:
-        return str(err.args[-1] if isinstance(err, OutputError) else err)
-    where = f": {err.filename}" if err.filename else ""
-    return f"{err.strerror}{where}"

@@ -18,13 +18,11 @@ from __future__ import annotations
 import copy
 import shutil
 from importlib.metadata import version
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from torch import nn
 
-from ..config import PruneConfig, check_choices, option
+from ..config import ExportConfig, PruneConfig  # ExportConfig re-exported: light to import with the other configs
 from ..evaluation import Perplexity, Similarity
 from ..images import Accuracy
 from ..report import PruneReport
@@ -39,21 +37,6 @@ from .reference import compare_reference, model_logits, record_reference, refere
 # Largest weight file written at once: safetensors copies one file's tensors from the GPU to the host before
 # writing, so a model on a GPU costs the host this much, never a second copy of the whole model.
 SHARD = "2GB"
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """How the pruned model is written."""
-
-    format: Literal["masked", "folded"] = option(
-        "masked", "masked: W*unpermute(mask) in the original order (loads anywhere); folded: fold every exact "
-        "permutation so those linears are N:M in storage order", flag="--export")
-    fallback: Literal["masked", "gather"] = option(
-        "masked", "linears whose permutation cannot fold: keep them masked (plain HF) or store them permuted with "
-        "a runtime gather (needs permsparse.load)", flag="--fold-fallback")
-
-    def __post_init__(self):
-        check_choices(self)
 
 
 def partial_dir(out: str | Path) -> Path:
