@@ -743,3 +743,22 @@ def test_eval_refuses_in_one_line(checkpoint, tmp_path, capsys, monkeypatch, ext
     extra = [str(blob) if e == "BLOB" else e for e in extra]
     args = ["eval", str(checkpoint), "--windows", "2", *(["--seqlen", "32"] if "--seqlen" not in extra else []), *extra]
     fails(args, capsys, message=message)
+
+
+@pytest.mark.parametrize("argv, code", [(["prune", "--help"], 0), (["prune", "--pattern", "5:4", "--out", "x"], 2),
+                                        (["prune", "--distill-steps", "0", "--distill-kl", "2", "--out", "x"], 2),
+                                        (["check", "--help"], 0)],
+                         ids=["prune-help", "bad-pattern", "distill-flag-without-steps", "check-help"])
+def test_arguments_are_answered_before_torch_is_imported(argv, code, tmp_path):
+    """The command line parses and refuses its arguments with neither torch nor transformers imported
+    (bench/cli_latency.py measures how long that takes)."""
+    script = ("import sys\nfrom permsparse.cli import main\n"
+              "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit_:\n    code = exit_.code\n"
+              "print('HEAVY', sorted({'torch', 'transformers'} & set(sys.modules)), file=sys.stderr)\n"
+              "sys.exit(code)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert "HEAVY []" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x").exists()
