@@ -91,10 +91,19 @@ def tokenizer_digest(tokenizer) -> str:
 
 def source_digest(source: str) -> str:
     """sha256 of a calibration source: of every file its parts read (a text file, a named source's local
-    copy), and of the names of parts read from elsewhere (the hub, images, text the model samples)."""
+    copy), and of the names of parts read from elsewhere (the hub, images, text the model samples); an
+    image folder by its files' paths and sizes."""
     from .data import SOURCES, data_dirs, mixture
+    from .images import is_image_source
 
     digest = hashlib.sha256()
+    if is_image_source(source):  # one image source: its name, and an image folder's files by path and size
+        digest.update(source.encode())
+        folder = Path(source.removeprefix("imagefolder:")).expanduser() if source.startswith("imagefolder:") else None
+        if folder is not None and folder.is_dir():
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                digest.update(f"{path.relative_to(folder)}|{path.stat().st_size}|".encode())
+        return digest.hexdigest()
     for name, weight in mixture(source):
         digest.update(f"{name}:{weight!r}|".encode())
         path = Path(name).expanduser()
