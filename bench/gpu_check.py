@@ -63,11 +63,11 @@ def random_llama(shape: str, layers: int, device: str):
 
 def estimated_gb(shape: str, layers: int, learned_options: dict, offload: str) -> float:
     """What the memory estimate says the run holds on the GPU with ``layers`` blocks: the model's weights there
-    (offloaded: all but the blocks, and one block) and :func:`permsparse.memory.estimate`'s parts."""
+    (offloaded: all but the blocks, and one block) and :func:`permsparse.run.memory.estimate`'s parts."""
     import torch
 
     from permsparse import Learned, PruneConfig
-    from permsparse.memory import GIB, estimate, resident_bytes
+    from permsparse.run.memory import GIB, estimate, resident_bytes
 
     model = random_llama(shape, layers, "meta")
     config = PruneConfig(permutation=Learned(**learned_options))
@@ -90,7 +90,7 @@ def prune_random(shape: str, layers: int, learned_options: dict, offload: str = 
     import torch
 
     from permsparse import Learned, PruneConfig, export_checkpoint, prune
-    from permsparse.placement import Placement
+    from permsparse.run.placement import Placement
 
     model = random_llama(shape, layers, "cpu" if offload == "on" else "cuda")
     config = PruneConfig(permutation=Learned(**learned_options))

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 
-from . import data, distributed
+from .data import text as data
+from .run import distributed
 from .aliases import VLM_TASK
 from .checkpoint.check import check_checkpoint
 from .checkpoint.digest import record_digest
@@ -17,12 +18,12 @@ from .checkpoint.output import check_free_space, claimed
 from .checkpoint.save import check_export, check_output_free, export_checkpoint, partial_dir
 from .cli import describe_os_error, given
 from .config import ExportConfig, Placement, PruneConfig
-from .evaluation import embedding_similarity, perplexity, sentence_similarity
-from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
-from .limits import check_context, output_bytes
-from .models import is_vlm, load_model, load_preprocessor, text_tokenizer
-from .placement import compute_device, compute_dtype, input_device, place
-from .resume import saved_notes
+from .evaluate.measures import embedding_similarity, perplexity, sentence_similarity
+from .data.images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
+from .run.limits import check_context, output_bytes
+from .models.loading import is_vlm, load_model, load_preprocessor, text_tokenizer
+from .run.placement import compute_device, compute_dtype, input_device, place
+from .run.resume import saved_notes
 from .serial import to_dict
 from .towers import tower_source
 
@@ -53,7 +54,7 @@ def _tasks(spec: str) -> list[str]:
     """Task names from a comma-separated list, checked before any long work."""
     tasks = [t for t in spec.split(",") if t]
     if tasks:
-        from .zeroshot import TASKS
+        from .evaluate.zeroshot import TASKS
 
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
@@ -62,7 +63,7 @@ def _tasks(spec: str) -> list[str]:
 
 
 def run_report(args) -> int:
-    from .report_html import write_report  # matplotlib only for this command
+    from .checkpoint.compare import write_report  # matplotlib only for this command
 
     print(f"wrote {write_report(args.folders, args.out, labels=args.label, title=args.title)}")
     return 0
@@ -140,7 +141,7 @@ def _prune_claimed(args, config: PruneConfig, export: ExportConfig, tasks: list[
                            seqlen=config.calibration.seqlen, windows=args.eval_windows)
     zero_shot_results = []
     if tasks:
-        from .zeroshot import format_table, zero_shot
+        from .evaluate.zeroshot import format_table, zero_shot
 
         zero_shot_results = zero_shot(model, text_only, tasks, limit=args.eval_limit, progress=not args.quiet)
         log.info("%s", format_table(zero_shot_results))
@@ -185,7 +186,7 @@ def evaluate(model, tokenizer, model_name: str, texts: list[str], args, *, seqle
 def evaluate_images(model, processor, config: PruneConfig, args) -> dict:
     """Top-1/top-5 of a pruned image classifier on images its calibration did not use; the log says that
     only the blocks' linears were pruned (the patch embedding and the classifier stay dense)."""
-    from .adapters import adapter_for
+    from .discover.adapters import adapter_for
 
     adapter = adapter_for(model)
     dense = [n for n, m in model.named_modules() if m is model.get_input_embeddings()] + list(adapter.output_readers)
@@ -223,7 +224,7 @@ def _eval_vlm(model, processor, args, out: dict) -> int:
                          "vision-language model")
     if args.task != VLM_TASK:
         raise ValueError(f"{type(model).__name__} is a vision-language model: give --task {VLM_TASK}")
-    from .vlm_eval import evaluate
+    from .evaluate.vlm import evaluate
 
     result = evaluate(model, processor, limit=args.limit, progress=not args.quiet)
     print(f"accuracy {result.accuracy:.4f} (ten-way), caption ppl {result.caption_ppl:.3f} on {result.images} images "
@@ -271,7 +272,7 @@ def run_eval(args) -> int:
     if metrics:
         out["perplexity" if model.get_output_embeddings() is not None else "similarity"] = to_dict(metrics[args.source])
     if tasks:
-        from .zeroshot import format_table, zero_shot
+        from .evaluate.zeroshot import format_table, zero_shot
 
         results = zero_shot(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                             progress=not args.quiet)

@@ -11,35 +11,16 @@ parses and refuses its arguments at once.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .serial import from_dict, to_dict
+from .serial import check_choices, from_dict, option, to_dict
 
 SEARCH_METHODS = ("none", "cp", "ria", "output")
 TEST_SOURCES = ("wikitext2",)  # evaluation text: refused for calibration unless asked for explicitly
-
-
-def option(default, help: str, flag: str | None = None):
-    """A config field with its command-line help (and flag, when it is not ``--field-name``)."""
-    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def check_choices(record) -> None:
-    """Every ``Literal`` field of ``record`` holds one of its values."""
-    hints = typing.get_type_hints(type(record))
-    for f in dataclasses.fields(record):
-        kind = hints[f.name]
-        if typing.get_origin(kind) is Literal and getattr(record, f.name) not in typing.get_args(kind):
-            choices = ", ".join(map(str, typing.get_args(kind)))
-            raise ValueError(f"unknown {f.name.replace('_', ' ')} {getattr(record, f.name)!r}; choose one of {choices}")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | float:
@@ -99,7 +80,7 @@ class Calibration:
     @property
     def samples_text(self) -> bool:
         """Whether part of the text source is sampled from the dense model (``self``)."""
-        from .data import SELF, mixture  # torch: imported once a config is used, not to parse arguments
+        from .data.text import SELF, mixture  # torch: imported once a config is used, not to parse arguments
 
         return SELF in (name for name, _ in mixture(self.source))
 
@@ -193,10 +174,10 @@ class Distill:
     Every pruned linear's kept weights train towards the dense model's outputs, on fresh windows of the
     calibration text, one batch per step (AdamW, a short warm-up, then cosine decay); the weights judged
     best on the held-out windows are kept. The objective is that of the learned permutation
-    (:mod:`permsparse.objective`): KL from the dense model's next-token distributions by default, so the
+    (:mod:`permsparse.permute.objective`): KL from the dense model's next-token distributions by default, so the
     pruned model follows the dense model rather than the calibration text's tokens. Each N:M (or
     unstructured) mask stays as pruning chose it, or follows the weights as they train, through a fixed or
-    a learned permutation (``masks``, :mod:`permsparse.masking`).
+    a learned permutation (``masks``, :mod:`permsparse.train.following_masks`).
     """
 
     steps: int = option(0, "steps of distillation of the kept weights after pruning (0: none)", flag="--distill-steps")
@@ -347,7 +328,7 @@ class Placement:
         "memory estimate says the model and the run do not fit the device together (auto)")
 
     def __post_init__(self):
-        from .placement import compute_device
+        from .run.placement import compute_device
 
         check_choices(self)
         compute_device(self.device, check_available=False)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from permsparse.cli import main
-from permsparse.masks import is_nm
+from permsparse.sparsity.masks import is_nm
 
 from .conftest import DATA
 

@@ -1,6 +1,6 @@
 """Bad inputs and faults: each is one line of error and a non-zero exit, or a correct resume; nothing is lost.
 
-Kills are injected at every write of the progress files (:data:`permsparse.resume.fault`), never timed.
+Kills are injected at every write of the progress files (:data:`permsparse.run.resume.fault`), never timed.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from permsparse import PruneConfig, Search, prune
-from permsparse import resume
-from permsparse.resume import MANIFEST, Progress
+from permsparse.run import resume
+from permsparse.run.resume import MANIFEST, Progress
 
 from .conftest import CALIB, DATA, tiny_llama
 
@@ -117,7 +117,7 @@ def test_a_sigkill_between_two_progress_files_resumes(tiny_llama_dir, tmp_path):
     args = ["prune", "--model", str(tiny_llama_dir), "--calib", SHAKESPEARE, "--nsamples", "4", "--seqlen", "32",
             "--eval-windows", "0", "--out", str(out), "--quiet"]
     script = ("import os, sys\n"
-              "from permsparse import resume\n"
+              "from permsparse.run import resume\n"
               "from permsparse.cli import main\n"
               "def die(point, path):\n"
               "    if point == 'file synced' and path.name.startswith('stream-0.2'):\n"

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from permsparse.report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
-from permsparse.identity import ResumeKey
-from permsparse.resume import Progress, pack_mask, unpack_mask
+from permsparse.run.identity import ResumeKey
+from permsparse.run.resume import Progress, pack_mask, unpack_mask
 
 KEY = ResumeKey("model", "tokenizer", "data", "config", "version")
 
@@ -208,7 +208,7 @@ def test_a_broken_manifest_names_itself(tmp_path):
 
 
 def test_nothing_in_the_package_unpickles():
-    source = (ROOT / "permsparse" / "resume.py").read_text()
+    source = (ROOT / "permsparse" / "run" / "resume.py").read_text()
     assert "torch.load" not in source and "pickle" not in source.replace("pickle files", "")
     for path in (ROOT / "permsparse").rglob("*.py"):
         text = path.read_text()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import linear_weight
+from ..discover.adapters import linear_weight
 from ..discover import experts_as_linears
-from ..masks import nm_violation
+from ..sparsity.masks import nm_violation
 from .digest import check_weight_files, compare_digests, record_digest, tensor_digests
 from .load import load
 from .record import read_record

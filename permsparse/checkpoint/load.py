@@ -1,7 +1,7 @@
 """Loading a permsparse checkpoint for inference: runtime input gathers and GPU 2:4 kernels.
 
 :func:`load` reads a checkpoint written by :mod:`permsparse.checkpoint.save` with ``from_pretrained`` (a
-causal LM with its head, an encoder as its bare model, :func:`permsparse.models.auto_class`) and
+causal LM with its head, an encoder as its bare model, :func:`permsparse.models.loading.auto_class`) and
 
 - re-attaches a runtime input gather ``x[..., p]`` to every linear exported with ``fallback="gather"``,
   whose weight is stored permuted (N:M in storage order); without it the model computes a different
@@ -32,7 +32,7 @@ from torch import nn
 from ..deploy.convert import BACKENDS, deploy, gpu_problem
 from ..deploy.gathers import GATHER, attach_gathers, fold_gathers, remove_gathers
 from ..deploy.policy import CostKey, read_costs
-from ..models import auto_class, read_config
+from ..models.loading import auto_class, read_config
 from ..serial import to_dict
 from .digest import check_weight_files
 from .record import read_record

@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..resume import has_progress
+from ..run.resume import has_progress
 
 GIB = 2**30
 

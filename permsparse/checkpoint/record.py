@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import PruneConfig
-from ..evaluation import Perplexity, Similarity
-from ..images import Accuracy
+from ..evaluate.measures import Perplexity, Similarity
+from ..data.images import Accuracy
 from ..report import PruneReport
 from ..serial import RecordError, from_dict, to_dict
-from ..zeroshot import TaskResult
+from ..evaluate.zeroshot import TaskResult
 
 FILENAME = "permsparse.json"
 FORMAT_VERSION = 5

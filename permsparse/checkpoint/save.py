@@ -23,10 +23,10 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ExportConfig, PruneConfig  # ExportConfig re-exported: light to import with the other configs
-from ..evaluation import Perplexity, Similarity
-from ..images import Accuracy
+from ..evaluate.measures import Perplexity, Similarity
+from ..data.images import Accuracy
 from ..report import PruneReport
-from ..zeroshot import TaskResult
+from ..evaluate.zeroshot import TaskResult
 from .digest import tensor_digests
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers

@@ -1,7 +1,7 @@
 """Zero-shot image classification and caption perplexity of a vision-language model on CIFAR-10's test split.
 
 For each image the model reads a prompt (:data:`PROMPT`: SmolLM2's chat format, the image in the user's
-turn, the one the testbed of :mod:`permsparse.vlm_testbed` is trained on) and the caption up to the class
+turn, the one the testbed of :mod:`permsparse.models.vlm_testbed` is trained on) and the caption up to the class
 name (``"a photo of a"``); each of the ten class names is scored by the sum of
 the log-probabilities of its tokens there, and the answer is the name scored highest (ten-way accuracy).
 The caption perplexity is that of the whole true caption (``"a photo of a cat."``), over its tokens.
@@ -19,10 +19,10 @@ from typing import Protocol
 
 import torch
 
-from .images import Images, load_images, preprocess
-from .progress import bar
+from ..data.images import Images, load_images, preprocess
+from ..run.progress import bar
 
-from .aliases import VLM_TASK as TASK
+from ..aliases import VLM_TASK as TASK
 SOURCE = "cifar10-test"
 PROMPT = "<|im_start|>user\n<image>\nWhat is in this picture?<|im_end|>\n<|im_start|>assistant\n"
 CAPTION = "a photo of a {}."  # the class name where {} is; its words are tokenised piece by piece

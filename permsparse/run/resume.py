@@ -9,7 +9,7 @@ one commit point, so a process killed at any moment leaves the last committed st
 old manifest names are removed only after the new one is in place). Several values saved together
 (the pruned blocks and every process's inputs) commit together.
 
-The manifest also holds the run's :class:`~permsparse.identity.ResumeKey` (the model, tokenizer,
+The manifest also holds the run's :class:`~permsparse.run.identity.ResumeKey` (the model, tokenizer,
 calibration data, config and permsparse version that wrote it): progress of another run is refused,
 naming what differs, rather than mixed in.
 
@@ -34,9 +34,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import distributed
+from ..report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
+from ..serial import RecordError, from_dict, to_dict
 from .identity import ResumeKey
-from .report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
-from .serial import RecordError, from_dict, to_dict
 
 MANIFEST = "progress.json"
 MANIFEST_FORMAT = 2

@@ -1,6 +1,6 @@
 """The masks of the kept weights while they train: fixed, or following the weights through a permutation.
 
-Distillation (:mod:`permsparse.distill`) trains every pruned linear's weights towards the dense model.
+Distillation (:mod:`permsparse.train.distill`) trains every pruned linear's weights towards the dense model.
 With ``fixed`` masks each linear keeps the mask pruning chose and only its kept weights train. The other
 modes let the mask follow the weights, as sparse training does (SR-STE, Zhou et al., ICLR 2021), so the
 groups are chosen for the weights they end up holding:
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .discover import linear_weight
-from .masks import permuted_nm_mask, unstructured_mask
-from .permute.sinkhorn import CostTiles, hard_permutations, relaxed_weight, soft_permutations
-from .scores import compute_score
+from ..discover import linear_weight
+from ..sparsity.masks import permuted_nm_mask, unstructured_mask
+from ..permute.sinkhorn import CostTiles, hard_permutations, relaxed_weight, soft_permutations
+from ..sparsity.scores import compute_score
 
 MODES = ("fixed", "dynamic", "joint", "alternate")
 

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint.record import CheckpointRecord, read_record
-from .config import Learned, PruneConfig
-from .report import LayerRecord, TrainingRecord
-from .serial import to_dict
+from .record import CheckpointRecord, read_record
+from ..config import Learned, PruneConfig
+from ..report import LayerRecord, TrainingRecord
+from ..serial import to_dict
 
 __all__ = ["INDEX", "describe_permutation", "write_report"]
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .adapters import linear_weight
-from .discover import blocks_config
-from .config import PruneConfig
+from ..discover.adapters import linear_weight
+from ..discover import blocks_config
 
 GIB = 2**30
 # Floats kept per token and block for the backward pass of a decoder block, in units of the hidden
@@ -25,6 +25,9 @@ GIB = 2**30
 # copies of the attention scores; fitted to the peak memory of SmolLM2-135M's e2e learning.
 ACT_PER_HIDDEN, ACT_PER_FFN, ATTENTION_COPIES = 18, 8, 2
 LOGIT_CHUNK_BYTES = 3 * 2**24 * 4  # logits, log-softmax and gradient of one chunk (evaluation.LOGIT_CHUNK)
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
 
 
 class InsufficientMemory(MemoryError):
@@ -125,7 +128,7 @@ def resident_bytes(module: nn.Module) -> int:
 def needs_offload(model: nn.Module, blocks_path: str, config: PruneConfig, windows: torch.Tensor,
                   holdout: torch.Tensor, device: torch.device) -> bool:
     """Whether ``model`` and what the run holds beside it (:func:`estimate`) exceed ``device``'s free memory,
-    so the blocks must wait on the host (:mod:`permsparse.placement`)."""
+    so the blocks must wait on the host (:mod:`permsparse.run.placement`)."""
     if device.type != "cuda":
         return False
     return resident_bytes(model) + estimate(model, blocks_path, config, windows, holdout).total > available_bytes(device)

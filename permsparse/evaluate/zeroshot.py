@@ -22,7 +22,7 @@ their validation sets, as the harness does.
 
 Usage::
 
-    from permsparse.zeroshot import zero_shot, format_table
+    from permsparse.evaluate.zeroshot import zero_shot, format_table
     results = zero_shot(model, tokenizer, ["arc_easy", "hellaswag", "mmlu"], limit=200)
     print(format_table(results))
 """
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .data import data_dirs
-from .models import cache_dir
+from ..data.text import data_dirs
+from ..run.cache import cache_dir
 
 __all__ = [
     "MMLU_SUBJECTS", "TASKS", "TaskResult", "available_tasks", "cache_root", "data_root", "format_table",
@@ -117,14 +117,14 @@ class TaskResult:
 
 
 def data_root() -> Path:
-    """The ``zeroshot/`` data folder: the first of :func:`permsparse.data.data_dirs` that holds one (the first
+    """The ``zeroshot/`` data folder: the first of :func:`permsparse.data.text.data_dirs` that holds one (the first
     candidate when none does, so messages about missing files name a concrete place)."""
     candidates = [folder / "zeroshot" for folder in data_dirs()]
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def cache_root() -> Path:
-    """Where converted task files live: ``zeroshot/`` under :func:`permsparse.models.cache_dir`."""
+    """Where converted task files live: ``zeroshot/`` under :func:`permsparse.models.loading.cache_dir`."""
     return cache_dir() / "zeroshot"
 
 

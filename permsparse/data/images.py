@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import data_dirs
-from .discover import main_input
+from .text import data_dirs
+from ..discover import main_input
 
 CIFAR10 = {"cifar10": ("cifar10/cifar10_train_jpg.zip", "train"), "cifar10-test": ("cifar10/cifar10_test_jpg.zip", "test")}
 TEST_SPLITS = {"cifar10": "cifar10-test"}  # a calibration split and the evaluation split beside it
@@ -204,7 +204,7 @@ def accuracy(model: nn.Module, processor, source: str, *, limit: int | None = No
     its images class by class."""
     import time
 
-    from .progress import bar
+    from ..run.progress import bar
 
     started = time.perf_counter()
     images = load_images(source)

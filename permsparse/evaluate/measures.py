@@ -3,7 +3,7 @@ embeddings to the dense model's.
 
 The evaluation text is tokenised once, cut into non-overlapping windows of ``seqlen`` (tail dropped),
 each window scored alone, and ``ppl = exp(mean NLL)`` over all predicted tokens. Every window starts with
-BOS when the tokenizer adds one (:func:`permsparse.data.bos_id`). An encoder has no next-token
+BOS when the tokenizer adds one (:func:`permsparse.data.text.bos_id`). An encoder has no next-token
 distribution: it is judged by the mean cosine between its final hidden states and the dense model's on
 the same windows, and, as a sentence encoder is read, by its pooled embeddings of the text's passages
 (:func:`sentence_similarity`).
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import data
-from .placement import input_device
-from .progress import bar
+from ..data import text as data
+from ..run.placement import input_device
+from ..run.progress import bar
 
 
 LOGIT_CHUNK = 2**24  # logits computed at once (floats): positions per chunk = this / (batch * vocab)
@@ -183,7 +183,7 @@ def sentence_similarity(model: nn.Module, dense: nn.Module, tokenizer, *, source
                         sentences: int = 512, max_length: int = 128, batch_size: int = 32,
                         progress: bool = True) -> SentenceSimilarity:
     """:class:`SentenceSimilarity` of ``model`` (pruned) to ``dense`` on the first ``sentences`` passages of
-    ``source`` (:func:`permsparse.data.sentences`)."""
+    ``source`` (:func:`permsparse.data.text.sentences`)."""
     start = time.perf_counter()
     texts = data.sentences(source, sentences)
     pruned = sentence_embeddings(model, tokenizer, texts, max_length, batch_size, progress)

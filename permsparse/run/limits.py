@@ -1,6 +1,6 @@
 """Limits a command checks once the model is loaded and before any heavy work: its context, its output size.
 
-The memory a run holds is :mod:`permsparse.memory`'s; these are the other limits a long run would
+The memory a run holds is :mod:`permsparse.run.memory`'s; these are the other limits a long run would
 otherwise meet late: a sequence longer than the model's positions (``prune --seqlen``, ``eval
 --seqlen``), and an output larger than the free space of the disk it goes to.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import PruneConfig
-from .images import reads_images
+from ..config import PruneConfig
+from ..data.images import reads_images
 from .memory import resident_bytes
 
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")

@@ -5,7 +5,7 @@ each linear with ``W * mask``, so a pruned weight gets no gradient and stays zer
 holds after every step. The dense model is the same module run with the pruned linears' dense weights
 (kept aside before pruning), so no second model is loaded. Each step reads its own batch of windows;
 at the start, every ``judge_every`` steps and at the end the model is judged on the held-out windows
-(the objective of :mod:`permsparse.objective`) and the best judged weights are kept, so distillation
+(the objective of :mod:`permsparse.permute.objective`) and the best judged weights are kept, so distillation
 never returns a model judged worse than the pruned one it started from.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .adapters import linear_weight, replaced_weights
-from .config import Distill
-from .masking import FollowingMasks
-from .objective import DenseStates, dense_states, judge_model, model_terms, objective
-from .placement import input_device
-from .progress import bar
-from .report import DistillRecord
+from ..run import distributed
+from ..discover.adapters import linear_weight, replaced_weights
+from ..config import Distill
+from .following_masks import FollowingMasks
+from ..permute.objective import DenseStates, dense_states, judge_model, model_terms, objective
+from ..run.placement import input_device
+from ..run.progress import bar
+from ..report import DistillRecord
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def distill(model: nn.Module, dense: dict[str, Tensor], windows: Tensor, holdout
     best weights and history, so an interrupted run continues to the same result. With several
     processes each step's batch is split across them and their gradients are summed. ``following``
     (``config.masks`` other than ``fixed``) chooses the masks from the weights as they train
-    (:mod:`permsparse.masking`); its ``kept`` then holds the permutations of the weights left in ``model``.
+    (:mod:`permsparse.train.following_masks`); its ``kept`` then holds the permutations of the weights left in ``model``.
     """
     weights = objective(model, config)
     if config.batch < distributed.world():

@@ -93,8 +93,8 @@ def source_digest(source: str) -> str:
     """sha256 of a calibration source: of every file its parts read (a text file, a named source's local
     copy), and of the names of parts read from elsewhere (the hub, images, text the model samples); an
     image folder by its files' paths and sizes."""
-    from .data import SOURCES, data_dirs, mixture
-    from .images import is_image_source
+    from ..data.images import is_image_source
+    from ..data.text import SOURCES, data_dirs, mixture
 
     digest = hashlib.sha256()
     if is_image_source(source):  # one image source: its name, and an image folder's files by path and size

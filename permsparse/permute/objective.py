@@ -7,11 +7,11 @@ classifier's cross-entropy is that of its class logits on the labels of the cali
 KL that of its class distribution from the dense model's. A model without either head (an encoder, a
 vision tower) has no output distribution: the KL's place is taken by what its users read, its final
 hidden states, as the mean cosine distance of every token's to the dense model's (the measure
-:func:`permsparse.evaluation.embedding_similarity` reports), and it has no cross-entropy
+:func:`permsparse.evaluate.measures.embedding_similarity` reports), and it has no cross-entropy
 (:func:`objective`).
 
 Two trainers share it: the learned permutation (:mod:`permsparse.permute.learned`, only cost matrices
-train) and the distillation of the kept weights (:mod:`permsparse.distill`, masks fixed). Each passes
+train) and the distillation of the kept weights (:mod:`permsparse.train.distill`, masks fixed). Each passes
 its config, which carries the weights ``ce``, ``kl``, ``hidden`` and the distance ``hidden_loss``
 (:class:`Weights`).
 """
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
-from .adapters import replaced_weights
-from .discover import model_inputs
-from .evaluation import next_token_kl, next_token_nll
-from .images import is_classifier
+from ..run import distributed
+from ..discover.adapters import replaced_weights
+from ..discover import model_inputs
+from ..evaluate.measures import next_token_kl, next_token_nll
+from ..data.images import is_classifier
 
 
 class Weights(Protocol):

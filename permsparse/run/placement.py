@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .config import DTYPES, Placement  # re-exported: defined with the other configs, light to import
-from .discover import find_blocks
+from ..config import DTYPES, Placement  # re-exported: defined with the other configs, light to import
+from ..discover import find_blocks
 from .memory import available_bytes, resident_bytes
 
 __all__ = ["DTYPES", "Placement", "arrange_model", "block_on", "compute_device", "compute_dtype", "input_device",
@@ -24,7 +24,7 @@ __all__ = ["DTYPES", "Placement", "arrange_model", "block_on", "compute_device",
 
 def compute_device(spec: str | torch.device, check_available: bool = True) -> torch.device:
     """The device ``spec`` names: ``auto`` is this process's CUDA device when there is one (the one
-    :func:`permsparse.distributed.initialise` set under torchrun), else the CPU. A CUDA device that does not
+    :func:`permsparse.run.distributed.initialise` set under torchrun), else the CPU. A CUDA device that does not
     exist here is a ValueError naming what exists."""
     spec = str(spec)
     if spec == "auto":

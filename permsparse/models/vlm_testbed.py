@@ -2,7 +2,7 @@
 
 No vision-language model can be downloaded on machines without a hub, so ``--model cifar10-vlm`` builds
 one on first use, as LLaVA's first stage does: a frozen vision encoder (the ``cifar10-vit`` testbed of
-:mod:`permsparse.testbed`, built first if it is not cached), a frozen language model (``smollm2-135m``)
+:mod:`permsparse.models.vit_testbed`, built first if it is not cached), a frozen language model (``smollm2-135m``)
 and between them a two-layer MLP projector, the only part trained, on (image, caption) pairs of CIFAR-10's
 *training* split. The result is a plain ``LlavaForConditionalGeneration`` folder with its
 ``LlavaProcessor`` (the ViT's image processor and SmolLM2's tokenizer with an added ``<image>`` token),
@@ -28,7 +28,7 @@ The :class:`Recipe` (seeded, on a fixed two threads):
 CIFAR-10's test split is never used for training or for choosing anything; the build records the
 ten-way accuracy and caption perplexity of the result on ``test_images`` of its images (seeded) beside
 the folder (``testbed.json``, with the recipe and the build's seconds). A cached folder built by another
-recipe is built again. Its evaluation: :mod:`permsparse.vlm_eval`. Built here (two CPU threads): the
+recipe is built again. Its evaluation: :mod:`permsparse.evaluate.vlm`. Built here (two CPU threads): the
 projector trained in 1,550 s; 71.9% ten-way accuracy, caption perplexity 1.158 on 1,000 test images.
 """
 from __future__ import annotations
@@ -43,12 +43,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cache import replacing
-from .images import Images, load_images
-from .progress import bar, log
-from .vlm_eval import CAPTION, PROMPT, Text, evaluate, text_ids
+from ..run.cache import replacing
+from ..data.images import Images, load_images
+from ..run.progress import bar, log
+from ..evaluate.vlm import CAPTION, PROMPT, Text, evaluate, text_ids
 
-from .aliases import VLM_ALIAS as ALIAS
+from ..aliases import VLM_ALIAS as ALIAS
 IMAGE_TOKEN = "<image>"
 TRAIN_THREADS = 2
 RECORD = "testbed.json"
@@ -58,7 +58,7 @@ RECORD = "testbed.json"
 class Recipe:
     """How the testbed's projector is trained, and the text it is trained on."""
 
-    prompt: str = PROMPT  # the evaluation task's wording (:mod:`permsparse.vlm_eval`)
+    prompt: str = PROMPT  # the evaluation task's wording (:mod:`permsparse.evaluate.vlm`)
     caption: str = CAPTION
     vision_feature_layer: int = -1
     vision_feature_select_strategy: str = "full"
@@ -150,7 +150,7 @@ def split(count: int, recipe: Recipe = RECIPE) -> tuple[torch.Tensor, torch.Tens
 def batch_inputs(processor, images: Images, index: torch.Tensor, text: Text, pad_id: int = 0):
     """``(input_ids, pixel_values, labels)`` of the indexed images with their captions, right-padded;
     ``labels`` are -100 but on the caption's tokens."""
-    from .images import preprocess
+    from ..data.images import preprocess
 
     pixels = preprocess(processor.image_processor, images, index)
     rows = [text.context + text.names[int(images.labels[i])] + text.end for i in index]
@@ -263,7 +263,7 @@ def built_recipe(folder: Path, key: str = "recipe") -> dict | None:
 def vlm_folder(cache: Path, progress: bool = True) -> Path:
     """The cached testbed folder, built first (the ViT testbed too, if need be) if it is not there yet or
     another recipe built it or its ViT."""
-    from .testbed import RECIPE as VIT_RECIPE, testbed_folder
+    from .vit_testbed import RECIPE as VIT_RECIPE, testbed_folder
 
     folder = cache / ALIAS
     if ((folder / "config.json").is_file() and built_recipe(folder) == asdict(RECIPE)

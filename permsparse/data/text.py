@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import progress
+from ..run import progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,3 +387,8 @@ def shares(total: int, weights: list[float]) -> list[int]:
     for i in order[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def text_tokenizer(preprocessor):
+    """The tokenizer inside a vision-language model's processor, or ``preprocessor`` itself."""
+    return getattr(preprocessor, "tokenizer", None) or preprocessor
