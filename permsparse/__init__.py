@@ -12,17 +12,27 @@ import importlib.abc
 import importlib.util
 import sys
 
-from .checkpoint.check import check_checkpoint
-from .checkpoint.load import load
-from .checkpoint.save import ExportConfig, export_checkpoint
-from .config import Calibration, Distill, Learned, PruneConfig, Search
-from .evaluate.measures import (Perplexity, SentenceSimilarity, Similarity, embedding_similarity, perplexity,
-                                sentence_similarity)
-from .models.loading import load_model
-from .permute.metrics import efficacy, retained
-from .permute.search import find_permutation
-from .pipeline import prune
-from .report import PruneReport
+# Each public name and its module, imported on first use: ``import permsparse`` (and so the command line's
+# argument parsing) stays free of torch and transformers until something heavy is asked for.
+_WHERE = {
+    "check_checkpoint": ".checkpoint.check", "load": ".checkpoint.load", "ExportConfig": ".config",
+    "export_checkpoint": ".checkpoint.save", "Calibration": ".config", "Distill": ".config", "Learned": ".config",
+    "PruneConfig": ".config", "Search": ".config", "Perplexity": ".evaluate.measures",
+    "SentenceSimilarity": ".evaluate.measures", "Similarity": ".evaluate.measures",
+    "embedding_similarity": ".evaluate.measures", "perplexity": ".evaluate.measures",
+    "sentence_similarity": ".evaluate.measures", "load_model": ".models.loading", "efficacy": ".permute.metrics",
+    "retained": ".permute.metrics", "find_permutation": ".permute.search", "prune": ".pipeline",
+    "PruneReport": ".report",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'permsparse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Calibration", "Distill", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Search", "SentenceSimilarity",

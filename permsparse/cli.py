@@ -1,63 +1,24 @@
 """The ``permsparse`` command line: ``prune`` a model, ``eval`` a model or checkpoint, ``check`` a checkpoint,
 ``report`` on checkpoints.
 
-The ``prune`` flags are built from the config dataclasses (:mod:`permsparse.config`,
-:class:`permsparse.checkpoint.save.ExportConfig`): each field's flag, type, choices, help and default
-come from the field itself, so nothing here restates them.
+The ``prune`` flags are built from the config dataclasses (:mod:`permsparse.config`): each field's flag,
+type, choices, help and default come from the field itself, so nothing here restates them. Arguments are
+parsed, and refused, before anything heavy is imported (torch, transformers): the commands themselves run
+in :mod:`permsparse.commands`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
 import shlex
-import shutil
 import sys
 import typing
-from pathlib import Path
 from typing import Literal
 
-import torch
-from transformers.utils import logging as hf_logging
-
-from .data import text as data
-from .run import distributed
-from .checkpoint.check import check_checkpoint
-from .checkpoint.load import load
-from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
-from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, Search
-from .evaluate.measures import embedding_similarity, perplexity, sentence_similarity
-from .data.images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
-from .models.loading import (SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS, is_vlm, load_model, load_preprocessor,
-                             text_tokenizer)
-from .run.placement import DTYPES, Placement, compute_device, compute_dtype, input_device, place
-from .serial import to_dict
-from .towers import tower_source
-from .evaluate.vlm import TASK as VLM_TASK
+from .aliases import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS
+from .config import DTYPES, SEARCH_METHODS, Calibration, Distill, ExportConfig, Learned, Placement, PruneConfig, Search
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
-log = logging.getLogger("permsparse")
-
-
-def _logging(file: Path | None = None, quiet: bool = False) -> None:
-    """Messages to stdout (unless ``quiet``), and with a time stamp to ``file`` (the run's ``log.txt``)."""
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    if quiet:
-        log.addHandler(logging.NullHandler())
-        return
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(out)
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -111,8 +72,18 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         if learned:
             raise ValueError(f"{_flags_of(Learned, learned)} only apply to --perm learned")
         permutation = Search(method=method, **search)
-    return PruneConfig(permutation=permutation, calibration=Calibration(**given(args, Calibration)),
-                       distill=Distill(**given(args, Distill)), **given(args, PruneConfig))
+    distill = given(args, Distill)
+    if not distill.get("steps") and set(distill) - {"steps"}:
+        raise ValueError(f"{_flags_of(Distill, sorted(set(distill) - {'steps'}))} only apply with --distill-steps "
+                         "above 0 (no distillation runs without it)")
+    config = PruneConfig(permutation=permutation, calibration=Calibration(**given(args, Calibration)),
+                         distill=Distill(**distill), **given(args, PruneConfig))
+    if "update_mask" in given(args, PruneConfig) and not config.updates:
+        raise ValueError(f"--update-mask only applies to the weight-updating hosts (--score sparsegpt or admm), "
+                         f"not --score {config.score}")
+    if "compensate" in search and config.permutation.method != "output":
+        raise ValueError("--no-compensate only applies to --perm output")
+    return config
 
 
 def _add_prune(sub) -> None:
@@ -121,6 +92,8 @@ def _add_prune(sub) -> None:
                    help=f"hub id, HF folder, .gguf file, {SMOLLM2_ALIAS!r} or {TESTBED_ALIAS!r} (a CIFAR-10 ViT built here)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    p.add_argument("--allow-dense", action="store_true",
+                   help="save the model even when the pattern prunes none of its linears (refused otherwise)")
     p.add_argument("--eval-windows", type=int, default=16,
                    help="windows (of --seqlen tokens) of each --eval-texts text to evaluate after pruning; 0 skips")
     p.add_argument("--eval-texts", default="wikitext2,shakespeare",
@@ -170,19 +143,10 @@ def _add_check(sub) -> None:
     p = sub.add_parser("check", help="verify a checkpoint: N:M of every pruned linear and the recorded logits")
     p.add_argument("folder")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tolerance", type=float, default=None, help="relative logits tolerance (default by dtype)")
-
-
-def _tasks(spec: str) -> list[str]:
-    """Task names from a comma-separated list, checked before any long work."""
-    tasks = [t for t in spec.split(",") if t]
-    if tasks:
-        from .evaluate.zeroshot import TASKS
-
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    return tasks
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="relative logits tolerance (default: ours by the weights' dtype, never the checkpoint's)")
+    p.add_argument("--expect", default=None, metavar="DIGEST",
+                   help="fail unless the record's digest (printed at export and by check) is DIGEST")
 
 
 def _add_report(sub) -> None:
@@ -193,220 +157,14 @@ def _add_report(sub) -> None:
     p.add_argument("--title", default="permsparse report")
 
 
-def run_report(args) -> int:
-    from .checkpoint.compare import write_report  # matplotlib only for this command
-
-    print(f"wrote {write_report(args.folders, args.out, labels=args.label, title=args.title)}")
-    return 0
-
-
-def run_prune(args) -> int:
-    from .pipeline import prune
-
-    tasks = _tasks(args.eval_tasks)
-    config = config_from_args(args)
-    export = ExportConfig(**given(args, ExportConfig))
-    check_export(export, config)
-    check_output_free(args.out, args.overwrite)
-    distributed.initialise()  # under torchrun: rank 0 logs, evaluates and writes; every rank prunes
-    placement = Placement(**given(args, Placement))
-    device = compute_device(placement.device)  # this process's (after initialise: cuda:LOCAL_RANK under torchrun)
-    dtype = compute_dtype(args.dtype, device)
-    main_rank = distributed.is_main()
-    staging = partial_dir(args.out)
-    if args.overwrite and staging.exists() and main_rank:
-        shutil.rmtree(staging)
-    distributed.barrier()
-    _logging(staging / "log.txt" if main_rank else None, quiet=not main_rank)
-    log.info("%s", args.command_line)
-    log.info("config: %s", json.dumps(to_dict(config)))
-    log.info("device %s (--device %s), dtype %s", device, placement.device, str(dtype).removeprefix("torch."))
-    model, tokenizer = load_model(args.model, dtype)  # a vision-language model: its processor
-    texts = [t for t in args.eval_texts.split(",") if t]
-    text_only = text_tokenizer(tokenizer)
-    if args.eval_windows != 0 and not reads_images(model) and config.towers != "vision":
-        for text in texts:
-            data.check_disjoint(text_only, tower_source(config.calibration.source, "language") if is_vlm(model)
-                                else config.calibration.source, text, config.calibration.seqlen, args.eval_windows)
-    report = prune(model, tokenizer, config, state_dir=staging / ".resume", progress=not args.quiet and main_rank,
-                   placement=placement)
-    if not main_rank:
-        return 0
-    memory = "" if report.peak_device_mb is None else f", peak {report.peak_device_mb:.0f} MB on the GPU"
-    log.info("pruned in %.1f s (%s)%s", report.seconds,
-             ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.stages.items()), memory)
-    if report.distillation is not None:
-        record = report.distillation
-        moved = ("" if config.distill.masks == "fixed"
-                 else f"; {100 * record.moved:.2f}% of the pruning's kept entries moved out of the masks")
-        log.info("distillation: %d steps, %.2f s per step (judgments included); kept step %d, judged %.4g%s",
-                 len(record.loss), record.seconds_per_step, record.best_step, record.best_judged, moved)
-    if report.dense:
-        log.info("kept dense: %d mixture-of-experts routers (%s ...)", len(report.dense), report.dense[0])
-    if report.uncalibrated:
-        log.info("no calibration token reached %d expert linears; scored as if their inputs were white "
-                 "(Wanda: by magnitude): %s", len(report.uncalibrated), ", ".join(report.uncalibrated))
-    if reads_images(model):
-        metrics = evaluate_images(model, tokenizer, config, args)
-    else:
-        metrics = evaluate(model, text_only, args.model, texts, args,
-                           seqlen=config.calibration.seqlen, windows=args.eval_windows)
-    zero_shot_results = []
-    if tasks:
-        from .evaluate.zeroshot import format_table, zero_shot
-
-        zero_shot_results = zero_shot(model, text_only, tasks, limit=args.eval_limit, progress=not args.quiet)
-        log.info("%s", format_table(zero_shot_results))
-    export_checkpoint(model, tokenizer, args.out, config, report, export=export, model_name=args.model,
-                      metrics=metrics, zero_shot=zero_shot_results, command=args.command_line, overwrite=args.overwrite,
-                      in_place=True)
-    log.info("saved %s (%.1f s pruning, peak RSS %.0f MB)", args.out, report.seconds, report.peak_rss_mb)
-    _logging()
-    return 0
-
-
-def evaluate(model, tokenizer, model_name: str, texts: list[str], args, *, seqlen: int,
-             windows: int | None) -> dict:
-    """Perplexity on each text; for an encoder (no LM head, so no perplexity) the mean cosine between its
-    final hidden states and the dense model's (``model_name`` loaded again), and the log says so."""
-    if windows == 0 or not texts:
-        return {}
-    metrics, dense = {}, None
-    if model.get_output_embeddings() is None:
-        dense, _ = load_model(model_name, next(model.parameters()).dtype)
-        dense.to(input_device(model))
-        log.info("%s has no language-model head: reporting the cosine of its embeddings to the dense model's "
-                 "instead of perplexity", model_name)
-    for text in texts:
-        if dense is None:
-            result = perplexity(model, tokenizer, seqlen=seqlen, windows=windows, source=text, progress=not args.quiet)
-            log.info("ppl %.3f on %s, %d windows x %d tokens (%d predicted tokens, %.1f s)", result.ppl, text,
-                     result.windows, result.seqlen, result.tokens, result.seconds)
-        else:
-            result = embedding_similarity(model, dense, tokenizer, seqlen=seqlen, windows=windows, source=text,
-                                          progress=not args.quiet)
-            log.info("embedding cosine %.4f to the dense model on %s, %d windows x %d tokens (%.1f s)", result.cosine,
-                     text, result.windows, result.seqlen, result.seconds)
-            pooled = sentence_similarity(model, dense, tokenizer, source=text, progress=not args.quiet)
-            log.info("sentence embeddings (mean-pooled) on %d passages of %s: cosine %.4f to the dense model's, "
-                     "nearest passage kept for %.1f%%", pooled.sentences, text, pooled.cosine, 100 * pooled.neighbours)
-        metrics[text] = result
-    return metrics
-
-
-def evaluate_images(model, processor, config: PruneConfig, args) -> dict:
-    """Top-1/top-5 of a pruned image classifier on images its calibration did not use; the log says that
-    only the blocks' linears were pruned (the patch embedding and the classifier stay dense)."""
-    from .discover.adapters import adapter_for
-
-    adapter = adapter_for(model)
-    dense = [n for n, m in model.named_modules() if m is model.get_input_embeddings()] + list(adapter.output_readers)
-    log.info("kept dense: %s (only the linears of %s are pruned)", ", ".join(dense), adapter.blocks_path)
-    if args.eval_images == 0:
-        return {}
-    if not is_classifier(model):
-        log.info("%s has no classifier head: no accuracy to report", type(model).__name__)
-        return {}
-    calib = config.calibration
-    if is_image_source(calib.source):
-        held = calib.holdout if config.learned is not None else 0
-        source, exclude = evaluation_images(calib.source, calib.nsamples, held, calib.seed)
-    else:
-        source, exclude = TEST_SPLITS["cifar10"], None
-    result = accuracy(model, processor, source, limit=args.eval_images, exclude=exclude, progress=not args.quiet)
-    log.info("top-1 %.4f, top-5 %.4f on %d images of %s%s (%.1f s)", result.top1, result.top5, result.images, source,
-             " the calibration did not draw" if exclude is not None else "", result.seconds)
-    return {source: result}
-
-
-def image_task(task: str) -> str:
-    """The image source of ``eval --task``: CIFAR-10's test split, or an image folder."""
-    if task in TEST_SPLITS:
-        return TEST_SPLITS[task]
-    if task in TEST_SPLITS.values() or task.startswith("imagefolder:"):
-        return task
-    raise ValueError(f"unknown image task {task!r}: use cifar10 (its test split) or imagefolder:PATH")
-
-
-def _eval_vlm(model, processor, args, out: dict) -> int:
-    """``eval --task cifar10-vlm``: a vision-language model's ten-way CIFAR-10 accuracy and caption perplexity."""
-    if not is_vlm(model):
-        raise ValueError(f"--task {VLM_TASK} scores vision-language models; {type(model).__name__} is not a "
-                         "vision-language model")
-    if args.task != VLM_TASK:
-        raise ValueError(f"{type(model).__name__} is a vision-language model: give --task {VLM_TASK}")
-    from .evaluate.vlm import evaluate
-
-    result = evaluate(model, processor, limit=args.limit, progress=not args.quiet)
-    print(f"accuracy {result.accuracy:.4f} (ten-way), caption ppl {result.caption_ppl:.3f} on {result.images} images "
-          f"of {result.source} ({result.seconds:.1f} s)")
-    out[VLM_TASK] = to_dict(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0
-
-
-def run_eval(args) -> int:
-    tasks = _tasks(args.tasks)
-    _logging()
-    dense_name = args.model
-    placement = Placement(**given(args, Placement))
-    device = compute_device(placement.device)
-    dtype = compute_dtype(args.dtype, device)
-    if (Path(args.model) / "permsparse.json").is_file():
-        from .checkpoint.record import read_record
-
-        model = load(args.model, dtype=dtype)
-        tokenizer = load_preprocessor(args.model, model)
-        dense_name = read_record(args.model).model
-    else:
-        model, tokenizer = load_model(args.model, dtype)
-    place(model, placement)
-    out: dict = {"model": args.model}
-    if args.task == VLM_TASK or (args.task and is_vlm(model)):
-        return _eval_vlm(model, tokenizer, args, out)
-    if reads_images(model) or args.task:
-        if not (reads_images(model) and is_classifier(model)):
-            raise ValueError(f"--task scores image classifiers; {type(model).__name__} is not one")
-        if not args.task:
-            raise ValueError(f"{type(model).__name__} classifies images: give --task cifar10 or imagefolder:PATH")
-        result = accuracy(model, tokenizer, image_task(args.task), limit=args.limit, progress=not args.quiet)
-        print(f"top-1 {result.top1:.4f}, top-5 {result.top5:.4f} on {result.images} images of {result.source} "
-              f"({result.seconds:.1f} s)")
-        out["accuracy"] = to_dict(result)
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1))
-        return 0
-    metrics = evaluate(model, tokenizer, dense_name, [args.source], args, seqlen=args.seqlen, windows=args.windows)
-    if metrics:
-        out["perplexity" if model.get_output_embeddings() is not None else "similarity"] = to_dict(metrics[args.source])
-    if tasks:
-        from .evaluate.zeroshot import format_table, zero_shot
-
-        results = zero_shot(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                            progress=not args.quiet)
-        print(format_table(results))
-        out["zero_shot"] = to_dict(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0
-
-
-def run_check(args) -> int:
-    try:
-        report = check_checkpoint(args.folder, device=args.device, tolerance=args.tolerance)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"permsparse: error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(report.lines()), file=sys.stdout if report.ok else sys.stderr)
-    return 0 if report.ok else 1
-
-
-def _add_speed(sub) -> None:
-    from .deploy.speed import CANDIDATES, SHAPES
-
+def _add_speed(sub, full: bool) -> None:
+    """The ``speed`` command; its flags (whose choices need torch) only when it is the command given."""
     p = sub.add_parser("speed", help="dense against 2:4 on this GPU: prefill, decode, memory and logit error of a "
                                      "checkpoint or of a random model of a named shape")
+    if not full:
+        return
+    from .deploy.speed import CANDIDATES, SHAPES
+
     p.add_argument("checkpoint", nargs="?", default="", help="permsparse checkpoint folder (default: a random model "
                                                             "of --shape, every block linear pruned to 2:4)")
     p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="shape of the random model")
@@ -424,59 +182,47 @@ def _add_speed(sub) -> None:
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
-def run_speed(args) -> int:
-    from .deploy.speed import SpeedConfig, format_table, measure_speed, parse_prefill, speed_problem
-
-    config = SpeedConfig(checkpoint=args.checkpoint, shape=args.shape, layers=args.layers, dtype=args.dtype,
-                         prefill=parse_prefill(args.prefill), decode_batch=args.decode_batch,
-                         decode_tokens=args.decode_tokens, permuted=args.permuted,
-                         candidates=tuple(c for c in args.candidates.split(",") if c))
-    problem = speed_problem()
-    if problem:
-        print(f"permsparse: error: {problem}", file=sys.stderr)
-        return 2
-    result = measure_speed(config)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="permsparse", description=__doc__.splitlines()[0])
     from .run.version import package_version
 
     parser.add_argument("--version", action="version", version=package_version())
     sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
     _add_prune(sub)
     _add_eval(sub)
     _add_check(sub)
     _add_report(sub)
-    _add_speed(sub)
-    argv = sys.argv[1:] if argv is None else argv
+    _add_speed(sub, full=argv[:1] == ["speed"])
     args = parser.parse_args(argv)
     args.command_line = "permsparse " + shlex.join(argv)
-    quiet = getattr(args, "quiet", False) and hf_logging.is_progress_bar_enabled()
-    if quiet:  # Hugging Face's own bars too (loading weights, writing shards)
-        hf_logging.disable_progress_bar()
     try:
-        return {"prune": run_prune, "eval": run_eval, "check": run_check, "report": run_report,
-                "speed": run_speed}[args.command](args)
+        if args.command == "prune":
+            args.config = config_from_args(args)  # refused here, before torch and transformers are imported
+        from . import commands
+
+        return commands.run(args)
     except MemoryError as err:
         print(f"permsparse: error: out of memory: {err or 'lower --batch, --seqlen or --nsamples'}", file=sys.stderr)
         return 2
     except USER_ERRORS as err:
         print(f"permsparse: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an unwritable or full disk, a file that vanished: named, progress kept
+        from .commands import kept
+
+        print(f"permsparse: error: {describe_os_error(err)}{kept(args)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("permsparse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    finally:
-        if quiet:
-            hf_logging.enable_progress_bar()
-        distributed.finish()
 
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error: its text and the file it concerns."""
+    if not err.strerror:
+        return str(err)
+    return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
 
 if __name__ == "__main__":
     sys.exit(main())

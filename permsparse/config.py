@@ -5,6 +5,9 @@ pruned, how permutations are bound to linears, the calibration data, and the per
 :class:`Search` (a heuristic chosen per site) or a :class:`Learned` one (trained from a search's
 result). Each field's help text lives beside it; the command line is built from these fields
 (:mod:`permsparse.cli`), so a default is written once, here. The same config gives the same model.
+Where a run computes (:class:`Placement`) and how the pruned model is written (:class:`ExportConfig`)
+are configs here too. Importing this module imports neither torch nor transformers, so the command line
+parses and refuses its arguments at once.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .data.text import SELF, mixture
 from .serial import check_choices, from_dict, option, to_dict
 
 SEARCH_METHODS = ("none", "cp", "ria", "output")
@@ -78,6 +80,8 @@ class Calibration:
     @property
     def samples_text(self) -> bool:
         """Whether part of the text source is sampled from the dense model (``self``)."""
+        from .data.text import SELF, mixture  # torch: imported once a config is used, not to parse arguments
+
         return SELF in (name for name, _ in mixture(self.source))
 
 
@@ -308,3 +312,38 @@ class PruneConfig:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the pipeline computes (the device, and whether the blocks stay on the host)."""
+
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (this process's CUDA device when there is one: cuda:0, "
+                         "or cuda:LOCAL_RANK under torchrun; else the CPU)")
+    offload: Literal["auto", "on", "off"] = option(
+        "auto", "keep the blocks on the host and move one at a time to the device (on), never (off), or when the "
+        "memory estimate says the model and the run do not fit the device together (auto)")
+
+    def __post_init__(self):
+        from .run.placement import compute_device
+
+        check_choices(self)
+        compute_device(self.device, check_available=False)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How the pruned model is written."""
+
+    format: Literal["masked", "folded"] = option(
+        "masked", "masked: W*unpermute(mask) in the original order (loads anywhere); folded: fold every exact "
+        "permutation so those linears are N:M in storage order", flag="--export")
+    fallback: Literal["masked", "gather"] = option(
+        "masked", "linears whose permutation cannot fold: keep them masked (plain HF) or store them permuted with "
+        "a runtime gather (needs permsparse.load)", flag="--fold-fallback")
+
+    def __post_init__(self):
+        check_choices(self)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import Learned, PruneConfig
 from .data.calibration import CalibrationSet, calibration
+from .data.images import reads_images
 from .data.imagetext import images_attached
 from .discover import experts_as_linears, find_blocks, find_towers, is_packed_experts, vision_tower
 from .discover.adapters import Adapter, AttentionGeometry, adapter_for, linear_weight
@@ -32,6 +33,7 @@ from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .run import distributed
+from .run.identity import ResumeKey, model_digest, permsparse_version, source_digest, tensors_digest, tokenizer_digest
 from .run.memory import check_memory, needs_offload
 from .run.placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
 from .run.progress import bar
@@ -83,7 +85,8 @@ class Run:
 
 def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
           holdout: torch.Tensor | None = None, labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-          state_dir=None, progress: bool = True, placement: Placement | None = None) -> PruneReport:
+          state_dir=None, progress: bool = True, placement: Placement | None = None,
+          allow_dense: bool = True) -> PruneReport:
     """Prune ``model`` in place as ``config`` says; return what was done.
 
     ``windows`` (token ids ``(nsamples, seqlen)``, or preprocessed images ``(nsamples, 3, H, W)`` for a
@@ -92,7 +95,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     an image classifier's learned permutation trains on. ``tokenizer`` is a vision model's image
     processor. ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
     ``placement`` moves the model to its device, whole or offloaded (:mod:`permsparse.run.placement`), where
-    it stays; without it the run computes where the model is.
+    it stays; without it the run computes where the model is. Unless ``allow_dense``, a config that prunes
+    no linear of the model (a pattern no linear's width divides, patterns that match nothing) is refused.
 
     A vision-language model prunes the towers ``config.towers`` names (:mod:`permsparse.towers`), each
     on its own calibration sources; given ``windows`` serve the tower that reads them (token ids: the
@@ -104,7 +108,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
             raise ValueError(f"{type(model).__name__} has no vision tower: --towers {config.towers} is for "
                              "vision-language models")
         return prune_model(model, tokenizer, config, windows=windows, holdout=holdout, labels=labels,
-                           state_dir=state_dir, progress=progress, placement=placement)
+                           state_dir=state_dir, progress=progress, placement=placement, allow_dense=allow_dense)
     pruned = ("language", "vision") if config.towers == "both" else (config.towers,)
     if windows is not None and ("vision" if windows.is_floating_point() else "language") not in pruned:
         raise ValueError(f"the windows given are {'images' if windows.is_floating_point() else 'token ids'}, which "
@@ -121,7 +125,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
             report = prune_model(part, getattr(tokenizer, "image_processor", tokenizer) if vision else tokenizer,
                                  tower_cfg, windows=windows if given else None, holdout=holdout if given else None,
                                  labels=labels if given else None, progress=progress, placement=placement,
-                                 state_dir=None if state_dir is None else Path(state_dir) / tower)
+                                 state_dir=None if state_dir is None else Path(state_dir) / tower,
+                                 allow_dense=allow_dense)
         reports.append(prefixed(report, path) if vision else report)
     if not reports:
         raise ValueError(f"--include {' '.join(config.include)} names no linear of the {config.towers} tower")
@@ -130,12 +135,14 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
 
 def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
                 holdout: torch.Tensor | None = None, labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-                state_dir=None, progress: bool = True, placement: Placement | None = None) -> PruneReport:
+                state_dir=None, progress: bool = True, placement: Placement | None = None,
+                allow_dense: bool = True) -> PruneReport:
     """:func:`prune` of a model of one tower (a language model, an encoder, a vision model)."""
     started = time.perf_counter()
+    key = None if state_dir is None else resume_key(model, tokenizer, config, windows, holdout, labels)
     device, offloaded = arrange(model, config, placement, windows, holdout)
     with experts_as_linears(model):
-        run = start_run(model, config, state_dir, progress, device, offloaded)
+        run = start_run(model, config, state_dir, progress, device, offloaded, key=key, allow_dense=allow_dense)
         prune_run(run, tokenizer, windows, holdout, labels)
     run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
     run.report.peak_device_mb = peak_device_mb(run.device)
@@ -179,10 +186,19 @@ def arrange(model: nn.Module, config: PruneConfig, placement: Placement | None, 
     return device, True
 
 
+def resume_key(model: nn.Module, tokenizer, config: PruneConfig, windows: torch.Tensor | None = None,
+               holdout: torch.Tensor | None = None, labels=None) -> ResumeKey:
+    """The key of ``model``'s (still dense) run under ``config``: its progress resumes only a run of the same key."""
+    data = (source_digest(config.calibration.source) if windows is None
+            else tensors_digest(windows, holdout, labels))
+    return ResumeKey(model_digest(model), tokenizer_digest(tokenizer), data, config.fingerprint(), permsparse_version())
+
+
 def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, device: torch.device | None = None,
-              offloaded: bool = False) -> Run:
+              offloaded: bool = False, key: ResumeKey | None = None, allow_dense: bool = True) -> Run:
     """The run's structure, targets and resume state; an objective the model cannot have fails here. The run
-    computes on ``device`` (the model's, by default)."""
+    computes on ``device`` (the model's, by default). Progress in ``state_dir`` resumes only under the same
+    ``key`` (by default the model's, without tokenizer, on the config's calibration source)."""
     adapter = adapter_for(model)
     if config.learned is not None and config.learned.scope == "e2e":
         objective(model, config.learned)
@@ -192,9 +208,15 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, 
             raise ValueError(f"{type(model).__name__}: distillation of the kept weights does not train "
                              "mixture-of-experts layers yet; prune without --distill-steps")
     targets, skipped = select_targets(model, adapter, config)
+    if not allow_dense and not any(targets):
+        why = f"; in_features not divisible by M={config.nm[1]}: {len(skipped)} linears" if skipped else ""
+        raise ValueError(f"--pattern {config.pattern} prunes no linear of {type(model).__name__}{why} (--include/"
+                         "--exclude may leave none too); pass --allow-dense to save it unpruned")
+    if state_dir is not None and key is None:
+        key = resume_key(model, None, config)
     routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
     return Run(model, adapter, adapter.attention(model.config), config, targets,
-               PruneReport(skipped=skipped, dense=routers), Progress(state_dir, config.fingerprint()), progress,
+               PruneReport(skipped=skipped, dense=routers), Progress(state_dir, key), progress,
                input_device(model) if device is None else device, offloaded)
 
 
@@ -207,6 +229,11 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
             with block_on(run.blocks[i], run.device), run.report.timed("pruning"):
                 apply_plan(run, plan_block(run, i, {}, None))
     else:
+        if windows is None and not reads_images(model):  # what cannot fit is refused before the draw
+            counts = (config.calibration.nsamples, config.calibration.holdout if config.judged else 0)
+            check_memory(model, adapter.blocks_path, config,
+                         *(torch.zeros(()).expand(n, config.calibration.seqlen) for n in counts), run.device,
+                         run.offloaded)
         with run.report.timed("calibration"):
             calib = calibration(model, tokenizer, config, windows, holdout, labels, show=progress)
         calib = CalibrationSet(*(run.to_device(t) for t in (calib.windows, calib.holdout)),
@@ -414,19 +441,18 @@ def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: tor
     the windows)."""
     if run.progress.folder is None:
         return
-    run.progress.save(f"stream-{distributed.rank()}", {"done": done, "inputs": inputs, "reference": reference},
-                      every_rank=True)
-    distributed.barrier()
-    if not distributed.is_main():  # rank 0 alone keeps the shared part (and may remove it once the run is done)
-        return
-    saved = run.progress.load("blocks") or {"masks": {}, "weights": {}, "act_norms": {}}
-    saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
-    saved["act_norms"].update({name: run.act_norms[name] for name in masks})
-    if run.config.updates:
-        saved["weights"].update({name: linear_weight(run.model.get_submodule(name)).detach().cpu().clone()
-                                 for name in masks})
-    saved.update(done=done, report=run.report)
-    run.progress.save("blocks", saved)
+    saved = None
+    if distributed.is_main():  # rank 0 alone keeps the shared part (and may remove it once the run is done)
+        saved = run.progress.load("blocks") or {"masks": {}, "weights": {}, "act_norms": {}}
+        saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
+        saved["act_norms"].update({name: run.act_norms[name] for name in masks})
+        if run.config.updates:
+            saved["weights"].update({name: linear_weight(run.model.get_submodule(name)).detach().cpu().clone()
+                                     for name in masks})
+        saved.update(done=done, report=run.report)
+    run.progress.commit({} if saved is None else {"blocks": saved},
+                        own={"stream": {"done": done, "inputs": inputs, "reference": reference}}, tag=str(done),
+                        note=f"{done} of {len(run.blocks)} blocks pruned")
 
 
 @torch.no_grad()

@@ -99,7 +99,10 @@ def load_documents(source: str) -> list[str]:
     """The documents of a named source or a text file; one clear error when nothing provides it."""
     path = Path(source).expanduser()
     if path.is_file():
-        return [path.read_text(encoding="utf-8")]
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): give a text file") from None
     if source == SELF:
         raise ValueError(f"{SELF!r} is text sampled from the model, not a document source: calibrate on it "
                          "(--calib self), evaluate on a text")

@@ -12,6 +12,7 @@ tokenizer, a vision-language model with its processor (image processor and token
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -82,6 +83,16 @@ def packaged_minilm() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def read_config(folder: str | Path):
+    """The Hugging Face config of a model folder; one line naming ``config.json`` when it cannot be read."""
+    path = Path(folder) / "config.json"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a readable model config: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -104,7 +115,10 @@ def load_model(
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec!r} is a folder but holds no config.json (not a Hugging Face model)")
-        model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype)
+        from ..checkpoint.digest import check_weight_files
+
+        check_weight_files(path)  # pickles refused, truncated safetensors named, before transformers reads them
+        model = auto_class(read_config(path)).from_pretrained(path, dtype=dtype, use_safetensors=True)
         tokenizer = load_preprocessor(path, model)
     else:
         try:

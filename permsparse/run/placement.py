@@ -11,36 +11,16 @@ device holds one block and its calibration activations. Whole-model passes of an
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from ..serial import check_choices, option
+from ..config import DTYPES, Placement  # re-exported: defined with the other configs, light to import
 from ..discover import find_blocks
 from .memory import available_bytes, resident_bytes
 
 __all__ = ["DTYPES", "Placement", "arrange_model", "block_on", "compute_device", "compute_dtype", "input_device",
            "is_offloaded", "place"]
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the pipeline computes (the device, and whether the blocks stay on the host)."""
-
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto (this process's CUDA device when there is one: cuda:0, "
-                         "or cuda:LOCAL_RANK under torchrun; else the CPU)")
-    offload: Literal["auto", "on", "off"] = option(
-        "auto", "keep the blocks on the host and move one at a time to the device (on), never (off), or when the "
-        "memory estimate says the model and the run do not fit the device together (auto)")
-
-    def __post_init__(self):
-        check_choices(self)
-        compute_device(self.device, check_available=False)
-
 
 def compute_device(spec: str | torch.device, check_available: bool = True) -> torch.device:
     """The device ``spec`` names: ``auto`` is this process's CUDA device when there is one (the one
