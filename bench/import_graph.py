@@ -16,8 +16,9 @@ from common import save_json
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_graph(repo: Path) -> dict[str, set[str]]:
-    """Module name -> the permsparse modules it imports (at run time, anywhere in the file)."""
+def import_graph(repo: Path, lazy: bool = True) -> dict[str, set[str]]:
+    """Module name -> the permsparse modules it imports at run time: at the module's top, and with ``lazy``
+    also inside functions (imported only when they run)."""
     modules = {}
     for path in sorted((repo / "permsparse").rglob("*.py")):
         parts = list(path.relative_to(repo).with_suffix("").parts)
@@ -28,8 +29,10 @@ def import_graph(repo: Path) -> dict[str, set[str]]:
         tree = ast.parse(path.read_text())
         typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
                        and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        nested = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(node)}
         for node in ast.walk(tree):
-            if id(node) in typing_only or not isinstance(node, ast.ImportFrom):
+            if id(node) in typing_only or not isinstance(node, ast.ImportFrom) or (not lazy and id(node) in nested):
                 continue
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]
@@ -107,7 +110,8 @@ def measure(repo: Path) -> dict:
                 reached.add(target)
                 todo.append(target)
     return {"modules": len(edges), "rooms": len(rooms), "top_level_modules": top,
-            "module_cycles": cycles(edges), "room_cycles": cycles(room_edges),
+            "module_cycles": cycles(import_graph(repo, lazy=False)), "cycles_through_lazy_imports": cycles(edges),
+            "room_cycles": cycles(room_edges),
             "pipeline_enters_modules": len(edges[pipeline]),
             "pipeline_enters_rooms": len({room(t) for t in edges[pipeline]} - {"pipeline"}),
             "pipeline_reaches_modules": len(reached), "pipeline_reaches_rooms": len({room(t) for t in reached} - {"pipeline"}),

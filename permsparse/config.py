@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .serial import check_choices, from_dict, option, to_dict
+
+# Names the command line knows before anything loads (never importing torch or transformers for them)
+SMOLLM2_ALIAS = "smollm2-135m"  # permsparse.models.smollm2: the embedded default model
+TESTBED_ALIAS = "cifar10-vit"  # permsparse.models.vit_testbed: a CIFAR-10 ViT built here
+VLM_ALIAS = "cifar10-vlm"  # permsparse.models.vlm_testbed: a small vision-language model built here
+VLM_TASK = "cifar10-vlm"  # permsparse.evaluate.vlm: ten-way CIFAR-10 accuracy and caption perplexity
 
 SEARCH_METHODS = ("none", "cp", "ria", "output")
 TEST_SOURCES = ("wikitext2",)  # evaluation text: refused for calibration unless asked for explicitly
@@ -328,10 +335,9 @@ class Placement:
         "memory estimate says the model and the run do not fit the device together (auto)")
 
     def __post_init__(self):
-        from .run.placement import compute_device
-
         check_choices(self)
-        compute_device(self.device, check_available=False)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):  # whether it exists is checked where it is used
+            raise ValueError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def test_no_module_imports_itself_back_and_the_top_level_holds_at_most_eight_mod
     figures = measure(ROOT)
     assert figures["module_cycles"] == []
     assert len(figures["top_level_modules"]) + 1 <= 8  # with __init__
-    assert figures["importers_of_pipeline"] == ["permsparse", "permsparse.cli"]  # nothing climbs back to the story
+    assert set(figures["importers_of_pipeline"]) <= {"permsparse", "permsparse.cli.commands"}  # nothing climbs back
 
 
 def test_every_module_of_the_graph_imports():

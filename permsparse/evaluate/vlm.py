@@ -22,7 +22,7 @@ import torch
 from ..data.images import Images, load_images, preprocess
 from ..run.progress import bar
 
-from ..aliases import VLM_TASK as TASK
+from ..config import VLM_TASK as TASK
 SOURCE = "cifar10-test"
 PROMPT = "<|im_start|>user\n<image>\nWhat is in this picture?<|im_end|>\n<|im_start|>assistant\n"
 CAPTION = "a photo of a {}."  # the class name where {} is; its words are tokenised piece by piece

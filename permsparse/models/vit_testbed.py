@@ -27,7 +27,7 @@ from ..run.cache import replacing
 from ..data.images import load_images
 from ..run.progress import bar, log
 
-from ..aliases import TESTBED_ALIAS as ALIAS
+from ..config import TESTBED_ALIAS as ALIAS
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 TRAIN_THREADS = 2

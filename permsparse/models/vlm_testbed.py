@@ -48,7 +48,7 @@ from ..data.images import Images, load_images
 from ..run.progress import bar, log
 from ..evaluate.vlm import CAPTION, PROMPT, Text, evaluate, text_ids
 
-from ..aliases import VLM_ALIAS as ALIAS
+from ..config import VLM_ALIAS as ALIAS
 IMAGE_TOKEN = "<image>"
 TRAIN_THREADS = 2
 RECORD = "testbed.json"

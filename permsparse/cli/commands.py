@@ -8,24 +8,24 @@ import sys
 from pathlib import Path
 
 
-from .data import text as data
-from .run import distributed
-from .aliases import VLM_TASK
-from .checkpoint.check import check_checkpoint
-from .checkpoint.digest import record_digest
-from .checkpoint.load import load
-from .checkpoint.output import check_free_space, claimed
-from .checkpoint.save import check_export, check_output_free, export_checkpoint, partial_dir
-from .cli import describe_os_error, given
-from .config import ExportConfig, Placement, PruneConfig
-from .evaluate.measures import embedding_similarity, perplexity, sentence_similarity
-from .data.images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
-from .run.limits import check_context, output_bytes
-from .models.loading import is_vlm, load_model, load_preprocessor, text_tokenizer
-from .run.placement import compute_device, compute_dtype, input_device, place
-from .run.resume import saved_notes
-from .serial import to_dict
-from .towers import tower_source
+from ..data import text as data
+from ..run import distributed
+from ..config import VLM_TASK
+from ..checkpoint.check import check_checkpoint
+from ..checkpoint.digest import record_digest
+from ..checkpoint.load import load
+from ..checkpoint.output import check_free_space, claimed
+from ..checkpoint.save import check_export, check_output_free, export_checkpoint, partial_dir
+from .arguments import given
+from ..config import ExportConfig, Placement, PruneConfig
+from ..evaluate.measures import embedding_similarity, perplexity, sentence_similarity
+from ..data.images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
+from ..run.limits import check_context, output_bytes
+from ..models.loading import is_vlm, load_model, load_preprocessor, text_tokenizer
+from ..run.placement import compute_device, compute_dtype, input_device, place
+from ..run.resume import saved_notes
+from ..serial import to_dict
+from ..towers import tower_source
 
 log = logging.getLogger("permsparse")
 
@@ -54,7 +54,7 @@ def _tasks(spec: str) -> list[str]:
     """Task names from a comma-separated list, checked before any long work."""
     tasks = [t for t in spec.split(",") if t]
     if tasks:
-        from .evaluate.zeroshot import TASKS
+        from ..evaluate.zeroshot import TASKS
 
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
@@ -63,7 +63,7 @@ def _tasks(spec: str) -> list[str]:
 
 
 def run_report(args) -> int:
-    from .checkpoint.compare import write_report  # matplotlib only for this command
+    from ..checkpoint.compare import write_report  # matplotlib only for this command
 
     print(f"wrote {write_report(args.folders, args.out, labels=args.label, title=args.title)}")
     return 0
@@ -97,7 +97,7 @@ def run_prune(args) -> int:
 def _prune_claimed(args, config: PruneConfig, export: ExportConfig, tasks: list[str], placement: Placement, device,
                    dtype, staging: Path) -> int:
     """``prune`` once its output folder is claimed: load, check the limits, prune, evaluate, export."""
-    from .pipeline import prune
+    from ..pipeline import prune
 
     main_rank = distributed.is_main()
     log.info("%s", args.command_line)
@@ -141,7 +141,7 @@ def _prune_claimed(args, config: PruneConfig, export: ExportConfig, tasks: list[
                            seqlen=config.calibration.seqlen, windows=args.eval_windows)
     zero_shot_results = []
     if tasks:
-        from .evaluate.zeroshot import format_table, zero_shot
+        from ..evaluate.zeroshot import format_table, zero_shot
 
         zero_shot_results = zero_shot(model, text_only, tasks, limit=args.eval_limit, progress=not args.quiet)
         log.info("%s", format_table(zero_shot_results))
@@ -186,7 +186,7 @@ def evaluate(model, tokenizer, model_name: str, texts: list[str], args, *, seqle
 def evaluate_images(model, processor, config: PruneConfig, args) -> dict:
     """Top-1/top-5 of a pruned image classifier on images its calibration did not use; the log says that
     only the blocks' linears were pruned (the patch embedding and the classifier stay dense)."""
-    from .discover.adapters import adapter_for
+    from ..discover.adapters import adapter_for
 
     adapter = adapter_for(model)
     dense = [n for n, m in model.named_modules() if m is model.get_input_embeddings()] + list(adapter.output_readers)
@@ -224,7 +224,7 @@ def _eval_vlm(model, processor, args, out: dict) -> int:
                          "vision-language model")
     if args.task != VLM_TASK:
         raise ValueError(f"{type(model).__name__} is a vision-language model: give --task {VLM_TASK}")
-    from .evaluate.vlm import evaluate
+    from ..evaluate.vlm import evaluate
 
     result = evaluate(model, processor, limit=args.limit, progress=not args.quiet)
     print(f"accuracy {result.accuracy:.4f} (ten-way), caption ppl {result.caption_ppl:.3f} on {result.images} images "
@@ -243,7 +243,7 @@ def run_eval(args) -> int:
     device = compute_device(placement.device)
     dtype = compute_dtype(args.dtype, device)
     if (Path(args.model) / "permsparse.json").is_file():
-        from .checkpoint.record import read_record
+        from ..checkpoint.record import read_record
 
         model = load(args.model, dtype=dtype)
         tokenizer = load_preprocessor(args.model, model)
@@ -272,7 +272,7 @@ def run_eval(args) -> int:
     if metrics:
         out["perplexity" if model.get_output_embeddings() is not None else "similarity"] = to_dict(metrics[args.source])
     if tasks:
-        from .evaluate.zeroshot import format_table, zero_shot
+        from ..evaluate.zeroshot import format_table, zero_shot
 
         results = zero_shot(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                             progress=not args.quiet)
@@ -313,7 +313,7 @@ def run(args) -> int:
 
 
 def run_speed(args) -> int:
-    from .deploy.speed import SpeedConfig, format_table, measure_speed, parse_prefill, speed_problem
+    from ..deploy.speed import SpeedConfig, format_table, measure_speed, parse_prefill, speed_problem
 
     config = SpeedConfig(checkpoint=args.checkpoint, shape=args.shape, layers=args.layers, dtype=args.dtype,
                          prefill=parse_prefill(args.prefill), decode_batch=args.decode_batch,
@@ -337,3 +337,10 @@ def kept(args) -> str:
     if args.command != "prune" or out is None or not saved_notes(partial_dir(out) / ".resume"):
         return ""
     return f" ({partial_dir(out)} keeps the progress: rerun the same command to resume)"
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error: its text and the file it concerns."""
+    if not err.strerror:
+        return str(err)
+    return f"{err.strerror}: {err.filename}" if err.filename else err.strerror

@@ -1,25 +1,15 @@
-"""The ``permsparse`` command line: ``prune`` a model, ``eval`` a model or checkpoint, ``check`` a checkpoint,
-``report`` on checkpoints.
-
-The ``prune`` flags are built from the config dataclasses (:mod:`permsparse.config`): each field's flag,
-type, choices, help and default come from the field itself, so nothing here restates them. Arguments are
-parsed, and refused, before anything heavy is imported (torch, transformers): the commands themselves run
-in :mod:`permsparse.commands`.
-"""
+"""The command line's arguments: every config field as a flag, each command's parser, and the config a
+``prune`` command line makes. Nothing here imports torch or transformers, so ``--help`` and argument errors
+answer at once."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
-import sys
 import typing
 from typing import Literal
 
-from .aliases import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS
-from .config import DTYPES, SEARCH_METHODS, Calibration, Distill, ExportConfig, Learned, Placement, PruneConfig, Search
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
-
+from ..config import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS
+from ..config import DTYPES, SEARCH_METHODS, Calibration, Distill, ExportConfig, Learned, Placement, PruneConfig, Search
 
 def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
@@ -86,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return config
 
 
-def _add_prune(sub) -> None:
+def add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to N:M sparsity and save a checkpoint")
     p.add_argument("--model", default=SMOLLM2_ALIAS,
                    help=f"hub id, HF folder, .gguf file, {SMOLLM2_ALIAS!r} or {TESTBED_ALIAS!r} (a CIFAR-10 ViT built here)")
@@ -116,7 +106,7 @@ def _add_prune(sub) -> None:
     add_config_flags(p, ExportConfig)
 
 
-def _add_eval(sub) -> None:
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (WikiText-2 test by default) and zero-shot accuracy of a model or "
                                     "pruned checkpoint")
     p.add_argument("model", help=f"hub id, HF folder, permsparse checkpoint, .gguf file, {SMOLLM2_ALIAS!r}, "
@@ -139,7 +129,7 @@ def _add_eval(sub) -> None:
     add_config_flags(p, Placement)
 
 
-def _add_check(sub) -> None:
+def add_check(sub) -> None:
     p = sub.add_parser("check", help="verify a checkpoint: N:M of every pruned linear and the recorded logits")
     p.add_argument("folder")
     p.add_argument("--device", default="cpu")
@@ -149,7 +139,7 @@ def _add_check(sub) -> None:
                    help="fail unless the record's digest (printed at export and by check) is DIGEST")
 
 
-def _add_report(sub) -> None:
+def add_report(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML page (and PNGs) comparing pruned checkpoints")
     p.add_argument("folders", nargs="+", metavar="DIR", help="permsparse checkpoint folders")
     p.add_argument("--out", default="report", help="output folder: index.html and PNGs (other files stay)")
@@ -157,13 +147,13 @@ def _add_report(sub) -> None:
     p.add_argument("--title", default="permsparse report")
 
 
-def _add_speed(sub, full: bool) -> None:
+def add_speed(sub, full: bool) -> None:
     """The ``speed`` command; its flags (whose choices need torch) only when it is the command given."""
     p = sub.add_parser("speed", help="dense against 2:4 on this GPU: prefill, decode, memory and logit error of a "
                                      "checkpoint or of a random model of a named shape")
     if not full:
         return
-    from .deploy.speed import CANDIDATES, SHAPES
+    from ..deploy.speed import CANDIDATES, SHAPES
 
     p.add_argument("checkpoint", nargs="?", default="", help="permsparse checkpoint folder (default: a random model "
                                                             "of --shape, every block linear pruned to 2:4)")
@@ -180,49 +170,3 @@ def _add_speed(sub, full: bool) -> None:
                    help="random model: store the residual readers and attention outputs permuted with runtime "
                         "gathers, as a per-linear-binding export does")
     p.add_argument("--json", help="also write the results to this JSON file")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="permsparse", description=__doc__.splitlines()[0])
-    from .run.version import package_version
-
-    parser.add_argument("--version", action="version", version=package_version())
-    sub = parser.add_subparsers(dest="command", required=True)
-    argv = sys.argv[1:] if argv is None else argv
-    _add_prune(sub)
-    _add_eval(sub)
-    _add_check(sub)
-    _add_report(sub)
-    _add_speed(sub, full=argv[:1] == ["speed"])
-    args = parser.parse_args(argv)
-    args.command_line = "permsparse " + shlex.join(argv)
-    try:
-        if args.command == "prune":
-            args.config = config_from_args(args)  # refused here, before torch and transformers are imported
-        from . import commands
-
-        return commands.run(args)
-    except MemoryError as err:
-        print(f"permsparse: error: out of memory: {err or 'lower --batch, --seqlen or --nsamples'}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as err:
-        print(f"permsparse: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # an unwritable or full disk, a file that vanished: named, progress kept
-        from .commands import kept
-
-        print(f"permsparse: error: {describe_os_error(err)}{kept(args)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("permsparse: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-
-
-def describe_os_error(err: OSError) -> str:
-    """One line for an OS error: its text and the file it concerns."""
-    if not err.strerror:
-        return str(err)
-    return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-
-if __name__ == "__main__":
-    sys.exit(main())
