@@ -26,13 +26,13 @@ $(STAMP): $(CORE)
 
 setup: $(STAMP)
 
-test: setup
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q # the processes it starts share the bytecode
-
 # MKL's AVX-512 kernels on any x86 CPU with AVX-512 (torch's MKL takes a generic path on AMD; bench/mkl_any_cpu.c)
 MKL_ANY_CPU := $(VENV)/lib/libmkl_any_cpu.so
 $(MKL_ANY_CPU): bench/mkl_any_cpu.c $(CORE)
-	cc -shared -fPIC -O2 -o $@ $< || echo "no C compiler: the demo runs with MKL's own kernel choice"
+	cc -shared -fPIC -O2 -o $@ $< || echo "no C compiler: tests and the demo run with MKL's own kernel choice"
+
+test: setup $(MKL_ANY_CPU)
+	env -u PYTHONDONTWRITEBYTECODE $$(test -f $(MKL_ANY_CPU) && echo LD_PRELOAD=$(abspath $(MKL_ANY_CPU))) $(PY) -m pytest -q # the processes it starts share the bytecode
 
 # SmolLM2-135M at 2:4: no permutation, RIA's, and the learned one with every default
 demo: $(CORE) $(MKL_ANY_CPU)
