@@ -227,7 +227,7 @@ ARGUMENT_ERRORS = [
 
 @pytest.mark.parametrize("extra, message", [c[1:] for c in ARGUMENT_ERRORS], ids=[c[0] for c in ARGUMENT_ERRORS])
 def test_a_bad_argument_is_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch, extra, message):
-    from permsparse import commands
+    from permsparse.cli import commands
 
     monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "pruned"
@@ -346,7 +346,7 @@ def test_a_binary_calibration_file_is_named(model_dir, tmp_path, capsys):
 def test_a_read_only_output_is_refused_before_loading(model_dir, tmp_path, capsys, monkeypatch):
     import errno
 
-    from permsparse import commands
+    from permsparse.cli import commands
 
     real = Path.mkdir
 
@@ -365,7 +365,7 @@ def test_an_unwritable_output_folder_is_refused_before_loading(model_dir, tmp_pa
     import errno
     import tempfile
 
-    from permsparse import commands
+    from permsparse.cli import commands
 
     def no_write(*args, **kwargs):
         raise OSError(errno.EACCES, "Permission denied")
@@ -734,7 +734,7 @@ EVAL_ERRORS = [
 
 @pytest.mark.parametrize("extra, message", [c[1:] for c in EVAL_ERRORS], ids=[c[0] for c in EVAL_ERRORS])
 def test_eval_refuses_in_one_line(checkpoint, tmp_path, capsys, monkeypatch, extra, message):
-    from permsparse import commands
+    from permsparse.cli import commands
 
     blob = tmp_path / "blob"
     blob.write_bytes(bytes(range(256)) * 16)
