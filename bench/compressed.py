@@ -88,10 +88,10 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from permsparse import Calibration, ExportConfig, PruneConfig, Search, export_checkpoint, load, prune
-    from permsparse.adapters import linear_weight
+    from permsparse.discover.adapters import linear_weight
     from permsparse.checkpoint.record import read_record
     from permsparse.checkpoint.reference import model_logits, reference_input
-    from permsparse.data import bos_id, eval_windows, token_stream
+    from permsparse.data.text import bos_id, eval_windows, token_stream
     from permsparse.models import load_model
 
     torch.set_num_threads(1)

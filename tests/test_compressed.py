@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from permsparse import ExportConfig, PruneConfig, Search, check_checkpoint, export_checkpoint, load, prune
-from permsparse.adapters import linear_weight
+from permsparse.discover.adapters import linear_weight
 from permsparse.checkpoint.compressed import (StoredWeight, attach_stored, read_stored, store_linear, stored_from_tensors,
                                               write_stored)
 from permsparse.checkpoint.record import read_record

@@ -1,7 +1,7 @@
 """Loading a permsparse checkpoint for inference: runtime input gathers and GPU 2:4 kernels.
 
 :func:`load` reads a checkpoint written by :mod:`permsparse.checkpoint.save` with ``from_pretrained`` (a
-causal LM with its head, an encoder as its bare model, :func:`permsparse.models.auto_class`) and
+causal LM with its head, an encoder as its bare model, :func:`permsparse.models.loading.auto_class`) and
 
 - re-attaches a runtime input gather ``x[..., p]`` to every linear exported with ``fallback="gather"``,
   whose weight is stored permuted (N:M in storage order); without it the model computes a different
@@ -40,9 +40,10 @@ from torch import nn
 from ..deploy.convert import BACKENDS, deploy, gpu_problem
 from ..deploy.gathers import GATHER, attach_gathers, fold_gathers, remove_gathers
 from ..deploy.policy import CostKey, read_costs
-from ..models import auto_class
+from ..models.loading import auto_class, read_config
 from ..serial import RecordError, to_dict
 from .compressed import SAVE_DTYPES, attach_stored, read_stored, stored_from_tensors
+from .digest import check_weight_files
 from .record import read_record
 
 GATHER_BUFFER = GATHER
@@ -68,16 +69,15 @@ def load(
     speed`` writes) that spares timing the linears at load. ``dense``: a compressed checkpoint's pruned
     linears as ordinary dense parameters instead of their stored form.
     """
-    from transformers import AutoConfig
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown 2:4 backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     folder = Path(folder)
     record = read_record(folder)
+    check_weight_files(folder)
     if record.export == "compressed":
         model = load_compressed(folder, dtype, dense=dense or semi_structured)
     else:
-        model = auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
+        model = auto_class(read_config(folder)).from_pretrained(folder, dtype=dtype, use_safetensors=True)
     model.eval()
     gathers = {name: torch.as_tensor(entry.perm) for name, entry in record.layouts.items() if entry.layout == "gather"}
     attach_gathers(model, gathers)
@@ -115,11 +115,10 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | str = "auto", dense
     expanded into ordinary parameters), the other tensors read one at a time, in ``dtype`` (``auto``: the
     stored one). RecordError (one line) when the files do not describe the model."""
     from safetensors import safe_open
-    from transformers import AutoConfig
 
     folder = Path(folder)
     specs, tied, files = read_stored(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = read_config(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     stored_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else SAVE_DTYPES.get(str(config.dtype))

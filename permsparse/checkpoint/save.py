@@ -27,21 +27,20 @@ from __future__ import annotations
 import copy
 import math
 import shutil
-from importlib.metadata import version
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-from ..config import PruneConfig, check_choices, option
-from ..evaluation import Perplexity, Similarity
+from ..config import ExportConfig, PruneConfig  # ExportConfig re-exported: light to import with the other configs
+from ..evaluate.measures import Perplexity, Similarity
+from ..data.images import Accuracy
 from ..discover import is_linear, linear_weight
-from ..images import Accuracy
 from ..quant import quantized_linears
 from ..report import PruneReport
-from ..zeroshot import TaskResult
+from ..evaluate.zeroshot import TaskResult
+from ..run.version import package_version
+from .digest import tensor_digests
 from .compressed import SAVE_DTYPES, quantization_config, store_linear, stored_digest, write_stored
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers
@@ -55,26 +54,6 @@ SHARD = "2GB"
 SHARD_BYTES = 2 * 10**9
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    """How the pruned model is written."""
-
-    format: Literal["masked", "folded", "compressed"] = option(
-        "masked", "masked: W*unpermute(mask) in the original order (loads anywhere); folded: fold every exact "
-        "permutation so those linears are N:M in storage order; compressed: every pruned linear as its kept values "
-        "and packed positions (with --quant: codes and scales), about half the bytes, read by permsparse.load",
-        flag="--export")
-    fallback: Literal["masked", "gather"] = option(
-        "masked", "linears whose permutation cannot fold: keep them masked (plain HF) or store them permuted with "
-        "a runtime gather (needs permsparse.load)", flag="--fold-fallback")
-    save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
-        "auto", "dtype of the saved weights (auto: for --export compressed the model config's 16-bit dtype, else "
-        "bfloat16; for masked and folded the dtype the model ran in)", flag="--save-dtype")
-
-    def __post_init__(self):
-        check_choices(self)
-
-
 def partial_dir(out: str | Path) -> Path:
     """Where a run writes (and keeps its resume state) until it is complete."""
     out = Path(out)
@@ -84,6 +63,8 @@ def partial_dir(out: str | Path) -> Path:
 def check_output_free(out: str | Path, overwrite: bool) -> None:
     """Refuse an existing output folder unless told to overwrite; call before any long work."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is a file, not a folder: --overwrite replaces only folders")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
 
@@ -263,10 +244,11 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
                                 quant.method if _quantizes(config) else None, 0, stored_bytes, dense_bytes, digests)
     storage.weights_bytes = _weights_bytes(staging)
     plain = export.format != "compressed" and not any(entry.layout == "gather" for entry in layouts.values())
-    record = CheckpointRecord(FORMAT_VERSION, version("permsparse"), model_name, config, report, export.format, layouts,
+    record = CheckpointRecord(FORMAT_VERSION, package_version(), model_name, config, report, export.format, layouts,
                               fold, plain, reference, storage, dict(metrics or {}), list(zero_shot or []), command)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
+    record.tensors = tensor_digests(staging)
     write_record(staging, record)
     shutil.rmtree(staging / ".resume", ignore_errors=True)
     if out.exists():

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..masks import nm_violation
+from ..sparsity.masks import nm_violation
 
 __all__ = ["compress", "compress_nm", "decompress", "decompress_nm", "format_problem", "nm_problem", "position_bits",
            "position_bytes", "position_problem"]
