@@ -25,7 +25,7 @@ from . import data, distributed
 from .checkpoint.check import check_checkpoint
 from .checkpoint.load import load
 from .checkpoint.save import ExportConfig, check_export, check_output_free, export_checkpoint, partial_dir
-from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, Search
+from .config import SEARCH_METHODS, Calibration, Distill, Learned, PruneConfig, Quantization, Search
 from .evaluation import embedding_similarity, perplexity, sentence_similarity
 from .images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
 from .models import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS, is_vlm, load_model, load_preprocessor, text_tokenizer
@@ -110,7 +110,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
             raise ValueError(f"{_flags_of(Learned, learned)} only apply to --perm learned")
         permutation = Search(method=method, **search)
     return PruneConfig(permutation=permutation, calibration=Calibration(**given(args, Calibration)),
-                       distill=Distill(**given(args, Distill)), **given(args, PruneConfig))
+                       distill=Distill(**given(args, Distill)), quant=Quantization(**given(args, Quantization)),
+                       **given(args, PruneConfig))
 
 
 def _add_prune(sub) -> None:
@@ -138,6 +139,7 @@ def _add_prune(sub) -> None:
     add_config_flags(p, Learned)
     add_config_flags(p, Calibration)
     add_config_flags(p, Distill)
+    add_config_flags(p, Quantization)
     add_config_flags(p, ExportConfig)
 
 

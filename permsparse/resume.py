@@ -28,13 +28,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import distributed
-from .report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
+from .report import DistillRecord, LayerRecord, PruneReport, QuantRecord, SiteRecord, TrainingRecord
 from .serial import from_dict, to_dict
 
 MANIFEST = "progress.json"
 SUFFIX = ".safetensors"
 TREE = "permsparse"  # the metadata entry holding the JSON of the value
-RECORDS = {cls.__name__: cls for cls in (PruneReport, LayerRecord, SiteRecord, TrainingRecord, DistillRecord)}
+RECORDS = {cls.__name__: cls for cls in (PruneReport, LayerRecord, SiteRecord, TrainingRecord, DistillRecord,
+                                         QuantRecord)}
 
 
 class Progress:

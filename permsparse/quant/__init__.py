@@ -1,6 +1,6 @@
 """Quantization of the weights a pruning keeps: what a quantized linear is, as one typed record.
 
-A :class:`QuantizedWeight` is what the quantizers (RTN, GPTQ over the kept N:M entries) hand to the
+A :class:`QuantizedWeight` is what the quantizers (:mod:`.rtn`, :mod:`.gptq` over the kept N:M entries) hand to the
 checkpoint writer and what the loader reads back. Quantization is symmetric (no zero point), so a pruned
 entry stays exactly zero after quantization and N:M storage of the codes is lossless.
 """
@@ -54,3 +54,16 @@ class QuantizedWeight:
         weight = torch.empty_like(stored)
         weight[:, self.input_order] = stored
         return weight
+
+
+ATTRIBUTE = "permsparse_quantized"  # where a quantized linear module carries its record
+
+
+def attach(module: torch.nn.Module, quantized: QuantizedWeight) -> None:
+    """Give a linear ``module`` its quantized record: the codes and scales its weight is the dequantization of."""
+    setattr(module, ATTRIBUTE, quantized)
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
+    """Every quantized linear of ``model`` by full module name, with its record (see :func:`attach`)."""
+    return {name: getattr(module, ATTRIBUTE) for name, module in model.named_modules() if hasattr(module, ATTRIBUTE)}
