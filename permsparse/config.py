@@ -161,7 +161,7 @@ class Learned:
     judge_every: int = option(5, "steps between judgments of the hard permutations on the held-out windows")
     recompute: bool = option(False, "e2e: keep only each block's input for the backward pass and run the block again "
                              "there (activation checkpointing: much less memory, about a third more time)")
-    fake_quant: bool = option(True, "with --quant: training and judgment see the kept weights as deployed, rounded to "
+    fake_quant: bool = option(False, "with --quant: training and judgment see the kept weights as deployed, rounded to "
                               "nearest in the permuted groups (straight-through gradient); off: unquantized")
 
     def __post_init__(self):

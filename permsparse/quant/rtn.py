@@ -41,24 +41,33 @@ def _grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def scales(weight: torch.Tensor, kind: str, group: int) -> torch.Tensor:
-    """Scales ``(out, in // group)`` (float32) of ``weight`` (storage order): the largest magnitude of each
-    group over the code limit; int4 also searches :data:`CLIP_GRID` for the clip with the least squared
-    rounding error per group. An all-zero group gets scale 1 (its codes are 0 either way)."""
+    """Scales ``(out, in // group)`` (float32 holding bfloat16 values) of ``weight`` (storage order): the largest
+    magnitude of each group over the code limit, rounded up to bfloat16; int4 also searches :data:`CLIP_GRID`
+    for the clip with the least squared rounding error per group. An all-zero group gets scale 1 (its codes
+    are 0 either way)."""
     w = _grouped(weight.float(), group)
     peak = w.abs().amax(-1) / code_limit(kind)
-    if kind == "int4":
-        best, best_error = peak, None
-        for clip in CLIP_GRID:
-            candidate = peak * clip
-            safe = torch.where(candidate > 0, candidate, torch.ones_like(candidate))
-            error = (to_codes(w / safe[..., None], kind).float() * safe[..., None] - w).square().sum(-1)
-            if best_error is None:
-                best, best_error = candidate, error
-            else:
-                better = error < best_error
-                best, best_error = torch.where(better, candidate, best), torch.where(better, error, best_error)
-        peak = best
-    return torch.where(peak > 0, peak, torch.ones_like(peak))
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    if kind != "int4":
+        return bfloat16_ceiling(peak)
+    best, best_error = None, None
+    for clip in CLIP_GRID:
+        candidate = bfloat16_ceiling(peak * clip)
+        error = (to_codes(w / candidate[..., None], kind).float() * candidate[..., None] - w).square().sum(-1)
+        if best is None:
+            best, best_error = candidate, error
+        else:
+            better = error < best_error
+            best, best_error = torch.where(better, candidate, best), torch.where(better, error, best_error)
+    return best
+
+
+def bfloat16_ceiling(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded up to the nearest bfloat16 value (kept as float32): a checkpoint stores the scales in
+    bfloat16 without changing one dequantized weight, and no weight moves past its grid's end by rounding."""
+    rounded = scale.to(torch.bfloat16)
+    up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+    return torch.where(rounded.float() < scale, up, rounded).float()
 
 
 def quantize(stored: torch.Tensor, kind: str, group: int, scale: torch.Tensor | None = None) -> torch.Tensor:
