@@ -364,7 +364,7 @@ def render_quant(data: dict) -> str:
     for r in data["results"]:
         base, _, kind = r["label"].partition(" | ")
         reference = by_label.get("dense" if base == "dense" else f"{base} | 16-bit")
-        cells = [r["label"]]
+        cells = [r["label"].replace(" | ", ", ")]  # a "|" would split the markdown cell
         for t in texts:
             change = ("" if reference is None or reference is r or not kind
                       else f" ({100 * (r['ppl'][t] / reference['ppl'][t] - 1):+.1f}%)")
