@@ -98,7 +98,7 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
     import torch
 
     from permsparse import load_model, perplexity, prune
-    from permsparse.data import check_disjoint, token_stream
+    from permsparse.data.text import check_disjoint, token_stream
     from permsparse.report import peak_rss_mb
     from permsparse.serial import to_dict
 
@@ -123,7 +123,7 @@ def _run_row(row: Row, protocol: Protocol) -> dict:
         first = protocol.evals[0]
         result["ppl_full"] = perplexity(model, tokenizer, seqlen=protocol.seqlen, source=first, progress=False).ppl
     if getattr(protocol, "tasks", ()):
-        from permsparse.zeroshot import zero_shot
+        from permsparse.evaluate.zeroshot import zero_shot
 
         scores = zero_shot(model, tokenizer, list(protocol.tasks), limit=protocol.limit, progress=False)
         result["zero_shot"] = {s.task: s.acc for s in scores}

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from common import print_table, save_json
 
-from permsparse.models import load_model
+from permsparse.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+MKL_ANY_CPU = Path(sys.prefix) / "lib" / "libmkl_any_cpu.so"  # built by `make demo` from bench/mkl_any_cpu.c
 RUNS = {"none": [], "ria": ["--perm", "ria"], "learned (default)": ["--perm", "learned"]}
 TEXTS = ("wikitext2",)
 
@@ -49,6 +50,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if MKL_ANY_CPU.is_file():  # MKL's kernels chosen by instruction set, not vendor (bench/mkl_any_cpu.c)
+        env["LD_PRELOAD"] = " ".join(filter(None, (env.get("LD_PRELOAD"), str(MKL_ANY_CPU))))
     one_thread = {**env, "OMP_NUM_THREADS": "1"}
     folders = {label: out / label.split()[0] for label in RUNS}
     prune = {label: command("prune", "--model", args.model, *flags, "--eval-texts", ",".join(TEXTS), "--out",
@@ -92,7 +95,7 @@ def main() -> None:
     print(f"{wall:.0f} s in all; report in {report_s:.1f} s: {out / 'report' / 'index.html'}")
     protocol = {"model": args.model, "evals": list(TEXTS), "windows": 16, "seqlen": 512, "jobs": 2,
                 "threads": "all for the learned run, then one per run",
-                "wall_s": wall, "report_s": report_s, "calib": rows[-1]["config"]["calibration"]["source"],
+                "wall_s": wall, "report_s": report_s, "mkl_any_cpu": MKL_ANY_CPU.is_file(), "calib": rows[-1]["config"]["calibration"]["source"],
                 "nsamples": rows[-1]["config"]["calibration"]["nsamples"], "seed": 0}
     print(f"saved {save_json('demo', protocol, rows)}")
 

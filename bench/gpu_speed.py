@@ -14,8 +14,15 @@ pruned to 2:4 by magnitude, three runs:
 
 The linear costs measured for the conversion policy are shared between the runs. Prints the elapsed time as
 it goes, one table per run and the issue's targets against what was measured, and writes
-bench/results/gpu_speed.json. Without a CUDA GPU it prints one line saying why and exits with status 2,
-measuring nothing.
+bench/results/gpu_speed.json (after every run). Without a CUDA GPU it prints one line saying why and exits
+with status 2, measuring nothing.
+
+``--dry-run`` (on ``--device cpu`` too: the CPU rehearsal of the lent machine, ``make rehearse``) times
+nothing: for each run it checks the run's options, makes the run's model at a tiny LLaMA shape (2 blocks of
+width 64, 2:4, permuted where the run is) and checks it against its dense reference, runs an eager prefill
+and a decode step with the static cache, and the Triton 2:4 kernel on one of its linears (under Triton's
+interpreter on the CPU); it writes that to a temporary file unless ``--out`` names one, and exits 1 when a
+run failed.
 """
 from __future__ import annotations
 
@@ -23,7 +30,9 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +41,52 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = ROOT / "bench" / "results" / "gpu_speed.json"
 
 EXPLORE_8B = ("eager", "graph", "compile+graph", "torch-semi", "torchao", "fp8")
+# The dry run's model: every LLaMA shape's structure (grouped-query attention, untied head), tiny
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, max_position_embeddings=256)
 RUNS = {  # name -> SpeedConfig fields; "candidates" of 8b-permuted come from 8b's best
     "1b": dict(shape="llama-3.2-1b", prefill=((1, 2048), (4, 2048), (1, 8192))),
     "8b": dict(shape="llama-3.1-8b", layers=8, prefill=((1, 8192), (4, 2048), (1, 2048)), candidates=EXPLORE_8B),
     "8b-permuted": dict(shape="llama-3.1-8b", layers=8, permuted=True, prefill=((1, 8192), (4, 2048))),
 }
+
+
+def run_fields(run: str, results: dict) -> dict:
+    """The SpeedConfig fields of ``run``; 8b-permuted measures the best candidate of 8b (``graph`` without it)."""
+    fields = dict(RUNS[run])
+    if run == "8b-permuted":
+        fields["candidates"] = ((results.get("8b") or {}).get("best") or "graph",)
+    return fields
+
+
+def main_dry_run(runs: list[str], device: str, out: Path) -> int:
+    """:func:`dry_run` of each run; one line per run, the JSON, exit 1 when a run failed or disagreed."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel's module is imported, and as it runs
+    from permsparse.deploy.speed import SpeedConfig
+
+    began, results, failed = time.perf_counter(), {}, []
+    for run in runs:
+        try:
+            results[run] = dry_run(SpeedConfig(**run_fields(run, results)), device)
+            errors = results[run]["logit_error"]
+            ok = all(error <= results[run]["tolerance"] for error in errors.values())
+            line = ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + ("" if ok else " (over the tolerance)")
+        except Exception as err:  # noqa: BLE001 - keep the other runs; say what failed
+            import traceback
+
+            results[run] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+            ok, line = False, results[run]["error"]
+        failed += [] if ok else [run]
+        print(f"| {run} | {'ok' if ok else 'FAILED'} | {line} |", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "python3 bench/gpu_speed.py " + " ".join(sys.argv[1:]), "dry_run": True,
+                               "device": device, "date": time.strftime("%Y-%m-%d"), "runs": results,
+                               "targets": targets(results), "seconds": time.perf_counter() - began}, indent=1))
+    print(f"wrote {out} ({time.perf_counter() - began:.0f} s)")
+    if failed:
+        print(f"dry run: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def targets(results: dict) -> list[str]:
@@ -74,16 +124,60 @@ def targets(results: dict) -> list[str]:
     return lines
 
 
+def dry_run(config, device: str) -> dict:
+    """What a run's code does, at the tiny shape on ``device``, timing nothing: the model against its dense
+    reference, an eager prefill and a decode step, and the Triton 2:4 kernel on one linear."""
+    import torch
+
+    from permsparse.deploy.convert import TOLERANCE
+    from permsparse.deploy.format import compress
+    from permsparse.deploy.speed import PROMPT, Runner, _single_sequences, random_model
+
+    began = time.perf_counter()
+    dtype = getattr(torch, config.dtype)
+    with _single_sequences(), torch.no_grad():
+        model, dense, names = random_model(TINY, 0, dtype, device, config.permuted, config.seed)
+        generator = torch.Generator(device=device).manual_seed(config.seed + 2)
+        ids = torch.randint(0, TINY["vocab_size"], (1, PROMPT), generator=generator, device=device)
+        reference = dense(input_ids=ids, use_cache=False).logits.float()
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        error = ((logits - reference).abs().max() / reference.abs().max()).item()
+        runner = Runner(model, "eager")
+        batch, tokens = config.prefill[0]
+        runner.prefill(batch, min(tokens, 64), generator)()
+        runner.decode(config.decode_batch, 4, generator)()
+        from permsparse.deploy.triton_decode import matmul24
+
+        weight = model.get_submodule(names[0]).weight
+        x = torch.randn(3, weight.shape[1], generator=generator, device=device).to(dtype)
+        kernel = matmul24(x, *compress(weight)).float()
+        kernel_error = ((kernel - (x @ weight.T).float()).abs().max() / (x @ weight.T).float().abs().max()).item()
+    return {"config": {**asdict(config), "prefill": [f"{b}x{t}" for b, t in config.prefill]},
+            "model": f"tiny LLaMA ({len(names)} 2:4 linears{', permuted' if config.permuted else ''})",
+            "logit_error": {"model vs dense": error, "triton kernel": kernel_error},
+            "tolerance": TOLERANCE[dtype], "seconds": time.perf_counter() - began}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
-    parser.add_argument("--out", default=str(RESULTS), help="JSON file to write")
+    parser.add_argument("--out", help="JSON file to write (default: bench/results/gpu_speed.json; a dry run: a "
+                                      "temporary file)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="where it runs (cpu: only with --dry-run)")
+    parser.add_argument("--dry-run", action="store_true", help="every run's code path at a tiny shape, timing "
+                                                               "nothing; exit 1 when a run failed")
     args = parser.parse_args(argv)
+    if args.device == "cpu" and not args.dry_run:
+        parser.error("--device cpu runs only the dry run (--dry-run): speed needs a GPU")
     runs = [r for r in args.runs.split(",") if r]
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         print(f"bench/gpu_speed.py: unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return main_dry_run(runs, args.device, Path(args.out or Path(tempfile.gettempdir()) / "gpu_speed_dry_run.json"))
+    args.out = args.out or str(RESULTS)
     from permsparse.deploy.speed import SpeedConfig, format_table, measure_speed, speed_problem
 
     problem = speed_problem()
@@ -96,11 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - began:6.1f}s] {message}", flush=True)
 
     costs, results, tables = {}, {}, []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> list[str]:
+        summary = targets(results)
+        out.write_text(json.dumps({"command": "python3 bench/gpu_speed.py " + " ".join(argv or sys.argv[1:]),
+                                   "date": time.strftime("%Y-%m-%d"), "runs": results, "targets": summary,
+                                   "seconds": time.perf_counter() - began}, indent=1))
+        return summary
+
     for run in runs:
-        fields = dict(RUNS[run])
-        if run == "8b-permuted":
-            best = (results.get("8b") or {}).get("best") or "graph"
-            fields["candidates"] = (best,)
+        fields = run_fields(run, results)
         log(f"run {run}: {fields}")
         try:
             results[run] = measure_speed(SpeedConfig(**fields), log=log, costs=costs)
@@ -110,15 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             results[run] = {"error": f"{type(err).__name__}: {err}"}
             tables.append(f"{run}: failed: {results[run]['error']}")
+            write()
             continue
         tables.append(format_table(results[run]))
         log(f"run {run} done in {results[run]['seconds']:.0f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    summary = targets(results)
-    out.write_text(json.dumps({"command": "python3 bench/gpu_speed.py " + " ".join(argv or sys.argv[1:]),
-                               "date": time.strftime("%Y-%m-%d"), "runs": results, "targets": summary,
-                               "seconds": time.perf_counter() - began}, indent=1))
+        write()  # after each run: a run stopped from outside keeps the ones before
+    summary = write()
     print()
     print("\n\n".join(tables))
     print("\ntargets (issue: 2:4 checkpoints that run faster than dense):")

@@ -54,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from permsparse import Calibration, Learned, PruneConfig
-    from permsparse.adapters import LLAMA
-    from permsparse.calibration import run_block
+    from permsparse.discover.adapters import LLAMA
+    from permsparse.sparsity.statistics import run_block
     from permsparse.permute.learned import BlockData, Plan, learn_block
     from permsparse.permute.sites import Site
 

@@ -22,12 +22,13 @@ LLAMA2_7B = {"4096": 32 * 6, "11008": 32 * 1}  # per-linear sites of each input 
 @torch.no_grad()
 def layer_table(model_name: str, methods: list[str], calib: str, nsamples: int, seqlen: int, seed: int,
                 blocks: list[int] | None) -> list[dict]:
-    from permsparse import data, efficacy, find_permutation, load_model
-    from permsparse.adapters import adapter_for, linear_weight
-    from permsparse.calibration import capture_block_inputs, collect_input_stats
-    from permsparse.masks import unstructured_mask
+    from permsparse.data import text as data
+    from permsparse import efficacy, find_permutation, load_model
+    from permsparse.discover.adapters import adapter_for, linear_weight
+    from permsparse.sparsity.statistics import capture_block_inputs, collect_input_stats
+    from permsparse.sparsity.masks import unstructured_mask
     from permsparse.permute.metrics import output_error
-    from permsparse.scores import wanda
+    from permsparse.sparsity.scores import wanda
 
     model, tokenizer = load_model(model_name)
     adapter = adapter_for(model)
@@ -83,7 +84,7 @@ def synthetic_timing(methods: list[str], seed: int, chunk: int) -> list[dict]:
     costs about ``width^2 * rows`` per round unchunked, which at 11008 channels is minutes per round.
     """
     from permsparse import efficacy, find_permutation
-    from permsparse.scores import wanda
+    from permsparse.sparsity.scores import wanda
 
     gen = torch.Generator().manual_seed(seed)
     results = []

@@ -24,7 +24,7 @@ def search_seconds(method: str, shape: str, device: str) -> float:
     import torch
 
     from permsparse.permute.search import find_permutation
-    from permsparse.scores import wanda
+    from permsparse.sparsity.scores import wanda
 
     rows, cols = SHAPES[shape]
     gen = torch.Generator(device=device).manual_seed(0)

@@ -11,7 +11,7 @@ Two parts, each run on its own (they write separate sections of one JSON file):
   testbed's thread count (the median of ``--steps`` timed steps after warm-up), projected to a whole
   training on the 50,000 training images. The testbed must train within an hour on a 2-core machine.
 
-The chosen recipe becomes :data:`permsparse.testbed.RECIPE`, which trains on all 50,000 images.
+The chosen recipe becomes :data:`permsparse.models.vit_testbed.RECIPE`, which trains on all 50,000 images.
 Prints a table and writes ``bench/results/testbed_recipes.json``.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "testbed_recipes.json"
 VALIDATION = 5000
 TRAIN_IMAGES = 50000
 
-# name -> fields of permsparse.testbed.Recipe changed from its defaults
+# name -> fields of permsparse.models.vit_testbed.Recipe changed from its defaults
 CANDIDATES = {
     "b32 lr1e-3 10ep": {"batch": 32, "lr": 1e-3, "epochs": 10},
     "b32 lr1e-3 18ep": {"batch": 32, "lr": 1e-3, "epochs": 18},
@@ -47,7 +47,7 @@ CANDIDATES = {
 
 
 def recipe_of(name: str):
-    from permsparse.testbed import Recipe
+    from permsparse.models.vit_testbed import Recipe
 
     return dataclasses.replace(Recipe(), **CANDIDATES[name])
 
@@ -55,7 +55,7 @@ def recipe_of(name: str):
 def _train_one(name: str, data_file: str, device: str, threads: int) -> dict:
     import torch
 
-    from permsparse.testbed import fit, top1
+    from permsparse.models.vit_testbed import fit, top1
 
     torch.set_num_threads(threads)
     data = torch.load(data_file)
@@ -72,7 +72,7 @@ def _split(seed: int) -> dict:
     """45,000 training and 5,000 validation images of the training split (seeded), and the test split."""
     import torch
 
-    from permsparse.images import load_images
+    from permsparse.data.images import load_images
 
     train, test = load_images("cifar10"), load_images("cifar10-test")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
@@ -114,7 +114,7 @@ def cpu_cost(names: list[str], threads: int, steps: int) -> list[dict]:
     import torch.nn.functional as F
     from transformers import ViTForImageClassification
 
-    from permsparse.testbed import _augment, _normalise, vit_config
+    from permsparse.models.vit_testbed import _augment, _normalise, vit_config
 
     torch.set_num_threads(threads)
     rows = []
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help="--train: stop unfinished candidates after "
                         "this many seconds (what finished is kept)")
     args = parser.parse_args()
-    from permsparse.testbed import TRAIN_THREADS
+    from permsparse.models.vit_testbed import TRAIN_THREADS
 
     threads = args.threads or TRAIN_THREADS
     if args.train:

@@ -4,7 +4,7 @@ For each linear shape of a model (``--shapes``: LLaMA-2-7B's, or SmolLM2-135M's 
 pipeline's measured seconds), a weight with random entries and a Hessian ``H = X^T X`` of random
 correlated inputs are built on ``--device``; then one 2:4 update of each host is timed (after a warm-up
 on a small layer), and the accumulation of ``H`` over one batch of ``--batch-tokens`` calibration tokens
-as :mod:`permsparse.calibration` does it (float32 product, float64 sum). The projection multiplies each
+as :mod:`permsparse.sparsity.statistics` does it (float32 product, float64 sum). The projection multiplies each
 shape's seconds by its count in the model (per layer: q, k, v, o, gate, up, down; one Hessian per
 shared input) and by the layers; it leaves out the forward passes of the blocks, which every host shares.
 The update's cost does not depend on the values, only on the shapes and the fixed iteration counts

@@ -49,7 +49,7 @@ def run_row(row: Row, args) -> dict:
     import torch
 
     from permsparse import load_model, prune
-    from permsparse.images import accuracy
+    from permsparse.data.images import accuracy
     from permsparse.report import peak_rss_mb
     from permsparse.serial import to_dict
 
@@ -61,7 +61,7 @@ def run_row(row: Row, args) -> dict:
         result.update(prune_s=report.seconds, training=to_dict(report.training))
     started = time.perf_counter()
     if args.eval == "validation":
-        from permsparse.images import calibration_index, image_count
+        from permsparse.data.images import calibration_index, image_count
 
         used = calibration_index(image_count(args.calib), args.nsamples, args.holdout, args.seed)
         scored = accuracy(model, processor, args.calib, limit=args.limit or 5000, exclude=used, progress=False)
@@ -111,8 +111,8 @@ def main() -> None:
     add_row_args(parser, "vision")
     args = parser.parse_args()
 
-    from permsparse.models import TESTBED_ALIAS, cache_dir
-    from permsparse.testbed import testbed_folder
+    from permsparse.models.loading import TESTBED_ALIAS, cache_dir
+    from permsparse.models.vit_testbed import testbed_folder
 
     if args.model == TESTBED_ALIAS:
         print(f"testbed: {testbed_folder(cache_dir())}", flush=True)  # built here once, not in every row

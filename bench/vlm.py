@@ -7,7 +7,7 @@ images with their captions, mixed with C4 text, ``--nsamples`` windows of ``--se
 tower on ``--vision-nsamples`` CIFAR-10 training images. Learned rows use ``permsparse prune --perm
 learned``'s defaults (``--steps`` and ``--init`` override them). Every row is judged on CIFAR-10's *test*
 split, which nothing calibrates, trains or chooses on (``--limit`` images, a seeded draw): ten-way accuracy
-of the likeliest class name and the true caption's perplexity (:mod:`permsparse.vlm_eval`); the cosine of
+of the likeliest class name and the true caption's perplexity (:mod:`permsparse.evaluate.vlm`); the cosine of
 what the projector reads (the vision tower's ``vision_feature_layer``, per token) to the dense model's on
 ``--feature-images`` of them, the vision tower judged as an encoder; and on the language model's text:
 WikiText-2 test perplexity over its first ``--text-windows`` windows of ``--seqlen`` tokens. The projector
@@ -54,11 +54,11 @@ def run_row(row: Row, args) -> dict:
     import torch
 
     from permsparse import load_model, prune
-    from permsparse.evaluation import perplexity
-    from permsparse.models import text_tokenizer
+    from permsparse.evaluate.measures import perplexity
+    from permsparse.models.loading import text_tokenizer
     from permsparse.report import peak_rss_mb
     from permsparse.serial import to_dict
-    from permsparse.vlm_eval import evaluate
+    from permsparse.evaluate.vlm import evaluate
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
@@ -89,7 +89,7 @@ def feature_images(processor, args, validation=None):
     accuracy is scored on (a seeded draw; ``validation``: the validation images' indices)."""
     import torch
 
-    from permsparse.images import load_images, preprocess
+    from permsparse.data.images import load_images, preprocess
 
     source = "cifar10" if validation is not None else "cifar10-test"
     pool = validation if validation is not None else torch.arange(len(load_images(source)))
@@ -115,9 +115,9 @@ def validation_images(args, processor):
     import torch
 
     from permsparse import Calibration, PruneConfig
-    from permsparse.images import calibration_index, image_count
-    from permsparse.pipeline import calibration_images
-    from permsparse.vlm_testbed import split
+    from permsparse.data.images import calibration_index, image_count
+    from permsparse.data.calibration import calibration_images
+    from permsparse.models.vlm_testbed import split
 
     total = image_count(args.vision_calib)
     _, held = split(total)
@@ -171,8 +171,8 @@ def main() -> None:
     add_row_args(parser, "vlm", threads=2)
     args = parser.parse_args()
 
-    from permsparse.models import cache_dir
-    from permsparse.vlm_testbed import ALIAS, vlm_folder
+    from permsparse.models.loading import cache_dir
+    from permsparse.models.vlm_testbed import ALIAS, vlm_folder
 
     if args.model == ALIAS:
         print(f"testbed: {vlm_folder(cache_dir())}", flush=True)  # built here once, not in every row

@@ -1,13 +1,13 @@
 """Choosing the cifar10-vlm testbed's projector recipe on held-out *training* images.
 
-Every candidate (``CANDIDATES``: fields of :class:`permsparse.vlm_testbed.Recipe` changed from its
+Every candidate (``CANDIDATES``: fields of :class:`permsparse.models.vlm_testbed.Recipe` changed from its
 defaults) assembles the testbed from the cached ``cifar10-vit`` and ``smollm2-135m``, trains its projector
 on its ``pairs`` training pairs (the recipe's seeded draw, which never holds a held-out image) and is
 judged by the ten-way accuracy and caption perplexity on ``--val`` of the recipe's 5,000 held-out training
 images. CIFAR-10's test split is not read. Runs on the testbed's two threads, one candidate after another;
 each row gives its training seconds per pair, so a candidate's cost at the recipe's ``pairs`` is known.
 
-The chosen recipe becomes :data:`permsparse.vlm_testbed.RECIPE`. Prints a table and writes
+The chosen recipe becomes :data:`permsparse.models.vlm_testbed.RECIPE`. Prints a table and writes
 ``bench/results/vlm_testbed_{pairs}.json``. Run here (two CPU threads): ``--pairs 256 --val 300`` (all
 three near chance), then ``--pairs 1024 --val 300 --candidates lr1e-3 lr3e-3`` (3e-3 chosen).
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 RESULTS = Path(__file__).resolve().parent / "results"  # vlm_testbed_{pairs}.json
 
-# name -> fields of permsparse.vlm_testbed.Recipe changed from its defaults (and ``pairs``: --pairs)
+# name -> fields of permsparse.models.vlm_testbed.Recipe changed from its defaults (and ``pairs``: --pairs)
 CANDIDATES = {
     "lr3e-4": {"lr": 3e-4},
     "lr1e-3": {"lr": 1e-3},
@@ -36,11 +36,11 @@ def run(names: list[str], val: int, pairs: int) -> list[dict]:
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from permsparse.images import Images, load_images
-    from permsparse.models import SMOLLM2_ALIAS, cache_dir, load_model
-    from permsparse.testbed import testbed_folder
-    from permsparse.vlm_eval import evaluate
-    from permsparse.vlm_testbed import RECIPE, TRAIN_THREADS, assemble, fit, split
+    from permsparse.data.images import Images, load_images
+    from permsparse.models.loading import SMOLLM2_ALIAS, cache_dir, load_model
+    from permsparse.models.vit_testbed import testbed_folder
+    from permsparse.evaluate.vlm import evaluate
+    from permsparse.models.vlm_testbed import RECIPE, TRAIN_THREADS, assemble, fit, split
 
     torch.set_num_threads(TRAIN_THREADS)
     vit_folder = testbed_folder(cache_dir())

@@ -5,39 +5,29 @@ pruned, how permutations are bound to linears, the calibration data, and the per
 :class:`Search` (a heuristic chosen per site) or a :class:`Learned` one (trained from a search's
 result). Each field's help text lives beside it; the command line is built from these fields
 (:mod:`permsparse.cli`), so a default is written once, here. The same config gives the same model.
+Where a run computes (:class:`Placement`) and how the pruned model is written (:class:`ExportConfig`)
+are configs here too. Importing this module imports neither torch nor transformers, so the command line
+parses and refuses its arguments at once.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .data import SELF, mixture
-from .serial import from_dict, to_dict
+from .serial import check_choices, from_dict, option, to_dict
+
+# Names the command line knows before anything loads (never importing torch or transformers for them)
+SMOLLM2_ALIAS = "smollm2-135m"  # permsparse.models.smollm2: the embedded default model
+TESTBED_ALIAS = "cifar10-vit"  # permsparse.models.vit_testbed: a CIFAR-10 ViT built here
+VLM_ALIAS = "cifar10-vlm"  # permsparse.models.vlm_testbed: a small vision-language model built here
+VLM_TASK = "cifar10-vlm"  # permsparse.evaluate.vlm: ten-way CIFAR-10 accuracy and caption perplexity
 
 SEARCH_METHODS = ("none", "cp", "ria", "output")
 TEST_SOURCES = ("wikitext2",)  # evaluation text: refused for calibration unless asked for explicitly
-
-
-def option(default, help: str, flag: str | None = None):
-    """A config field with its command-line help (and flag, when it is not ``--field-name``)."""
-    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def check_choices(record) -> None:
-    """Every ``Literal`` field of ``record`` holds one of its values."""
-    hints = typing.get_type_hints(type(record))
-    for f in dataclasses.fields(record):
-        kind = hints[f.name]
-        if typing.get_origin(kind) is Literal and getattr(record, f.name) not in typing.get_args(kind):
-            choices = ", ".join(map(str, typing.get_args(kind)))
-            raise ValueError(f"unknown {f.name.replace('_', ' ')} {getattr(record, f.name)!r}; choose one of {choices}")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | float:
@@ -100,6 +90,8 @@ class Calibration:
     @property
     def samples_text(self) -> bool:
         """Whether part of the text source is sampled from the dense model (``self``)."""
+        from .data.text import SELF, mixture  # torch: imported once a config is used, not to parse arguments
+
         return SELF in (name for name, _ in mixture(self.source))
 
 
@@ -194,10 +186,10 @@ class Distill:
     Every pruned linear's kept weights train towards the dense model's outputs, on fresh windows of the
     calibration text, one batch per step (AdamW, a short warm-up, then cosine decay); the weights judged
     best on the held-out windows are kept. The objective is that of the learned permutation
-    (:mod:`permsparse.objective`): KL from the dense model's next-token distributions by default, so the
+    (:mod:`permsparse.permute.objective`): KL from the dense model's next-token distributions by default, so the
     pruned model follows the dense model rather than the calibration text's tokens. Each N:M (or
     unstructured) mask stays as pruning chose it, or follows the weights as they train, through a fixed or
-    a learned permutation (``masks``, :mod:`permsparse.masking`).
+    a learned permutation (``masks``, :mod:`permsparse.train.following_masks`).
     """
 
     steps: int = option(0, "steps of distillation of the kept weights after pruning (0: none)", flag="--distill-steps")
@@ -377,3 +369,37 @@ class PruneConfig:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the pipeline computes (the device, and whether the blocks stay on the host)."""
+
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (this process's CUDA device when there is one: cuda:0, "
+                         "or cuda:LOCAL_RANK under torchrun; else the CPU)")
+    offload: Literal["auto", "on", "off"] = option(
+        "auto", "keep the blocks on the host and move one at a time to the device (on), never (off), or when the "
+        "memory estimate says the model and the run do not fit the device together (auto)")
+
+    def __post_init__(self):
+        check_choices(self)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):  # whether it exists is checked where it is used
+            raise ValueError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How the pruned model is written."""
+
+    format: Literal["masked", "folded"] = option(
+        "masked", "masked: W*unpermute(mask) in the original order (loads anywhere); folded: fold every exact "
+        "permutation so those linears are N:M in storage order", flag="--export")
+    fallback: Literal["masked", "gather"] = option(
+        "masked", "linears whose permutation cannot fold: keep them masked (plain HF) or store them permuted with "
+        "a runtime gather (needs permsparse.load)", flag="--fold-fallback")
+
+    def __post_init__(self):
+        check_choices(self)

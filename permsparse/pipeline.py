@@ -14,7 +14,6 @@ expert; the routers stay dense.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,30 +22,32 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data, distributed, images
-from .progress import bar
-from .adapters import Adapter, AttentionGeometry, adapter_for, is_linear, linear_weight
-from .calibration import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .config import Learned, PruneConfig
+from .data.calibration import CalibrationSet, calibration
+from .data.images import reads_images
+from .data.imagetext import images_attached
 from .discover import experts_as_linears, find_blocks, find_towers, is_packed_experts, vision_tower
-from .distill import dense_weights, distill
-from .masks import nm_mask, permuted_nm_mask, unstructured_mask
-from .masking import FollowingMasks, FollowingSite
-from .memory import check_memory, needs_offload
-from .imagetext import ImageTextWindows, draw_image_text, image_table, images_attached, is_image_text_source
-from .models import cache_dir, is_vlm, text_tokenizer
-from .objective import objective
+from .discover.adapters import Adapter, AttentionGeometry, adapter_for, linear_weight
 from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
-from .placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
 from .quant import ATTRIBUTE, QuantizedWeight, attach
 from .quant.apply import indivisible, quantize_linears
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
-from .resume import Progress, pack_mask, unpack_mask
-from .scores import compute_score
+from .run import distributed
+from .run.identity import ResumeKey, model_digest, permsparse_version, source_digest, tensors_digest, tokenizer_digest
+from .run.memory import check_memory, needs_offload
+from .run.placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
+from .run.progress import bar
+from .run.resume import Progress, pack_mask, unpack_mask
+from .sparsity.scores import compute_score
+from .sparsity.statistics import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
+from .sparsity.targets import select_targets
 from .towers import merged, prefixed, reading_projector_input, tower_config
-from .update import UPDATES, UpdateResult
+from .train.distill import dense_weights, distill
+from .train.following_masks import FollowingMasks, FollowingSite
+from .permute.objective import objective
+from .update.layer import kept_share, prune_layer
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Run:
 
 def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
           holdout: torch.Tensor | None = None, labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-          state_dir=None, progress: bool = True, placement: Placement | None = None) -> PruneReport:
+          state_dir=None, progress: bool = True, placement: Placement | None = None,
+          allow_dense: bool = True) -> PruneReport:
     """Prune ``model`` in place as ``config`` says; return what was done.
 
     ``windows`` (token ids ``(nsamples, seqlen)``, or preprocessed images ``(nsamples, 3, H, W)`` for a
@@ -94,8 +96,9 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     the held-out windows a learned permutation is judged on; ``labels`` are the class labels of both, which
     an image classifier's learned permutation trains on. ``tokenizer`` is a vision model's image
     processor. ``state_dir`` keeps progress so an interrupted run resumes where it stopped.
-    ``placement`` moves the model to its device, whole or offloaded (:mod:`permsparse.placement`), where
-    it stays; without it the run computes where the model is.
+    ``placement`` moves the model to its device, whole or offloaded (:mod:`permsparse.run.placement`), where
+    it stays; without it the run computes where the model is. Unless ``allow_dense``, a config that prunes
+    no linear of the model (a pattern no linear's width divides, patterns that match nothing) is refused.
 
     A vision-language model prunes the towers ``config.towers`` names (:mod:`permsparse.towers`), each
     on its own calibration sources; given ``windows`` serve the tower that reads them (token ids: the
@@ -107,7 +110,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
             raise ValueError(f"{type(model).__name__} has no vision tower: --towers {config.towers} is for "
                              "vision-language models")
         return prune_model(model, tokenizer, config, windows=windows, holdout=holdout, labels=labels,
-                           state_dir=state_dir, progress=progress, placement=placement)
+                           state_dir=state_dir, progress=progress, placement=placement, allow_dense=allow_dense)
     pruned = ("language", "vision") if config.towers == "both" else (config.towers,)
     if windows is not None and ("vision" if windows.is_floating_point() else "language") not in pruned:
         raise ValueError(f"the windows given are {'images' if windows.is_floating_point() else 'token ids'}, which "
@@ -124,7 +127,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
             report = prune_model(part, getattr(tokenizer, "image_processor", tokenizer) if vision else tokenizer,
                                  tower_cfg, windows=windows if given else None, holdout=holdout if given else None,
                                  labels=labels if given else None, progress=progress, placement=placement,
-                                 state_dir=None if state_dir is None else Path(state_dir) / tower)
+                                 state_dir=None if state_dir is None else Path(state_dir) / tower,
+                                 allow_dense=allow_dense)
         reports.append(prefixed(report, path) if vision else report)
     if not reports:
         raise ValueError(f"--include {' '.join(config.include)} names no linear of the {config.towers} tower")
@@ -133,12 +137,14 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
 
 def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Tensor | None = None,
                 holdout: torch.Tensor | None = None, labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-                state_dir=None, progress: bool = True, placement: Placement | None = None) -> PruneReport:
+                state_dir=None, progress: bool = True, placement: Placement | None = None,
+                allow_dense: bool = True) -> PruneReport:
     """:func:`prune` of a model of one tower (a language model, an encoder, a vision model)."""
     started = time.perf_counter()
+    key = None if state_dir is None else resume_key(model, tokenizer, config, windows, holdout, labels)
     device, offloaded = arrange(model, config, placement, windows, holdout)
     with experts_as_linears(model):
-        run = start_run(model, config, state_dir, progress, device, offloaded)
+        run = start_run(model, config, state_dir, progress, device, offloaded, key=key, allow_dense=allow_dense)
         prune_run(run, tokenizer, windows, holdout, labels)
     run.report.seconds, run.report.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
     run.report.peak_device_mb = peak_device_mb(run.device)
@@ -182,10 +188,19 @@ def arrange(model: nn.Module, config: PruneConfig, placement: Placement | None, 
     return device, True
 
 
+def resume_key(model: nn.Module, tokenizer, config: PruneConfig, windows: torch.Tensor | None = None,
+               holdout: torch.Tensor | None = None, labels=None) -> ResumeKey:
+    """The key of ``model``'s (still dense) run under ``config``: its progress resumes only a run of the same key."""
+    data = (source_digest(config.calibration.source) if windows is None
+            else tensors_digest(windows, holdout, labels))
+    return ResumeKey(model_digest(model), tokenizer_digest(tokenizer), data, config.fingerprint(), permsparse_version())
+
+
 def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, device: torch.device | None = None,
-              offloaded: bool = False) -> Run:
+              offloaded: bool = False, key: ResumeKey | None = None, allow_dense: bool = True) -> Run:
     """The run's structure, targets and resume state; an objective the model cannot have fails here. The run
-    computes on ``device`` (the model's, by default)."""
+    computes on ``device`` (the model's, by default). Progress in ``state_dir`` resumes only under the same
+    ``key`` (by default the model's, without tokenizer, on the config's calibration source)."""
     adapter = adapter_for(model)
     if config.learned is not None and config.learned.scope == "e2e":
         objective(model, config.learned)
@@ -195,9 +210,15 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, 
             raise ValueError(f"{type(model).__name__}: distillation of the kept weights does not train "
                              "mixture-of-experts layers yet; prune without --distill-steps")
     targets, skipped = select_targets(model, adapter, config)
+    if not allow_dense and not any(targets):
+        why = f"; in_features not divisible by M={config.nm[1]}: {len(skipped)} linears" if skipped else ""
+        raise ValueError(f"--pattern {config.pattern} prunes no linear of {type(model).__name__}{why} (--include/"
+                         "--exclude may leave none too); pass --allow-dense to save it unpruned")
+    if state_dir is not None and key is None:
+        key = resume_key(model, None, config)
     routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
     run = Run(model, adapter, adapter.attention(model.config), config, targets,
-              PruneReport(skipped=skipped, dense=routers), Progress(state_dir, config.fingerprint()), progress,
+              PruneReport(skipped=skipped, dense=routers), Progress(state_dir, key), progress,
               input_device(model) if device is None else device, offloaded)
     widths = {name: linear_weight(model.get_submodule(name)).shape[1] for name in target_names(run)}
     run.report.unquantized = indivisible(config.quant, widths, config.strict)
@@ -216,6 +237,11 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
                     masks = apply_plan(run, plan)
                 quantize_pruned(run, plan, masks)
     else:
+        if windows is None and not reads_images(model):  # what cannot fit is refused before the draw
+            counts = (config.calibration.nsamples, config.calibration.holdout if config.judged else 0)
+            check_memory(model, adapter.blocks_path, config,
+                         *(torch.zeros(()).expand(n, config.calibration.seqlen) for n in counts), run.device,
+                         run.offloaded)
         with run.report.timed("calibration"):
             calib = calibration(model, tokenizer, config, windows, holdout, labels, show=progress)
         calib = CalibrationSet(*(run.to_device(t) for t in (calib.windows, calib.holdout)),
@@ -250,6 +276,10 @@ def prune_calibrated(run: Run, calib: CalibrationSet) -> None:
             distill_run(run, dense, calib)
 
 
+def on_device(perm: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if perm is None else perm.to(device)
+
+
 def needs_calibration(config: PruneConfig) -> bool:
     return (config.score != "magnitude" or needs_gram(config.start) or config.learned is not None
             or config.binding == "global" or config.distill.steps > 0 or config.quant.needs_hessian)
@@ -260,103 +290,6 @@ def target_names(run: Run) -> list[str]:
     return [f"{run.name(i)}.{name}" for i, groups in enumerate(run.targets) for group in groups for name in group]
 
 
-@dataclass
-class CalibrationSet:
-    """What a run calibrates on: training windows, held-out windows (a learned permutation's and
-    distillation's judgment), the class labels of both for images, and distillation's windows (fresh
-    windows of the calibration text; the training windows when those were given, or are images)."""
-
-    windows: torch.Tensor
-    holdout: torch.Tensor
-    labels: tuple[torch.Tensor, torch.Tensor] | None
-    distill: torch.Tensor
-    distill_labels: torch.Tensor | None
-    images: dict = field(default_factory=dict)  # image inputs of image-text windows, by their ids (imagetext)
-
-
-def calibration(model: nn.Module, tokenizer, config: PruneConfig, windows: torch.Tensor | None,
-                holdout: torch.Tensor | None, labels: tuple[torch.Tensor, torch.Tensor] | None,
-                show: bool = True) -> CalibrationSet:
-    """The training windows and, for a learned permutation or distillation, the held-out windows they are
-    judged on; for images, their labels too (drawn with them, or as given); distillation's windows."""
-    calib = config.calibration
-    wanted = calib.holdout if config.judged else 0
-    extra, table = None, {}
-    if windows is None:
-        if images.reads_images(model) != images.is_image_source(calib.source):
-            kind = "images (--calib cifar10 or imagefolder:PATH)" if images.reads_images(model) else "text"
-            raise ValueError(f"{type(model).__name__} calibrates on {kind}, not {calib.source!r}")
-        if images.is_image_source(calib.source):
-            (windows, holdout), labels = images.draw_calibration(tokenizer, calib.source, calib.nsamples, calib.seed,
-                                                                 wanted, allow_test=calib.allow_test_text)
-        else:
-            windows, holdout, extra, table = text_windows(model, tokenizer, config, wanted, show)
-    if holdout is None or not wanted:
-        holdout = windows.new_zeros(0, *windows.shape[1:])
-        labels = None if labels is None else (labels[0], labels[1][:0])
-    if wanted and len(holdout) == 0:
-        raise ValueError("a learned permutation or distillation is judged on held-out windows: give holdout windows "
-                         "(or --holdout > 0)")
-    if extra is not None and len(extra):
-        return CalibrationSet(windows, holdout, labels, extra, None, table)
-    return CalibrationSet(windows, holdout, labels, windows, None if labels is None else labels[0], table)
-
-
-def text_windows(model: nn.Module, tokenizer, config: PruneConfig, wanted: int,
-                 show: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
-    """Training, held-out and distillation windows of the calibration text, and the image inputs of those
-    that are image-text windows (:mod:`permsparse.imagetext`; ``tokenizer`` is then the model's processor).
-    Each part of a mixture gives its share of the windows, the text parts first; distillation's extra windows
-    come from the text parts."""
-    calib = config.calibration
-    text, paired, shares = _mixture_shares(calib.source, calib.nsamples, wanted)
-    counts = [sum(share[:len(text)]) for share in shares]
-    windows = holdout = torch.zeros(0, calib.seqlen, dtype=torch.long)
-    extra = None
-    if text:
-        source = ",".join(f"{name}:{weight:g}" for name, weight in text)
-        windows, holdout = data.draw_calibration(text_tokenizer(tokenizer), source, counts[0], calib.seqlen,
-                                                 calib.seed, counts[1], config.distill.windows if counts[0] else 0,
-                                                 model=model, show=show, cache=cache_dir() / "samples",
-                                                 sample=distributed.is_main(), temperature=calib.temperature)
-        if calib.samples_text:  # sampled: rank 0's on every rank
-            windows, holdout = distributed.broadcast(windows), distributed.broadcast(holdout)
-        windows, extra = windows[:counts[0]], windows[counts[0]:]
-    if paired and not is_vlm(model):
-        raise ValueError(f"{type(model).__name__} reads no images: {paired[0][0]} calibrates vision-language models")
-    drawn = image_text_draws(tokenizer, config, wanted)
-    for part in drawn:
-        windows, holdout = torch.cat([windows, part[0].ids]), torch.cat([holdout, part[1].ids])
-    return windows, holdout, extra, image_table(*(half for part in drawn for half in part))
-
-
-def _mixture_shares(source: str, nsamples: int, wanted: int):
-    """A calibration mixture's text parts, its image-text parts, and each part's share of the training and of
-    the held-out windows (text parts first)."""
-    parts = data.mixture(source)
-    paired = [(name, weight) for name, weight in parts if is_image_text_source(name)]
-    text = [(name, weight) for name, weight in parts if not is_image_text_source(name)]
-    shares = [data.shares(count, [w for _, w in text] + [w for _, w in paired]) for count in (nsamples, wanted)]
-    return text, paired, shares
-
-
-def image_text_draws(processor, config: PruneConfig, wanted: int) -> list[tuple[ImageTextWindows, ImageTextWindows]]:
-    """The training and held-out windows (``wanted`` in all) of each image-text part of the calibration
-    mixture, as :func:`text_windows` draws them."""
-    calib = config.calibration
-    text, paired, shares = _mixture_shares(calib.source, calib.nsamples, wanted)
-    return [draw_image_text(processor, name, shares[0][len(text) + k], calib.seqlen, calib.seed + k,
-                            shares[1][len(text) + k]) for k, (name, _) in enumerate(paired)]
-
-
-def calibration_images(processor, config: PruneConfig) -> torch.Tensor:
-    """Indices in their training split of every image the image-text calibration of ``config`` reads, its
-    held-out windows' included (``calibration.holdout`` of them): the images an evaluation on that split
-    leaves out."""
-    drawn = image_text_draws(processor, config, config.calibration.holdout)
-    return torch.tensor(sorted({i for part in drawn for half in part for i in half.index}), dtype=torch.long)
-
-
 def sequences(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> torch.Tensor:
     """``windows`` as the memory estimate reads them, ``(count, tokens)``: token ids as they are; images as
     a shape only, of the length of the sequence the first block reads (captured on one image)."""
@@ -364,44 +297,6 @@ def sequences(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> torc
         return windows
     tokens = capture_block_inputs(model, adapter, windows[:1])[0].shape[1] if len(windows) else 0
     return torch.zeros(()).expand(len(windows), tokens)
-
-
-def select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig) -> tuple[list[list[tuple[str, ...]]], list[str]]:
-    """Per block, the input groups restricted to target linears; and the skipped layers, with reasons.
-
-    Weights are checked for NaN/Inf here, before any work, so a bad checkpoint fails at once.
-    """
-    m = config.nm[1] if config.nm else None
-    known = {name for group in adapter.input_groups for name in group} | set(adapter.routers)
-    per_block, indivisible = [], []
-    for i, block in enumerate(adapter.blocks(model)):
-        prefix = f"{adapter.blocks_path}.{i}."
-        extra = tuple((name,) for name, mod in block.named_modules() if is_linear(mod) and name not in known)
-        groups = []
-        for group in tuple(adapter.input_groups) + extra:
-            kept = []
-            for name in group:
-                full = prefix + name
-                if config.include and not any(fnmatch.fnmatch(full, p) for p in config.include):
-                    continue
-                if any(fnmatch.fnmatch(full, p) for p in config.exclude):
-                    continue
-                weight = linear_weight(block.get_submodule(name))
-                if not torch.isfinite(weight).all():
-                    raise FloatingPointError(f"non-finite weights in {full}")
-                if m is not None and weight.shape[1] % m:
-                    indivisible.append(f"{full} (in_features={weight.shape[1]})")
-                    continue
-                kept.append(name)
-            if kept:
-                groups.append(tuple(kept))
-        per_block.append(groups)
-    if indivisible:
-        message = f"in_features not divisible by M={m}: {', '.join(indivisible)}"
-        if config.strict:
-            raise ValueError(message)
-        warnings.warn(f"skipping layers, {message}", stacklevel=3)
-    return per_block, indivisible
 
 
 @torch.no_grad()
@@ -462,7 +357,8 @@ def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | No
         start = on_device((starts or {}).get(site.name), run.device) if update and config.nm is not None else None
         if start is not None and not torch.equal(start, candidates[0]):
             candidates.append(start)
-        per_candidate = [[site_layer(run, plan, name, perm) for name in site.linears] for perm in candidates]
+        per_candidate = [[prune_layer(config, linear_weight(plan.module.get_submodule(name)), plan.scores(name, config.host),
+                                      plan.grams.get(name), perm) for name in site.linears] for perm in candidates]
         best = 0 if len(candidates) == 1 else min(
             range(len(candidates)), key=lambda k: sum(layer.update.error for layer in per_candidate[k]))
         perm = candidates[best]
@@ -519,69 +415,6 @@ def restore_quantized(model: nn.Module, saved: dict[str, dict]) -> None:
         codes = entry["codes"].view(torch.float8_e4m3fn) if entry["kind"] == "fp8" else entry["codes"]
         attach(model.get_submodule(name), QuantizedWeight(entry["kind"], codes, entry["scales"], entry["group"],
                                                           entry["input_order"]))
-
-
-@dataclass
-class SiteLayer:
-    """One linear pruned through one candidate permutation, not yet written: its host scores, its mask
-    (and the identity's), the relative output errors of both, and the update a weight-updating host made."""
-
-    scores: torch.Tensor
-    mask: torch.Tensor
-    identity_mask: torch.Tensor | None
-    errors: tuple[float | None, float | None]
-    update: UpdateResult | None
-
-
-def site_layer(run: Run, plan: Plan, name: str, perm: torch.Tensor | None) -> SiteLayer:
-    config = run.config
-    weight = linear_weight(plan.module.get_submodule(name))
-    scores = plan.scores(name, config.host)
-    if config.nm is None:
-        mask, identity_mask = unstructured_mask(scores, config.density), None
-    else:
-        mask, identity_mask = permuted_nm_mask(scores, perm, *config.nm), nm_mask(scores, *config.nm)
-    gram = plan.grams.get(name)
-    if config.updates:  # the masked error of an updated weight means nothing: only the identity's is kept
-        identity_error = None if identity_mask is None else relative_error(weight, identity_mask, gram)
-        return SiteLayer(scores, mask, identity_mask, (None, identity_error),
-                         updated_weight(run, weight, gram, perm, mask))
-    errors = (None, None) if gram is None else tuple(None if m is None else relative_error(weight, m, gram)
-                                                     for m in (mask, identity_mask))
-    return SiteLayer(scores, mask, identity_mask, errors, None)
-
-
-@torch.no_grad()
-def updated_weight(run: Run, weight: torch.Tensor, gram: torch.Tensor, perm: torch.Tensor | None,
-                   mask: torch.Tensor) -> UpdateResult:
-    """``weight`` pruned and updated by the config's weight-updating host on ``gram`` (not written back).
-
-    N:M: on the permuted columns, with the host's own mask or ``mask`` (the permutation's) fixed.
-    Unstructured: the host's own mask at the config's density.
-    """
-    config = run.config
-    algorithm = UPDATES[config.score]
-    if config.nm is None:
-        return algorithm(weight, gram, density=config.density)
-    if config.update_mask == "own":
-        return algorithm(weight, gram, *config.nm, perm=perm)
-    return algorithm(weight, gram, *config.nm, perm=perm, mask=mask)
-
-
-def on_device(perm: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if perm is None else perm.to(device)
-
-
-def kept_share(scores: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((scores * mask).sum() / scores.sum().clamp_min(1e-30))
-
-
-def relative_error(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor) -> float:
-    """Output error of pruning ``weight`` with ``mask``, ``sum_r d_r H d_r^T``, over ``sum_r w_r H w_r^T``."""
-    w = weight.double()
-    d = w * ~mask
-    h = gram.double()
-    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
 
 
 def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: int, hidden: torch.Tensor | None) -> None:
@@ -652,20 +485,19 @@ def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: tor
     the windows)."""
     if run.progress.folder is None:
         return
-    run.progress.save(f"stream-{distributed.rank()}", {"done": done, "inputs": inputs, "reference": reference},
-                      every_rank=True)
-    distributed.barrier()
-    if not distributed.is_main():  # rank 0 alone keeps the shared part (and may remove it once the run is done)
-        return
-    saved = run.progress.load("blocks") or {"masks": {}, "weights": {}, "act_norms": {}}
-    saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
-    saved["act_norms"].update({name: run.act_norms[name] for name in masks})
-    if run.config.updates or run.config.quant.enabled:
-        saved["weights"].update({name: linear_weight(run.model.get_submodule(name)).detach().cpu().clone()
-                                 for name in masks})
-    saved.setdefault("quantized", {}).update(saved_quantized(run.model, masks))
-    saved.update(done=done, report=run.report)
-    run.progress.save("blocks", saved)
+    saved = None
+    if distributed.is_main():  # rank 0 alone keeps the shared part (and may remove it once the run is done)
+        saved = run.progress.load("blocks") or {"masks": {}, "weights": {}, "act_norms": {}}
+        saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
+        saved["act_norms"].update({name: run.act_norms[name] for name in masks})
+        if run.config.updates or run.config.quant.enabled:
+            saved["weights"].update({name: linear_weight(run.model.get_submodule(name)).detach().cpu().clone()
+                                     for name in masks})
+        saved.setdefault("quantized", {}).update(saved_quantized(run.model, masks))
+        saved.update(done=done, report=run.report)
+    run.progress.commit({} if saved is None else {"blocks": saved},
+                        own={"stream": {"done": done, "inputs": inputs, "reference": reference}}, tag=str(done),
+                        note=f"{done} of {len(run.blocks)} blocks pruned")
 
 
 @torch.no_grad()
@@ -755,7 +587,7 @@ def reconstruct_block(run: Run, i: int, learned: dict[str, torch.Tensor | None],
 
 
 def distill_run(run: Run, dense: dict[str, torch.Tensor], calib: CalibrationSet) -> None:
-    """Distil the pruned model's kept weights towards the dense ones (:func:`permsparse.distill.distill`),
+    """Distil the pruned model's kept weights towards the dense ones (:func:`permsparse.train.distill.distill`),
     resuming from the saved state of an interrupted run."""
     labels = (calib.distill_labels, None if calib.labels is None else calib.labels[1])
     following = following_masks(run)

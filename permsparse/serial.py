@@ -1,4 +1,5 @@
-"""Strict conversion between typed records (dataclasses) and JSON-ready dicts.
+"""Typed records (dataclasses): their fields with command-line help, their checked choices, and strict
+conversion to and from JSON-ready dicts.
 
 Configs and checkpoint records are dataclasses; on disk they are plain JSON. Reading is strict: a
 missing field, an unknown field or a value of the wrong type is an error that names the field, never
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import field
 from typing import Any, Literal, Union
 
 
@@ -115,3 +117,21 @@ def _dataclass(cls: type, value: Any, where: str) -> Any:
         if isinstance(err, RecordError):
             raise
         raise RecordError(f"{where}: {err}") from err
+
+
+def option(default, help: str, flag: str | None = None):
+    """A config field with its command-line help (and flag, when it is not ``--field-name``)."""
+    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_choices(record) -> None:
+    """Every ``Literal`` field of ``record`` holds one of its values."""
+    hints = typing.get_type_hints(type(record))
+    for f in dataclasses.fields(record):
+        kind = hints[f.name]
+        if typing.get_origin(kind) is Literal and getattr(record, f.name) not in typing.get_args(kind):
+            choices = ", ".join(map(str, typing.get_args(kind)))
+            raise ValueError(f"unknown {f.name.replace('_', ' ')} {getattr(record, f.name)!r}; choose one of {choices}")

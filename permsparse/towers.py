@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
-from .data import mixture
-from .images import is_image_source
+from .data.text import mixture
+from .data.images import is_image_source
 from .report import PruneReport
 
 

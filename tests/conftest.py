@@ -162,7 +162,7 @@ def reload(folder):
     """A saved checkpoint loaded back with the auto class its config names."""
     from transformers import AutoConfig
 
-    from permsparse.models import auto_class
+    from permsparse.models.loading import auto_class
 
     return auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder).eval()
 

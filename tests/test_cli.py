@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from permsparse.cli import main
-from permsparse.masks import is_nm
+from permsparse.sparsity.masks import is_nm
 
 from .conftest import DATA
 
@@ -69,7 +69,8 @@ def test_bad_input_is_one_clear_error(tiny_llama_dir, tmp_path, capsys, args, me
 def test_unknown_model_unknown_data_and_test_text_calibration(tmp_path, tiny_llama_dir, capsys):
     assert main(prune_args(tmp_path / "nowhere", tmp_path / "o")) == 2
     assert "unknown model" in capsys.readouterr().err
-    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "no-such-set", "--out", str(tmp_path / "o")]) == 2
+    assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "no-such-set", "--seqlen", "64", "--out",
+                 str(tmp_path / "o")]) == 2
     assert "unknown data source" in capsys.readouterr().err
     assert main(["prune", "--model", str(tiny_llama_dir), "--calib", "wikitext2", "--out", str(tmp_path / "o")]) == 2
     assert "--allow-test-calibration" in capsys.readouterr().err

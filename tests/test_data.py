@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from permsparse import Calibration
-from permsparse.data import (EVAL_HEAD, bos_id, calibration_stream, calibration_windows, check_disjoint,
+from permsparse.data.text import (EVAL_HEAD, bos_id, calibration_stream, calibration_windows, check_disjoint,
                              draw_calibration, load_documents, mixture, token_stream)
 
 
@@ -68,7 +68,7 @@ def test_calibration_on_an_evaluated_text_never_draws_its_evaluation_windows(tin
 
 
 def test_self_calibration_samples_the_model_as_a_full_forward_would(tiny_tokenizer):
-    from permsparse.data import sampled_windows
+    from permsparse.data.text import sampled_windows
 
     from .conftest import tiny_llama
     model = tiny_llama().eval()
@@ -89,7 +89,7 @@ def test_sampling_temperature_scales_the_logits(tiny_tokenizer, tmp_path):
     """A temperature near 0 samples the greedy continuation; another temperature draws other text from the same
     seed, kept in its own cache file; and a temperature without sampled text is refused."""
     from permsparse import Calibration
-    from permsparse.data import sampled_windows
+    from permsparse.data.text import sampled_windows
 
     from .conftest import tiny_llama
     model = tiny_llama().eval()
@@ -134,7 +134,7 @@ def test_self_calibration_is_seeded_and_keeps_training_and_held_out_apart(tiny_t
 def test_a_process_that_receives_the_samples_draws_the_other_parts_and_samples_nothing(tiny_tokenizer, monkeypatch):
     """``sample=False`` (a rank that rank 0's broadcast fills) gives the same shapes and the same windows of
     the other sources as a sampling draw, zeros in the sampled part, and never runs the model."""
-    from permsparse import data
+    from permsparse.data import text as data
 
     from .conftest import tiny_llama
     model = tiny_llama().eval()
@@ -154,7 +154,7 @@ def test_a_process_that_receives_the_samples_draws_the_other_parts_and_samples_n
 
 
 def test_sampled_calibration_text_is_kept_and_read_back_for_the_same_model_only(tiny_tokenizer, tmp_path, monkeypatch):
-    from permsparse import data
+    from permsparse.data import text as data
 
     from .conftest import tiny_llama
     model = tiny_llama().eval()

@@ -22,7 +22,7 @@ from permsparse.deploy.gathers import attach_gathers, fold_gathers, gathered_lin
 from permsparse.deploy.linear import Linear24, weight_bytes
 from permsparse.deploy.policy import Plan, choose, plan, read_costs, write_costs
 from permsparse.deploy.speed import SpeedConfig, format_table, parse_prefill, random_model
-from permsparse.masks import is_nm
+from permsparse.sparsity.masks import is_nm
 
 from .conftest import BUILDERS, CALIB, INPUT
 
@@ -304,7 +304,7 @@ def test_folding_gathers_leaves_the_structure_discovered_for_the_architecture(fa
     """Discovery's result is kept for every model of an architecture: the fold's discovery must see the model
     without its gathers, or a plain model of the same shape would later get a structure whose residual stream
     cannot be permuted."""
-    from permsparse import adapters
+    from permsparse.discover import adapters
     from permsparse.discover import discover
 
     model = BUILDERS[family]()

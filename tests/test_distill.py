@@ -4,10 +4,10 @@ import torch
 
 from permsparse import Distill, Learned, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
 from permsparse.checkpoint.record import read_record
-from permsparse.data import calibration_windows
-from permsparse.distill import dense_weights, distill, learning_rate
-from permsparse.masks import is_nm
-from permsparse.objective import judge_model
+from permsparse.data.text import calibration_windows
+from permsparse.train.distill import dense_weights, distill, learning_rate
+from permsparse.sparsity.masks import is_nm
+from permsparse.permute.objective import judge_model
 
 from permsparse.config import Calibration
 

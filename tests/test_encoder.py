@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from permsparse import Calibration, Learned, PruneConfig, Search, load_model, prune, sentence_similarity
-from permsparse.data import sentences
-from permsparse.models import MINILM_ALIAS, MINILM_PACKAGE
+from permsparse.data.text import sentences
+from permsparse.models.loading import MINILM_ALIAS, MINILM_PACKAGE
 
 from .conftest import tiny_tokenizer  # noqa: F401  (fixture)
 
@@ -40,7 +40,7 @@ def test_sentence_similarity_is_one_for_the_same_model_and_falls_with_damage(tin
 
 
 def test_missing_package_is_one_line(monkeypatch):
-    from permsparse import models
+    from permsparse.models import loading as models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == MINILM_PACKAGE else real(name))

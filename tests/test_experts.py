@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from permsparse import Learned, PruneConfig, Search, check_checkpoint, prune
-from permsparse.adapters import adapter_for
-from permsparse.calibration import capture_block_inputs, collect_input_stats
+from permsparse.discover.adapters import adapter_for
+from permsparse.sparsity.statistics import capture_block_inputs, collect_input_stats
 from permsparse.discover import ExpertLinears, NotUnderstood, discover, experts_as_linears
-from permsparse.masks import nm_mask, nm_violation
+from permsparse.sparsity.masks import nm_mask, nm_violation
 
 from .conftest import CALIB, HOLDOUT, INPUT, export_both_ways, tiny_family
 from .test_families import CONFIGS, output

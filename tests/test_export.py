@@ -8,11 +8,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from permsparse import ExportConfig, PruneConfig, Search, check_checkpoint, export_checkpoint, load, prune
-from permsparse.adapters import adapter_for, linear_weight
+from permsparse.discover.adapters import adapter_for, linear_weight
 from permsparse.checkpoint.check import CheckFailed
 from permsparse.checkpoint.record import read_record
 from permsparse.cli import main
-from permsparse.masks import is_nm
+from permsparse.sparsity.masks import is_nm
 from permsparse.serial import RecordError
 
 from .conftest import BUILDERS, CALIB, INPUT

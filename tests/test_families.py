@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from permsparse import Learned, PruneConfig, Search, prune
-from permsparse.adapters import LLAMA, adapter_for
+from permsparse.discover.adapters import LLAMA, adapter_for
 from permsparse.checkpoint.fold import global_hidden_permutation
-from permsparse.data import bos_id, calibration_windows, draw_calibration, eval_windows
+from permsparse.data.text import bos_id, calibration_windows, draw_calibration, eval_windows
 from permsparse.discover import Hints, NotUnderstood, discover, primary_output
-from permsparse.evaluation import embedding_similarity, perplexity
+from permsparse.evaluate.measures import embedding_similarity, perplexity
 
 from .conftest import CALIB, ENCODERS, FAMILY_OPTIONS, HOLDOUT, INPUT, export_both_ways, tiny_family, tiny_llama
 
@@ -146,7 +146,7 @@ def test_encoder_learns_towards_its_final_hidden_states():
     """No LM head: the e2e objective distils the final hidden states (kl's place: one minus their mean cosine
     to the dense model's, as embedding similarity reports it) and the blocks' outputs; asking for CE fails
     at once; blockwise learning works."""
-    from permsparse.objective import dense_states, model_terms, objective
+    from permsparse.permute.objective import dense_states, model_terms, objective
 
     with pytest.raises(ValueError, match="no LM head, so no cross-entropy"):
         prune(tiny_family("bert"), None, PruneConfig(permutation=Learned(init="ria", steps=2, ce=2.0)),
@@ -220,7 +220,7 @@ def test_block_arguments_built_per_window_are_repeated_to_each_batch(family, tmp
     """BLOOM's ALiBi bias has a slice per window (batch x heads rows) and XGLM checks its mask against the
     batch: captured for one window, they are repeated to every batch the blocks run, so batches of 8 give
     the statistics and the pruned model that batches of 1 give, and the export reloads exactly."""
-    from permsparse.calibration import capture_block_inputs
+    from permsparse.sparsity.statistics import capture_block_inputs
 
     model = tiny_family(family, **({"n_head": 4, "n_layer": 2} if family == "bloom" else {"ffn_dim": 128}))
     _, kwargs = capture_block_inputs(model, adapter_for(model), CALIB)

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from permsparse import PruneConfig, Search, prune
-from permsparse.adapters import adapter_for, linear_weight
+from permsparse.discover.adapters import adapter_for, linear_weight
 from permsparse.checkpoint.fold import fold_permutations, global_hidden_permutation, head_permutation
 from permsparse.discover.verify import random_head_perm
-from permsparse.masks import is_nm, permuted_nm_mask
+from permsparse.sparsity.masks import is_nm, permuted_nm_mask
 
 from .conftest import BUILDERS, CALIB, INPUT, tiny_llama, tiny_opt
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from permsparse import Learned, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
-from permsparse.adapters import adapter_for, linear_weight
+from permsparse.discover.adapters import adapter_for, linear_weight
 from permsparse.checkpoint.save import ExportConfig
-from permsparse.masks import is_nm
-from permsparse.placement import Placement, is_offloaded
-from permsparse.resume import Progress
+from permsparse.sparsity.masks import is_nm
+from permsparse.run.placement import Placement, is_offloaded
+from permsparse.run.resume import Progress
 
 from .conftest import CALIB, HOLDOUT, INPUT, reload, tiny_family
 

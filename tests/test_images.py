@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from permsparse.images import accuracy, image_count, load_images, preprocess, sample
+from permsparse.data.images import accuracy, image_count, load_images, preprocess, sample
 
 pytest.importorskip("PIL")
 
@@ -51,7 +51,7 @@ def test_sampling_is_seeded_and_can_exclude():
 def test_accuracy_of_a_tiny_vit_and_its_processor():
     from transformers import ViTConfig, ViTForImageClassification
 
-    from permsparse.testbed import processor
+    from permsparse.models.vit_testbed import processor
 
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
@@ -64,7 +64,7 @@ def test_accuracy_of_a_tiny_vit_and_its_processor():
 
 
 def test_testbed_augmentation_keeps_shapes_and_is_seeded():
-    from permsparse.testbed import RECIPE, _augment
+    from permsparse.models.vit_testbed import RECIPE, _augment
 
     pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     a = _augment(pixels, torch.Generator().manual_seed(0), RECIPE.crop)

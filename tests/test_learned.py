@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from permsparse.config import Learned
-from permsparse.masks import nm_mask
+from permsparse.sparsity.masks import nm_mask
 from permsparse.permute.sinkhorn import (CostTiles, hungarian, log_sinkhorn, perm_matrix, relaxed_weight,
                                         sinkhorn_matrices, standardise)
 from permsparse.permute.trainer import LearnLinear, LearnSite, learn_permutations

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from permsparse import Distill, Learned, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
-from permsparse.masking import _StraightThrough
-from permsparse.masks import is_nm, permuted_nm_mask
+from permsparse.train.following_masks import _StraightThrough
+from permsparse.sparsity.masks import is_nm, permuted_nm_mask
 from permsparse.permute.sinkhorn import perm_matrix, relaxed_weight
-from permsparse.resume import Progress
+from permsparse.run.resume import Progress
 
 from .conftest import CALIB, HOLDOUT, tiny_llama
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from permsparse.config import parse_pattern
-from permsparse.masks import as_permutation, is_nm, nm_mask, nm_violation, unstructured_mask
+from permsparse.sparsity.masks import as_permutation, is_nm, nm_mask, nm_violation, unstructured_mask
 
 
 @settings(max_examples=60, deadline=None)
@@ -69,7 +69,7 @@ def test_unstructured_keeps_at_least_as_much_score_as_nm():
 
 
 def test_permuted_mask_is_nm_through_the_permutation_and_identity_is_plain():
-    from permsparse.masks import permuted_nm_mask
+    from permsparse.sparsity.masks import permuted_nm_mask
 
     g = torch.Generator().manual_seed(3)
     scores = torch.rand(6, 16, generator=g)

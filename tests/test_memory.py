@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import permsparse.memory as memory
+import permsparse.run.memory as memory
 from permsparse import Distill, Learned, PruneConfig, prune
-from permsparse.adapters import adapter_for
+from permsparse.discover.adapters import adapter_for
 from permsparse.cli import main
 
 from .conftest import CALIB, HOLDOUT, tiny_llama

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from permsparse.smollm2 import one_gguf_reader
+from permsparse.models.smollm2 import one_gguf_reader
 
 gguf = pytest.importorskip("gguf")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from permsparse.masks import nm_mask, permuted_nm_mask
+from permsparse.sparsity.masks import nm_mask, permuted_nm_mask
 from permsparse.permute.metrics import efficacy, grouped, output_error, retained
 from permsparse.permute.output import OutputError
 from permsparse.permute.search import SEARCHES, find_permutation, needs_gram

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from permsparse import Calibration, PruneConfig, Search, prune
-from permsparse.adapters import adapter_for, linear_weight
-from permsparse.masks import is_nm
+from permsparse.discover.adapters import adapter_for, linear_weight
+from permsparse.sparsity.masks import is_nm
 
 from .conftest import BUILDERS, CALIB, INPUT, tiny_llama
 
@@ -143,7 +143,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, con
 def test_block_by_block_replay_equals_the_model(family):
     """Captured block-0 inputs run through every block give the model's own last hidden state, with
     eager attention too (GPT-2 passes its causal mask positionally)."""
-    from permsparse.calibration import capture_block_inputs, run_block
+    from permsparse.sparsity.statistics import capture_block_inputs, run_block
 
     model = BUILDERS[family]()
     model.config._attn_implementation = "eager"
@@ -161,7 +161,7 @@ def test_block_by_block_replay_equals_the_model(family):
 
 def test_drift_is_the_dense_minus_pruned_input_correlation():
     """collect_drift gives (X_dense - X)^T X for a linear's inputs, recorded here by hand."""
-    from permsparse.calibration import capture_block_inputs, collect_drift, collect_input_stats
+    from permsparse.sparsity.statistics import capture_block_inputs, collect_drift, collect_input_stats
 
     model = tiny_llama()
     adapter = adapter_for(model)

@@ -5,11 +5,11 @@ The GPU side of placement (a model on cuda, offloaded blocks) is in tests/test_g
 import pytest
 import torch
 
-import permsparse.memory as memory
+import permsparse.run.memory as memory
 from permsparse import Learned, PruneConfig, Search, prune
-from permsparse.adapters import adapter_for
+from permsparse.discover.adapters import adapter_for
 from permsparse.cli import main
-from permsparse.placement import Placement, compute_device, compute_dtype
+from permsparse.run.placement import Placement, compute_device, compute_dtype
 
 from .conftest import CALIB, HOLDOUT, tiny_family, tiny_llama
 

@@ -8,7 +8,7 @@ import torch
 from permsparse import Learned, PruneConfig, Quantization, Search, prune
 from permsparse.cli import main
 from permsparse.config import Distill
-from permsparse.masks import is_nm, nm_mask, nm_violation
+from permsparse.sparsity.masks import is_nm, nm_mask, nm_violation
 from permsparse.quant import QuantizedWeight, quantized_linears
 from permsparse.quant.gptq import gptq
 from permsparse.quant.rtn import CLIP_GRID, bfloat16_ceiling, fake_quantize, rtn

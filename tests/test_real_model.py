@@ -2,7 +2,7 @@
 import pytest
 
 from permsparse import Calibration, PruneConfig, load_model, perplexity, prune
-from permsparse.evaluation import eval_tokens
+from permsparse.evaluate.measures import eval_tokens
 
 pytestmark = pytest.mark.real
 SEQLEN, WINDOWS = 256, 4

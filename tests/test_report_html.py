@@ -24,10 +24,10 @@ pytest.importorskip("matplotlib", reason="the HTML report needs matplotlib (the 
 
 from permsparse import Learned, Perplexity, PruneConfig, Search, export_checkpoint, perplexity, prune  # noqa: E402
 from permsparse.checkpoint.record import read_record  # noqa: E402
-from permsparse.data import tokenize  # noqa: E402
-from permsparse.report_html import INDEX, write_report  # noqa: E402
+from permsparse.data.text import tokenize  # noqa: E402
+from permsparse.checkpoint.compare import INDEX, write_report  # noqa: E402
 from permsparse.serial import to_dict  # noqa: E402
-from permsparse.zeroshot import TaskResult  # noqa: E402
+from permsparse.evaluate.zeroshot import TaskResult  # noqa: E402
 from tests.conftest import CALIB, DATA, HOLDOUT, tiny_llama  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from permsparse.report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
-from permsparse.resume import Progress, pack_mask, unpack_mask
+from permsparse.run.identity import ResumeKey
+from permsparse.run.resume import Progress, pack_mask, unpack_mask
+
+KEY = ResumeKey("model", "tokenizer", "data", "config", "version")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,31 +67,32 @@ def every_kind(device="cpu"):
 
 def test_every_kind_of_value_comes_back_as_it_was(tmp_path):
     value = every_kind()
-    progress = Progress(tmp_path, "abc")
+    progress = Progress(tmp_path, KEY)
     progress.save("stream-0", value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.json", "stream-0.safetensors"]
-    back = Progress(tmp_path, "abc").load("stream-0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.json", "stream-0.1.safetensors"]
+    back = Progress(tmp_path, KEY).load("stream-0")
     same(value, back)
     assert unpack_mask(back["mask"]).tolist() == unpack_mask(value["mask"]).tolist()
-    with safe_open(tmp_path / "stream-0.safetensors", framework="pt") as file:  # tensors named by their path
+    with safe_open(tmp_path / "stream-0.1.safetensors", framework="pt") as file:  # tensors named by their path
         assert {"/tensors/torch.bfloat16", "/mask/1", "/best/2/1"} <= set(file.keys())
         assert set(file.metadata()) == {"permsparse"}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_tensors_on_a_gpu_come_back_on_the_cpu(tmp_path):
     value = every_kind("cuda")
-    Progress(tmp_path, "abc").save("blocks", value)
-    same(value, Progress(tmp_path, "abc").load("blocks"))  # ``same`` asks for CPU tensors back
+    Progress(tmp_path, KEY).save("blocks", value)
+    same(value, Progress(tmp_path, KEY).load("blocks"))  # ``same`` asks for CPU tensors back
 
 
 def test_values_without_tensors_and_a_lone_tensor(tmp_path):
-    progress = Progress(tmp_path, "abc")
+    progress = Progress(tmp_path, KEY)
     for key, value in [("starts", {}), ("x", [1, (2.0, "3")]), ("y", None), ("hidden", torch.randperm(64))]:
         progress.save(key, value)
         same(value, progress.load(key), key)
     assert progress.load("never saved") is None
-    assert Progress(None, "abc").load("hidden") is None
+    assert Progress(None, KEY).load("hidden") is None
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 10), (2, 3, 5), (0, 4)])
@@ -117,11 +121,11 @@ def test_a_resumed_optimiser_takes_the_uninterrupted_step(tmp_path):
     optimiser = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, betas=(0.8, 0.99))
     for i in range(3):
         step(params, optimiser, i)
-    Progress(tmp_path, "abc").save("training", {"weights": [p.detach() for p in params],
+    Progress(tmp_path, KEY).save("training", {"weights": [p.detach() for p in params],
                                                 "optimiser": optimiser.state_dict(), "step": 3})
     step(params, optimiser, 3)
 
-    state = Progress(tmp_path, "abc").load("training")
+    state = Progress(tmp_path, KEY).load("training")
     assert all(type(k) is int for k in state["optimiser"]["state"])
     assert state["optimiser"]["param_groups"][0]["betas"] == (0.8, 0.99)
     resumed = model()
@@ -137,33 +141,34 @@ def test_a_resumed_optimiser_takes_the_uninterrupted_step(tmp_path):
 
 @pytest.mark.parametrize("name", ["os.system", "PruneConfig", "Path", "__builtins__.eval"])
 def test_a_record_class_outside_the_allow_list_is_refused(tmp_path, name):
-    Progress(tmp_path, "abc").save("blocks", {"done": 1})
+    Progress(tmp_path, KEY).save("blocks", {"done": 1})
     tree = {"dict": [["report", {"record": name, "fields": {"args": ["echo owned"]}}]]}
-    save_file({}, tmp_path / "blocks.safetensors", metadata={"permsparse": json.dumps(tree)})
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "blocks.safetensors")) + ".*not one of"):
-        Progress(tmp_path, "abc").load("blocks")
+    save_file({}, tmp_path / "blocks.1.safetensors", metadata={"permsparse": json.dumps(tree)})
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "blocks.1.safetensors")) + ".*not one of"):
+        Progress(tmp_path, KEY).load("blocks")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x04garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      "],
                          ids=["empty", "pickle-like", "bad-header"])
 def test_a_corrupt_progress_file_names_itself(tmp_path, content):
-    Progress(tmp_path, "abc").save("hidden", torch.arange(8))
-    (tmp_path / "hidden.safetensors").write_bytes(content)
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "hidden.safetensors"))):
-        Progress(tmp_path, "abc").load("hidden")
+    Progress(tmp_path, KEY).save("hidden", torch.arange(8))
+    (tmp_path / "hidden.1.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "hidden.1.safetensors"))):
+        Progress(tmp_path, KEY).load("hidden")
 
 
 @pytest.mark.parametrize("tree", [{"tensor": "missing"}, {"dict": [[True, 1]]}, {"what": 1}, {"record": "PruneReport",
                                                                                              "fields": {"x": 1}}],
                          ids=["missing-tensor", "bool-key", "unknown-node", "bad-fields"])
 def test_a_malformed_tree_names_the_file(tmp_path, tree):
-    save_file({}, tmp_path / "k.safetensors", metadata={"permsparse": json.dumps(tree)})
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "k.safetensors"))):
-        Progress(tmp_path, "abc").load("k")
+    Progress(tmp_path, KEY).save("k", None)
+    save_file({}, tmp_path / "k.1.safetensors", metadata={"permsparse": json.dumps(tree)})
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "k.1.safetensors"))):
+        Progress(tmp_path, KEY).load("k")
 
 
 def test_values_that_could_not_come_back_are_not_saved(tmp_path):
-    progress = Progress(tmp_path, "abc")
+    progress = Progress(tmp_path, KEY)
     for value in [{(1, 2): 3}, {"a": {1, 2}}, [Path("x")], {"cfg": pytest.importorskip("permsparse").PruneConfig()}]:
         with pytest.raises(TypeError, match="progress at"):
             progress.save("x", value)
@@ -174,20 +179,37 @@ def test_a_folder_of_pickle_files_is_refused(tmp_path):
     (tmp_path / "blocks.pt").write_bytes(b"\x80\x04")
     with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path} holds progress of an older permsparse "
                                                         "(pickle files), which is never read")):
-        Progress(tmp_path, "abc")
+        Progress(tmp_path, KEY)
 
 
-def test_progress_of_another_configuration_is_refused(tmp_path):
-    Progress(tmp_path, "abc").save("hidden", torch.arange(4))
-    with pytest.raises(FileExistsError, match="another configuration"):
-        Progress(tmp_path, "xyz")
+@pytest.mark.parametrize("part, words", [("model", "another model"), ("tokenizer", "another tokenizer"),
+                                         ("data", "other calibration data"), ("config", "another configuration"),
+                                         ("permsparse", "another permsparse version")])
+def test_progress_of_another_run_is_refused_naming_what_differs(tmp_path, part, words):
+    import dataclasses
+
+    Progress(tmp_path, KEY).save("hidden", torch.arange(4))
+    other = dataclasses.replace(KEY, **{part: "changed"})
+    with pytest.raises(FileExistsError, match=f"holds progress of another run \\({words}: {getattr(KEY, part)} there, "
+                                              "changed here\\): remove it or pass --overwrite"):
+        Progress(tmp_path, other)
+
+
+def test_progress_of_an_older_manifest_format_is_refused(tmp_path):
+    (tmp_path / "progress.json").write_text(json.dumps({"fingerprint": "abc"}))
+    with pytest.raises(FileExistsError, match="older permsparse"):
+        Progress(tmp_path, KEY)
+
+
+def test_a_broken_manifest_names_itself(tmp_path):
+    Progress(tmp_path, KEY).save("hidden", torch.arange(4))
     (tmp_path / "progress.json").write_text("{")
     with pytest.raises(ValueError, match="progress.json"):
-        Progress(tmp_path, "abc")
+        Progress(tmp_path, KEY)
 
 
 def test_nothing_in_the_package_unpickles():
-    source = (ROOT / "permsparse" / "resume.py").read_text()
+    source = (ROOT / "permsparse" / "run" / "resume.py").read_text()
     assert "torch.load" not in source and "pickle" not in source.replace("pickle files", "")
     for path in (ROOT / "permsparse").rglob("*.py"):
         text = path.read_text()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from permsparse.scores import compute_score, magnitude, ria, wanda
+from permsparse.sparsity.scores import compute_score, magnitude, ria, wanda
 
 W = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
 NORM = torch.tensor([2.0, 0.5])

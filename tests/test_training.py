@@ -6,11 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from permsparse import Calibration, Learned, PruneConfig, export_checkpoint, prune
-from permsparse.adapters import adapter_for, linear_weight
-from permsparse.calibration import capture_block_inputs, collect_input_stats, run_block
-from permsparse.masks import is_nm, permuted_nm_mask
-from permsparse.objective import hidden_distance, judge_model
-from permsparse.scores import compute_score
+from permsparse.discover.adapters import adapter_for, linear_weight
+from permsparse.sparsity.statistics import capture_block_inputs, collect_input_stats, run_block
+from permsparse.sparsity.masks import is_nm, permuted_nm_mask
+from permsparse.permute.objective import hidden_distance, judge_model
+from permsparse.sparsity.scores import compute_score
 
 from .conftest import CALIB, HOLDOUT, tiny_gpt2, tiny_llama
 
@@ -137,7 +137,7 @@ def test_an_interrupted_e2e_run_resumes_mid_training_to_the_same_model(tmp_path,
     """Killed right after the learner saved its state, the same command resumes: no search again,
     training continues from the saved step, and the model equals an uninterrupted run's."""
     import permsparse.pipeline as pipeline
-    from permsparse.resume import Progress
+    from permsparse.run.resume import Progress
 
     cfg = config("e2e", steps=12, judge_every=2)
     reference, _ = learned(cfg)
@@ -152,7 +152,7 @@ def test_an_interrupted_e2e_run_resumes_mid_training_to_the_same_model(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         prune(tiny_llama(), None, cfg, windows=CALIB, holdout=HOLDOUT, state_dir=tmp_path, progress=False)
     monkeypatch.setattr(Progress, "save", original)
-    assert Progress(tmp_path, cfg.fingerprint()).load("training")["step"] == 5
+    assert Progress(tmp_path, None).load("training")["step"] == 5
     monkeypatch.setattr(pipeline, "search_site", lambda *a, **k: pytest.fail("the resumed run searched again"))
     resumed = tiny_llama()
     prune(resumed, None, cfg, windows=CALIB, holdout=HOLDOUT, state_dir=tmp_path, progress=False)
@@ -176,7 +176,7 @@ def test_chunked_logit_terms_equal_the_full_computation(monkeypatch):
     full-vocabulary computation; KL of a model against itself is zero."""
     import torch.nn.functional as F
 
-    import permsparse.evaluation as evaluation
+    import permsparse.evaluate.measures as evaluation
 
     model = tiny_llama()
     ids = CALIB[:2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from permsparse.masks import nm_mask
+from permsparse.sparsity.masks import nm_mask
 from permsparse.update import UPDATES, UpdateResult, admm, sparsegpt
 
 ALGORITHMS = sorted(UPDATES)

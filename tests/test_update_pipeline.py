@@ -4,7 +4,7 @@ import torch
 
 from permsparse import Learned, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
 from permsparse.checkpoint.record import read_record
-from permsparse.masks import is_nm
+from permsparse.sparsity.masks import is_nm
 
 from .conftest import CALIB, HOLDOUT, INPUT, tiny_llama
 
@@ -59,7 +59,7 @@ def test_each_site_keeps_the_permutation_its_update_reconstructs_best(host):
     """A learned permutation is trained for the frozen-weight mask; with a weight update each site keeps
     it or its warm start, whichever the update leaves with the lower output error on the calibration
     inputs, and the weights are that update's."""
-    from permsparse.calibration import capture_block_inputs, collect_input_stats
+    from permsparse.sparsity.statistics import capture_block_inputs, collect_input_stats
     from permsparse.pipeline import apply_plan, plan_block, start_run
     from permsparse.update import UPDATES
 
@@ -92,8 +92,9 @@ def test_reconstruction_after_learning_weighs_the_learned_permutation_against_th
     """After an end-to-end learned permutation the update runs block by block on the pruned model's
     inputs; each site's alternative is the start's search on those inputs (as a searched run would
     choose it), not the start found on the dense model's."""
-    from permsparse.calibration import capture_block_inputs, collect_input_stats
-    from permsparse.pipeline import plan_block, reconstruct_block, run_block, start_run
+    from permsparse.sparsity.statistics import capture_block_inputs, collect_input_stats
+    from permsparse.pipeline import plan_block, reconstruct_block, start_run
+    from permsparse.sparsity.statistics import run_block
     from permsparse.update import UPDATES
 
     model = tiny_llama()

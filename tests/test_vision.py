@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from permsparse import prune
-from permsparse.adapters import adapter_for
+from permsparse.discover.adapters import adapter_for
 from permsparse.checkpoint.check import check_checkpoint
 from permsparse.checkpoint.record import read_record
 from permsparse.checkpoint.save import ExportConfig, export_checkpoint
 from permsparse.config import Learned, PruneConfig, Search
 from permsparse.discover import probe_input
-from permsparse.images import Accuracy, draw_calibration, evaluation_images
+from permsparse.data.images import Accuracy, draw_calibration, evaluation_images
 
 from .conftest import LABELS, PIXELS, PIXELS_HOLDOUT, PIXELS_INPUT, export_both_ways, reload, tiny_vit
 
@@ -108,7 +108,7 @@ def test_learned_permutation_trains_on_labels_and_distils_the_dense_model():
 
 
 def test_image_calibration_is_seeded_disjoint_and_spares_the_evaluation_images(tmp_path):
-    from permsparse.testbed import processor
+    from permsparse.models.vit_testbed import processor
 
     source = f"imagefolder:{write_images(tmp_path / 'images')}"
     (pixels, held), (labels, held_labels) = draw_calibration(processor(), source, 6, seed=0, holdout=4)
@@ -127,7 +127,7 @@ def test_image_calibration_is_seeded_disjoint_and_spares_the_evaluation_images(t
 
 
 def test_image_loading_names_the_folder_or_file_that_is_wrong(tmp_path):
-    from permsparse.images import load_images
+    from permsparse.data.images import load_images
 
     (tmp_path / "empty" / "cats").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"image folder .*empty holds no images"):
@@ -141,7 +141,7 @@ def test_image_loading_names_the_folder_or_file_that_is_wrong(tmp_path):
 @pytest.fixture()
 def tiny_vit_dir(tmp_path):
     """The tiny ViT saved as a Hugging Face folder with an image processor config."""
-    from permsparse.testbed import processor
+    from permsparse.models.vit_testbed import processor
 
     folder = tmp_path / "tiny-vit"
     tiny_vit().save_pretrained(folder)
@@ -174,9 +174,9 @@ def test_cli_prunes_a_vit_folder_and_records_top1(tiny_vit_dir, tmp_path, capsys
 def test_testbed_alias_loads_the_cached_folder(tiny_vit_dir, tmp_path, monkeypatch):
     import shutil
 
-    from permsparse.models import load_model
+    from permsparse.models.loading import load_model
 
-    from permsparse.testbed import RECIPE
+    from permsparse.models.vit_testbed import RECIPE
 
     folder = tmp_path / "cache" / "cifar10-vit"
     shutil.copytree(tiny_vit_dir, folder)
@@ -188,7 +188,7 @@ def test_testbed_alias_loads_the_cached_folder(tiny_vit_dir, tmp_path, monkeypat
 
 
 def test_testbed_recipe_trains_deterministically():
-    from permsparse.testbed import Recipe, fit, top1
+    from permsparse.models.vit_testbed import Recipe, fit, top1
 
     pixels = torch.randint(0, 256, (32, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     labels = torch.arange(32) % 10
@@ -201,7 +201,7 @@ def test_testbed_recipe_trains_deterministically():
 def test_testbed_trained_by_another_recipe_is_trained_again(tiny_vit_dir, tmp_path, monkeypatch):
     import shutil
 
-    from permsparse import testbed
+    from permsparse.models import vit_testbed as testbed
 
     folder = tmp_path / "cifar10-vit"
     shutil.copytree(tiny_vit_dir, folder)

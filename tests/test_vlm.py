@@ -13,9 +13,9 @@ import torch
 
 from permsparse import Learned, PruneConfig, Search, prune
 from permsparse.config import Calibration
-from permsparse.adapters import adapter_for
+from permsparse.discover.adapters import adapter_for
 from permsparse.discover import TowerError, find_towers, vision_tower
-from permsparse.masks import is_nm
+from permsparse.sparsity.masks import is_nm
 
 from .conftest import CALIB, HOLDOUT, PIXELS, PIXELS_HOLDOUT, export_both_ways, tiny_llama
 
@@ -251,8 +251,8 @@ def llava_and_processor(tiny_tokenizer):
 @pytest.fixture()
 def few_images(monkeypatch):
     """Eighty random 32x32 images of ten classes stand in for CIFAR-10's training split."""
-    from permsparse import imagetext
-    from permsparse.images import Images
+    from permsparse.data import imagetext
+    from permsparse.data.images import Images
 
     pixels = torch.randint(0, 256, (80, 3, 32, 32), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     images = Images(pixels, torch.arange(80) % 10, ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
@@ -262,8 +262,8 @@ def few_images(monkeypatch):
 
 
 def test_image_text_windows_pack_whole_images_and_feed_them_to_the_model(llava_and_processor, few_images):
-    from permsparse.calibration import capture_block_inputs
-    from permsparse.imagetext import draw_image_text, image_table, images_attached
+    from permsparse.sparsity.statistics import capture_block_inputs
+    from permsparse.data.imagetext import draw_image_text, image_table, images_attached
 
     model, processor = llava_and_processor
     image = model.config.image_token_id
@@ -302,7 +302,7 @@ def test_image_text_windows_pack_whole_images_and_feed_them_to_the_model(llava_a
 
 
 def test_calibration_images_are_those_the_pruning_run_reads(llava_and_processor, few_images):
-    from permsparse.pipeline import calibration_images, text_windows
+    from permsparse.data.calibration import calibration_images, text_windows
 
     model, processor = llava_and_processor
     config = PruneConfig(permutation=Learned(steps=1), calibration=Calibration(
@@ -336,8 +336,8 @@ def test_language_tower_calibrates_on_images_and_text(llava_and_processor, few_i
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "gemma3"])
 def test_windows_whose_images_move_positions_or_masks_are_refused(kind):
-    from permsparse.calibration import capture_block_inputs
-    from permsparse.imagetext import ImageTextWindows, image_table, images_attached
+    from permsparse.sparsity.statistics import capture_block_inputs
+    from permsparse.data.imagetext import ImageTextWindows, image_table, images_attached
 
     model = tiny_vlm(kind)
     inputs = image_text(kind)
@@ -351,7 +351,7 @@ def test_windows_whose_images_move_positions_or_masks_are_refused(kind):
 
 
 def test_cli_prunes_both_towers_of_a_saved_vlm(llava_and_processor, few_images, monkeypatch, tmp_path):
-    from permsparse import images as image_sources
+    from permsparse.data import images as image_sources
     from permsparse.cli import main
 
     monkeypatch.setattr(image_sources, "load_images", lambda source: few_images)
@@ -379,7 +379,7 @@ def test_cli_prunes_both_towers_of_a_saved_vlm(llava_and_processor, few_images, 
 def test_image_text_follows_a_chat_template_of_text_turns(llava_and_processor):
     """A processor whose chat template reads text turns only (a language model's, as the testbed's) gets
     the image placeholder at the start of the user's text."""
-    from permsparse.imagetext import pair_text
+    from permsparse.data.imagetext import pair_text
 
     _, processor = llava_and_processor
     assert pair_text(processor, "a photo of a cat.") == "<image>\nWhat is in this picture?\na photo of a cat."

@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from permsparse.cli import main
-from permsparse.images import Images
-from permsparse.testbed import processor as vit_processor
-from permsparse.vlm_eval import VLMAccuracy, evaluate, score_batch, text_ids
-from permsparse.vlm_testbed import RECIPE, assemble, build, built_recipe, split
+from permsparse.data.images import Images
+from permsparse.models.vit_testbed import processor as vit_processor
+from permsparse.evaluate.vlm import VLMAccuracy, evaluate, score_batch, text_ids
+from permsparse.models.vlm_testbed import RECIPE, assemble, build, built_recipe, split
 
 from .conftest import tiny_llama, tiny_vit
 
@@ -47,7 +47,7 @@ def test_the_built_folder_reloads_with_auto_classes_to_the_same_logits(built):
     assert int((inputs["input_ids"] == image_id).sum()) == (32 // 8) ** 2 + 1  # the class token and 16 patches
     # the same model assembled and trained again in memory: the build is deterministic and the save exact
     again, again_processor = assemble(vit, lm, tokenizer, vit_processor(), TINY)
-    from permsparse.vlm_testbed import fit
+    from permsparse.models.vlm_testbed import fit
 
     fit(again, again_processor, tiny_images(24, 0), TINY, progress=False)
     with torch.no_grad():
@@ -140,15 +140,15 @@ def test_the_cached_folder_is_reused_and_built_again_for_another_recipe(tmp_path
     import json
     from dataclasses import asdict
 
-    import permsparse.models
-    import permsparse.testbed
-    import permsparse.vlm_testbed as vlm
+    import permsparse.models.loading
+    import permsparse.models.vit_testbed
+    import permsparse.models.vlm_testbed as vlm
 
     vit_folder = tmp_path / "cifar10-vit"
     tiny_vit().save_pretrained(vit_folder)
     vit_processor().save_pretrained(vit_folder)
-    monkeypatch.setattr(permsparse.testbed, "testbed_folder", lambda cache, progress=True: vit_folder)
-    monkeypatch.setattr(permsparse.models, "load_model", lambda spec: (tiny_llama(), tiny_tokenizer))
+    monkeypatch.setattr(permsparse.models.vit_testbed, "testbed_folder", lambda cache, progress=True: vit_folder)
+    monkeypatch.setattr(permsparse.models.loading, "load_model", lambda spec: (tiny_llama(), tiny_tokenizer))
     monkeypatch.setattr(vlm, "load_images", lambda source: tiny_images(4, 0))
     calls = []
 
@@ -161,7 +161,7 @@ def test_the_cached_folder_is_reused_and_built_again_for_another_recipe(tmp_path
     monkeypatch.setattr(vlm, "build", fake_build)
     folder = vlm.vlm_folder(tmp_path, progress=False)
     assert folder == tmp_path / "cifar10-vlm" and len(calls) == 1
-    assert calls[0]["vit_recipe"] == asdict(permsparse.testbed.RECIPE)
+    assert calls[0]["vit_recipe"] == asdict(permsparse.models.vit_testbed.RECIPE)
     assert vlm.vlm_folder(tmp_path, progress=False) == folder and len(calls) == 1  # cached
     for key, value in [("recipe", {"lr": 1.0}), ("vit_recipe", {"epochs": 1})]:
         record = json.loads((folder / vlm.RECORD).read_text())

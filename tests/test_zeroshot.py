@@ -21,7 +21,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.task import ConfigurableTask  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
-from permsparse import zeroshot as zs  # noqa: E402
+from permsparse.evaluate import zeroshot as zs  # noqa: E402
 from permsparse.serial import to_dict  # noqa: E402
 
 HARNESS_TASKS = Path(__import__("lm_eval").__file__).resolve().parent / "tasks"

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import adapter_for, linear_weight
+from ..discover.adapters import adapter_for, linear_weight
 from ..discover import (experts_as_linears, find_towers, head_permutation, hidden_size, optional_submodule, permute_columns,
                         permute_rows, permute_stream, stream_parts)
-from ..masks import as_permutation
+from ..sparsity.masks import as_permutation
 from ..report import PruneReport
 from .record import FoldRecord, Layout
 

@@ -1,7 +1,7 @@
 """Loading a permsparse checkpoint for inference: runtime input gathers and GPU 2:4 kernels.
 
 :func:`load` reads a checkpoint written by :mod:`permsparse.checkpoint.save` with ``from_pretrained`` (a
-causal LM with its head, an encoder as its bare model, :func:`permsparse.models.auto_class`) and
+causal LM with its head, an encoder as its bare model, :func:`permsparse.models.loading.auto_class`) and
 
 - re-attaches a runtime input gather ``x[..., p]`` to every linear exported with ``fallback="gather"``,
   whose weight is stored permuted (N:M in storage order); without it the model computes a different
@@ -32,8 +32,9 @@ from torch import nn
 from ..deploy.convert import BACKENDS, deploy, gpu_problem
 from ..deploy.gathers import GATHER, attach_gathers, fold_gathers, remove_gathers
 from ..deploy.policy import CostKey, read_costs
-from ..models import auto_class
+from ..models.loading import auto_class, read_config
 from ..serial import to_dict
+from .digest import check_weight_files
 from .record import read_record
 
 GATHER_BUFFER = GATHER
@@ -58,13 +59,12 @@ def load(
     2048-token prompt and 128 generated tokens). ``costs``: a cost table (or the JSON file ``permsparse
     speed`` writes) that spares timing the linears at load.
     """
-    from transformers import AutoConfig
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown 2:4 backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     folder = Path(folder)
     record = read_record(folder)
-    model = auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
+    check_weight_files(folder)
+    model = auto_class(read_config(folder)).from_pretrained(folder, dtype=dtype, use_safetensors=True)
     model.eval()
     gathers = {name: torch.as_tensor(entry.perm) for name, entry in record.layouts.items() if entry.layout == "gather"}
     attach_gathers(model, gathers)

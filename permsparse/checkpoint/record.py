@@ -2,8 +2,8 @@
 
 Beside the Hugging Face files, a checkpoint folder holds one JSON record: what was pruned and how
 (the config and the run's report), how every pruned linear is stored (its layout), what folded, the
-logits of a fixed input recorded at export (so ``permsparse check`` can prove the reload exact), and
-the metrics measured. Reading is strict: a record of another format version, or with a missing or
+logits of a fixed input recorded at export (so ``permsparse check`` can prove the reload exact), the
+metrics measured, and a digest of every stored tensor (:mod:`.digest`). Reading is strict: a record of another format version, or with a missing or
 unknown field, is an error, never a default.
 """
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import PruneConfig
-from ..evaluation import Perplexity, Similarity
-from ..images import Accuracy
+from ..evaluate.measures import Perplexity, Similarity
+from ..data.images import Accuracy
 from ..report import PruneReport
 from ..serial import RecordError, from_dict, to_dict
-from ..zeroshot import TaskResult
+from ..evaluate.zeroshot import TaskResult
 
 FILENAME = "permsparse.json"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 @dataclass
@@ -95,6 +95,7 @@ class CheckpointRecord:
     metrics: dict[str, Perplexity | Similarity | Accuracy] = field(default_factory=dict)
     zero_shot: list[TaskResult] = field(default_factory=list)
     command: str = ""
+    tensors: dict[str, str] = field(default_factory=dict)  # sha256 of every stored tensor (checkpoint.digest)
 
 
 def write_record(folder: str | Path, record: CheckpointRecord) -> Path:
@@ -108,8 +109,11 @@ def read_record(folder: str | Path) -> CheckpointRecord:
     path = Path(folder) / FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {FILENAME}: not a permsparse checkpoint")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RecordError(f"{path} is not a readable {FILENAME}: {err}") from None
     version = data.get("format_version") if isinstance(data, dict) else None
     if version != FORMAT_VERSION:
         raise RecordError(f"{path}: format version {version!r}, this permsparse reads version {FORMAT_VERSION}")
-    return from_dict(CheckpointRecord, data, FILENAME)
+    return from_dict(CheckpointRecord, data, str(path))

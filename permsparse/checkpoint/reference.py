@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..discover import primary_output
-from ..images import reads_images
+from ..data.images import reads_images
 from .record import LogitsSummary, Reference
 
 REFERENCE_SEED = 0

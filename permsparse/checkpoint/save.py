@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import copy
 import shutil
-from importlib.metadata import version
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from torch import nn
 
-from ..config import PruneConfig, check_choices, option
-from ..evaluation import Perplexity, Similarity
-from ..images import Accuracy
+from ..config import ExportConfig, PruneConfig  # ExportConfig re-exported: light to import with the other configs
+from ..evaluate.measures import Perplexity, Similarity
+from ..data.images import Accuracy
 from ..report import PruneReport
-from ..zeroshot import TaskResult
+from ..evaluate.zeroshot import TaskResult
+from ..run.version import package_version
+from .digest import tensor_digests
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers
 from .record import FORMAT_VERSION, CheckpointRecord, write_record
@@ -40,21 +39,6 @@ from .reference import compare_reference, model_logits, record_reference, refere
 SHARD = "2GB"
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    """How the pruned model is written."""
-
-    format: Literal["masked", "folded"] = option(
-        "masked", "masked: W*unpermute(mask) in the original order (loads anywhere); folded: fold every exact "
-        "permutation so those linears are N:M in storage order", flag="--export")
-    fallback: Literal["masked", "gather"] = option(
-        "masked", "linears whose permutation cannot fold: keep them masked (plain HF) or store them permuted with "
-        "a runtime gather (needs permsparse.load)", flag="--fold-fallback")
-
-    def __post_init__(self):
-        check_choices(self)
-
-
 def partial_dir(out: str | Path) -> Path:
     """Where a run writes (and keeps its resume state) until it is complete."""
     out = Path(out)
@@ -64,6 +48,8 @@ def partial_dir(out: str | Path) -> Path:
 def check_output_free(out: str | Path, overwrite: bool) -> None:
     """Refuse an existing output folder unless told to overwrite; call before any long work."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is a file, not a folder: --overwrite replaces only folders")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
 
@@ -105,7 +91,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
         if not ok:
             raise RuntimeError(f"folded model does not reproduce the masked model's logits: {detail}")
         fold.verified = detail
-    record = CheckpointRecord(FORMAT_VERSION, version("permsparse"), model_name, config, report, export.format, layouts, fold,
+    record = CheckpointRecord(FORMAT_VERSION, package_version(), model_name, config, report, export.format, layouts, fold,
                               not any(entry.layout == "gather" for entry in layouts.values()), reference,
                               dict(metrics or {}), list(zero_shot or []), command)
     staging = partial_dir(out)
@@ -113,6 +99,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
     target.save_pretrained(staging, max_shard_size=SHARD)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
+    record.tensors = tensor_digests(staging)
     write_record(staging, record)
     shutil.rmtree(staging / ".resume", ignore_errors=True)
     if out.exists():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..discover import is_linear, linear_weight, optional_submodule
-from ..masks import nm_mask
+from ..sparsity.masks import nm_mask
 from . import cusparselt
 from .format import compress as compress_values, format_problem
 from .linear import STORAGES, Linear24, weight_bytes

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..masks import nm_mask
+from ..sparsity.masks import nm_mask
 from . import cusparselt
 from .format import compress as compress_values
 

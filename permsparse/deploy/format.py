@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import nm_violation
+from ..sparsity.masks import nm_violation
 
 __all__ = ["compress", "decompress", "format_problem"]
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import adapter_for
+from ..discover.adapters import adapter_for
 from ..discover import (NotUnderstood, is_linear, linear_weight, optional_submodule, primary_output, probe_input,
                         run_model)
-from ..masks import as_permutation
+from ..sparsity.masks import as_permutation
 
 __all__ = ["GATHER", "GatherFolds", "attach_gathers", "fold_gathers", "gathered_linears", "gathering_modules",
            "remove_gathers"]

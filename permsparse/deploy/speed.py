@@ -39,9 +39,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..adapters import adapter_for, linear_weight
+from ..discover.adapters import adapter_for, linear_weight
 from ..discover import permute_columns
-from ..masks import nm_mask
+from ..sparsity.masks import nm_mask
 from .convert import TOLERANCE, deploy, gpu_problem
 from .costs import capture, event_ms
 from .gathers import attach_gathers, fold_gathers, gathered_linears, gathering_modules, remove_gathers

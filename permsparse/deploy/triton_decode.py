@@ -86,6 +86,11 @@ def matmul24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Op
     y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
     bm, bn, bk, warps = blocks(tokens, out_features)
     grid = (triton.cdiv(out_features, bn), triton.cdiv(tokens, bm))
+    if INTERPRETED:
+        # The interpreter passes an int argument as a one-element array, whose ``int()`` (the loop's bound)
+        # numpy 2.4 refuses in Triton up to 3.6 ("only 0-dimensional arrays can be converted to Python
+        # scalars"); a constant goes in as it is. Nothing is compiled there, so this costs nothing.
+        width = tl.constexpr(width)
     _sparse24_kernel[grid](
         x, x if perm is None else perm, values, meta, x if bias is None else bias, y, tokens, out_features, width,
         x.stride(0), values.stride(0), meta.stride(0),

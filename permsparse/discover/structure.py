@@ -27,7 +27,7 @@ class AttentionGeometry:
 
 @dataclass(frozen=True)
 class Hints:
-    """What discovery cannot read from a model of one family, given by hand (``permsparse.adapters``).
+    """What discovery cannot read from a model of one family, given by hand (``permsparse.discover.adapters``).
 
     ``kv_heads`` gives the number of key/value heads from the config, for families whose config does not
     say it as ``num_key_value_heads``.

@@ -13,6 +13,7 @@ import inspect
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 TOWERS = ("language", "vision")
 
@@ -73,3 +74,16 @@ def vision_tower(model: nn.Module) -> tuple[str, nn.Module]:
     if not hasattr(tower, "config"):
         raise TowerError(f"{towers.vision} ({type(tower).__name__}) has no config of its own")
     return towers.vision, tower
+
+
+def vlm_classes() -> set[str]:
+    """Names of the Hugging Face vision-language classes (``LlavaForConditionalGeneration``, Qwen2-VL, ...)."""
+    names = set()
+    for value in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
+
+
+def is_vlm(model: nn.Module) -> bool:
+    """Whether ``model`` is a vision-language model: images and text in, text out."""
+    return type(model).__name__ in vlm_classes()

@@ -3,7 +3,7 @@
 Two scopes (``Learned.scope``):
 
 - ``e2e``: every permutation of the model at once, as in the paper, on the objective of
-  :mod:`permsparse.objective` (cross-entropy, KL from the dense model, distance of every block's output
+  :mod:`permsparse.permute.objective` (cross-entropy, KL from the dense model, distance of every block's output
   to the dense model's). The dense model's outputs are recomputed for each batch (the weights are
   frozen, so the dense forward is the same model without the relaxed weights), never held for the
   whole calibration set.
@@ -20,16 +20,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import distributed
-from ..adapters import AttentionGeometry, is_linear, linear_weight, replaced_weights
-from ..calibration import batch_arguments, block_output
+from ..run import distributed
+from ..discover.adapters import AttentionGeometry, is_linear, linear_weight, replaced_weights
+from ..sparsity.statistics import batch_arguments, block_output
 from ..config import Learned, PruneConfig
-from ..images import is_classifier
-from ..objective import DenseStates, Terms, dense_states, hidden_distance, judge_model, model_terms, objective
-from ..placement import input_device
+from ..data.images import is_classifier
+from .objective import DenseStates, Terms, dense_states, hidden_distance, judge_model, model_terms, objective
+from ..run.placement import input_device
 from ..quant.rtn import fake_quantize
 from ..report import TrainingRecord
-from ..scores import compute_score
+from ..sparsity.scores import compute_score
 from .sites import Site
 from .trainer import Deploy, LearnLinear, LearnSite, hard_weight, learn_permutations
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import permuted_nm_mask
+from ..sparsity.masks import permuted_nm_mask
 
 TOL = 1e-9  # relative gain below which a move counts as no gain (float noise)
 

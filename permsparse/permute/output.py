@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import nm_mask, permuted_nm_mask
+from ..sparsity.masks import nm_mask, permuted_nm_mask
 from .metrics import TOL, blocked_gram, error_and_grad, grouped
 from .swaps import disjoint, swap_positions, swap_sums
 
@@ -30,7 +30,7 @@ class OutputError:
     and ``b`` changes ``d`` only on their ``2m`` channels, by ``Δ = W * (old_mask - new_mask)``, so the
     error changes by ``2 <Δ, G> + Δ H Δ^T`` with ``H`` restricted to those channels. Float64 so that
     thousands of incremental updates do not drift. ``drift`` adds the linear term that makes the error
-    the one against the dense model's outputs (:class:`permsparse.calibration.InputStats`); it only
+    the one against the dense model's outputs (:class:`permsparse.sparsity.statistics.InputStats`); it only
     shifts ``G``, so the swap arithmetic is unchanged.
     """
 

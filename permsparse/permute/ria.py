@@ -3,8 +3,8 @@ then re-assign one slot of every group at a time by an exact linear assignment."
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
+from .assignment import linear_sum_assignment
 from .swaps import insert_values, leave_member_out
 
 

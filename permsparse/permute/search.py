@@ -37,7 +37,7 @@ def find_permutation(scores: torch.Tensor, n: int, m: int, method: str, *,
     bounds the cost on very wide layers. ``output`` needs ``weight`` (shape of ``scores``) and ``gram``
     (``(in, in)``, or ``(k, in, in)`` where row block ``i`` of ``weight`` reads ``gram[i]``); with
     ``drift`` (same shape, ``(X_dense - X)^T X``) it aims at the dense model's outputs instead of
-    ``W``'s outputs on the same inputs (see :class:`permsparse.calibration.InputStats`).
+    ``W``'s outputs on the same inputs (see :class:`permsparse.sparsity.statistics.InputStats`).
     ``options`` go to the method (``cp``: rounds, perturbations, kick, candidates; ``ria``: rounds;
     ``output``: rounds, pairs, checks, proxy_weight). The same ``seed`` gives the same ``p``.
     """

@@ -16,8 +16,9 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from .assignment import linear_sum_assignment
 
 
 def log_sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
@@ -266,7 +267,7 @@ class _RelaxedWeight(torch.autograd.Function):
     ``dL/dP[g, i, j]`` is exactly the first-order change of the loss if channel ``i`` took position
     ``j``'s keep pattern. Only the weight (a reference), the bool mask and the base order are saved.
     With ``straight_through`` the weight gets the gradient of the product as if every entry were kept
-    (distillation whose masks follow the weights, :mod:`permsparse.masking`). With ``hard`` (each tile's
+    (distillation whose masks follow the weights, :mod:`permsparse.train.following_masks`). With ``hard`` (each tile's
     local permutation, ``(G, tile)``, at which ``P`` is one-hot in value, as the hard forward pass makes it)
     the keep pattern is a gather instead of the product: the same values, without the forward pass's
     ``out * width * tile`` multiplications.

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import Adapter, AttentionGeometry
-from ..calibration import InputStats
+from ..discover.adapters import Adapter, AttentionGeometry
+from ..sparsity.statistics import InputStats
 from ..config import PruneConfig
 from .search import find_permutation
 

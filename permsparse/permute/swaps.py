@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import group_ranks
+from ..sparsity.masks import group_ranks
 
 
 def leave_one_out(s: torch.Tensor, coef: torch.Tensor, n: int):
@@ -40,7 +40,7 @@ def leave_member_out(s: torch.Tensor, n: int, member: int) -> tuple[torch.Tensor
 
 
 def _ranks(s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~permsparse.masks.group_ranks` of the groups' members, and whether each is kept (``rank <
+    """:func:`~permsparse.sparsity.masks.group_ranks` of the groups' members, and whether each is kept (``rank <
     n``, as a float of ``s``'s type)."""
     rank = group_ranks(s, -2)
     return rank, (rank < n).to(s.dtype)

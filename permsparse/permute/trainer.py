@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import distributed
+from ..run import distributed
 from ..config import Learned
-from ..progress import bar
-from ..masks import nm_mask, permuted_nm_mask
+from ..run.progress import bar
+from ..sparsity.masks import nm_mask, permuted_nm_mask
 from ..report import TrainingRecord
 from .sinkhorn import CostTiles, hard_permutations, relaxed_weight, soft_permutations, warm_cost
 

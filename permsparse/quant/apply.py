@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..adapters import linear_weight
+from ..discover.adapters import linear_weight
 from ..config import Quantization
 from ..report import QuantRecord
 from . import QuantizedWeight, attach

@@ -7,6 +7,8 @@ on permuted input columns; both return an :class:`UpdateResult`.
 - :func:`sparsegpt`: one left-to-right pass of Optimal Brain Surgeon updates (Frantar & Alistarh 2023).
 - :func:`admm`: ADMM with gradual mask selection (Boža 2024); about ten times slower, usually a lower
   error (always on a fixed mask, where it nears the exact least-squares weights).
+
+:mod:`.layer` prunes one linear through a candidate permutation, with or without such an update.
 """
 from __future__ import annotations
 

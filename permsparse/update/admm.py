@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import nm_mask, unstructured_mask
+from ..sparsity.masks import nm_mask, unstructured_mask
 from .common import UpdateResult, check_target, dead_inputs, finish, output_error, to_processing_order
 
 

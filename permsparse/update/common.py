@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import as_permutation, nm_violation
+from ..sparsity.masks import as_permutation, nm_violation
 
 COMPUTE_DTYPE = torch.float32
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import nm_mask
+from ..sparsity.masks import nm_mask
 from .common import UpdateResult, check_target, dead_inputs, finish, to_processing_order
 
 INNER_BLOCK = 16
