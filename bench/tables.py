@@ -353,7 +353,34 @@ def render_encoder(data: dict) -> str:
                                         "peak RSS MB"], rows)
 
 
-RENDERERS = {"demo": render_demo, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
+def render_quant(data: dict) -> str:
+    """bench/quant.py: perplexity of each row and its change against the same pruning unquantized (16-bit; the
+    dense model for the dense rows), the bytes of the pruned linears and of the checkpoint against dense bf16."""
+    texts = data["protocol"]["evals"]
+    by_label = {r["label"]: r for r in data["results"]}
+    headers = ["method"] + [f"{TEXTS.get(t, t)} ppl (vs 16-bit)" for t in texts]
+    headers += ["linears / bf16", "checkpoint / bf16", "layer error gptq / rtn", "pruning s"]
+    rows = []
+    for r in data["results"]:
+        base, _, kind = r["label"].partition(" | ")
+        reference = by_label.get("dense" if base == "dense" else f"{base} | 16-bit")
+        cells = [r["label"].replace(" | ", ", ")]  # a "|" would split the markdown cell
+        for t in texts:
+            change = ("" if reference is None or reference is r or not kind
+                      else f" ({100 * (r['ppl'][t] / reference['ppl'][t] - 1):+.1f}%)")
+            cells.append(f"{r['ppl'][t]:.2f}{change}")
+        errors = (f"{r['layer_error']:.2e} / {r['layer_error_rtn']:.2e}" if r.get("layer_error") is not None else "–")
+        cells += [fmt(r.get("pruned_linears_ratio"), ".3f"), fmt(r.get("checkpoint_ratio"), ".3f"), errors,
+                  fmt(r.get("prune_s") or None, ".0f")]
+        rows.append(cells)
+    group = data["protocol"].get("group")
+    return (header(data) + protocol_line(data) + f"int4 in groups of {group} permuted inputs; int8 and fp8 one scale "
+            "per output channel; every quantized row but `int4 rtn` is GPTQ. Layer error: the mean over the quantized "
+            "linears of `sum_r d_r H d_r^T / sum_r w_r H w_r^T`, d = pruned weight minus deployed weight, H on the "
+            "calibration inputs.\n\n" + table(headers, rows))
+
+
+RENDERERS = {"demo": render_demo, "quant": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 

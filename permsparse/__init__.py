@@ -1,8 +1,8 @@
 """permsparse: N:M structured sparsity for Transformers, with learned channel permutations.
 
 The public API: configure with :class:`PruneConfig` (a :class:`Search` or :class:`Learned`
-permutation, a :class:`Calibration`, optionally a :class:`Distill` of the kept weights), call
-:func:`prune` on a loaded model, save with :func:`export_checkpoint`, and :func:`load` /
+permutation, a :class:`Calibration`, optionally a :class:`Distill` of the kept weights or a
+:class:`Quantization` of them), call :func:`prune` on a loaded model, save with :func:`export_checkpoint`, and :func:`load` /
 :func:`check_checkpoint` the result.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 _WHERE = {
     "check_checkpoint": ".checkpoint.check", "load": ".checkpoint.load", "ExportConfig": ".config",
     "export_checkpoint": ".checkpoint.save", "Calibration": ".config", "Distill": ".config", "Learned": ".config",
-    "PruneConfig": ".config", "Search": ".config", "Perplexity": ".evaluate.measures",
+    "PruneConfig": ".config", "Quantization": ".config", "Search": ".config", "Perplexity": ".evaluate.measures",
     "SentenceSimilarity": ".evaluate.measures", "Similarity": ".evaluate.measures",
     "embedding_similarity": ".evaluate.measures", "perplexity": ".evaluate.measures",
     "sentence_similarity": ".evaluate.measures", "load_model": ".models.loading", "efficacy": ".permute.metrics",
@@ -35,7 +35,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Calibration", "Distill", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Search", "SentenceSimilarity",
+    "Calibration", "Distill", "ExportConfig", "Learned", "Perplexity", "PruneConfig", "PruneReport", "Quantization", "Search", "SentenceSimilarity",
     "Similarity",
     "check_checkpoint", "efficacy", "embedding_similarity", "export_checkpoint", "find_permutation", "load", "load_model", "perplexity",
     "prune", "retained", "sentence_similarity",

@@ -31,7 +31,10 @@ TEST_SOURCES = ("wikitext2",)  # evaluation text: refused for calibration unless
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | float:
-    """``"2:4"`` -> ``(2, 4)``; an unstructured sparsity ``"50%"`` -> its density ``0.5``."""
+    """``"2:4"`` -> ``(2, 4)``; an unstructured sparsity ``"50%"`` -> its density ``0.5``; ``"none"`` (dense:
+    nothing pruned, the reference of a quantized run) -> ``1.0``."""
+    if pattern == "none":
+        return 1.0
     if pattern.endswith("%"):
         try:
             sparsity = float(pattern[:-1]) / 100
@@ -150,6 +153,8 @@ class Learned:
     judge_every: int = option(5, "steps between judgments of the hard permutations on the held-out windows")
     recompute: bool = option(False, "e2e: keep only each block's input for the backward pass and run the block again "
                              "there (activation checkpointing: much less memory, about a third more time)")
+    fake_quant: bool = option(False, "with --quant: training and judgment see the kept weights as deployed, rounded to "
+                              "nearest in the permuted groups (straight-through gradient); off: unquantized")
 
     def __post_init__(self):
         check_choices(self)
@@ -228,11 +233,52 @@ Permutation = typing.Union[Search, Learned]
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """Quantization of the kept weights after pruning (off with ``none``; see :mod:`permsparse.quant`).
+
+    Symmetric codes times scales, groups along the permuted input order; each block's pruned linears are
+    quantized before the next block's inputs are computed, and the model then runs the dequantized weights.
+    """
+
+    kind: Literal["none", "int8", "fp8", "int4"] = option(
+        "none", "quantize the kept weights: int8 or fp8 (e4m3) with one scale per output channel, int4 with one "
+        "scale per group of --quant-group permuted inputs", flag="--quant")
+    group: int = option(0, "inputs per quantization scale, consecutive in the permuted order (0: 128 for int4, "
+                        "the whole row, one scale per output channel, for int8 and fp8)", flag="--quant-group")
+    method: Literal["rtn", "gptq"] = option(
+        "gptq", "rtn: round to nearest; gptq: round column by column and move each error onto the kept weights "
+        "not yet rounded, on the layer's H = X^T X (needs calibration)", flag="--quant-method")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.group < 0:
+            raise ValueError(f"--quant-group must be >= 0, got {self.group}")
+        if self.kind == "none" and (self.group or self.method != "gptq"):
+            raise ValueError("--quant-group and --quant-method apply only with --quant int8, fp8 or int4")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether quantizing needs each linear's input Gram matrix (GPTQ)."""
+        return self.enabled and self.method == "gptq"
+
+    def group_for(self, width: int) -> int:
+        """Inputs per scale of a linear ``width`` inputs wide (it may not divide ``width``: then the linear
+        stays unquantized, see :func:`permsparse.quant.apply.indivisible`)."""
+        if self.group:
+            return self.group
+        return 128 if self.kind == "int4" else width
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """Everything that decides the pruned model (see the module docstring)."""
 
-    pattern: str = option("2:4", "N:M (2:4, 4:8, 1:4, ...) or an unstructured sparsity like 50% (the reference "
-                          "limit for N:M at the same density)")
+    pattern: str = option("2:4", "N:M (2:4, 4:8, 1:4, ...), an unstructured sparsity like 50% (the reference "
+                          "limit for N:M at the same density), or none (dense: nothing pruned, e.g. with --quant)")
     score: Literal["magnitude", "wanda", "ria", "sparsegpt", "admm"] = option(
         "wanda", "host choosing the mask: magnitude |W|, wanda |W|*||X_j||, ria (relative importance * ||X_j||^0.5), "
         "or a host that also updates the kept weights on the layer's H = X^T X: sparsegpt (OBS updates, SparseGPT) "
@@ -248,6 +294,7 @@ class PruneConfig:
         "permutation for the residual stream, so every permutation folds")
     calibration: Calibration = field(default_factory=Calibration)
     distill: Distill = field(default_factory=Distill)
+    quant: Quantization = field(default_factory=Quantization)
     towers: Literal["language", "vision", "both"] = option(
         "language", "which towers of a vision-language model are pruned: language (its language model, as the "
         "seed paper), vision (its image encoder, calibrated on the image sources of --calib, such as "
@@ -267,6 +314,9 @@ class PruneConfig:
             raise ValueError("a learned permutation is judged on held-out windows: --holdout must be at least 1")
         if self.distill.steps and self.calibration.holdout < 1:
             raise ValueError("distillation is judged on held-out windows: --holdout must be at least 1")
+        if self.quant.enabled and self.distill.steps:
+            raise ValueError("--quant with --distill-steps: distillation would change the weights after they are "
+                             "quantized; quantize without distillation")
         if self.distill.masks in ("joint", "alternate") and not self.nm:
             raise ValueError(f"--distill-masks {self.distill.masks} learns permutations, which only N:M patterns have")
 

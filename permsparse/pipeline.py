@@ -31,6 +31,8 @@ from .discover.adapters import Adapter, AttentionGeometry, adapter_for, linear_w
 from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
+from .quant import ATTRIBUTE, QuantizedWeight, attach
+from .quant.apply import indivisible, quantize_linears
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .run import distributed
 from .run.identity import ResumeKey, model_digest, permsparse_version, source_digest, tensors_digest, tokenizer_digest
@@ -215,9 +217,12 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, 
     if state_dir is not None and key is None:
         key = resume_key(model, None, config)
     routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
-    return Run(model, adapter, adapter.attention(model.config), config, targets,
-               PruneReport(skipped=skipped, dense=routers), Progress(state_dir, key), progress,
-               input_device(model) if device is None else device, offloaded)
+    run = Run(model, adapter, adapter.attention(model.config), config, targets,
+              PruneReport(skipped=skipped, dense=routers), Progress(state_dir, key), progress,
+              input_device(model) if device is None else device, offloaded)
+    widths = {name: linear_weight(model.get_submodule(name)).shape[1] for name in target_names(run)}
+    run.report.unquantized = indivisible(config.quant, widths, config.strict)
+    return run
 
 
 def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.Tensor | None,
@@ -226,8 +231,11 @@ def prune_run(run: Run, tokenizer, windows: torch.Tensor | None, holdout: torch.
     model, adapter, config, progress = run.model, run.adapter, run.config, run.show
     if not needs_calibration(config):
         for i in bar(range(len(run.blocks)), desc="pruning blocks", disable=not progress):
-            with block_on(run.blocks[i], run.device), run.report.timed("pruning"):
-                apply_plan(run, plan_block(run, i, {}, None))
+            with block_on(run.blocks[i], run.device):
+                with run.report.timed("pruning"):
+                    plan = plan_block(run, i, {}, None)
+                    masks = apply_plan(run, plan)
+                quantize_pruned(run, plan, masks)
     else:
         if windows is None and not reads_images(model):  # what cannot fit is refused before the draw
             counts = (config.calibration.nsamples, config.calibration.holdout if config.judged else 0)
@@ -274,7 +282,7 @@ def on_device(perm: torch.Tensor | None, device: torch.device) -> torch.Tensor |
 
 def needs_calibration(config: PruneConfig) -> bool:
     return (config.score != "magnitude" or needs_gram(config.start) or config.learned is not None
-            or config.binding == "global" or config.distill.steps > 0)
+            or config.binding == "global" or config.distill.steps > 0 or config.quant.needs_hessian)
 
 
 def target_names(run: Run) -> list[str]:
@@ -375,6 +383,40 @@ def apply_plan(run: Run, plan: Plan, starts: dict[str, torch.Tensor | None] | No
     return masks
 
 
+def quantize_pruned(run: Run, plan: Plan, masks: dict[str, torch.Tensor]) -> None:
+    """With ``--quant``: the block's pruned linears (``masks``, by full name) quantized through their sites'
+    permutations on the block's Gram matrices (:mod:`permsparse.quant.apply`); the model runs the dequantized
+    weights from here on, so later blocks calibrate on what is deployed."""
+    if not run.config.quant.enabled:
+        return
+    with run.report.timed("quantization"):
+        perms = {name: run.report.permutation_of(name) for name in masks}
+        perms = {name: None if perm is None else torch.as_tensor(perm) for name, perm in perms.items()}
+        grams = {f"{plan.name}.{name}": gram for name, gram in plan.grams.items()}
+        run.report.quantized += quantize_linears(run.model, masks, perms, grams, run.config.quant,
+                                                 run.report.unquantized)
+
+
+def saved_quantized(model: nn.Module, names) -> dict[str, dict]:
+    """The quantized records of the named linears, as progress stores them (fp8 codes as their bytes)."""
+    out = {}
+    for name in names:
+        record = getattr(model.get_submodule(name), ATTRIBUTE, None)
+        if record is not None:
+            codes = record.codes.view(torch.int8) if record.kind == "fp8" else record.codes
+            out[name] = {"kind": record.kind, "codes": codes, "scales": record.scales, "group": record.group,
+                         "input_order": record.input_order}
+    return out
+
+
+def restore_quantized(model: nn.Module, saved: dict[str, dict]) -> None:
+    """Re-attach the quantized records progress stored (:func:`saved_quantized`)."""
+    for name, entry in saved.items():
+        codes = entry["codes"].view(torch.float8_e4m3fn) if entry["kind"] == "fp8" else entry["codes"]
+        attach(model.get_submodule(name), QuantizedWeight(entry["kind"], codes, entry["scales"], entry["group"],
+                                                          entry["input_order"]))
+
+
 def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: int, hidden: torch.Tensor | None) -> None:
     """Statistics, permutations (searched, or learned per block) and masks, one block after the other.
 
@@ -406,7 +448,8 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
             block, name = run.blocks[i], run.name(i)
             with run.report.timed("statistics"):
                 stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], kwargs,
-                                                       needs_gram(config.start) or config.updates, name, batch)
+                                                       needs_gram(config.start) or config.updates
+                                                       or config.quant.needs_hessian, name, batch)
                 if reference is not None:
                     next_reference = collect_drift(block, run.readers(i), inputs, reference, kwargs, stats, batch)
                 dense_holdout = (run_block(block, inputs[count:], kwargs, batch) if len(inputs) > count
@@ -422,6 +465,7 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
                 run.report.training.append(record)
             with run.report.timed("pruning"):
                 masks = apply_plan(run, plan, starts)
+            quantize_pruned(run, plan, masks)
             with run.report.timed("statistics"):
                 if config.calibration.propagate == "pruned":
                     inputs = run_block(block, inputs, kwargs, batch)
@@ -446,9 +490,10 @@ def save_blocks(run: Run, done: int, masks: dict[str, torch.Tensor], inputs: tor
         saved = run.progress.load("blocks") or {"masks": {}, "weights": {}, "act_norms": {}}
         saved["masks"].update({name: pack_mask(mask) for name, mask in masks.items()})
         saved["act_norms"].update({name: run.act_norms[name] for name in masks})
-        if run.config.updates:
+        if run.config.updates or run.config.quant.enabled:
             saved["weights"].update({name: linear_weight(run.model.get_submodule(name)).detach().cpu().clone()
                                      for name in masks})
+        saved.setdefault("quantized", {}).update(saved_quantized(run.model, masks))
         saved.update(done=done, report=run.report)
     run.progress.commit({} if saved is None else {"blocks": saved},
                         own={"stream": {"done": done, "inputs": inputs, "reference": reference}}, tag=str(done),
@@ -466,8 +511,10 @@ def restore(run: Run, saved: dict) -> None:
         else:
             weight.mul_(unpack_mask(packed).to(weight.device, weight.dtype))
     run.act_norms.update(saved["act_norms"])
+    restore_quantized(run.model, saved.get("quantized", {}))
     report = saved["report"]
     run.report.layers, run.report.sites, run.report.training = report.layers, report.sites, report.training
+    run.report.quantized = report.quantized
     run.report.uncalibrated, run.report.kept_start = report.uncalibrated, report.kept_start
     run.report.stages = report.stages
 
@@ -503,8 +550,20 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
             plan.perms.update(learned.get(plan.name, {}))
     if not config.updates:
         with run.report.timed("pruning"):
-            for plan in plans:
-                apply_plan(run, plan)
+            masks = [apply_plan(run, plan) for plan in plans]
+        if not config.quant.needs_hessian:
+            for plan, block_masks in zip(plans, masks):
+                quantize_pruned(run, plan, block_masks)
+            return
+        inputs = first  # GPTQ: block by block on the pruned (and quantized) model's inputs, as reconstruction does
+        for i, (plan, block_masks) in enumerate(zip(bar(plans, desc="quantization", disable=not run.show), masks)):
+            with run.report.timed("statistics"):
+                stats, _ = collect_input_stats(run.blocks[i], run.readers(i), inputs, kwargs, True, plan.name,
+                                               config.calibration.batch_size)
+            plan.grams = {name: stats[group[0]].gram for group in run.targets[i] for name in group}
+            quantize_pruned(run, plan, block_masks)
+            with run.report.timed("statistics"):
+                inputs = run_block(run.blocks[i], inputs, kwargs, config.calibration.batch_size)
         return
     inputs = first  # reconstruction: block by block on the pruned model's inputs, as SparseGPT does
     for i, plan in enumerate(bar(plans, desc="weight updates", disable=not run.show)):
@@ -523,7 +582,7 @@ def reconstruct_block(run: Run, i: int, learned: dict[str, torch.Tensor | None],
     plan = plan_block(run, i, stats, hidden)
     searched = dict(plan.perms)
     plan.perms.update(learned)
-    apply_plan(run, plan, searched)
+    quantize_pruned(run, plan, apply_plan(run, plan, searched))
     return run_block(run.blocks[i], inputs, kwargs, batch)
 
 

@@ -14,8 +14,8 @@ import torch
 
 # What a run spends its time on: drawing (or sampling) the calibration windows; forward passes that collect
 # statistics or make the next block's inputs; permutation searches; learning permutations; choosing masks and
-# updating weights; distilling the kept weights.
-STAGES = ("calibration", "statistics", "search", "learning", "pruning", "distillation")
+# updating weights; quantizing the kept weights; distilling the kept weights.
+STAGES = ("calibration", "statistics", "search", "learning", "pruning", "quantization", "distillation")
 
 
 @dataclass
@@ -82,6 +82,20 @@ class DistillRecord:
 
 
 @dataclass
+class QuantRecord:
+    """One quantized linear: its kind, inputs per scale and method, and the output error of its codes
+    ``sum_r d_r H d_r^T`` (``d``: pruned weight minus dequantized codes) relative to the pruned output's energy
+    ``sum_r w_r H w_r^T``, for the method and for round-to-nearest (None where no ``H`` was collected)."""
+
+    name: str
+    kind: str
+    group: int
+    method: str
+    output_error: float | None = None
+    output_error_rtn: float | None = None
+
+
+@dataclass
 class PruneReport:
     """The result of :func:`permsparse.prune`."""
 
@@ -95,6 +109,8 @@ class PruneReport:
     kept_start: list[str] = field(default_factory=list)  # sites where the update kept the search, not the learned one
     distillation: DistillRecord | None = None  # the kept weights' distillation, when it ran
     weights_updated: bool = False  # kept weights changed (sparsegpt, admm, distillation): W is not W * mask
+    quantized: list[QuantRecord] = field(default_factory=list)  # linears whose kept weights were quantized
+    unquantized: list[str] = field(default_factory=list)  # linears --quant left as they were (a group not dividing)
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # seconds by stage (:data:`STAGES`), summed over blocks
     peak_rss_mb: float = 0.0

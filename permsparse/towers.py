@@ -73,7 +73,9 @@ def prefixed(report: PruneReport, prefix: str) -> PruneReport:
                for site in report.sites],
         training=[dataclasses.replace(t, scope=name(t.scope)) for t in report.training],
         skipped=[name(n) for n in report.skipped], dense=[name(n) for n in report.dense],
-        uncalibrated=[name(n) for n in report.uncalibrated], kept_start=[name(n) for n in report.kept_start])
+        uncalibrated=[name(n) for n in report.uncalibrated], kept_start=[name(n) for n in report.kept_start],
+        quantized=[dataclasses.replace(q, name=name(q.name)) for q in report.quantized],
+        unquantized=[name(n) for n in report.unquantized])
 
 
 def merged(reports: list[PruneReport]) -> PruneReport:
@@ -83,9 +85,11 @@ def merged(reports: list[PruneReport]) -> PruneReport:
     out = dataclasses.replace(first, layers=list(first.layers), sites=list(first.sites),
                               training=list(first.training), skipped=list(first.skipped), dense=list(first.dense),
                               uncalibrated=list(first.uncalibrated), kept_start=list(first.kept_start),
+                              quantized=list(first.quantized), unquantized=list(first.unquantized),
                               stages=dict(first.stages))
     for report in rest:
-        for part in ("layers", "sites", "training", "skipped", "dense", "uncalibrated", "kept_start"):
+        for part in ("layers", "sites", "training", "skipped", "dense", "uncalibrated", "kept_start", "quantized",
+                     "unquantized"):
             getattr(out, part).extend(getattr(report, part))
         for stage, seconds in report.stages.items():
             out.stages[stage] = out.stages.get(stage, 0.0) + seconds

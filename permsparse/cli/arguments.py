@@ -9,7 +9,8 @@ import typing
 from typing import Literal
 
 from ..config import SMOLLM2_ALIAS, TESTBED_ALIAS, VLM_ALIAS
-from ..config import DTYPES, SEARCH_METHODS, Calibration, Distill, ExportConfig, Learned, Placement, PruneConfig, Search
+from ..config import (DTYPES, SEARCH_METHODS, Calibration, Distill, ExportConfig, Learned, Placement, PruneConfig,
+                      Quantization, Search)
 
 def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
@@ -67,7 +68,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         raise ValueError(f"{_flags_of(Distill, sorted(set(distill) - {'steps'}))} only apply with --distill-steps "
                          "above 0 (no distillation runs without it)")
     config = PruneConfig(permutation=permutation, calibration=Calibration(**given(args, Calibration)),
-                         distill=Distill(**distill), **given(args, PruneConfig))
+                         distill=Distill(**distill), quant=Quantization(**given(args, Quantization)),
+                         **given(args, PruneConfig))
     if "update_mask" in given(args, PruneConfig) and not config.updates:
         raise ValueError(f"--update-mask only applies to the weight-updating hosts (--score sparsegpt or admm), "
                          f"not --score {config.score}")
@@ -103,6 +105,7 @@ def add_prune(sub) -> None:
     add_config_flags(p, Learned)
     add_config_flags(p, Calibration)
     add_config_flags(p, Distill)
+    add_config_flags(p, Quantization)
     add_config_flags(p, ExportConfig)
 
 

@@ -27,10 +27,11 @@ from ..config import Learned, PruneConfig
 from ..data.images import is_classifier
 from .objective import DenseStates, Terms, dense_states, hidden_distance, judge_model, model_terms, objective
 from ..run.placement import input_device
+from ..quant.rtn import fake_quantize
 from ..report import TrainingRecord
 from ..sparsity.scores import compute_score
 from .sites import Site
-from .trainer import LearnLinear, LearnSite, hard_weight, learn_permutations
+from .trainer import Deploy, LearnLinear, LearnSite, hard_weight, learn_permutations
 
 
 # -------------------------------------------------------------------------------------- learning sites
@@ -59,6 +60,15 @@ def tile_size(width: int, tile: int, m: int) -> int:
     return max((t for t in range(m, min(tile, width) + 1, m) if width % t == 0), default=width)
 
 
+def deployed(config: PruneConfig) -> Deploy | None:
+    """With ``--quant`` (and ``fake_quant``): a pruned weight as deployed through a permutation, rounded to nearest
+    in groups of the permuted order, with a straight-through gradient; else None (the pruned weight itself)."""
+    quant = config.quant
+    if not quant.enabled or not config.learned.fake_quant:
+        return None
+    return lambda weight, perm: fake_quantize(weight, quant.kind, quant.group_for(weight.shape[1]), perm)
+
+
 def learn_sites(plan: Plan, config: PruneConfig, geometry: AttentionGeometry, m: int,
                 prefix: str = "") -> tuple[list[LearnSite], dict[str, Tensor]]:
     """The trainable sites of ``plan`` as the trainer takes them (linear names prefixed by ``prefix``),
@@ -73,8 +83,9 @@ def learn_sites(plan: Plan, config: PruneConfig, geometry: AttentionGeometry, m:
             linears[prefix + name] = LearnLinear(linear_weight(module),
                                                  lambda name=name: plan.scores(name, config.host))
         if site.hidden:
+            deploy = deployed(config) or (lambda weight, _perm: weight)
             for name, linear in linears.items():
-                fixed[name] = hard_weight(linear, plan.perms[site.name], n, m)
+                fixed[name] = deploy(hard_weight(linear, plan.perms[site.name], n, m), plan.perms[site.name])
             continue
         width = next(iter(linears.values())).weight.shape[1]
         base = plan.perms[site.name]
@@ -193,7 +204,8 @@ def learn_model(model: nn.Module, plans: list[Plan], windows: Tensor, holdout: T
     try:
         perms, record = learn_permutations(sites, loss_fn, judge_fn, n, m, learned,
                                            seed=config.calibration.seed, label="learn permutations (e2e)",
-                                           progress=progress, state=state, save_state=save_state)
+                                           progress=progress, state=state, save_state=save_state,
+                                           deploy=deployed(config))
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -260,7 +272,7 @@ def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: Atte
     try:
         with torch.enable_grad():
             perms, record = learn_permutations(sites, loss_fn, judge_fn, n, m, learned, seed=config.calibration.seed,
-                                               label=f"learn {plan.name}", progress=progress)
+                                               label=f"learn {plan.name}", progress=progress, deploy=deployed(config))
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -66,12 +66,13 @@ def warm_starts(sites: list[LearnSite], config: Learned, seed: int) -> dict[int,
 
 Loss = Callable[[dict[str, Tensor], int], Tensor]
 Judge = Callable[[dict[str, Tensor]], float]
+Deploy = Callable[[Tensor, Tensor], Tensor]  # (pruned weight, permutation) -> the weight as deployed
 
 
 def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n: int, m: int, config: Learned, *,
                        seed: int = 0, label: str = "learn permutations", progress: bool = True,
                        state: dict | None = None, save_state: Callable[[dict], None] | None = None,
-                       save_every: int = 5) -> tuple[dict[str, Tensor], TrainingRecord]:
+                       save_every: int = 5, deploy: Deploy | None = None) -> tuple[dict[str, Tensor], TrainingRecord]:
     """Train one :class:`CostTiles` per site; return the best judged full permutations and the record.
 
     ``loss_fn(weights, step)`` gets the effective weight of every linear of every site (original column
@@ -79,7 +80,10 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
     gets exact hard weights and must be deterministic (an unchanged set is not judged again).
     ``state`` resumes from what ``save_state`` last received (every ``save_every`` steps): costs,
     optimiser, best set and history, so an interrupted run continues to the same result.
+    ``deploy(weight, perm)``, when given, turns every pruned weight (judged and trained) into the weight as
+    deployed through permutation ``perm`` (the fake-quantized weight of a quantized run, straight through).
     """
+    deploy = deploy or (lambda weight, _perm: weight)
     names = [name for site in sites for name in site.linears]
     if len(set(names)) != len(names) or len({s.name for s in sites}) != len(sites):
         raise ValueError("site names and linear names must be unique")
@@ -125,7 +129,8 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
         if last_judged is not None and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(perms, last_judged)):
             return
         with torch.no_grad():
-            weights = {name: hard(name, lin, p) for site, p in zip(sites, perms) for name, lin in site.linears.items()}
+            weights = {name: deploy(hard(name, lin, p), p) for site, p in zip(sites, perms)
+                       for name, lin in site.linears.items()}
         value = float(judge_fn(weights))
         last_judged = [p.cpu() for p in perms]
         record.judged.append((step, value))
@@ -146,7 +151,7 @@ def learn_permutations(sites: list[LearnSite], loss_fn: Loss, judge_fn: Judge, n
             mats = mod.matrices(eps, config.sinkhorn_iters, config.forward, loc, soft)
             one_hot = loc[mod.tie] if config.forward == "hard" else None  # where the forward pass gathers
             for name, lin in site.linears.items():  # the mask in final position order: position j holds p[j]
-                weights[name] = relaxed_weight(lin.weight, final_mask(name, lin, p), mats, base, hard=one_hot)
+                weights[name] = deploy(relaxed_weight(lin.weight, final_mask(name, lin, p), mats, base, hard=one_hot), p)
         loss = loss_fn(weights, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,6 +1,6 @@
 """Quantization of the weights a pruning keeps: what a quantized linear is, as one typed record.
 
-A :class:`QuantizedWeight` is what the quantizers (RTN, GPTQ over the kept N:M entries) hand to the
+A :class:`QuantizedWeight` is what the quantizers (:mod:`.rtn`, :mod:`.gptq` over the kept N:M entries) hand to the
 checkpoint writer and what the loader reads back. Quantization is symmetric (no zero point), so a pruned
 entry stays exactly zero after quantization and N:M storage of the codes is lossless.
 """

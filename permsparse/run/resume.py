@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import distributed
-from ..report import DistillRecord, LayerRecord, PruneReport, SiteRecord, TrainingRecord
+from ..report import DistillRecord, LayerRecord, PruneReport, QuantRecord, SiteRecord, TrainingRecord
 from ..serial import RecordError, from_dict, to_dict
 from .identity import ResumeKey
 
@@ -42,7 +42,8 @@ MANIFEST = "progress.json"
 MANIFEST_FORMAT = 2
 SUFFIX = ".safetensors"
 TREE = "permsparse"  # the metadata entry holding the JSON of the value
-RECORDS = {cls.__name__: cls for cls in (PruneReport, LayerRecord, SiteRecord, TrainingRecord, DistillRecord)}
+RECORDS = {cls.__name__: cls for cls in (PruneReport, LayerRecord, SiteRecord, TrainingRecord, DistillRecord,
+                                         QuantRecord)}
 
 # Called at every point of a write where a process could die (``point``, the file concerned); tests set it
 # to kill the write there. None in normal use.
