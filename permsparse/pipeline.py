@@ -31,8 +31,7 @@ from .discover.adapters import Adapter, AttentionGeometry, adapter_for, linear_w
 from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
 from .permute.search import find_permutation, needs_gram
 from .permute.sites import search_site, sites_for_group
-from .quant import ATTRIBUTE, QuantizedWeight, attach
-from .quant.apply import indivisible, quantize_linears
+from .quant.apply import indivisible, quantize_linears, restore_quantized, saved_quantized
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .run import distributed
 from .run.identity import ResumeKey, model_digest, permsparse_version, source_digest, tensors_digest, tokenizer_digest
@@ -395,26 +394,6 @@ def quantize_pruned(run: Run, plan: Plan, masks: dict[str, torch.Tensor]) -> Non
         grams = {f"{plan.name}.{name}": gram for name, gram in plan.grams.items()}
         run.report.quantized += quantize_linears(run.model, masks, perms, grams, run.config.quant,
                                                  run.report.unquantized)
-
-
-def saved_quantized(model: nn.Module, names) -> dict[str, dict]:
-    """The quantized records of the named linears, as progress stores them (fp8 codes as their bytes)."""
-    out = {}
-    for name in names:
-        record = getattr(model.get_submodule(name), ATTRIBUTE, None)
-        if record is not None:
-            codes = record.codes.view(torch.int8) if record.kind == "fp8" else record.codes
-            out[name] = {"kind": record.kind, "codes": codes, "scales": record.scales, "group": record.group,
-                         "input_order": record.input_order}
-    return out
-
-
-def restore_quantized(model: nn.Module, saved: dict[str, dict]) -> None:
-    """Re-attach the quantized records progress stored (:func:`saved_quantized`)."""
-    for name, entry in saved.items():
-        codes = entry["codes"].view(torch.float8_e4m3fn) if entry["kind"] == "fp8" else entry["codes"]
-        attach(model.get_submodule(name), QuantizedWeight(entry["kind"], codes, entry["scales"], entry["group"],
-                                                          entry["input_order"]))
 
 
 def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: int, hidden: torch.Tensor | None) -> None:

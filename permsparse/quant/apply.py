@@ -10,7 +10,7 @@ from torch import nn
 from ..discover.adapters import linear_weight
 from ..config import Quantization
 from ..report import QuantRecord
-from . import QuantizedWeight, attach
+from . import ATTRIBUTE, QuantizedWeight, attach
 from .gptq import gptq
 from .rtn import rtn
 
@@ -79,3 +79,23 @@ def quantize_linears(model: nn.Module, masks: dict[str, torch.Tensor], perms: di
                                        None if perm is None else perm.cpu()))
         records.append(QuantRecord(name, quant.kind, quantized.group, quant.method, *errors))
     return records
+
+
+def saved_quantized(model: nn.Module, names) -> dict[str, dict]:
+    """The quantized records of the named linears, as progress stores them (fp8 codes as their bytes)."""
+    out = {}
+    for name in names:
+        record = getattr(model.get_submodule(name), ATTRIBUTE, None)
+        if record is not None:
+            codes = record.codes.view(torch.int8) if record.kind == "fp8" else record.codes
+            out[name] = {"kind": record.kind, "codes": codes, "scales": record.scales, "group": record.group,
+                         "input_order": record.input_order}
+    return out
+
+
+def restore_quantized(model: nn.Module, saved: dict[str, dict]) -> None:
+    """Re-attach the quantized records progress stored (:func:`saved_quantized`)."""
+    for name, entry in saved.items():
+        codes = entry["codes"].view(torch.float8_e4m3fn) if entry["kind"] == "fp8" else entry["codes"]
+        attach(model.get_submodule(name), QuantizedWeight(entry["kind"], codes, entry["scales"], entry["group"],
+                                                          entry["input_order"]))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .version import package_version
+
 CHUNK = 1 << 24
 
 
@@ -40,12 +42,8 @@ class ResumeKey:
 
 
 def permsparse_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("permsparse")
-    except PackageNotFoundError:
-        return "unknown"
+    """The version that runs (:func:`permsparse.run.version.package_version`), installed or from a checkout."""
+    return package_version()
 
 
 def model_digest(model) -> str:
