@@ -57,7 +57,7 @@ def main() -> None:
     prune = {label: command("prune", "--model", args.model, *flags, "--eval-texts", ",".join(TEXTS), "--out",
                             str(folders[label]), "--overwrite", "--quiet") for label, flags in RUNS.items()}
     started = time.perf_counter()
-    print(f"pruning {args.model} to 2:4 three ways, every other option at its default; this takes about 14 minutes "
+    print(f"pruning {args.model} to 2:4 three ways, every other option at its default; this takes about 6 minutes "
           "here", flush=True)
     load_model(args.model)  # a packaged model is converted once here, before the runs share its cache
     subprocess.run(prune["learned (default)"], env=env, check=True, stdout=subprocess.DEVNULL)

@@ -380,7 +380,26 @@ def render_quant(data: dict) -> str:
             "calibration inputs.\n\n" + table(headers, rows))
 
 
-RENDERERS = {"demo": render_demo, "quant": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
+def render_compressed(data: dict) -> str:
+    """bench/compressed.py: bytes of a compressed 2:4 checkpoint against the dense and masked folders, its
+    logits against the masked export's, and the peak memory of loading each on the CPU."""
+    r = data["results"][0]
+    mb = 1e6
+    rows = [[name, fmt(entry["weights_bytes"] / mb, ".1f"), fmt(entry["folder_bytes"] / mb, ".1f")]
+            for name, entry in r["folders"].items()]
+    sizes = table(["folder", "weight files MB", "whole folder MB"], rows)
+    loads = table(["load (fresh process, then one 512-token forward)", "peak RSS MB", "after loading MB", "s"],
+                  [[name, fmt(m["peak_mb"], ".1f"), fmt(m["loaded_mb"], ".1f"), fmt(m["seconds"], ".2f")]
+                   for name, m in r["memory"].items()])
+    same = ", ".join(f"{k}: {'bitwise equal' if v else 'DIFFERENT'}" for k, v in r["bitwise_equal_to_masked"].items())
+    return (header(data) + f"Protocol: {r['model']} at {r['pattern']}, Wanda + {r['perm']}, {r['nsamples']} calibration "
+            f"windows; {r['pruned_linears']} pruned linears stored in {r['pruned_bytes'] / mb:.2f} MB against "
+            f"{r['pruned_dense_bf16_bytes'] / mb:.2f} MB dense bf16 (**{r['pruned_ratio']:.4f}**); the whole checkpoint's "
+            f"weights {r['checkpoint_ratio']:.3f}x the dense bf16 folder's. Logits against the masked bf16 export: "
+            f"{same}.\n\n" + sizes + "\n" + loads)
+
+
+RENDERERS = {"compressed": render_compressed, "demo": render_demo, "quant": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 
