@@ -154,14 +154,14 @@ def test_byte_ratios_of_the_stored_linears(tmp_path, pruned):
 # --- quantized storage -------------------------------------------------------------------------------------------
 
 def quantized_record(kind: str, weight: torch.Tensor, group: int, order: torch.Tensor | None,
-                     half_scales: bool) -> QuantizedWeight:
+                     narrow_scales: torch.dtype | None) -> QuantizedWeight:
     """Symmetric codes of ``weight[:, order]`` (a plain round-to-nearest, built here)."""
     stored = weight if order is None else weight[:, order]
     rows, width = stored.shape
     top = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}[kind]
     scales = stored.reshape(rows, width // group, group).abs().amax(-1).clamp_min(1e-8) / top
-    if half_scales:
-        scales = scales.half().float()
+    if narrow_scales is not None:  # scales exact in a 16-bit type (the quantizers' are exact in bfloat16)
+        scales = scales.to(narrow_scales).float()
     scaled = stored / scales.repeat_interleave(group, 1)
     codes = scaled.to(torch.float8_e4m3fn) if kind == "fp8" else scaled.round().clamp(-top - 1, top).to(torch.int8)
     return QuantizedWeight(kind, codes, scales, group, order)
@@ -169,16 +169,16 @@ def quantized_record(kind: str, weight: torch.Tensor, group: int, order: torch.T
 
 @pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8), None])
-@pytest.mark.parametrize("half_scales", [True, False])
-def test_quantized_storage_round_trips_codes_and_scales_exactly(kind, nm, half_scales, tmp_path):
+@pytest.mark.parametrize("narrow_scales", [torch.bfloat16, torch.float16, None])
+def test_quantized_storage_round_trips_codes_and_scales_exactly(kind, nm, narrow_scales, tmp_path):
     out, width, group = 12, 64, 16
     order = torch.randperm(width, generator=torch.Generator().manual_seed(1))
     stored_order = random_nm(out, width, *nm) if nm else torch.randn(out, width)
     weight = torch.empty_like(stored_order)
     weight[:, order] = stored_order  # N:M through the input order, as a permuted pruning leaves it
-    record = quantized_record(kind, weight, group, order, half_scales)
+    record = quantized_record(kind, weight, group, order, narrow_scales)
     stored = store_linear(record.weight(torch.bfloat16), nm=nm, order=None, quantized=record, dtype=torch.bfloat16)
-    assert stored.spec.scales == ("float16" if half_scales else "float32")
+    assert stored.spec.scales == str(narrow_scales or torch.float32).removeprefix("torch.")
     write_stored(tmp_path, stored.tensors("lin"), {"lin": stored.spec}, {}, 10**9)
     specs, _, files = read_stored(tmp_path)
     with safe_open(files[0], framework="pt") as f:
@@ -192,7 +192,7 @@ def test_quantized_storage_round_trips_codes_and_scales_exactly(kind, nm, half_s
     bits = {"int8": 8, "fp8": 8, "int4": 4}[kind]
     kept = width if nm is None else width // nm[1] * nm[0]
     positions = 0 if nm is None else -(-kept * position_bits(nm[1]) // 8)
-    assert back.nbytes == out * (kept * bits // 8 + positions + width // group * (2 if half_scales else 4)) + 2 * width
+    assert back.nbytes == out * (kept * bits // 8 + positions + width // group * (2 if narrow_scales else 4)) + 2 * width
 
 
 def test_a_quantized_compressed_export_reloads_and_checks_exactly(tmp_path, pruned):
@@ -202,7 +202,7 @@ def test_a_quantized_compressed_export_reloads_and_checks_exactly(tmp_path, prun
     for layer in report.layers:
         module = model.get_submodule(layer.name)
         weight = linear_weight(module)
-        records[layer.name] = quantized_record("int4", weight.detach(), 16, perms.get(layer.name), True)
+        records[layer.name] = quantized_record("int4", weight.detach(), 16, perms.get(layer.name), torch.float16)
         with torch.no_grad():
             weight.copy_(records[layer.name].weight(torch.float32))
         attach(module, records[layer.name])
@@ -282,10 +282,10 @@ def test_bad_export_input_is_refused_and_nothing_is_half_written(tmp_path, tiny_
     perm = next(torch.as_tensor(site.perm) for site in report.sites if name in site.linears)
     module = model.get_submodule(name)
     weight = linear_weight(module)
-    attach(module, quantized_record("int8", weight.detach(), 64, None, False))  # not 2:4 in the identity order
+    attach(module, quantized_record("int8", weight.detach(), 64, None, None))  # not 2:4 in the identity order
     with pytest.raises(ValueError, match=f"{name}: cannot be stored compressed: not 2:4 in storage order"):
         export_checkpoint(model, None, tmp_path / "x", config, report, export=COMPRESSED)
-    attach(module, quantized_record("int8", weight.detach(), 64, perm, False))  # codes that are not the weight
+    attach(module, quantized_record("int8", weight.detach(), 64, perm, None))  # codes that are not the weight
     with pytest.raises(RuntimeError, match="does not expand to the model's weight"):
         export_checkpoint(model, None, tmp_path / "x", config, report, export=COMPRESSED)
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

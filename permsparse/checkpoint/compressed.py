@@ -10,8 +10,8 @@ linear ``NAME``:
 - ``NAME.weight.values``: kept values (the save dtype), or int8 codes, fp8 codes, or int4 codes packed two
   a byte (low nibble first);
 - ``NAME.weight.positions`` (uint8, N:M only): the packed positions;
-- ``NAME.weight.scales`` (quantized only): ``(out, in / group)``, float16 when every scale is exactly a
-  float16 (then 4-bit 2:4 weights in groups of 128 take under 20% of their dense bf16 bytes), else float32;
+- ``NAME.weight.scales`` (quantized only): ``(out, in / group)``, bfloat16 or float16 when every scale is
+  exactly one (then 4-bit 2:4 weights in groups of 128 take under 20% of their dense bf16 bytes), else float32;
 - ``NAME.weight.input_order`` (int16, int32 beyond 32767 inputs; only when not the identity): stored
   column j reads input ``input_order[j]``.
 
@@ -51,8 +51,8 @@ SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": 
 REFUSAL = ("this folder is a permsparse compressed checkpoint (pruned linears stored as kept values and "
            "positions): open it with permsparse.load(DIR), or permsparse.load(DIR, dense=True) for plain "
            "nn.Linear layers")
-_BITS = {torch.float16: torch.int16, torch.float32: torch.int32}
-_SCALES = {"float16": torch.float16, "float32": torch.float32}
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_SCALES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}
 # Rows dequantized at once when a weight expands: bounds the float32 intermediate to a few megabytes.
 _CHUNK_ENTRIES = 1 << 20
@@ -65,7 +65,7 @@ __all__ = ["LinearSpec", "StoredWeight", "attach_stored", "detach_stored", "quan
 class LinearSpec:
     """How one linear is stored: its weight's ``(out, in)`` shape, the N:M pattern of its storage (None:
     dense), the dtype it expands to, its quantization kind, group and the dtype its scales are stored in
-    (None: unquantized; float16 when every float32 scale is one exactly), whether the module keeps its
+    (None: unquantized; bfloat16 or float16 when every float32 scale is one exactly), whether the module keeps its
     weight transposed (GPT-2's Conv1D) and whether an input order is stored."""
 
     shape: list[int]
@@ -267,8 +267,10 @@ def store_linear(weight: torch.Tensor, *, nm: tuple[int, int] | None, order: tor
     scales = None
     if quantized is not None:
         scales = quantized.scales.to(torch.float32).contiguous().cpu()
-        if torch.equal(scales.half().float(), scales):
-            scales = scales.half()
+        for narrow in (torch.bfloat16, torch.float16):  # the quantizers make every scale exact in bfloat16
+            if torch.equal(scales.to(narrow).float(), scales):
+                scales = scales.to(narrow)
+                break
     spec = LinearSpec(list(weight.shape), None if nm is None else list(nm), name,
                       None if quantized is None else quantized.kind, None if quantized is None else quantized.group,
                       None if scales is None else str(scales.dtype).removeprefix("torch."), transposed, order is not None)
