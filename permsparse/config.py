@@ -16,6 +16,7 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from .serial import check_choices, from_dict, option, to_dict
@@ -26,6 +27,7 @@ TESTBED_ALIAS = "cifar10-vit"  # permsparse.models.vit_testbed: a CIFAR-10 ViT b
 VLM_ALIAS = "cifar10-vlm"  # permsparse.models.vlm_testbed: a small vision-language model built here
 VLM_TASK = "cifar10-vlm"  # permsparse.evaluate.vlm: ten-way CIFAR-10 accuracy and caption perplexity
 
+SELF = "self"  # calibration windows sampled from the dense model (permsparse.data.text.sampled_windows)
 SEARCH_METHODS = ("none", "cp", "ria", "output")
 TEST_SOURCES = ("wikitext2",)  # evaluation text: refused for calibration unless asked for explicitly
 
@@ -50,6 +52,23 @@ def parse_pattern(pattern: str) -> tuple[int, int] | float:
     if not 0 < n < m:
         raise ValueError(f"pattern {n}:{m} is invalid: need 0 < N < M (e.g. 2:4, 4:8, 1:4)")
     return n, m
+
+
+def mixture(source: str) -> list[tuple[str, float]]:
+    """``"c4"`` -> ``[("c4", 1.0)]``; ``"c4:3,alpaca:1"`` -> ``[("c4", 0.75), ("alpaca", 0.25)]`` (weights
+    normalised; a source without ``:w`` weighs 1)."""
+    parts = []
+    for item in source.split(","):
+        name, _, weight = item.strip().rpartition(":") if ":" in item and not Path(item).is_file() else (item.strip(), "", "1")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"calibration mixture {source!r}: weight {weight!r} of {name!r} is not a number") from None
+        if value <= 0 or not name:
+            raise ValueError(f"calibration mixture {source!r}: every part needs a name and a weight above 0")
+        parts.append((name, value))
+    total = sum(w for _, w in parts)
+    return [(name, w / total) for name, w in parts]
 
 
 @dataclass(frozen=True)
@@ -90,8 +109,6 @@ class Calibration:
     @property
     def samples_text(self) -> bool:
         """Whether part of the text source is sampled from the dense model (``self``)."""
-        from .data.text import SELF, mixture  # torch: imported once a config is used, not to parse arguments
-
         return SELF in (name for name, _ in mixture(self.source))
 
 

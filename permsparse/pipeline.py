@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import Learned, PruneConfig
-from .data.calibration import CalibrationSet, calibration
+from .data.calibration import CalibrationSet, calibration, source_digest
 from .data.images import reads_images
 from .data.imagetext import images_attached
 from .discover import experts_as_linears, find_blocks, find_towers, is_packed_experts, vision_tower
@@ -34,7 +34,7 @@ from .permute.sites import search_site, sites_for_group
 from .quant.apply import indivisible, quantize_linears, restore_quantized, saved_quantized
 from .report import LayerRecord, PruneReport, SiteRecord, peak_device_mb, peak_rss_mb
 from .run import distributed
-from .run.identity import ResumeKey, model_digest, permsparse_version, source_digest, tensors_digest, tokenizer_digest
+from .run.identity import ResumeKey, model_digest, permsparse_version, tensors_digest, tokenizer_digest
 from .run.memory import check_memory, needs_offload
 from .run.placement import Placement, arrange_model, block_on, compute_device, input_device, is_offloaded
 from .run.progress import bar

@@ -4,7 +4,7 @@
 The ``prune`` flags are built from the config dataclasses (:mod:`permsparse.config`): each field's flag,
 type, choices, help and default come from the field itself, so nothing here restates them. Arguments are
 parsed, and refused, before anything heavy is imported (torch, transformers): the commands themselves run
-in :mod:`permsparse.cli.commands` (:mod:`.arguments` builds the parsers).
+in :mod:`permsparse.cli.commands` (:mod:`.arguments` builds the parsers; :mod:`.limits` holds what a command checks before heavy work).
 """
 from __future__ import annotations
 

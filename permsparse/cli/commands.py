@@ -20,7 +20,7 @@ from .arguments import given
 from ..config import ExportConfig, Placement, PruneConfig
 from ..evaluate.measures import embedding_similarity, perplexity, sentence_similarity
 from ..data.images import TEST_SPLITS, accuracy, evaluation_images, is_classifier, is_image_source, reads_images
-from ..run.limits import check_context, output_bytes
+from .limits import check_context, output_bytes
 from ..models.loading import is_vlm, load_model, load_preprocessor, text_tokenizer
 from ..run.placement import compute_device, compute_dtype, input_device, place
 from ..run.resume import saved_notes

@@ -4,7 +4,9 @@ image-text windows. Each part of a calibration mixture gives its share of the wi
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 from ..discover.towers import is_vlm
 from ..run import distributed
 from ..run.cache import cache_dir
+from ..run.identity import hash_file_into
 from . import images, text as texts
 from .imagetext import ImageTextWindows, draw_image_text, image_table, is_image_text_source
 
@@ -115,3 +118,25 @@ def calibration_images(processor, config: PruneConfig) -> torch.Tensor:
     leaves out."""
     drawn = image_text_draws(processor, config, config.calibration.holdout)
     return torch.tensor(sorted({i for part in drawn for half in part for i in half.index}), dtype=torch.long)
+
+
+def source_digest(source: str) -> str:
+    """sha256 of a calibration source: of every file its parts read (a text file, a named source's local
+    copy), and of the names of parts read from elsewhere (the hub, images, text the model samples); an
+    image folder by its files' paths and sizes."""
+    digest = hashlib.sha256()
+    if images.is_image_source(source):  # one image source: its name, and an image folder's files by path and size
+        digest.update(source.encode())
+        folder = Path(source.removeprefix("imagefolder:")).expanduser() if source.startswith("imagefolder:") else None
+        if folder is not None and folder.is_dir():
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                digest.update(f"{path.relative_to(folder)}|{path.stat().st_size}|".encode())
+        return digest.hexdigest()
+    for name, weight in texts.mixture(source):
+        digest.update(f"{name}:{weight!r}|".encode())
+        path = Path(name).expanduser()
+        if not path.is_file() and name in texts.SOURCES and texts.SOURCES[name].local:
+            path = next((d / texts.SOURCES[name].local for d in texts.data_dirs() if (d / texts.SOURCES[name].local).is_file()), path)
+        if path.is_file():
+            hash_file_into(digest, path)
+    return digest.hexdigest()

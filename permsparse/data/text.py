@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import SELF, mixture
 from ..run import progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,6 @@ class Source:
     evaluated: bool = False  # also an evaluation text: its head is kept from calibration
 
 
-SELF = "self"  # calibration windows sampled from the dense model (:func:`sampled_windows`)
 EVAL_HEAD = 0.1  # share of an evaluated text's tokens, from its start, that calibration never draws from
 
 
@@ -252,23 +252,6 @@ def _starts_apart(gen: torch.Generator, count: int, high: int, seqlen: int, avoi
         if all(abs(s - t) >= seqlen for t in avoid + (out if from_each_other else [])):
             out.append(s)
     return out
-
-
-def mixture(source: str) -> list[tuple[str, float]]:
-    """``"c4"`` -> ``[("c4", 1.0)]``; ``"c4:3,alpaca:1"`` -> ``[("c4", 0.75), ("alpaca", 0.25)]`` (weights
-    normalised; a source without ``:w`` weighs 1)."""
-    parts = []
-    for item in source.split(","):
-        name, _, weight = item.strip().rpartition(":") if ":" in item and not Path(item).is_file() else (item.strip(), "", "1")
-        try:
-            value = float(weight)
-        except ValueError:
-            raise ValueError(f"calibration mixture {source!r}: weight {weight!r} of {name!r} is not a number") from None
-        if value <= 0 or not name:
-            raise ValueError(f"calibration mixture {source!r}: every part needs a name and a weight above 0")
-        parts.append((name, value))
-    total = sum(w for _, w in parts)
-    return [(name, w / total) for name, w in parts]
 
 
 def draw_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,

@@ -115,7 +115,7 @@ def load_model(
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec!r} is a folder but holds no config.json (not a Hugging Face model)")
-        from ..checkpoint.digest import check_weight_files
+        from .weight_files import check_weight_files
 
         check_weight_files(path)  # pickles refused, truncated safetensors named, before transformers reads them
         model = auto_class(read_config(path)).from_pretrained(path, dtype=dtype, use_safetensors=True)

@@ -9,7 +9,6 @@ version that runs.
 - :mod:`.resume`: progress on disk, committed once per block, so an interrupted run resumes where it stopped;
 - :mod:`.identity`: what a run's result depends on (model, tokenizer, calibration data, config, version),
   so progress is never resumed by another run;
-- :mod:`.limits`: sequence length against the model's context, and the bytes an output needs;
 - :mod:`.distributed`: the few ``torch.distributed`` collectives the pipeline needs;
 - :mod:`.progress`: progress bars that also leave a line in the log;
 - :mod:`.cache`: the folder of things built once (converted models, sampled text), replaced atomically;

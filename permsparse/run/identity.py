@@ -87,31 +87,6 @@ def tokenizer_digest(tokenizer) -> str:
     return _sha(json.dumps(parts, default=str).encode())
 
 
-def source_digest(source: str) -> str:
-    """sha256 of a calibration source: of every file its parts read (a text file, a named source's local
-    copy), and of the names of parts read from elsewhere (the hub, images, text the model samples); an
-    image folder by its files' paths and sizes."""
-    from ..data.images import is_image_source
-    from ..data.text import SOURCES, data_dirs, mixture
-
-    digest = hashlib.sha256()
-    if is_image_source(source):  # one image source: its name, and an image folder's files by path and size
-        digest.update(source.encode())
-        folder = Path(source.removeprefix("imagefolder:")).expanduser() if source.startswith("imagefolder:") else None
-        if folder is not None and folder.is_dir():
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                digest.update(f"{path.relative_to(folder)}|{path.stat().st_size}|".encode())
-        return digest.hexdigest()
-    for name, weight in mixture(source):
-        digest.update(f"{name}:{weight!r}|".encode())
-        path = Path(name).expanduser()
-        if not path.is_file() and name in SOURCES and SOURCES[name].local:
-            path = next((d / SOURCES[name].local for d in data_dirs() if (d / SOURCES[name].local).is_file()), path)
-        if path.is_file():
-            _file_into(digest, path)
-    return digest.hexdigest()
-
-
 def tensors_digest(*tensors) -> str:
     """sha256 of given calibration tensors (windows, held-out windows, labels), None counted as absent."""
     import torch
@@ -129,11 +104,11 @@ def tensors_digest(*tensors) -> str:
 
 def file_digest(path: str | Path) -> str:
     digest = hashlib.sha256()
-    _file_into(digest, Path(path))
+    hash_file_into(digest, Path(path))
     return digest.hexdigest()
 
 
-def _file_into(digest, path: Path) -> None:
+def hash_file_into(digest, path: Path) -> None:
     with open(path, "rb") as file:
         while block := file.read(CHUNK):
             digest.update(block)

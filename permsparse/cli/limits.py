@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import PruneConfig
 from ..data.images import reads_images
-from .memory import resident_bytes
+from ..run.memory import resident_bytes
 
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
