@@ -181,3 +181,23 @@ def export_both_ways(model, config, report, tmp_path, output):
     for folder in (masked, folded):
         assert check_checkpoint(folder).ok, folder
     return read_record(folded).fold
+
+
+def prune_interrupted_after_first_block(monkeypatch, model, config, windows, state_dir) -> None:
+    """Run ``prune`` until its second block is pruned, then stop it as Ctrl-C would (its progress stays in
+    ``state_dir``), as an interrupted process leaves it."""
+    import permsparse.pipeline as pipeline
+    from permsparse import prune
+
+    original, calls = pipeline.apply_plan, {"n": 0}
+
+    def crash_on_second_block(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "apply_plan", crash_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, None, config, windows=windows, state_dir=state_dir, progress=False)
+    monkeypatch.setattr(pipeline, "apply_plan", original)

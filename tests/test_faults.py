@@ -168,6 +168,21 @@ def checkpoint(model_dir, tmp_path_factory):
     return out
 
 
+def interrupted_after_first_block(args: list[str]) -> int:
+    """``permsparse ARGS``, stopped as Ctrl-C would once its first block's progress is committed."""
+    from permsparse.cli import main
+
+    def interrupt(point, path):
+        if point == "folder synced":
+            raise KeyboardInterrupt
+
+    resume.fault = interrupt
+    try:
+        return main(args)
+    finally:
+        resume.fault = None
+
+
 def copy_of(folder: Path, tmp_path: Path) -> Path:
     import shutil
 
@@ -456,15 +471,7 @@ def test_an_interrupt_after_a_block_resumes_and_quiet_still_says_so(model_dir, c
 
     out = tmp_path / "out"
 
-    def interrupt(point, path):
-        if point == "folder synced":
-            raise KeyboardInterrupt
-
-    resume.fault = interrupt
-    try:
-        assert main(prune_args(model_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 130
-    finally:
-        resume.fault = None
+    assert interrupted_after_first_block(prune_args(model_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert main(prune_args(model_dir, out, "--perm", "ria", "--binding", "shared", "--export", "folded")) == 0
     assert f"resuming from {tmp_path / 'out.partial'}: 1 of 2 blocks pruned" in capsys.readouterr().out  # --quiet
@@ -475,19 +482,9 @@ def test_an_interrupt_after_a_block_resumes_and_quiet_still_says_so(model_dir, c
 @pytest.fixture()
 def interrupted(model_dir, tmp_path):
     """An output whose run was interrupted after its first block: ``(out, partial folder)``."""
-    from permsparse.cli import main
-
     out = tmp_path / "out"
 
-    def interrupt(point, path):
-        if point == "folder synced":
-            raise KeyboardInterrupt
-
-    resume.fault = interrupt
-    try:
-        assert main(prune_args(model_dir, out)) == 130
-    finally:
-        resume.fault = None
+    assert interrupted_after_first_block(prune_args(model_dir, out)) == 130
     return out, tmp_path / "out.partial"
 
 
@@ -539,21 +536,10 @@ def test_progress_of_another_permsparse_version_is_refused(model_dir, interrupte
 
 
 def test_another_calibration_text_of_the_same_name_is_refused(model_dir, tmp_path, capsys):
-    from permsparse.cli import main
-
     text = tmp_path / "calib.txt"
     text.write_text((DATA / "tinyshakespeare" / "input.txt").read_text()[:100_000])
     out = tmp_path / "out"
-
-    def interrupt(point, path):
-        if point == "folder synced":
-            raise KeyboardInterrupt
-
-    resume.fault = interrupt
-    try:
-        assert main(prune_args(model_dir, out, "--calib", str(text))) == 130
-    finally:
-        resume.fault = None
+    assert interrupted_after_first_block(prune_args(model_dir, out, "--calib", str(text))) == 130
     text.write_text((DATA / "tinyshakespeare" / "input.txt").read_text()[100_000:200_000])  # edited in place
     fails(prune_args(model_dir, out, "--calib", str(text)), capsys, message="other calibration data")
 

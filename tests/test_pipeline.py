@@ -6,7 +6,7 @@ from permsparse import Calibration, PruneConfig, Search, prune
 from permsparse.discover.adapters import adapter_for, linear_weight
 from permsparse.sparsity.masks import is_nm
 
-from .conftest import BUILDERS, CALIB, INPUT, tiny_llama
+from .conftest import BUILDERS, CALIB, INPUT, prune_interrupted_after_first_block, tiny_llama
 
 
 def target_weights(model):
@@ -113,22 +113,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, con
     reference = tiny_llama()
     prune(reference, None, config, windows=CALIB, progress=False)
 
-    import permsparse.pipeline as pipeline
-
-    calls = {"n": 0}
-    original = pipeline.apply_plan
-
-    def crash_on_second_block(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    model = tiny_llama()
-    monkeypatch.setattr(pipeline, "apply_plan", crash_on_second_block)
-    with pytest.raises(KeyboardInterrupt):
-        prune(model, None, config, windows=CALIB, state_dir=tmp_path, progress=False)
-    monkeypatch.setattr(pipeline, "apply_plan", original)
+    prune_interrupted_after_first_block(monkeypatch, tiny_llama(), config, CALIB, tmp_path)
     resumed = tiny_llama()  # a fresh process: dense weights again, progress on disk
     report = prune(resumed, None, config, windows=CALIB, state_dir=tmp_path, progress=False)
     assert len(report.layers) == 14

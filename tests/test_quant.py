@@ -1,6 +1,5 @@
 """Quantization of the kept weights: RTN and GPTQ exactness, groups in the permuted order, the pipeline."""
 import json
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from permsparse.quant import QuantizedWeight, quantized_linears
 from permsparse.quant.gptq import gptq
 from permsparse.quant.rtn import CLIP_GRID, bfloat16_ceiling, fake_quantize, rtn
 
-from .conftest import CALIB, DATA, HOLDOUT, tiny_llama
+from .conftest import CALIB, DATA, HOLDOUT, prune_interrupted_after_first_block, tiny_llama
 
 SHAKESPEARE = str(DATA / "tinyshakespeare" / "input.txt")
 
@@ -207,23 +206,9 @@ def test_a_group_that_does_not_divide_warns_naming_the_linear_or_fails_when_stri
     PruneConfig(score="sparsegpt", permutation=Search("ria"), quant=Quantization("fp8")),
 ], ids=["wanda-int4", "sparsegpt-fp8"])
 def test_an_interrupted_quantized_run_resumes_to_the_same_model(tmp_path, monkeypatch, config):
-    import permsparse.pipeline as pipeline
-
     reference = tiny_llama()
     prune(reference, None, config, windows=CALIB, progress=False)
-    calls = {"n": 0}
-    original = pipeline.apply_plan
-
-    def crash_on_second_block(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "apply_plan", crash_on_second_block)
-    with pytest.raises(KeyboardInterrupt):
-        prune(tiny_llama(), None, config, windows=CALIB, state_dir=tmp_path, progress=False)
-    monkeypatch.setattr(pipeline, "apply_plan", original)
+    prune_interrupted_after_first_block(monkeypatch, tiny_llama(), config, CALIB, tmp_path)
     resumed = tiny_llama()
     report = prune(resumed, None, config, windows=CALIB, state_dir=tmp_path, progress=False)
     quantized_model_is_consistent(resumed, report)
