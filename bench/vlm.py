@@ -102,7 +102,7 @@ def projector_input(model, pixels):
     import torch
 
     from permsparse.discover import vision_tower
-    from permsparse.towers import reading_projector_input
+    from permsparse.per_tower import reading_projector_input
 
     _, tower = vision_tower(model)
     with torch.no_grad(), reading_projector_input(model, tower):

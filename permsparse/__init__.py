@@ -50,7 +50,7 @@ MOVED = {
     "masking": "train.following_masks", "masks": "sparsity.masks", "memory": "run.memory",
     "objective": "permute.objective", "placement": "run.placement", "progress": "run.progress",
     "report_html": "checkpoint.compare", "resume": "run.resume", "scores": "sparsity.scores",
-    "smollm2": "models.smollm2", "testbed": "models.vit_testbed", "vlm_eval": "evaluate.vlm",
+    "smollm2": "models.smollm2", "towers": "per_tower", "testbed": "models.vit_testbed", "vlm_eval": "evaluate.vlm",
     "vlm_testbed": "models.vlm_testbed", "zeroshot": "evaluate.zeroshot",
 }
 

@@ -42,7 +42,7 @@ from .run.resume import Progress, pack_mask, unpack_mask
 from .sparsity.scores import compute_score
 from .sparsity.statistics import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
 from .sparsity.targets import select_targets
-from .towers import merged, prefixed, reading_projector_input, tower_config
+from .per_tower import merged, prefixed, reading_projector_input, tower_config
 from .train.distill import dense_weights, distill
 from .train.following_masks import FollowingMasks, FollowingSite
 from .permute.objective import objective
@@ -99,7 +99,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     it stays; without it the run computes where the model is. Unless ``allow_dense``, a config that prunes
     no linear of the model (a pattern no linear's width divides, patterns that match nothing) is refused.
 
-    A vision-language model prunes the towers ``config.towers`` names (:mod:`permsparse.towers`), each
+    A vision-language model prunes the towers ``config.towers`` names (:mod:`permsparse.per_tower`), each
     on its own calibration sources; given ``windows`` serve the tower that reads them (token ids: the
     language tower, images: the vision tower), and ``tokenizer`` is the model's processor.
     """

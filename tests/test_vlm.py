@@ -393,7 +393,7 @@ def test_image_text_follows_a_chat_template_of_text_turns(llava_and_processor):
 def test_vision_tower_objective_reads_what_the_projector_reads(layer, strategy):
     from transformers import AutoModelForImageTextToText
 
-    from permsparse.towers import reading_projector_input
+    from permsparse.per_tower import reading_projector_input
 
     config = _config("llava")
     config.vision_feature_layer, config.vision_feature_select_strategy = layer, strategy

@@ -5,7 +5,7 @@ and back from it a loaded model, a check of its content and behaviour, and one H
 
 - :mod:`.record`: the record, typed; :mod:`.digest`: the digest of every tensor and of the record;
 - :mod:`.fold`: the exact folds of permutations into producers' rows; :mod:`.save`: the export;
-- :mod:`.output`: the output folder claimed (locked, writable, space) before heavy work;
+- :mod:`.destination`: the output folder claimed (locked, writable, space) before heavy work;
 - :mod:`.load`: :func:`load`; :mod:`.check`: :func:`check_checkpoint`; :mod:`.reference`: the logits recorded
   at export; :mod:`.compare`: the HTML page.
 """

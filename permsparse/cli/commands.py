@@ -14,7 +14,7 @@ from ..config import VLM_TASK
 from ..checkpoint.check import check_checkpoint
 from ..checkpoint.digest import record_digest
 from ..checkpoint.load import load
-from ..checkpoint.output import check_free_space, claimed
+from ..checkpoint.destination import check_free_space, claimed
 from ..checkpoint.save import check_export, check_output_free, export_checkpoint, partial_dir
 from .arguments import given
 from ..config import ExportConfig, Placement, PruneConfig
@@ -25,7 +25,7 @@ from ..models.loading import is_vlm, load_model, load_preprocessor, text_tokeniz
 from ..run.placement import compute_device, compute_dtype, input_device, place
 from ..run.resume import saved_notes
 from ..serial import to_dict
-from ..towers import tower_source
+from ..per_tower import tower_source
 
 log = logging.getLogger("permsparse")
 
