@@ -21,6 +21,7 @@ from torch import nn
 
 from .text import data_dirs
 from ..discover import main_input
+from ..discover.towers import mapped_classes
 
 CIFAR10 = {"cifar10": ("cifar10/cifar10_train_jpg.zip", "train"), "cifar10-test": ("cifar10/cifar10_test_jpg.zip", "test")}
 TEST_SPLITS = {"cifar10": "cifar10-test"}  # a calibration split and the evaluation split beside it
@@ -52,10 +53,7 @@ def classifier_classes() -> set[str]:
     """Names of the Hugging Face image classification classes (``ViTForImageClassification``, DeiT, ...)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-    names = set()
-    for value in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values():
-        names.update((value,) if isinstance(value, str) else value)
-    return names
+    return mapped_classes(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
 
 
 def is_classifier(model: nn.Module) -> bool:

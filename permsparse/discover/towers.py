@@ -76,12 +76,17 @@ def vision_tower(model: nn.Module) -> tuple[str, nn.Module]:
     return towers.vision, tower
 
 
-def vlm_classes() -> set[str]:
-    """Names of the Hugging Face vision-language classes (``LlavaForConditionalGeneration``, Qwen2-VL, ...)."""
+def mapped_classes(mapping) -> set[str]:
+    """Every class name of one of transformers' auto mappings (a value is one name or a tuple of names)."""
     names = set()
-    for value in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
+    for value in mapping.values():
         names.update((value,) if isinstance(value, str) else value)
     return names
+
+
+def vlm_classes() -> set[str]:
+    """Names of the Hugging Face vision-language classes (``LlavaForConditionalGeneration``, Qwen2-VL, ...)."""
+    return mapped_classes(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 def is_vlm(model: nn.Module) -> bool:
