@@ -27,7 +27,7 @@ from torch import nn
 
 from ..discover.adapters import adapter_for, linear_weight
 from ..discover import (experts_as_linears, find_towers, head_permutation, hidden_size, optional_submodule, permute_columns,
-                        permute_rows, permute_stream, stream_parts)
+                        permute_rows, permute_stream, permute_vector, stream_parts)
 from ..sparsity.masks import as_permutation
 from ..report import PruneReport
 from .record import FoldRecord, Layout
@@ -91,11 +91,11 @@ def fold_permutations(
     adapter = adapter_for(model)
     geometry = adapter.attention(model.config)
     blocks = adapter.blocks(model)
-    readers = {name for name, _ in stream_parts(model, adapter)["readers"]} if adapter.residual_writers else set()
-    unfoldable = dict(adapter.not_foldable)
+    readers = ({name for name, _ in stream_parts(model, adapter)["readers"]}
+               if any(kind.residual_writers for kind in adapter.kinds) else set())
     folded: list[str] = []
     not_folded: dict[str, str] = {}
-    folds: list[tuple[str, nn.Module, torch.Tensor, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]] = []
+    folds: list[tuple[str, nn.Module, torch.Tensor, list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]]] = []
 
     hidden = None if hidden_perm is None else as_permutation(hidden_perm, hidden_size(model, adapter), "hidden_perm")
 
@@ -114,11 +114,12 @@ def fold_permutations(
         if full.startswith(adapter.blocks_path + "."):
             index, _, rel = full[len(adapter.blocks_path) + 1 :].partition(".")
             block_index = int(index) if index.isdigit() and int(index) < len(blocks) else None
-        producers = adapter.producers_of(rel) if block_index is not None else ()
+        kind = adapter.kind(block_index) if block_index is not None else None
+        producers = kind.producers_of(rel) if kind is not None else ()
         if producers:
             row_perm, reason = p, ""
-            if rel == adapter.attn_output:
-                row_perm, reason = head_permutation(p, geometry)
+            if rel == kind.attn_output:
+                row_perm, reason = head_permutation(p, kind.attention(geometry))
             if row_perm is None:
                 not_folded[full] = f"{rel}: {reason}"
                 continue
@@ -131,6 +132,7 @@ def fold_permutations(
                     problem = f"{rel}: producer {out.describe()} has {rows.numel()} rows, not {row_perm.numel()}"
                     break
                 edits.append((producer, rows, row_perm))
+            edits += [(model.get_submodule(prefix + norm), None, row_perm) for norm in kind.norms_of(rel)]
             if problem:
                 not_folded[full] = problem
                 continue
@@ -145,6 +147,7 @@ def fold_permutations(
             else:
                 folded.append(full)
         else:
+            unfoldable = dict(kind.not_foldable) if kind is not None else {}
             not_folded[full] = f"{rel}: {unfoldable.get(rel, 'no known producer of its input')}"
 
     applied = hidden is not None and not adapter.stream_problem
@@ -153,7 +156,11 @@ def fold_permutations(
     for full, module, p, edits in folds:
         permute_columns(module, p)
         for producer, rows, row_perm in edits:
-            permute_rows(producer, row_perm, rows)
+            if rows is None:  # a norm between the producers and the consumer
+                for param in producer.parameters(recurse=False):
+                    permute_vector(param, row_perm)
+            else:
+                permute_rows(producer, row_perm, rows)
         folded.append(full)
     order = {name: i for i, name in enumerate(perms)}
     folded.sort(key=order.__getitem__)
@@ -189,7 +196,7 @@ def _fold_for_export(model: nn.Module, report: PruneReport, fallback: str, verif
     adapter = adapter_for(model)
     applied = result.hidden_perm_applied
     readers = {f"{adapter.blocks_path}.{i}.{rel}" for i in range(len(adapter.blocks(model)))
-               for rel in adapter.residual_readers} if applied else set()
+               for rel in adapter.kind(i).residual_readers} if applied else set()
     inverse = torch.argsort(hidden) if applied else None
     folded = set(result.folded)
     layouts: dict[str, Layout] = {}
