@@ -23,15 +23,20 @@ ROUTED = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_siz
 # one dense block, then one of experts (MiniMax: an attention block, then a linear-attention one)
 STACKS = {
     "deepseek_v3": {**MLA, **ROUTED, "first_k_dense_replace": 1},
-    "deepseek_v2": {**MLA, **ROUTED, "first_k_dense_replace": 1},
+    "deepseek_v2": {**MLA, **ROUTED, "first_k_dense_replace": 1, "qk_nope_head_dim": 16},  # V3's key = value width
+    "glm4_moe_lite": {**MLA, **ROUTED, "first_k_dense_replace": 1},
     "glm4_moe": {**ROUTED, "first_k_dense_replace": 1, "num_key_value_heads": 2, "head_dim": 16},
     "qwen3_moe": {"mlp_only_layers": [0], "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "num_key_value_heads": 2, "head_dim": 16},
     "minimax": {"num_local_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 2, "head_dim": 16},
 }
 ATTENTION = {"self_attn.o_proj": ["self_attn.v_proj"]}
-MLA_FOLDS = {"self_attn.q_b_proj": ["self_attn.q_a_proj"], "self_attn.kv_b_proj": ["self_attn.kv_a_proj_with_mqa[0:32]"],
-             "self_attn.o_proj": ["self_attn.kv_b_proj[8:24 of every 24]"]}
+
+
+def mla_folds(nope):
+    """The MLA folds with ``nope`` key channels before the 16 value channels of every head in kv_b."""
+    return {"self_attn.q_b_proj": ["self_attn.q_a_proj"], "self_attn.kv_b_proj": ["self_attn.kv_a_proj_with_mqa[0:32]"],
+            "self_attn.o_proj": [f"self_attn.kv_b_proj[{nope}:{nope + 16} of every {nope + 16}]"]}
 
 
 def tiny_stack(family, seed=0):
@@ -57,9 +62,9 @@ def test_each_kind_of_block_is_discovered_and_verified_on_its_own(family):
         assert [s.describe() for s in mlp] == ["mlp.gate_proj", "mlp.up_proj"] and first.routers == ()
     with pytest.raises(ValueError, match="2 kinds of blocks"):
         adapter.input_groups  # a field of one kind, asked of the model
-    if family in ("deepseek_v2", "deepseek_v3"):  # MLA: the normed low-rank projections fold with their norms
+    if "q_lora_rank" in STACKS[family]:  # MLA: the normed low-rank projections fold with their norms
         for kind in adapter.kinds:
-            assert folds(kind) == MLA_FOLDS and kind.attn_output == "self_attn.o_proj" and not kind.not_foldable
+            assert folds(kind) == mla_folds(STACKS[family]["qk_nope_head_dim"]) and kind.attn_output == "self_attn.o_proj" and not kind.not_foldable
             assert dict(kind.fold_norms) == {"self_attn.q_b_proj": ("self_attn.q_a_layernorm",),
                                              "self_attn.kv_b_proj": ("self_attn.kv_a_layernorm",)}
             assert (kind.heads.num_heads, kind.heads.num_kv_heads, kind.heads.head_dim) == (4, 4, 16)
