@@ -85,9 +85,37 @@ def test_a_norm_between_producer_and_consumer_must_be_permuted_too():
         slices = adapter.kinds[0].producers_of("self_attn.q_b_proj")
         probe = Probe(model, probe_input(model), [f"model.layers.{i}.self_attn.q_b_proj" for i in range(2)])
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        assert not fold_holds(probe, adapter, [0, 1], "self_attn.q_b_proj", slices, None)
-        assert fold_holds(probe, adapter, [0, 1], "self_attn.q_b_proj", slices, None, ("self_attn.q_a_layernorm",))
+        assert not fold_holds(probe, adapter, [0, 1], ("self_attn.q_b_proj",), slices, None)
+        assert fold_holds(probe, adapter, [0, 1], ("self_attn.q_b_proj",), slices, None, ("self_attn.q_a_layernorm",))
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_consumers_of_one_normed_input_fold_together(tmp_path):
+    """DeepSeek-V3.2's indexer reads the normed q_a output beside q_b: the two share one permutation, folded
+    once into q_a's rows and the norm; with a permutation each they stay masked, with the reason."""
+    options = {**STACKS["deepseek_v3"], "index_topk": 8, "index_head_dim": 16, "index_n_heads": 2}
+    model = tiny_family("deepseek_v32", **options)
+    pair = ("self_attn.q_b_proj", "self_attn.indexer.wq_b")
+    with experts_as_linears(model):
+        adapter = discover(model)
+        kind = adapter.kinds[0]
+        assert pair in kind.input_groups and kind.norms_of(pair[1]) == ("self_attn.q_a_layernorm",)
+        assert [s.describe() for s in kind.producers_of(pair[1])] == ["self_attn.q_a_proj"]
+        assert kind.producers_of(pair[0]) == kind.producers_of(pair[1])
+        probe = Probe(model, probe_input(model), [f"model.layers.{i}.{n}" for i in range(2) for n in pair])
+        slices, norms = kind.producers_of(pair[0]), kind.norms_of(pair[0])
+        assert not fold_holds(probe, adapter, [0], pair[:1], slices, None, norms)  # the indexer's input moved too
+        assert fold_holds(probe, adapter, [0], pair, slices, None, norms)
+    for binding in ("shared", "per-linear"):
+        model = tiny_family("deepseek_v32", **options)
+        config = PruneConfig(permutation=Search("ria"), binding=binding)
+        report = prune(model, None, config, windows=CALIB[:4], progress=False)
+        fold = export_both_ways(model, config, report, tmp_path / binding, output)
+        names = {f"model.layers.{i}.{n}" for i in range(2) for n in pair}
+        if binding == "shared":
+            assert names <= set(fold.folded)
+        else:
+            assert all("which is not permuted alike" in fold.not_folded[name] for name in names)
 
 
 def test_one_kind_of_block_reads_as_before():

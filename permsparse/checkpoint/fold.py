@@ -124,15 +124,23 @@ def fold_permutations(
                 not_folded[full] = f"{rel}: {reason}"
                 continue
             prefix = f"{adapter.blocks_path}.{block_index}."
+            sharing = [c for c, slices in kind.producers if slices == producers]  # consumers of one input
+            apart = [c for c in sharing if c != rel and (prefix + c not in perms
+                                                         or not torch.equal(torch.as_tensor(perms[prefix + c]).cpu(),
+                                                                            p.cpu()))]
+            if apart:
+                not_folded[full] = f"{rel}: its producers also feed {apart[0]}, which is not permuted alike"
+                continue
             edits, problem = [], ""
-            for out in producers:
+            for out in producers if sharing[0] == rel else ():  # the producers move once, with the first
                 producer = model.get_submodule(prefix + out.linear)
                 rows = out.rows(linear_weight(producer).shape[0])
                 if rows.numel() != row_perm.numel():
                     problem = f"{rel}: producer {out.describe()} has {rows.numel()} rows, not {row_perm.numel()}"
                     break
                 edits.append((producer, rows, row_perm))
-            edits += [(model.get_submodule(prefix + norm), None, row_perm) for norm in kind.norms_of(rel)]
+            edits += [(model.get_submodule(prefix + norm), None, row_perm) for norm in kind.norms_of(rel)
+                      if sharing[0] == rel]
             if problem:
                 not_folded[full] = problem
                 continue

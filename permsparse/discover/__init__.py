@@ -146,23 +146,28 @@ def _kind_roles(model: nn.Module, blocks_path: str, facts: BlockFacts, routers_:
 
 def _kind_folds(probe: Probe, adapter: Adapter, kind: BlockKind, members: list[int], facts: BlockFacts,
                 between: dict[str, tuple[str, ...]]) -> BlockKind:
-    """``kind`` with the folds of its consumers, each verified on every block of ``members``."""
+    """``kind`` with the folds of its consumers, each verified on every block of ``members``. Consumers
+    reading one tensor (an input group) are verified together: their producers' rows are permuted once,
+    for all of them."""
+    feeds = dict(facts.feeds)
+    consumers = [tuple(n for n in group if n in feeds and n not in kind.residual_readers and n not in kind.routers)
+                 for group in facts.groups]
     producers, not_foldable, fold_norms, attn_output, heads = [], [], [], "", None
-    for rel, feeds in facts.feeds:
-        if rel in kind.residual_readers or rel in kind.routers:
-            continue
-        slices, norms, found = find_fold(probe, adapter, members, rel, feeds, between.get(rel, ()))
-        if not slices:
-            source = f"rows of {', '.join(feeds)}" if feeds else "no linear of the block"
-            not_foldable.append((rel, f"no exact fold found: its input comes from {source}"))
-        elif found and attn_output:
-            not_foldable.append((rel, f"a second attention output besides {attn_output}"))
-        else:
-            producers.append((rel, slices))
-            if norms:
-                fold_norms.append((rel, norms))
-            if found:
-                attn_output, heads = rel, (found if found != adapter.geometry else None)
+    for group in (g for g in consumers if g):
+        source = feeds[group[0]]
+        slices, norms, found = find_fold(probe, adapter, members, group, source, between.get(group[0], ()))
+        for rel in group:
+            if not slices:
+                origin = f"rows of {', '.join(source)}" if source else "no linear of the block"
+                not_foldable.append((rel, f"no exact fold found: its input comes from {origin}"))
+            elif found and attn_output:
+                not_foldable.append((rel, f"a second attention output besides {attn_output}"))
+            else:
+                producers.append((rel, slices))
+                if norms:
+                    fold_norms.append((rel, norms))
+                if found:
+                    attn_output, heads = rel, (found if found != adapter.geometry else None)
     return replace(kind, producers=tuple(producers), not_foldable=tuple(not_foldable), fold_norms=tuple(fold_norms),
                    attn_output=attn_output, heads=heads)
 

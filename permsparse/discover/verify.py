@@ -74,19 +74,19 @@ def _permute_norm(norm: nn.Module, perm: torch.Tensor) -> None:
         param.copy_(param[perm.to(param.device)])
 
 
-def fold_holds(probe: Probe, adapter: Adapter, members: list[int], consumer: str, slices: tuple[OutputSlice, ...],
-               heads: AttentionGeometry | None, norms: tuple[str, ...] = ()) -> bool:
-    """Whether permuting ``slices``' rows (and the parameters of the ``norms`` between them and
-    ``consumer``) in every block of ``members`` permutes ``consumer``'s input alike and, with its columns
-    permuted too, leaves the model's output unchanged (``heads``: an attention output, permuted within
-    these heads, via the value rows)."""
+def fold_holds(probe: Probe, adapter: Adapter, members: list[int], consumers: tuple[str, ...],
+               slices: tuple[OutputSlice, ...], heads: AttentionGeometry | None, norms: tuple[str, ...] = ()) -> bool:
+    """Whether permuting ``slices``' rows (and the parameters of the ``norms`` between them and the
+    consumers) in every block of ``members`` permutes the input of the ``consumers`` (linears reading one
+    tensor) alike and, with their columns permuted too, leaves the model's output unchanged (``heads``: an
+    attention output, permuted within these heads, via the value rows)."""
     model = probe.model
     undo, expected = [], {}  # undo: (module, permutation applied, rows, or None for columns, or "norm")
     try:
         for i in members:
             prefix = f"{adapter.blocks_path}.{i}."
-            module = model.get_submodule(prefix + consumer)
-            width = linear_weight(module).shape[1]
+            modules = [model.get_submodule(prefix + consumer) for consumer in consumers]
+            width = linear_weight(modules[0]).shape[1]
             p = random_head_perm(heads, torch.Generator().manual_seed(SEED + i)) if heads else _random_perm(width, SEED + i)
             rows_perm = head_permutation(p, heads)[0] if heads else p
             for part in slices:
@@ -103,9 +103,10 @@ def fold_holds(probe: Probe, adapter: Adapter, members: list[int], consumer: str
                     return False
                 _permute_norm(norm, rows_perm)
                 undo.append((norm, rows_perm, "norm"))
-            permute_columns(module, p)
-            undo.append((module, p, None))
-            expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.data.device)]
+            for consumer, module in zip(consumers, modules):
+                permute_columns(module, p)
+                undo.append((module, p, None))
+                expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.data.device)]
         inputs, output = probe.run(list(expected))
         return probe.close(output, probe.output) and all(probe.close(inputs[n], x) for n, x in expected.items())
     finally:
@@ -168,26 +169,27 @@ def channel_guesses(feeds: dict[str, int], width: int) -> list[tuple[OutputSlice
     return guesses
 
 
-def find_fold(probe: Probe, adapter: Adapter, members: list[int], consumer: str, feeds: tuple[str, ...],
+def find_fold(probe: Probe, adapter: Adapter, members: list[int], consumers: tuple[str, ...], feeds: tuple[str, ...],
               norms: tuple[str, ...] = ()) -> tuple[tuple[OutputSlice, ...], tuple[str, ...], AttentionGeometry | None]:
-    """The producer slices ``consumer``'s permutation folds into in the blocks ``members`` (one kind), the
-    norms it permutes alike, and the heads it is kept within when it is the attention output;
-    ``((), (), None)`` when no guess holds. Guesses, in order: the channel-wise ones
+    """The producer slices the one permutation of ``consumers`` (linears reading one tensor) folds into in
+    the blocks ``members`` (one kind), the norms it permutes alike, and the heads it is kept within when it
+    is the attention output; ``((), (), None)`` when no guess holds. Guesses, in order: the channel-wise ones
     (:func:`channel_guesses`), first without and then with the ``norms`` found between the producers and
-    the consumer; then each feeding linear's value rows alone, within heads (attention)."""
+    the consumers; then, for a single consumer, each feeding linear's value rows alone, within heads
+    (attention)."""
     block = adapter.blocks(probe.model)[members[0]]
-    width = linear_weight(block.get_submodule(consumer)).shape[1]
+    width = linear_weight(block.get_submodule(consumers[0])).shape[1]
     rows = {name: linear_weight(block.get_submodule(name)).shape[0] for name in feeds}
     for slices in channel_guesses(rows, width):
         for between in ((), norms) if norms else ((),):
-            if fold_holds(probe, adapter, members, consumer, slices, None, between):
+            if fold_holds(probe, adapter, members, consumers, slices, None, between):
                 return slices, between, None
     heads = value_heads(adapter.geometry, width)
-    if heads is None:
+    if heads is None or len(consumers) > 1:
         return (), (), None
     for name in feeds:
         for part in value_slices(name, rows[name], heads):
-            if fold_holds(probe, adapter, members, consumer, (part,), heads):
+            if fold_holds(probe, adapter, members, consumers, (part,), heads):
                 return (part,), (), heads
     return (), (), None
 
