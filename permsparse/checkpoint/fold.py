@@ -6,7 +6,9 @@ whatever produces that input the same way, so the model computes exactly the sam
 (docs/method.md, "Binding"):
 
 - a linear fed by other linears through channel-wise operations only (LLaMA ``down_proj`` <- gate/up,
-  ``o_proj`` <- v): permute the producers' output rows (and biases). For the attention output this is
+  ``o_proj`` <- v): permute the producers' output rows (and biases), and the parameters of a norm between
+  them (MLA's ``q_a_layernorm``); consumers of one input fold only together, with one permutation, the
+  producers moved once. For the attention output this is
   exact only if ``p`` keeps every channel within its head and is identical for all query heads that
   share one kv head (their values come from the same rows of v);
 - a linear reading the residual stream (through a norm): exact only with one global permutation of the
