@@ -64,7 +64,8 @@ def test_each_kind_of_block_is_discovered_and_verified_on_its_own(family):
         adapter.input_groups  # a field of one kind, asked of the model
     if "q_lora_rank" in STACKS[family]:  # MLA: the normed low-rank projections fold with their norms
         for kind in adapter.kinds:
-            assert folds(kind) == mla_folds(STACKS[family]["qk_nope_head_dim"]) and kind.attn_output == "self_attn.o_proj" and not kind.not_foldable
+            assert folds(kind) == mla_folds(STACKS[family]["qk_nope_head_dim"]) and not kind.not_foldable
+            assert kind.attn_output == "self_attn.o_proj"
             assert dict(kind.fold_norms) == {"self_attn.q_b_proj": ("self_attn.q_a_layernorm",),
                                              "self_attn.kv_b_proj": ("self_attn.kv_a_layernorm",)}
             assert (kind.heads.num_heads, kind.heads.num_kv_heads, kind.heads.head_dim) == (4, 4, 16)
@@ -129,7 +130,8 @@ def block_linears(model, adapter):
     names = []
     for i, block in enumerate(adapter.blocks(model)):
         routers = adapter.kind(i).routers
-        names += [f"{adapter.blocks_path}.{i}.{n}" for n, m in block.named_modules() if is_linear(m) and n not in routers]
+        names += [f"{adapter.blocks_path}.{i}.{n}" for n, m in block.named_modules()
+                  if is_linear(m) and n not in routers]
     return names
 
 

@@ -87,7 +87,8 @@ def fold_holds(probe: Probe, adapter: Adapter, members: list[int], consumers: tu
             prefix = f"{adapter.blocks_path}.{i}."
             modules = [model.get_submodule(prefix + consumer) for consumer in consumers]
             width = linear_weight(modules[0]).shape[1]
-            p = random_head_perm(heads, torch.Generator().manual_seed(SEED + i)) if heads else _random_perm(width, SEED + i)
+            gen = torch.Generator().manual_seed(SEED + i)
+            p = random_head_perm(heads, gen) if heads else _random_perm(width, SEED + i)
             rows_perm = head_permutation(p, heads)[0] if heads else p
             for part in slices:
                 producer = model.get_submodule(prefix + part.linear)
