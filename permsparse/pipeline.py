@@ -205,7 +205,7 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, 
         objective(model, config.learned)
     if config.distill.steps:
         objective(model, config.distill)
-        if adapter.routers:
+        if any(kind.routers for kind in adapter.kinds):
             raise ValueError(f"{type(model).__name__}: distillation of the kept weights does not train "
                              "mixture-of-experts layers yet; prune without --distill-steps")
     targets, skipped = select_targets(model, adapter, config)
@@ -215,7 +215,8 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, 
                          "--exclude may leave none too); pass --allow-dense to save it unpruned")
     if state_dir is not None and key is None:
         key = resume_key(model, None, config)
-    routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
+    routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model)))
+               for name in adapter.kind(i).routers]
     run = Run(model, adapter, adapter.attention(model.config), config, targets,
               PruneReport(skipped=skipped, dense=routers), Progress(state_dir, key), progress,
               input_device(model) if device is None else device, offloaded)
@@ -316,9 +317,9 @@ def plan_block(run: Run, i: int, stats: dict[str, InputStats], hidden: torch.Ten
             if group_stats is not None and group_stats.gram is not None:
                 plan.grams[name] = group_stats.gram
         if config.nm is None:
-            plan.sites += sites_for_group(group, "per-linear", run.adapter, run.geometry)
+            plan.sites += sites_for_group(group, "per-linear", run.adapter.kind(i), run.geometry)
             continue
-        for site in sites_for_group(group, config.binding, run.adapter, run.geometry):
+        for site in sites_for_group(group, config.binding, run.adapter.kind(i), run.geometry):
             plan.sites.append(site)
             started = time.perf_counter()
             if site.hidden:
@@ -405,7 +406,7 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
     batch = config.calibration.batch_size
     compensating = (config.permutation.method == "output" and config.permutation.compensate
                     and config.calibration.propagate == "pruned") if learned is None else False
-    if compensating and run.adapter.routers:
+    if compensating and any(kind.routers for kind in run.adapter.kinds):
         warnings.warn("the output search aims at the pruned model's own outputs here: routing sends other tokens "
                       "to each expert from the dense and the pruned inputs, so no drift can be compensated",
                       stacklevel=3)
@@ -593,7 +594,7 @@ def following_masks(run: Run) -> FollowingMasks | None:
     sites = []
     for i, groups in enumerate(run.targets if config.nm is not None else ()):
         for group in groups:
-            for site in sites_for_group(group, config.binding, run.adapter, run.geometry):
+            for site in sites_for_group(group, config.binding, run.adapter.kind(i), run.geometry):
                 name, width = f"{run.name(i)}.{site.name}", perms[f"{run.name(i)}.{site.name}"].numel()
                 tile, tie = tile_size(width, learned.tile, config.nm[1]), None
                 if site.heads is not None:
@@ -624,7 +625,7 @@ def global_permutation(run: Run, inputs: torch.Tensor, kwargs: dict) -> torch.Te
         return hidden.to(run.device)
     stacked = []
     for i, block in enumerate(bar(run.blocks, desc="global permutation statistics", disable=not run.show)):
-        readers = [g for g in run.targets[i] if all(name in run.adapter.residual_readers for name in g)]
+        readers = [g for g in run.targets[i] if all(name in run.adapter.kind(i).residual_readers for name in g)]
         with block_on(block, run.device), run.report.timed("statistics"):
             stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs, kwargs, False,
                                                 run.name(i), config.calibration.batch_size)

@@ -6,7 +6,9 @@ whatever produces that input the same way, so the model computes exactly the sam
 (docs/method.md, "Binding"):
 
 - a linear fed by other linears through channel-wise operations only (LLaMA ``down_proj`` <- gate/up,
-  ``o_proj`` <- v): permute the producers' output rows (and biases). For the attention output this is
+  ``o_proj`` <- v): permute the producers' output rows (and biases), and the parameters of a norm between
+  them (MLA's ``q_a_layernorm``); consumers of one input fold only together, with one permutation, the
+  producers moved once. For the attention output this is
   exact only if ``p`` keeps every channel within its head and is identical for all query heads that
   share one kv head (their values come from the same rows of v);
 - a linear reading the residual stream (through a norm): exact only with one global permutation of the
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..discover.adapters import adapter_for, linear_weight
 from ..discover import (experts_as_linears, find_towers, head_permutation, hidden_size, optional_submodule, permute_columns,
-                        permute_rows, permute_stream, stream_parts)
+                        permute_rows, permute_stream, permute_vector, stream_parts)
 from ..sparsity.masks import as_permutation
 from ..report import PruneReport
 from .record import FoldRecord, Layout
@@ -91,11 +93,11 @@ def fold_permutations(
     adapter = adapter_for(model)
     geometry = adapter.attention(model.config)
     blocks = adapter.blocks(model)
-    readers = {name for name, _ in stream_parts(model, adapter)["readers"]} if adapter.residual_writers else set()
-    unfoldable = dict(adapter.not_foldable)
+    readers = ({name for name, _ in stream_parts(model, adapter)["readers"]}
+               if any(kind.residual_writers for kind in adapter.kinds) else set())
     folded: list[str] = []
     not_folded: dict[str, str] = {}
-    folds: list[tuple[str, nn.Module, torch.Tensor, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]] = []
+    folds: list[tuple[str, nn.Module, torch.Tensor, list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]]] = []
 
     hidden = None if hidden_perm is None else as_permutation(hidden_perm, hidden_size(model, adapter), "hidden_perm")
 
@@ -114,23 +116,33 @@ def fold_permutations(
         if full.startswith(adapter.blocks_path + "."):
             index, _, rel = full[len(adapter.blocks_path) + 1 :].partition(".")
             block_index = int(index) if index.isdigit() and int(index) < len(blocks) else None
-        producers = adapter.producers_of(rel) if block_index is not None else ()
+        kind = adapter.kind(block_index) if block_index is not None else None
+        producers = kind.producers_of(rel) if kind is not None else ()
         if producers:
             row_perm, reason = p, ""
-            if rel == adapter.attn_output:
-                row_perm, reason = head_permutation(p, geometry)
+            if rel == kind.attn_output:
+                row_perm, reason = head_permutation(p, kind.attention(geometry))
             if row_perm is None:
                 not_folded[full] = f"{rel}: {reason}"
                 continue
             prefix = f"{adapter.blocks_path}.{block_index}."
+            sharing = [c for c, slices in kind.producers if slices == producers]  # consumers of one input
+            apart = [c for c in sharing if c != rel and (prefix + c not in perms
+                                                         or not torch.equal(torch.as_tensor(perms[prefix + c]).cpu(),
+                                                                            p.cpu()))]
+            if apart:
+                not_folded[full] = f"{rel}: its producers also feed {apart[0]}, which is not permuted alike"
+                continue
             edits, problem = [], ""
-            for out in producers:
+            for out in producers if sharing[0] == rel else ():  # the producers move once, with the first
                 producer = model.get_submodule(prefix + out.linear)
                 rows = out.rows(linear_weight(producer).shape[0])
                 if rows.numel() != row_perm.numel():
                     problem = f"{rel}: producer {out.describe()} has {rows.numel()} rows, not {row_perm.numel()}"
                     break
                 edits.append((producer, rows, row_perm))
+            edits += [(model.get_submodule(prefix + norm), None, row_perm) for norm in kind.norms_of(rel)
+                      if sharing[0] == rel]
             if problem:
                 not_folded[full] = problem
                 continue
@@ -145,6 +157,7 @@ def fold_permutations(
             else:
                 folded.append(full)
         else:
+            unfoldable = dict(kind.not_foldable) if kind is not None else {}
             not_folded[full] = f"{rel}: {unfoldable.get(rel, 'no known producer of its input')}"
 
     applied = hidden is not None and not adapter.stream_problem
@@ -153,7 +166,11 @@ def fold_permutations(
     for full, module, p, edits in folds:
         permute_columns(module, p)
         for producer, rows, row_perm in edits:
-            permute_rows(producer, row_perm, rows)
+            if rows is None:  # a norm between the producers and the consumer
+                for param in producer.parameters(recurse=False):
+                    permute_vector(param, row_perm)
+            else:
+                permute_rows(producer, row_perm, rows)
         folded.append(full)
     order = {name: i for i, name in enumerate(perms)}
     folded.sort(key=order.__getitem__)
@@ -189,7 +206,7 @@ def _fold_for_export(model: nn.Module, report: PruneReport, fallback: str, verif
     adapter = adapter_for(model)
     applied = result.hidden_perm_applied
     readers = {f"{adapter.blocks_path}.{i}.{rel}" for i in range(len(adapter.blocks(model)))
-               for rel in adapter.residual_readers} if applied else set()
+               for rel in adapter.kind(i).residual_readers} if applied else set()
     inverse = torch.argsort(hidden) if applied else None
     folded = set(result.folded)
     layouts: dict[str, Layout] = {}

@@ -21,7 +21,7 @@ from ..serial import RecordError, from_dict, to_dict
 from ..evaluate.zeroshot import TaskResult
 
 FILENAME = "permsparse.json"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 
 @dataclass
@@ -103,6 +103,18 @@ class StorageRecord:
 
 
 @dataclass
+class BlockKinds:
+    """Which kind each block of the pruned stack (at ``blocks_path``) is: ``linears`` lists the linears of
+    every kind (block-relative, routers included, in forward order), ``of_block`` the index of each
+    block's kind (blocks of several kinds: dense and mixture-of-experts blocks, attention and
+    linear-attention blocks)."""
+
+    blocks_path: str
+    linears: list[list[str]]
+    of_block: list[int]
+
+
+@dataclass
 class CheckpointRecord:
     """Everything ``permsparse.json`` holds."""
 
@@ -117,6 +129,7 @@ class CheckpointRecord:
     plain_hf: bool  # from_pretrained(DIR) alone gives the pruned model's outputs (no runtime gather needed)
     reference: Reference
     storage: StorageRecord | None  # None: written by format version 5, before it was recorded
+    blocks: BlockKinds | None  # None: written before format version 7, or a model discovery does not understand
     metrics: dict[str, Perplexity | Similarity | Accuracy] = field(default_factory=dict)
     zero_shot: list[TaskResult] = field(default_factory=list)
     command: str = ""
@@ -140,7 +153,10 @@ def read_record(folder: str | Path) -> CheckpointRecord:
         raise RecordError(f"{path} is not a readable {FILENAME}: {err}") from None
     version = data.get("format_version") if isinstance(data, dict) else None
     if version == 5 and "storage" not in data:  # version 6 added only the storage record
-        data = {**data, "format_version": FORMAT_VERSION, "storage": None}
+        data = {**data, "format_version": 6, "storage": None}
+        version = 6
+    if version == 6 and "blocks" not in data:  # version 7 added only the kinds of the blocks
+        data = {**data, "format_version": FORMAT_VERSION, "blocks": None}
         version = FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise RecordError(f"{path}: format version {version!r}, this permsparse reads version {FORMAT_VERSION}")

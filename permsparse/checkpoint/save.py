@@ -44,7 +44,7 @@ from .digest import tensor_digests
 from .compressed import SAVE_DTYPES, quantization_config, store_linear, stored_digest, write_stored
 from .fold import fold_for_export, masked_layouts
 from .load import attach_gathers, remove_gathers
-from .record import FORMAT_VERSION, CheckpointRecord, Layout, StorageRecord, write_record
+from .record import FORMAT_VERSION, BlockKinds, CheckpointRecord, Layout, StorageRecord, write_record
 from .reference import compare_reference, model_logits, record_reference, reference_input
 
 
@@ -129,6 +129,23 @@ def _dense_storage(model: nn.Module, layouts: dict[str, Layout], dtype: torch.dt
                          None, quant.method if _quantizes(config) else None, 0, entries * dtype.itemsize, entries * 2)
 
 
+def block_kinds(model: nn.Module) -> BlockKinds | None:
+    """Which kind each block of ``model`` is, as discovery finds it (packed experts split into their
+    linears); None for a model discovery does not understand."""
+    from ..discover import NotUnderstood, experts_as_linears
+    from ..discover.adapters import adapter_for
+
+    try:
+        with experts_as_linears(model):
+            adapter = adapter_for(model)
+            count = len(adapter.blocks(model))
+    except NotUnderstood:
+        return None
+    linears = [[name for group in kind.input_groups for name in group] + list(kind.routers) for kind in adapter.kinds]
+    return BlockKinds(adapter.blocks_path, linears, [adapter.block_kinds[i] if adapter.block_kinds else 0
+                                                      for i in range(count)])
+
+
 @torch.no_grad()
 def compressed_tensors(model: nn.Module, layouts: dict[str, Layout], nm: tuple[int, int] | None,
                        dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict, dict[str, str], int, int, dict[str, str]]:
@@ -200,6 +217,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
     check_export(export, config)
     check_output_free(out, overwrite)
     dtype = save_dtype(export, model)
+    blocks = block_kinds(model)  # before any cast: the structure found while pruning
     cast = dtype != next(model.parameters()).dtype
     target = model if in_place or not (cast or export.format == "folded") else copy.deepcopy(model)
     if cast:
@@ -245,7 +263,8 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, config: Prun
     storage.weights_bytes = _weights_bytes(staging)
     plain = export.format != "compressed" and not any(entry.layout == "gather" for entry in layouts.values())
     record = CheckpointRecord(FORMAT_VERSION, package_version(), model_name, config, report, export.format, layouts,
-                              fold, plain, reference, storage, dict(metrics or {}), list(zero_shot or []), command)
+                              fold, plain, reference, storage, blocks, dict(metrics or {}), list(zero_shot or []),
+                              command)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     record.tensors = tensor_digests(staging)

@@ -132,7 +132,7 @@ def fold_gathers(model: nn.Module) -> GatherFolds:
         attach_gathers(model, gathered)
     norms = {}
     for i in range(len(adapter.blocks(model))):
-        for rel in adapter.block_norms:
+        for rel in adapter.kind(i).block_norms:
             module = optional_submodule(model, f"{adapter.blocks_path}.{i}.{rel}")
             if module is not None:
                 norms[f"{adapter.blocks_path}.{i}.{rel}"] = module

@@ -131,7 +131,7 @@ def block_linears(model: nn.Module) -> list[str]:
     """Full names of every linear in the model's blocks."""
     adapter = adapter_for(model)
     return [f"{adapter.blocks_path}.{i}.{rel}" for i in range(len(adapter.blocks(model)))
-            for group in adapter.input_groups for rel in group]
+            for group in adapter.kind(i).input_groups for rel in group]
 
 
 @torch.no_grad()
@@ -163,7 +163,7 @@ def random_model(shape: str | dict, layers: int = 0, dtype: torch.dtype = torch.
     perms = {}
     if permuted:
         adapter = adapter_for(model)
-        moved = set(adapter.residual_readers) | {adapter.attn_output}
+        moved = set(adapter.single.residual_readers) | {adapter.single.attn_output}  # a LLaMA: one kind of block
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         for name in names:
             if name.rpartition(f"{adapter.blocks_path}.")[2].partition(".")[2] in moved:

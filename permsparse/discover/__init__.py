@@ -2,10 +2,14 @@
 
 :func:`discover` finds, for a Hugging Face model:
 
-- the blocks: the outermost ModuleList of modules holding linears (the largest one); every block must
-  hold the same linears, and a weight that belongs to no linear is refused by name, except the routers
-  of mixture-of-experts layers whose packed experts are split into linears (:mod:`.experts`: discover
-  such a model inside :func:`experts_as_linears`; every expert then runs on every probe token);
+- the blocks: the outermost ModuleList of modules holding linears (the largest one); a weight that
+  belongs to no linear is refused by name, except the routers of mixture-of-experts layers whose packed
+  experts are split into linears (:mod:`.experts`: discover such a model inside
+  :func:`experts_as_linears`; every expert then runs on every probe token);
+- the kinds of block (:class:`BlockKind`): blocks holding the same linears (names and shapes), showing
+  the same facts in the traced pass and having the same routers are of one kind – a stack of dense and
+  mixture-of-experts blocks, or of attention and linear-attention blocks, has several – and everything
+  below is found, and verified, per kind;
 - from one traced forward pass (:mod:`.trace`) on seeded token ids, or seeded random images of the
   config's size for a model that reads pixel values: which linears read the same tensor (a shared site), which
   linears of a block feed each linear's input, which write into the residual stream and which read it,
@@ -14,8 +18,10 @@
   the config has a tensor-parallel plan, its ``colwise*`` entries are the readers and its ``rowwise*``
   entries the writers;
 - the folds (:mod:`.verify`): for each linear fed by other linears, the producer rows its permutation
-  folds into, guessed among the layouts in use (the whole rows, chunks of fused projections, the value
-  part of fused q/k/v within heads) and kept only when a forward pass shows the fold exact; and whether
+  folds into, guessed among the layouts in use (the whole rows, chunks of fused projections, a part of a
+  split projection, with the norms on the way permuted alike – multi-head latent attention's normed
+  low-rank projections –, the value part of fused q/k/v or of a per-head ``[key | value]`` up-projection
+  within heads) and kept only when a forward pass shows the fold exact on every block of the kind; and whether
   one permutation of the whole residual stream leaves the output unchanged. A model in 16-bit floats is
   checked in float32 (cast up for the checks and back after, exactly), since at 16-bit rounding a wrong
   guess on a small random model can pass for exact.
@@ -33,19 +39,19 @@ import torch
 from torch import nn
 
 from .experts import ExpertLinears, every_expert_runs, experts_as_linears, is_packed_experts, routers
-from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
-from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, blocks_config, head_permutation,
+from .linears import is_linear, linear_weight, permute_columns, permute_rows, permute_vector, stored_layout
+from .structure import (Adapter, AttentionGeometry, BlockKind, Hints, OutputSlice, attention_geometry, blocks_config, head_permutation,
                         hidden_size, optional_submodule, permute_stream, stream_parts)
 from .towers import TOWERS, Towers, TowerError, find_towers, main_input, reads_pixels, vision_tower
-from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model_facts, model_inputs, primary_output,
-                    probe_input, run_model, trace)
+from .trace import (INPUT, BlockFacts, NotUnderstood, Traced, block_facts, block_layout, check_blocks, find_blocks,
+                    model_facts, model_inputs, primary_output, probe_input, reach, run_model, trace)
 from .verify import Probe, find_fold, stream_problem
 
 __all__ = [
-    "Adapter", "AttentionGeometry", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
+    "Adapter", "AttentionGeometry", "BlockKind", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
     "discover", "experts_as_linears", "find_blocks", "head_permutation", "hidden_size", "is_linear", "is_packed_experts",
     "linear_weight", "model_inputs",
-    "optional_submodule", "permute_columns", "permute_rows", "TOWERS", "Towers", "TowerError", "find_towers",
+    "optional_submodule", "permute_columns", "permute_rows", "permute_vector", "TOWERS", "Towers", "TowerError", "find_towers",
     "main_input", "reads_pixels", "vision_tower", "blocks_config",
     "permute_stream", "primary_output", "probe_input", "run_model", "stored_layout", "stream_parts",
 ]
@@ -103,54 +109,98 @@ def plan_roles(model: nn.Module, blocks_path: str,
     return tuple(readers), tuple(writers)
 
 
+def _norms_between(traced: Traced, blocks_path: str, i: int, rel: str) -> tuple[str, ...]:
+    """The channel modules (norms) of block ``i`` on the way from the linears feeding ``rel`` to its input
+    (block-relative, in forward order)."""
+    prefix = f"{blocks_path}.{i}."
+    stops = {out: name for name, (_, _, out) in traced.linears.items() if name.startswith(prefix) and out is not None}
+    stops[traced.block_inputs[i]] = INPUT
+    marks = {out: name[len(prefix):] for name, (_, out) in traced.channels.items()
+             if name.startswith(prefix) and out is not None}
+    marked = reach(traced.linears[prefix + rel][1], stops, marks)[1]
+    return tuple(name for name in marks.values() if name in marked)
+
+
+def _block_kinds(blocks: nn.ModuleList, facts: list[BlockFacts],
+                 block_routers: list[tuple[str, ...]]) -> tuple[list[int], list[int]]:
+    """The kind of every block – blocks of one kind hold the same linears (names and shapes), show the same
+    traced facts and have the same routers – and the first block of each kind."""
+    keys, kinds = [], []
+    for i, block in enumerate(blocks):
+        key = (block_layout(block), facts[i], block_routers[i])
+        if key not in keys:
+            keys.append(key)
+        kinds.append(keys.index(key))
+    return kinds, [kinds.index(k) for k in range(len(keys))]
+
+
+def _kind_roles(model: nn.Module, blocks_path: str, facts: BlockFacts, routers_: tuple[str, ...]) -> BlockKind:
+    """A kind's input groups and stream roles, from its facts (and the tensor-parallel plan), without
+    routers."""
+    readers, writers = plan_roles(model, blocks_path, facts.linears) or (facts.stream_readers, facts.writers)
+    readers, writers = (tuple(n for n in names if n not in routers_) for names in (readers, writers))
+    groups = tuple(g for g in (tuple(n for n in group if n not in routers_) for group in facts.groups) if g)
+    return BlockKind(input_groups=groups, residual_readers=readers, residual_writers=writers, block_norms=facts.norms,
+                     routers=routers_)
+
+
+def _kind_folds(probe: Probe, adapter: Adapter, kind: BlockKind, members: list[int], facts: BlockFacts,
+                between: dict[str, tuple[str, ...]]) -> BlockKind:
+    """``kind`` with the folds of its consumers, each verified on every block of ``members``. Consumers
+    reading one tensor (an input group) are verified together: their producers' rows are permuted once,
+    for all of them."""
+    feeds = dict(facts.feeds)
+    consumers = [tuple(n for n in group if n in feeds and n not in kind.residual_readers and n not in kind.routers)
+                 for group in facts.groups]
+    producers, not_foldable, fold_norms, attn_output, heads = [], [], [], "", None
+    for group in (g for g in consumers if g):
+        source = feeds[group[0]]
+        slices, norms, found = find_fold(probe, adapter, members, group, source, between.get(group[0], ()))
+        for rel in group:
+            if not slices:
+                origin = f"rows of {', '.join(source)}" if source else "no linear of the block"
+                not_foldable.append((rel, f"no exact fold found: its input comes from {origin}"))
+            elif found and attn_output:
+                not_foldable.append((rel, f"a second attention output besides {attn_output}"))
+            else:
+                producers.append((rel, slices))
+                if norms:
+                    fold_norms.append((rel, norms))
+                if found:
+                    attn_output, heads = rel, (found if found != adapter.geometry else None)
+    return replace(kind, producers=tuple(producers), not_foldable=tuple(not_foldable), fold_norms=tuple(fold_norms),
+                   attn_output=attn_output, heads=heads)
+
+
 def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
     """The structure of ``model`` (see the module docstring); :class:`NotUnderstood` names what is not."""
     blocks_path = find_blocks(model)
     dense = routers(model)
     check_blocks(model, blocks_path, tuple(dense))
-    count = len(model.get_submodule(blocks_path))
-    first = f"{blocks_path}.0."
-    block_routers = tuple(name.removeprefix(first) for name in dense if name.startswith(first))
-    if set(dense) != {f"{blocks_path}.{i}.{rel}" for i in range(count) for rel in block_routers}:
-        raise NotUnderstood(f"the blocks of {blocks_path} differ in their mixture-of-experts routers: {', '.join(dense)}")
+    blocks = model.get_submodule(blocks_path)
+    block_routers = [tuple(name.removeprefix(f"{blocks_path}.{i}.") for name in dense
+                           if name.startswith(f"{blocks_path}.{i}.")) for i in range(len(blocks))]
     probe_data = probe_input(model)
     with _evaluation(model), _float32(model), every_expert_runs(model):
         traced = trace(model, blocks_path, probe_data)
-        facts = [block_facts(traced, blocks_path, i) for i in range(count)]
+        facts = [block_facts(traced, blocks_path, i) for i in range(len(blocks))]
         outside = model_facts(model, traced, blocks_path)
+        block_kinds, firsts = _block_kinds(blocks, facts, block_routers)
+        between = [{rel: _norms_between(traced, blocks_path, i, rel) for rel, _ in facts[i].feeds} for i in firsts]
         del traced  # the recorded graph is no longer needed
-        block = facts[0]
-        for i, other in enumerate(facts):
-            for part in (f for f in block.__dataclass_fields__ if getattr(other, f) != getattr(block, f)):
-                raise NotUnderstood(f"{blocks_path}.{i} differs from {blocks_path}.0 in its {part.replace('_', ' ')}: "
-                                    f"{getattr(other, part)} vs {getattr(block, part)}")
-        readers, writers = plan_roles(model, blocks_path, block.linears) or (block.stream_readers, block.writers)
-        readers, writers = (tuple(n for n in names if n not in block_routers) for names in (readers, writers))
-        groups = tuple(g for g in (tuple(n for n in group if n not in block_routers) for group in block.groups) if g)
         adapter = Adapter(
             name=getattr(model.config, "model_type", type(model).__name__), blocks_path=blocks_path,
-            input_groups=groups, residual_readers=readers, residual_writers=writers, block_norms=block.norms,
+            kinds=tuple(_kind_roles(model, blocks_path, facts[i], block_routers[i]) for i in firsts),
+            block_kinds=tuple(block_kinds) if len(firsts) > 1 else (),
             token_embedding=outside.token_embedding, position_embeddings=outside.position_embeddings,
             embedding_norms=outside.embedding_norms, input_projection=outside.input_projection,
             final_norms=outside.final_norms, output_readers=outside.output_readers,
-            stream_parameters=outside.stream_parameters, geometry=attention_geometry(model.config, hints),
-            routers=block_routers)
-        consumers = [(rel, feeds) for rel, feeds in block.feeds if rel not in readers and rel not in block_routers]
-        names = [f"{blocks_path}.{i}.{rel}" for i in range(count) for rel, _ in consumers]
+            stream_parameters=outside.stream_parameters, geometry=attention_geometry(model.config, hints))
+        names = [f"{blocks_path}.{i}.{rel}" for i in range(len(blocks)) for rel, _ in facts[i].feeds]
         probe = Probe(model, probe_data, names)
-        producers, not_foldable, attn_output = [], [], ""
-        for rel, feeds in consumers:
-            slices, attention = find_fold(probe, adapter, rel, feeds)
-            if not slices:
-                source = f"rows of {', '.join(feeds)}" if feeds else "no linear of the block"
-                not_foldable.append((rel, f"no exact fold found: its input comes from {source}"))
-            elif attention and attn_output:
-                not_foldable.append((rel, f"a second attention output besides {attn_output}"))
-            else:
-                producers.append((rel, slices))
-                attn_output = rel if attention else attn_output
-        adapter = replace(adapter, producers=tuple(producers), not_foldable=tuple(not_foldable),
-                          attn_output=attn_output)
+        kinds = tuple(_kind_folds(probe, adapter, kind, adapter.blocks_of(k, len(blocks)), facts[firsts[k]], between[k])
+                      for k, kind in enumerate(adapter.kinds))
+        adapter = replace(adapter, kinds=kinds)
         problem = stream_problem(probe, adapter, outside.output_is_stream, outside.unplaced)
     towers = find_towers(model)
     if towers is not None and not problem:  # the text-only probe does not show the image path into the stream

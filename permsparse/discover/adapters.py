@@ -15,11 +15,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import (Adapter, AttentionGeometry, Hints, NotUnderstood, OutputSlice, discover, is_linear, linear_weight,
-               stored_layout)
+from . import (Adapter, AttentionGeometry, BlockKind, Hints, NotUnderstood, OutputSlice, discover, is_linear,
+               linear_weight, stored_layout)
 
 __all__ = [
-    "Adapter", "AttentionGeometry", "HINTS", "Hints", "LLAMA", "NotUnderstood", "OutputSlice", "adapter_for",
+    "Adapter", "AttentionGeometry", "BlockKind", "HINTS", "Hints", "LLAMA", "NotUnderstood", "OutputSlice", "adapter_for",
     "is_linear", "linear_weight", "replaced_weights", "stored_layout",
 ]
 
@@ -34,20 +34,22 @@ HINTS: dict[str, Hints] = {
 LLAMA = Adapter(
     name="llama",
     blocks_path="model.layers",
-    input_groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    attn_output="self_attn.o_proj",
-    producers=(
-        ("self_attn.o_proj", (OutputSlice("self_attn.v_proj"),)),
-        ("mlp.down_proj", (OutputSlice("mlp.gate_proj"), OutputSlice("mlp.up_proj"))),
-    ),
-    residual_readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
-    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
-    block_norms=("input_layernorm", "post_attention_layernorm"),
+    kinds=(BlockKind(
+        input_groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.o_proj",),
+            ("mlp.gate_proj", "mlp.up_proj"),
+            ("mlp.down_proj",),
+        ),
+        attn_output="self_attn.o_proj",
+        producers=(
+            ("self_attn.o_proj", (OutputSlice("self_attn.v_proj"),)),
+            ("mlp.down_proj", (OutputSlice("mlp.gate_proj"), OutputSlice("mlp.up_proj"))),
+        ),
+        residual_readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+        block_norms=("input_layernorm", "post_attention_layernorm"),
+    ),),
     token_embedding="model.embed_tokens",
     final_norms=("model.norm",),
     output_readers=("lm_head",),

@@ -81,30 +81,23 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
-class Adapter:
-    """How to walk one model: blocks, shared inputs, exact folds, and the residual stream.
+class BlockKind:
+    """The structure shared by the blocks of one kind (one layout of linears and the same traced facts).
 
-    Names are relative to a block unless said otherwise. ``input_groups`` lists, per block, the linears
-    that read one and the same input tensor, in forward order. ``attn_output`` names the projection
-    that reads the attention heads' outputs, so its permutation can be kept within heads and kv groups.
+    Names are relative to a block. ``input_groups`` lists the linears that read one and the same input
+    tensor, in forward order. ``attn_output`` names the projection that reads the attention heads' outputs,
+    so its permutation can be kept within heads and kv groups; ``heads`` gives those heads where they are
+    not the model's attention geometry (multi-head latent attention: value heads of their own width).
     ``producers`` maps a consumer linear to the output slices that make its input (its permutation folds
-    into their rows, exactly); ``not_foldable`` says why the other consumers do not fold. ``geometry``:
-    the attention heads, as the config (and the family's hints) state them.
+    into their rows, exactly); ``fold_norms`` maps a consumer to the norms between its producers and it,
+    whose parameters that fold permutes alike (a low-rank projection normed before its up-projection);
+    ``not_foldable`` says why the other consumers do not fold.
 
-    The residual stream: ``residual_readers`` read it (through a norm), ``residual_writers`` add their
-    rows to it, ``block_norms`` act on it inside a block. Model-level names: ``token_embedding`` (only
-    when no ``input_projection`` maps a narrower embedding into the stream), ``position_embeddings``,
-    ``embedding_norms`` (before the first block), ``final_norms`` (after the last) and ``output_readers``
-    (the linears reading the final hidden state: the LM head, an output projection, a pooler).
-    ``stream_parameters`` (full names) start the stream without being an embedding's or a linear's: a
-    patch embedding's convolution (its output channels) and a class token or position embeddings (their
-    last axis). ``routers`` (block-relative) route tokens to mixture-of-experts linears: they stay dense,
-    and their columns read the residual stream. ``stream_problem`` says why one permutation of the whole stream would change the model's output
-    ("" when it was verified not to).
+    The residual stream: ``residual_readers`` read it (through a norm), ``residual_writers`` add their rows
+    to it, ``block_norms`` act on it. ``routers`` route tokens to mixture-of-experts linears: they stay
+    dense, and their columns read the residual stream.
     """
 
-    name: str
-    blocks_path: str
     input_groups: tuple[tuple[str, ...], ...]
     attn_output: str = ""
     producers: tuple[tuple[str, tuple[OutputSlice, ...]], ...] = ()
@@ -112,6 +105,47 @@ class Adapter:
     residual_readers: tuple[str, ...] = ()
     residual_writers: tuple[str, ...] = ()
     block_norms: tuple[str, ...] = ()
+    routers: tuple[str, ...] = ()
+    fold_norms: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    heads: AttentionGeometry | None = None
+
+    def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
+        return dict(self.producers).get(consumer, ())
+
+    def norms_of(self, consumer: str) -> tuple[str, ...]:
+        """The norms a fold of ``consumer``'s permutation permutes besides its producers' rows."""
+        return dict(self.fold_norms).get(consumer, ())
+
+    def attention(self, geometry: AttentionGeometry | None) -> AttentionGeometry | None:
+        """The heads of ``attn_output``'s input: this kind's own, else the model's ``geometry``."""
+        return self.heads or geometry
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to walk one model: blocks, their kinds, and the residual stream.
+
+    ``kinds`` holds the structure of each kind of block (:class:`BlockKind`) and ``block_kinds`` the index
+    of the kind of every block (empty: every block is of the one kind), so a stack of dense and
+    mixture-of-experts blocks, or of attention and linear-attention blocks, is one model. ``geometry``:
+    the attention heads, as the config (and the family's hints) state them.
+
+    Model-level names of the residual stream: ``token_embedding`` (only when no ``input_projection`` maps a
+    narrower embedding into the stream), ``position_embeddings``, ``embedding_norms`` (before the first
+    block), ``final_norms`` (after the last) and ``output_readers`` (the linears reading the final hidden
+    state: the LM head, an output projection, a pooler). ``stream_parameters`` (full names) start the
+    stream without being an embedding's or a linear's: a patch embedding's convolution (its output
+    channels) and a class token or position embeddings (their last axis). ``stream_problem`` says why one
+    permutation of the whole stream would change the model's output ("" when it was verified not to).
+
+    A model of one kind of block reads that kind's fields from the adapter itself (``input_groups``,
+    ``producers``...); with several kinds these ask for :meth:`kind`.
+    """
+
+    name: str
+    blocks_path: str
+    kinds: tuple[BlockKind, ...]
+    block_kinds: tuple[int, ...] = ()
     token_embedding: str = ""
     position_embeddings: tuple[str, ...] = ()
     embedding_norms: tuple[str, ...] = ()
@@ -120,11 +154,34 @@ class Adapter:
     output_readers: tuple[str, ...] = ()
     stream_parameters: tuple[str, ...] = ()
     geometry: AttentionGeometry | None = None
-    routers: tuple[str, ...] = ()
     stream_problem: str = ""
 
+    def kind(self, i: int) -> BlockKind:
+        """The kind of block ``i``."""
+        return self.kinds[self.block_kinds[i] if self.block_kinds else 0]
+
+    def blocks_of(self, kind: int, count: int) -> list[int]:
+        """The indices of the blocks of kind ``kind`` among ``count`` blocks."""
+        return [i for i in range(count) if (self.block_kinds[i] if self.block_kinds else 0) == kind]
+
+    @property
+    def single(self) -> BlockKind:
+        """The one kind of every block; an error for a model of several kinds (ask :meth:`kind`)."""
+        if len(self.kinds) != 1:
+            raise ValueError(f"{self.name} has {len(self.kinds)} kinds of blocks: ask adapter.kind(i) for block i's")
+        return self.kinds[0]
+
+    input_groups = property(lambda self: self.single.input_groups)
+    attn_output = property(lambda self: self.single.attn_output)
+    producers = property(lambda self: self.single.producers)
+    not_foldable = property(lambda self: self.single.not_foldable)
+    residual_readers = property(lambda self: self.single.residual_readers)
+    residual_writers = property(lambda self: self.single.residual_writers)
+    block_norms = property(lambda self: self.single.block_norms)
+    routers = property(lambda self: self.single.routers)
+
     def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
-        return dict(self.producers).get(consumer, ())
+        return self.single.producers_of(consumer)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -180,12 +237,12 @@ def stream_parts(model: nn.Module, adapter: Adapter) -> dict[str, list[tuple[str
     for name in adapter.embedding_norms:
         add("norms", name)
     for i in range(len(adapter.blocks(model))):
-        prefix = f"{adapter.blocks_path}.{i}."
-        for name in adapter.block_norms:
+        prefix, kind = f"{adapter.blocks_path}.{i}.", adapter.kind(i)
+        for name in kind.block_norms:
             add("norms", prefix + name)
-        for name in adapter.residual_readers + adapter.routers:
+        for name in kind.residual_readers + kind.routers:
             add("readers", prefix + name)
-        for name in adapter.residual_writers:
+        for name in kind.residual_writers:
             add("writers", prefix + name)
     for name in adapter.final_norms:
         add("norms", name)
@@ -214,7 +271,7 @@ def hidden_size(model: nn.Module, adapter: Adapter) -> int:
     if embedding is not None:
         return embedding.weight.shape[1]
     block = adapter.blocks(model)[0]
-    return linear_weight(block.get_submodule(adapter.residual_writers[0])).shape[0]
+    return linear_weight(block.get_submodule(adapter.kind(0).residual_writers[0])).shape[0]
 
 
 @torch.no_grad()

@@ -95,8 +95,8 @@ def find_blocks(model: nn.Module) -> str:
 
 
 def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()) -> None:
-    """Every block holds the same linears, and no weight that is not a linear's or one of the ``dense``
-    modules' (full names: routers)."""
+    """No block holds a weight that is not a linear's or one of the ``dense`` modules' (full names:
+    routers); blocks may hold different linears (blocks of several kinds, :func:`block_layout`)."""
     blocks = model.get_submodule(blocks_path)
     packed, strange = [], []
     for name, module in blocks.named_modules():
@@ -114,14 +114,10 @@ def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()
     if strange:
         raise NotUnderstood(f"weights that belong to no linear layer: {', '.join(strange[:4])}")
 
-    def layout(block: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(m.weight.shape)) for n, m in block.named_modules() if is_linear(m)]
 
-    first = layout(blocks[0])
-    for i, block in enumerate(blocks):
-        if layout(block) != first:
-            raise NotUnderstood(f"{blocks_path}.{i} holds other linears than {blocks_path}.0 "
-                                f"({layout(block)} vs {first}); blocks of different kinds are not supported")
+def block_layout(block: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The linears of a block with the shapes of their weights: blocks of one layout may be of one kind."""
+    return tuple((n, tuple(m.weight.shape)) for n, m in block.named_modules() if is_linear(m))
 
 
 @dataclass

@@ -67,20 +67,29 @@ def random_head_perm(geometry: AttentionGeometry, gen: torch.Generator) -> torch
     return perm
 
 
-def fold_holds(probe: Probe, adapter: Adapter, consumer: str, slices: tuple[OutputSlice, ...],
-               attention: bool) -> bool:
-    """Whether permuting ``slices``' rows in every block permutes ``consumer``'s input alike and, with its
-    columns permuted too, leaves the model's output unchanged (``attention``: within heads, via the
-    value rows)."""
-    model, geometry = probe.model, adapter.geometry
-    undo, expected = [], {}  # undo: (module, permutation applied, rows or None for columns)
+@torch.no_grad()
+def _permute_norm(norm: nn.Module, perm: torch.Tensor) -> None:
+    """Permute every parameter of a channel module (a norm's weight and bias) by ``perm``."""
+    for param in norm.parameters(recurse=False):
+        param.copy_(param[perm.to(param.device)])
+
+
+def fold_holds(probe: Probe, adapter: Adapter, members: list[int], consumers: tuple[str, ...],
+               slices: tuple[OutputSlice, ...], heads: AttentionGeometry | None, norms: tuple[str, ...] = ()) -> bool:
+    """Whether permuting ``slices``' rows (and the parameters of the ``norms`` between them and the
+    consumers) in every block of ``members`` permutes the input of the ``consumers`` (linears reading one
+    tensor) alike and, with their columns permuted too, leaves the model's output unchanged (``heads``: an
+    attention output, permuted within these heads, via the value rows)."""
+    model = probe.model
+    undo, expected = [], {}  # undo: (module, permutation applied, rows, or None for columns, or "norm")
     try:
-        for i in range(len(adapter.blocks(model))):
+        for i in members:
             prefix = f"{adapter.blocks_path}.{i}."
-            module = model.get_submodule(prefix + consumer)
-            width = linear_weight(module).shape[1]
-            p = random_head_perm(geometry, torch.Generator().manual_seed(SEED + i)) if attention else _random_perm(width, SEED + i)
-            rows_perm = head_permutation(p, geometry)[0] if attention else p
+            modules = [model.get_submodule(prefix + consumer) for consumer in consumers]
+            width = linear_weight(modules[0]).shape[1]
+            gen = torch.Generator().manual_seed(SEED + i)
+            p = random_head_perm(heads, gen) if heads else _random_perm(width, SEED + i)
+            rows_perm = head_permutation(p, heads)[0] if heads else p
             for part in slices:
                 producer = model.get_submodule(prefix + part.linear)
                 total = linear_weight(producer).shape[0]
@@ -89,15 +98,24 @@ def fold_holds(probe: Probe, adapter: Adapter, consumer: str, slices: tuple[Outp
                     return False
                 permute_rows(producer, rows_perm, rows)
                 undo.append((producer, rows_perm, rows))
-            permute_columns(module, p)
-            undo.append((module, p, None))
-            expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.data.device)]
+            for name in norms:
+                norm = model.get_submodule(prefix + name)
+                if any(param.shape != (rows_perm.numel(),) for param in norm.parameters(recurse=False)):
+                    return False
+                _permute_norm(norm, rows_perm)
+                undo.append((norm, rows_perm, "norm"))
+            for consumer, module in zip(consumers, modules):
+                permute_columns(module, p)
+                undo.append((module, p, None))
+                expected[prefix + consumer] = probe.inputs[prefix + consumer][..., p.to(probe.data.device)]
         inputs, output = probe.run(list(expected))
         return probe.close(output, probe.output) and all(probe.close(inputs[n], x) for n, x in expected.items())
     finally:
         for module, perm, rows in reversed(undo):
             if rows is None:
                 permute_columns(module, torch.argsort(perm))
+            elif isinstance(rows, str):
+                _permute_norm(module, torch.argsort(perm))
             else:
                 permute_rows(module, torch.argsort(perm), rows)
 
@@ -106,7 +124,8 @@ def value_slices(producer: str, rows: int, geometry: AttentionGeometry) -> list[
     """Where a producer of ``rows`` output rows may hold the attention values, in the layouts in use: the
     whole of it (a value projection), the last part of ``[q | k | v]``, the value head of every
     ``[q heads of one kv head | k | v]`` run (fused projections interleaved per kv head), the second half
-    of ``[k | v]``."""
+    of ``[k | v]``, the value head at the end of every kv head's ``[key part | value]`` run (multi-head
+    latent attention's up-projection of its compressed keys and values)."""
     hd, per_kv = geometry.head_dim, geometry.num_heads // geometry.num_kv_heads
     values, queries = geometry.num_kv_heads * hd, geometry.num_heads * hd
     out = []
@@ -117,32 +136,63 @@ def value_slices(producer: str, rows: int, geometry: AttentionGeometry) -> list[
         out.append(OutputSlice(producer, (per_kv + 1) * hd, hd, (per_kv + 2) * hd))
     if rows == 2 * values:
         out.append(OutputSlice(producer, values, values))
+    period = rows // geometry.num_kv_heads
+    if rows % geometry.num_kv_heads == 0 and hd < period:
+        out.append(OutputSlice(producer, period - hd, hd, period))
     return out
 
 
-def find_fold(probe: Probe, adapter: Adapter, consumer: str,
-              feeds: tuple[str, ...]) -> tuple[tuple[OutputSlice, ...], bool]:
-    """The producer slices ``consumer``'s permutation folds into, and whether it is the attention output;
-    ``((), False)`` when no guess holds. Guesses, in order: every row of every feeding linear, taken in
-    chunks of the consumer's width (channel-wise paths: MLPs, fused gate/up); then each feeding linear's
-    value rows alone, within heads (attention)."""
-    block = adapter.blocks(probe.model)[0]
-    width = linear_weight(block.get_submodule(consumer)).shape[1]
+def value_heads(geometry: AttentionGeometry | None, width: int) -> AttentionGeometry | None:
+    """The heads an attention output of ``width`` channels may hold: the model's, or, where their width
+    differs from the model's head dim (multi-head latent attention's value heads), as many heads of
+    ``width / num_heads`` channels; None when neither fits."""
+    if geometry is None or geometry.num_heads % geometry.num_kv_heads:
+        return None
+    if geometry.num_heads * geometry.head_dim == width:
+        return geometry
+    if width % geometry.num_heads:
+        return None
+    return AttentionGeometry(geometry.num_heads, geometry.num_kv_heads, width // geometry.num_heads)
+
+
+def channel_guesses(feeds: dict[str, int], width: int) -> list[tuple[OutputSlice, ...]]:
+    """Producer rows a consumer of ``width`` input channels may read through channel-wise operations, in
+    order: every row of every feeding linear (of ``feeds``: name -> rows), in chunks of ``width`` (MLPs,
+    fused gate/up); then the first or the last ``width`` rows of one feeding linear (a projection whose
+    output is split, one part read by the consumer)."""
+    guesses = []
+    if feeds and all(r % width == 0 for r in feeds.values()):
+        guesses.append(tuple(OutputSlice(name) if r == width else OutputSlice(name, j * width, width)
+                             for name, r in feeds.items() for j in range(r // width)))
+    for name, r in feeds.items():
+        if r > width and r % width:
+            guesses += [(OutputSlice(name, 0, width),), (OutputSlice(name, r - width, width),)]
+    return guesses
+
+
+def find_fold(probe: Probe, adapter: Adapter, members: list[int], consumers: tuple[str, ...], feeds: tuple[str, ...],
+              norms: tuple[str, ...] = ()) -> tuple[tuple[OutputSlice, ...], tuple[str, ...], AttentionGeometry | None]:
+    """The producer slices the one permutation of ``consumers`` (linears reading one tensor) folds into in
+    the blocks ``members`` (one kind), the norms it permutes alike, and the heads it is kept within when it
+    is the attention output; ``((), (), None)`` when no guess holds. Guesses, in order: the channel-wise ones
+    (:func:`channel_guesses`), first without and then with the ``norms`` found between the producers and
+    the consumers; then, for a single consumer, each feeding linear's value rows alone, within heads
+    (attention)."""
+    block = adapter.blocks(probe.model)[members[0]]
+    width = linear_weight(block.get_submodule(consumers[0])).shape[1]
     rows = {name: linear_weight(block.get_submodule(name)).shape[0] for name in feeds}
-    if feeds and all(r % width == 0 for r in rows.values()):
-        slices = tuple(OutputSlice(name) if r == width else OutputSlice(name, j * width, width)
-                       for name, r in rows.items() for j in range(r // width))
-        if fold_holds(probe, adapter, consumer, slices, attention=False):
-            return slices, False
-    geometry = adapter.geometry
-    if (geometry is None or geometry.num_heads * geometry.head_dim != width
-            or geometry.num_heads % geometry.num_kv_heads):
-        return (), False
+    for slices in channel_guesses(rows, width):
+        for between in ((), norms) if norms else ((),):
+            if fold_holds(probe, adapter, members, consumers, slices, None, between):
+                return slices, between, None
+    heads = value_heads(adapter.geometry, width)
+    if heads is None or len(consumers) > 1:
+        return (), (), None
     for name in feeds:
-        for part in value_slices(name, rows[name], geometry):
-            if fold_holds(probe, adapter, consumer, (part,), attention=True):
-                return (part,), True
-    return (), False
+        for part in value_slices(name, rows[name], heads):
+            if fold_holds(probe, adapter, members, consumers, (part,), heads):
+                return (part,), (), heads
+    return (), (), None
 
 
 def off_width(model: nn.Module, adapter: Adapter, width: int) -> list[str]:
@@ -163,7 +213,8 @@ def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool, unpla
         return f"the stream starts in {', '.join(unplaced)}, whose channels discovery cannot place"
     if output_is_stream:
         return "the model's output is the final hidden state itself (no head to absorb the permutation)"
-    if not adapter.residual_writers or not adapter.residual_readers:
+    if not any(kind.residual_writers for kind in adapter.kinds) or not any(kind.residual_readers
+                                                                            for kind in adapter.kinds):
         return "no reader or writer of the residual stream found"
     width = hidden_size(probe.model, adapter)
     narrow = off_width(probe.model, adapter, width)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..discover.adapters import Adapter, AttentionGeometry
+from ..discover.adapters import AttentionGeometry, BlockKind
 from ..sparsity.statistics import InputStats
 from ..config import PruneConfig
 from .search import find_permutation
@@ -32,12 +32,13 @@ class Site:
     hidden: bool = False
 
 
-def sites_for_group(group: tuple[str, ...], binding: str, adapter: Adapter, geometry: AttentionGeometry) -> list[Site]:
-    """The permutation sites of one input group (linears reading one tensor) under ``binding``."""
+def sites_for_group(group: tuple[str, ...], binding: str, kind: BlockKind, geometry: AttentionGeometry) -> list[Site]:
+    """The permutation sites of one input group (linears reading one tensor, in a block of ``kind``) under
+    ``binding``; ``geometry`` is the model's attention geometry."""
     if binding == "per-linear":
         return [Site(name, (name,)) for name in group]
-    heads = geometry if group == (adapter.attn_output,) else None
-    hidden = binding == "global" and all(name in adapter.residual_readers for name in group)
+    heads = kind.attention(geometry) if group == (kind.attn_output,) else None
+    hidden = binding == "global" and all(name in kind.residual_readers for name in group)
     return [Site(group[0], group, heads, hidden)]
 
 

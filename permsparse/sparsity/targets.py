@@ -23,13 +23,13 @@ def select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig) -> t
     Weights are checked for NaN/Inf here, before any work, so a bad checkpoint fails at once.
     """
     m = config.nm[1] if config.nm else None
-    known = {name for group in adapter.input_groups for name in group} | set(adapter.routers)
     per_block, indivisible = [], []
     for i, block in enumerate(adapter.blocks(model)):
-        prefix = f"{adapter.blocks_path}.{i}."
+        prefix, kind = f"{adapter.blocks_path}.{i}.", adapter.kind(i)
+        known = {name for group in kind.input_groups for name in group} | set(kind.routers)
         extra = tuple((name,) for name, mod in block.named_modules() if is_linear(mod) and name not in known)
         groups = []
-        for group in tuple(adapter.input_groups) + extra:
+        for group in tuple(kind.input_groups) + extra:
             kept = []
             for name in group:
                 full = prefix + name
