@@ -215,9 +215,11 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, 
                          "--exclude may leave none too); pass --allow-dense to save it unpruned")
     if state_dir is not None and key is None:
         key = resume_key(model, None, config)
-    routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model))) for name in adapter.routers]
+    blocks = range(len(adapter.blocks(model)))
+    routers = [f"{adapter.blocks_path}.{i}.{name}" for i in blocks for name in adapter.routers]
+    kept = {f"{adapter.blocks_path}.{i}.{part.name}": part.reason for i in blocks for part in adapter.kept_dense}
     run = Run(model, adapter, adapter.attention(model.config), config, targets,
-              PruneReport(skipped=skipped, dense=routers), Progress(state_dir, key), progress,
+              PruneReport(skipped=skipped, dense=routers, kept_dense=kept), Progress(state_dir, key), progress,
               input_device(model) if device is None else device, offloaded)
     widths = {name: linear_weight(model.get_submodule(name)).shape[1] for name in target_names(run)}
     run.report.unquantized = indivisible(config.quant, widths, config.strict)

@@ -142,6 +142,9 @@ def read_record(folder: str | Path) -> CheckpointRecord:
     if version == 5 and "storage" not in data:  # version 6 added only the storage record
         data = {**data, "format_version": FORMAT_VERSION, "storage": None}
         version = FORMAT_VERSION
+    report = data.get("report") if version == FORMAT_VERSION else None
+    if isinstance(report, dict) and "kept_dense" not in report:  # written before parameters of no linear were listed
+        data = {**data, "report": {**report, "kept_dense": {}}}
     if version != FORMAT_VERSION:
         raise RecordError(f"{path}: format version {version!r}, this permsparse reads version {FORMAT_VERSION}")
     return from_dict(CheckpointRecord, data, str(path))

@@ -3,9 +3,11 @@
 :func:`discover` finds, for a Hugging Face model:
 
 - the blocks: the outermost ModuleList of modules holding linears (the largest one); every block must
-  hold the same linears, and a weight that belongs to no linear is refused by name, except the routers
-  of mixture-of-experts layers whose packed experts are split into linears (:mod:`.experts`: discover
-  such a model inside :func:`experts_as_linears`; every expert then runs on every probe token);
+  hold the same linears. The routers of mixture-of-experts layers whose packed experts are split into
+  linears (:mod:`.experts`: discover such a model inside :func:`experts_as_linears`; every expert then runs
+  on every probe token) stay dense, and so does every other weight of no linear – a state-space mixer's
+  convolution, decay and step parameters, a router's bias correction – listed with the reason
+  (:mod:`.dense`); packed weights left unsplit are refused by name;
 - from one traced forward pass (:mod:`.trace`) on seeded token ids, or seeded random images of the
   config's size for a model that reads pixel values: which linears read the same tensor (a shared site), which
   linears of a block feed each linear's input, which write into the residual stream and which read it,
@@ -32,6 +34,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .dense import KeptDense, kept_dense
 from .experts import ExpertLinears, every_expert_runs, experts_as_linears, is_packed_experts, routers
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
 from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, blocks_config, head_permutation,
@@ -42,7 +45,7 @@ from .trace import (NotUnderstood, block_facts, check_blocks, find_blocks, model
 from .verify import Probe, find_fold, stream_problem
 
 __all__ = [
-    "Adapter", "AttentionGeometry", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
+    "Adapter", "AttentionGeometry", "ExpertLinears", "Hints", "KeptDense", "NotUnderstood", "OutputSlice", "attention_geometry",
     "discover", "experts_as_linears", "find_blocks", "head_permutation", "hidden_size", "is_linear", "is_packed_experts",
     "linear_weight", "model_inputs",
     "optional_submodule", "permute_columns", "permute_rows", "TOWERS", "Towers", "TowerError", "find_towers",
@@ -83,8 +86,9 @@ def _evaluation(model: nn.Module):
 def plan_roles(model: nn.Module, blocks_path: str,
                linears: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """Residual readers and writers (block-relative) from the config's tensor-parallel plan: ``colwise*``
-    entries read the stream, ``rowwise*`` entries write it. None when there is no plan or it leaves a
-    linear of the block out."""
+    entries read the stream, ``rowwise*`` entries write it. None when there is no plan, it leaves a linear of
+    the block out or gathers a linear's output (``colwise_gather_output``: a state-space mixer's output
+    projection writes the stream under it)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     plan = getattr(config, "base_model_tp_plan", None)
     if not plan:
@@ -94,6 +98,8 @@ def plan_roles(model: nn.Module, blocks_path: str,
     readers, writers = [], []
     for rel in linears:
         styles = [style for key, style in plan.items() if fnmatch.fnmatchcase(f"{path}.0.{rel}", key)]
+        if any(s.endswith("gather_output") for s in styles):  # its output replicated: reader or writer alike
+            return None
         if any(s.startswith("colwise") for s in styles):
             readers.append(rel)
         elif any(s.startswith("rowwise") for s in styles):
@@ -134,7 +140,7 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
             embedding_norms=outside.embedding_norms, input_projection=outside.input_projection,
             final_norms=outside.final_norms, output_readers=outside.output_readers,
             stream_parameters=outside.stream_parameters, geometry=attention_geometry(model.config, hints),
-            routers=block_routers)
+            routers=block_routers, kept_dense=kept_dense(model.get_submodule(blocks_path)[0], block_routers))
         consumers = [(rel, feeds) for rel, feeds in block.feeds if rel not in readers and rel not in block_routers]
         names = [f"{blocks_path}.{i}.{rel}" for i in range(count) for rel, _ in consumers]
         probe = Probe(model, probe_data, names)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .dense import KeptDense
 from .linears import linear_weight, permute_columns, permute_rows, permute_vector
 from .trace import stream_axis
 
@@ -99,8 +100,10 @@ class Adapter:
     ``stream_parameters`` (full names) start the stream without being an embedding's or a linear's: a
     patch embedding's convolution (its output channels) and a class token or position embeddings (their
     last axis). ``routers`` (block-relative) route tokens to mixture-of-experts linears: they stay dense,
-    and their columns read the residual stream. ``stream_problem`` says why one permutation of the whole stream would change the model's output
-    ("" when it was verified not to).
+    and their columns read the residual stream. ``kept_dense`` (block-relative) lists the parameters of no
+    linear that stay dense, with the reason (a state-space mixer's convolution and decay, a router's
+    bias correction). ``stream_problem`` says why one permutation of the whole stream would change the model's
+    output ("" when it was verified not to).
     """
 
     name: str
@@ -122,6 +125,7 @@ class Adapter:
     geometry: AttentionGeometry | None = None
     routers: tuple[str, ...] = ()
     stream_problem: str = ""
+    kept_dense: tuple[KeptDense, ...] = ()
 
     def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
         return dict(self.producers).get(consumer, ())

@@ -95,24 +95,26 @@ def find_blocks(model: nn.Module) -> str:
 
 
 def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()) -> None:
-    """Every block holds the same linears, and no weight that is not a linear's or one of the ``dense``
-    modules' (full names: routers)."""
+    """Every block holds the same linears, and no packed expert weights left unsplit (every other weight of no
+    linear stays dense: :func:`permsparse.discover.dense.kept_dense`; ``dense``: full names of routers)."""
+    from .dense import kept_dense
+
     blocks = model.get_submodule(blocks_path)
-    packed, strange = [], []
+    packed = []
     for name, module in blocks.named_modules():
-        if is_linear(module) or f"{blocks_path}.{name}" in dense:
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3 and is_packed_experts(module):
-                packed.append(f"{blocks_path}.{name}.{pname}")
-            elif param.dim() > 1:
-                strange.append(f"{blocks_path}.{name}.{pname} ({type(module).__name__}, {tuple(param.shape)})")
+        if is_packed_experts(module) and f"{blocks_path}.{name}" not in dense:
+            packed += [f"{blocks_path}.{name}.{p}" for p, param in module.named_parameters(recurse=False)
+                       if param.dim() == 3]
     if packed:
         raise NotUnderstood(f"packed expert parameters {', '.join(packed[:4])}{' ...' if len(packed) > 4 else ''} "
                             "(3-D, mixture of experts) are not split into linears (discover them inside "
                             "permsparse.discover.experts_as_linears)")
-    if strange:
-        raise NotUnderstood(f"weights that belong to no linear layer: {', '.join(strange[:4])}")
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_path}.{i}."
+        try:
+            kept_dense(block, tuple(d.removeprefix(prefix) for d in dense if d.startswith(prefix)))
+        except NotUnderstood as err:
+            raise NotUnderstood(f"{blocks_path}.{i}: {err}") from None
 
     def layout(block: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, tuple(m.weight.shape)) for n, m in block.named_modules() if is_linear(m)]
@@ -143,7 +145,7 @@ def _channel_module(module: nn.Module) -> bool:
     """A module owning parameters, all of them vectors (norms, scales): it acts channel by channel."""
     params = list(module.parameters(recurse=False))
     return bool(params) and not is_linear(module) and not isinstance(module, nn.Embedding) \
-        and all(p.dim() == 1 for p in params)
+        and all(p.dim() == 1 for p in params) and not any(True for _ in module.children())
 
 
 def _fresh(tensor: torch.Tensor) -> torch.Tensor:

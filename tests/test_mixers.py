@@ -1,0 +1,81 @@
+"""Hybrid mixers (state-space and gated linear-attention layers, short convolutions), every expert layout
+transformers ships, router state and per-layer inputs: their linears prune, export folded, check and reload
+with plain transformers to the pruned model's logits; what is no linear stays dense and is listed with why."""
+import pytest
+import torch
+
+from permsparse import ExportConfig, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
+from permsparse.checkpoint.record import read_record
+from permsparse.discover import discover, experts_as_linears, is_linear, linear_weight, primary_output
+from permsparse.discover.adapters import adapter_for
+
+from .conftest import CALIB, HOLDOUT, INPUT, reload, tiny_family
+
+# Tiny single-kind configurations (hidden 64, 2 blocks): every layer a state-space / linear-attention mixer, or
+# every MLP a mixture of experts.
+MIXERS = {
+    "mamba": {"time_step_rank": 8, "state_size": 16},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "state_size": 16, "n_groups": 1, "expand": 2},
+    "qwen3_next": {"num_key_value_heads": 2, "head_dim": 16, "layer_types": ["linear_attention"] * 2,
+                   "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 32, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                   "linear_key_head_dim": 16, "linear_value_head_dim": 16},
+    "qwen3_5_text": {"num_key_value_heads": 2, "head_dim": 16, "layer_types": ["linear_attention"] * 2,
+                     "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                     "linear_value_head_dim": 16},
+    "lfm2": {"num_key_value_heads": 2, "layer_types": ["conv"] * 2},
+    "falcon_h1": {"num_key_value_heads": 2, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
+                  "mamba_d_state": 16, "mamba_n_groups": 1},
+    "granitemoehybrid": {"num_key_value_heads": 2, "layer_types": ["mamba"] * 2, "num_local_experts": 4,
+                         "num_experts_per_tok": 2, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16,
+                         "mamba_n_groups": 1, "shared_intermediate_size": 64},
+    "nemotron_h": {"layers_block_type": ["mamba"] * 2, "num_key_value_heads": 2, "mamba_num_heads": 4,
+                   "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1},
+}
+
+
+def output(model, ids=INPUT):
+    with torch.no_grad():
+        return primary_output(model(ids, use_cache=False) if hasattr(model.config, "use_cache") else model(ids))
+
+
+def tiny(family, seed=0):
+    return tiny_family(family, seed=seed, **MIXERS[family])
+
+
+def block_linears(model):
+    """Every linear inside the blocks (packed experts split), with its (out, in) weight."""
+    with experts_as_linears(model):
+        adapter = adapter_for(model)
+        blocks = adapter.blocks(model)
+        return {f"{adapter.blocks_path}.{name}": linear_weight(m).detach().clone()
+                for name, m in blocks.named_modules() if is_linear(m)}
+
+
+def prune_export_reload(family, model, tmp_path, config=PruneConfig(permutation=Search("ria"), binding="global")):
+    """Prune, export folded, check, reload with plain transformers: the logits of the pruned model, and every
+    pruned linear at least half zero; returns the report and the record."""
+    report = prune(model, None, config, windows=CALIB[:4], holdout=HOLDOUT[:2], progress=False)
+    expected = output(model)
+    folder = export_checkpoint(model, None, tmp_path / "folded", config, report, export=ExportConfig("folded"))
+    assert check_checkpoint(folder).ok
+    plain = reload(folder)
+    torch.testing.assert_close(output(plain), expected, atol=1e-5, rtol=1e-4)
+    pruned = {layer.name for layer in report.layers}
+    weights = block_linears(plain)
+    routers = set(report.dense)
+    assert pruned == set(weights) - routers - set(report.skipped)
+    for name in pruned:
+        assert (weights[name] == 0).float().mean() >= 0.5, name
+    return report, read_record(folder)
+
+
+@pytest.mark.parametrize("family", sorted(MIXERS))
+def test_hybrid_mixers_prune_export_folded_and_reload(family, tmp_path):
+    model = tiny(family)
+    kept = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report, record = prune_export_reload(family, model, tmp_path)
+    assert record.report.kept_dense == report.kept_dense and report.kept_dense
+    for name, why in report.kept_dense.items():
+        assert torch.equal(dict(model.named_parameters())[name], kept[name]), name
+    assert any(why == "convolution over positions" for why in report.kept_dense.values())
