@@ -33,14 +33,33 @@ MIXERS = {
                    "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1},
 }
 
+# Every MLP a mixture of experts, in the packed layouts beyond gate_up_proj + _apply_gate.
+EXPERTS = {
+    # 2-D w1/v1/w2 of E * I rows each, inside a routed module
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
+             "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # one 3-D weight per projection, tokens sorted by expert: the MLP and the attention's query/output experts
+    "jetmoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "kv_channels": 16},
+    # transposed gate_up_proj without _apply_gate, one block of pre-scaled rows per expert; a shared expert
+    "llama4_text": {"num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1,
+                    "interleave_moe_layer_step": 1, "intermediate_size_mlp": 128, "intermediate_size": 32},
+    # a router with a score-correction bias in a child module; shared experts
+    "ernie4_5_moe": {"num_key_value_heads": 2, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32,
+                     "moe_layer_start_index": 0, "moe_layer_interval": 1},
+    # experts without a gate projection (up_proj, down_proj); shared experts
+    "nemotron_h": {"layers_block_type": ["moe"] * 2, "num_key_value_heads": 2, "n_routed_experts": 4,
+                   "num_experts_per_tok": 2, "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32},
+}
+
 
 def output(model, ids=INPUT):
     with torch.no_grad():
         return primary_output(model(ids, use_cache=False) if hasattr(model.config, "use_cache") else model(ids))
 
 
-def tiny(family, seed=0):
-    return tiny_family(family, seed=seed, **MIXERS[family])
+def tiny(family, seed=0, options=None):
+    return tiny_family(family, seed=seed, **(options or MIXERS[family]))
 
 
 def block_linears(model):
@@ -79,3 +98,36 @@ def test_hybrid_mixers_prune_export_folded_and_reload(family, tmp_path):
     for name, why in report.kept_dense.items():
         assert torch.equal(dict(model.named_parameters())[name], kept[name]), name
     assert any(why == "convolution over positions" for why in report.kept_dense.values())
+
+
+@pytest.mark.parametrize("family", sorted(EXPERTS))
+def test_every_expert_layout_splits_into_views_that_compute_the_packed_output(family):
+    model = tiny(family, options=EXPERTS[family])
+    expected = output(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with experts_as_linears(model) as names:
+        assert names
+        torch.testing.assert_close(output(model), expected, atol=1e-5, rtol=1e-5)
+        linears = [m for name in names for m in model.get_submodule(name).modules() if is_linear(m)]
+        with torch.no_grad():
+            for linear in linears:
+                linear.weight.mul_(2.0)  # written through the views into the packed tensors
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(torch.equal(p, 2 * before[name]) for name, p in model.named_parameters() if name in changed)
+    assert sum(before[name].numel() for name in changed) == sum(linear.weight.numel() for linear in linears)
+
+
+@pytest.mark.parametrize("family", sorted(EXPERTS))
+def test_every_expert_layout_prunes_exports_folded_and_reloads(family, tmp_path):
+    model = tiny(family, options=EXPERTS[family])
+    routers = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report, record = prune_export_reload(family, model, tmp_path)
+    assert report.dense and record.report.dense == report.dense
+    for name, p in model.named_parameters():
+        if name.rpartition(".")[0] in report.dense or name in report.kept_dense:
+            assert torch.equal(p, routers[name]), name
+    if family == "ernie4_5_moe":
+        assert report.kept_dense == {f"model.layers.{i}.mlp.gate.moe_statics.e_score_correction_bias":
+                                     "router state of mlp.gate (routing only)" for i in range(2)}
+    shared = [layer.name for layer in report.layers if "shared" in layer.name]
+    assert bool(shared) == (family in ("llama4_text", "ernie4_5_moe", "nemotron_h"))

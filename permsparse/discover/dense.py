@@ -20,7 +20,8 @@ from torch import nn
 from .linears import is_linear, is_packed_experts
 
 CONVOLUTION = "convolution over positions"
-OWN = "parameter of {module}'s own computation (state space / recurrence), not a linear layer's"
+STATE = "state-space / recurrence parameter of {module}, not a linear layer's"
+OWN = "parameter of {module}'s own computation (a bias or scale outside its linears)"
 NORM = "norm inside {module}, acting on its own channels"
 ROUTER = "router state of {router} (routing only)"
 PER_LAYER = "embedding of the per-layer inputs, not a linear layer"
@@ -79,7 +80,8 @@ def kept_dense(block: nn.Module, routers: tuple[str, ...] = ()) -> tuple[KeptDen
                 if parent is not None:
                     found.append(KeptDense(full, NORM.format(module=type(parent).__name__)))
             else:
-                found.append(KeptDense(full, OWN.format(module=type(module).__name__)))
+                recurrent = _in_mixer_with_convolution(owners, name)
+                found.append(KeptDense(full, (STATE if recurrent else OWN).format(module=type(module).__name__)))
     if packed:
         raise NotUnderstood(f"packed weights that are split into no linear layer: {', '.join(packed[:4])}"
                             f"{' ...' if len(packed) > 4 else ''}")
@@ -99,3 +101,12 @@ def _owner_with_own_state(owners: dict[str, nn.Module], name: str) -> nn.Module 
         if any(isinstance(m, nn.modules.conv._ConvNd) for m in parent.children()):
             return parent
     return None
+
+
+def _in_mixer_with_convolution(owners: dict[str, nn.Module], name: str) -> bool:
+    """Whether the module ``name`` or one enclosing it inside the block holds a convolution over positions:
+    a state-space or gated linear-attention mixer, whose own parameters (decay, skip, step) act along the
+    recurrence."""
+    parts = name.split(".")
+    return any(any(isinstance(m, nn.modules.conv._ConvNd) for m in owners[".".join(parts[:end])].modules())
+               for end in range(len(parts), 0, -1) if ".".join(parts[:end]) in owners)
