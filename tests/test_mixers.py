@@ -52,6 +52,16 @@ EXPERTS = {
                    "num_experts_per_tok": 2, "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32},
 }
 
+# Per-layer inputs (a slice of a second embedding for every block, gated into the stream).
+PER_LAYER = {
+    "gemma4_text": {"num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 16, "vocab_size_per_layer_input": 512,
+                    "hidden_size_per_layer_input": 16, "layer_types": ["full_attention"] * 2},
+    "gemma3n_text": {"num_key_value_heads": 2, "head_dim": 16, "num_kv_shared_layers": 0,
+                     "vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 16, "laurel_rank": 8,
+                     "activation_sparsity_pattern": [0.0, 0.0], "layer_types": ["sliding_attention", "full_attention"],
+                     "sliding_window": 16},
+}
+
 
 def output(model, ids=INPUT):
     with torch.no_grad():
@@ -71,10 +81,11 @@ def block_linears(model):
                 for name, m in blocks.named_modules() if is_linear(m)}
 
 
-def prune_export_reload(family, model, tmp_path, config=PruneConfig(permutation=Search("ria"), binding="global")):
+def prune_export_reload(family, model, tmp_path, config=PruneConfig(permutation=Search("ria"), binding="global"),
+                        windows=CALIB[:4]):
     """Prune, export folded, check, reload with plain transformers: the logits of the pruned model, and every
     pruned linear at least half zero; returns the report and the record."""
-    report = prune(model, None, config, windows=CALIB[:4], holdout=HOLDOUT[:2], progress=False)
+    report = prune(model, None, config, windows=windows, holdout=HOLDOUT[:2], progress=False)
     expected = output(model)
     folder = export_checkpoint(model, None, tmp_path / "folded", config, report, export=ExportConfig("folded"))
     assert check_checkpoint(folder).ok
@@ -131,3 +142,74 @@ def test_every_expert_layout_prunes_exports_folded_and_reloads(family, tmp_path)
                                      "router state of mlp.gate (routing only)" for i in range(2)}
     shared = [layer.name for layer in report.layers if "shared" in layer.name]
     assert bool(shared) == (family in ("llama4_text", "ernie4_5_moe", "nemotron_h"))
+
+
+@pytest.mark.parametrize("family", sorted(PER_LAYER))
+def test_per_layer_inputs_are_block_arguments_repeated_per_window(family, tmp_path):
+    """Gemma's per-layer inputs reach every block as an argument with a slice per window: captured once, repeated
+    to every batch, so batches of 8 prune as batches of 1 do; the export reloads exactly."""
+    from dataclasses import replace
+
+    from permsparse.sparsity.statistics import capture_block_inputs
+
+    model, one = tiny(family, options=PER_LAYER[family]), tiny(family, options=PER_LAYER[family])
+    _, kwargs = capture_block_inputs(model, adapter_for(model), CALIB)
+    assert kwargs.per_window
+    config = PruneConfig(permutation=Search("ria"), binding="global")
+    report, _ = prune_export_reload(family, model, tmp_path, config)
+    prune(one, None, replace(config, calibration=replace(config.calibration, batch_size=1)), windows=CALIB[:4],
+          holdout=HOLDOUT[:2], progress=False)
+    for layer in report.layers:
+        torch.testing.assert_close(model.get_submodule(layer.name).weight, one.get_submodule(layer.name).weight)
+
+
+@pytest.mark.parametrize("score", ["sparsegpt", "admm"])
+def test_weight_updates_prune_a_hybrid_model(score, tmp_path):
+    """SparseGPT and ADMM update the kept weights of a gated-DeltaNet model's linears on their inputs: in the
+    first block (whose inputs the dense model gives), every updated linear is closer to the dense outputs on the
+    calibration windows than the dense weights under the same mask, and the export reloads."""
+    dense, model = tiny("qwen3_5_text"), tiny("qwen3_5_text")
+    inputs, handles = {}, []
+    for name, module in dense.model.layers[0].named_modules():
+        if is_linear(module):
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, name=name: None if name in inputs else
+                inputs.update({name: args[0].detach().reshape(-1, args[0].shape[-1])})))
+    output(dense, CALIB)
+    for handle in handles:
+        handle.remove()
+    config = PruneConfig(score=score, permutation=Search("ria"), binding="shared")
+    report, _ = prune_export_reload("qwen3_5_text", model, tmp_path, config, windows=CALIB)
+    assert report.weights_updated
+    for name, x in inputs.items():
+        w = dense.model.layers[0].get_submodule(name).weight.detach()
+        updated = model.model.layers[0].get_submodule(name).weight.detach()
+        masked = w * (updated != 0)
+        error = ((x @ (w - updated).T).square().sum(), (x @ (w - masked).T).square().sum())
+        assert not torch.equal(updated, masked) and error[0] < error[1], name
+
+
+def test_the_conversion_policy_knows_the_mixers_linears():
+    """A pruned state-space model's in/out projections are 2:4 in storage order and the policy converts them
+    where 2:4 is cheaper; without a GPU every one stays dense with the reason, nothing fails."""
+    import warnings
+
+    from permsparse.deploy import deploy
+    from permsparse.deploy.format import format_problem
+    from permsparse.deploy.policy import plan
+
+    model = tiny("mamba2")
+    report = prune(model, None, PruneConfig(), windows=CALIB[:4], progress=False)
+    names = [layer.name for layer in report.layers]
+    assert {name.rpartition(".")[2] for name in names} == {"in_proj", "out_proj"}
+    shapes = {name: tuple(linear_weight(model.get_submodule(name)).shape) for name in names}
+    assert all(format_problem(linear_weight(model.get_submodule(name)).half()) == "" for name in names)
+    costs = {(o, i, 2048, "float16", kernel): ms for o, i in shapes.values()
+             for kernel, ms in (("dense", 1.0), ("cusparselt", 0.6), ("triton", 0.9))}
+    chosen = plan(shapes, "float16", {2048: 1.0}, costs, lambda o, i: {"cusparselt": "", "triton": ""})
+    assert chosen.converted == names
+    if not torch.cuda.is_available():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = deploy(model, names)
+        assert not result["converted"] and set(result["not_converted"]) == set(names)
