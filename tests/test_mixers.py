@@ -145,16 +145,21 @@ def test_every_expert_layout_prunes_exports_folded_and_reloads(family, tmp_path)
 
 
 @pytest.mark.parametrize("family", sorted(PER_LAYER))
-def test_per_layer_inputs_are_block_arguments_repeated_per_window(family, tmp_path):
-    """Gemma's per-layer inputs reach every block as an argument with a slice per window: captured once, repeated
-    to every batch, so batches of 8 prune as batches of 1 do; the export reloads exactly."""
+def test_per_layer_inputs_are_block_arguments_captured_per_window(family, tmp_path):
+    """Gemma's per-layer inputs reach every block as an argument made from each window's tokens: captured for
+    every window and block, each call takes its windows' slice, so batches of 8 prune as batches of 1 do; the
+    export reloads exactly."""
     from dataclasses import replace
 
     from permsparse.sparsity.statistics import capture_block_inputs
 
     model, one = tiny(family, options=PER_LAYER[family]), tiny(family, options=PER_LAYER[family])
-    _, kwargs = capture_block_inputs(model, adapter_for(model), CALIB)
-    assert kwargs.per_window
+    _, kwargs = capture_block_inputs(model, adapter_for(model), CALIB, batch_size=3)
+    per_layer = [kwargs.for_block(i)["per_layer_input"] for i in range(2)]
+    assert kwargs.windowed == {"per_layer_input": 0} and per_layer[0].shape[0] == len(CALIB)
+    assert not torch.equal(per_layer[0], per_layer[1])  # each block its own slice
+    windows = kwargs.windows(slice(2, 5)).for_block(1)
+    assert torch.equal(windows.batch(2, 1)["per_layer_input"], per_layer[1][3:5])
     config = PruneConfig(permutation=Search("ria"), binding="global")
     report, _ = prune_export_reload(family, model, tmp_path, config)
     prune(one, None, replace(config, calibration=replace(config.calibration, batch_size=1)), windows=CALIB[:4],
