@@ -256,4 +256,6 @@ def test_weights_of_no_linear_are_kept_dense_with_their_reason():
     kept = {part.name: part.reason for part in adapter_for(tiny_family("mamba", time_step_rank=8, state_size=16)).kept_dense}
     state = "state-space / recurrence parameter of MambaMixer, not a linear layer's"
     assert kept == {"mixer.A_log": state, "mixer.D": state,
-                    "mixer.conv1d.weight": "convolution over positions", "mixer.conv1d.bias": "convolution over positions"}
+                    "mixer.conv1d.weight": "convolution over positions", "mixer.conv1d.bias": "convolution over positions",
+                    **{f"mixer.dt_proj.{p}": "a linear's weight that mixer uses itself (never called as a module): no "
+                                             "statistics of its inputs" for p in ("weight", "bias")}}

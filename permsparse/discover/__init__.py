@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .dense import KeptDense, kept_dense
+from .dense import KeptDense, kept_dense, uncalled_linears
 from .experts import ExpertLinears, every_expert_runs, experts_as_linears, is_packed_experts, routers
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, stored_layout
 from .structure import (Adapter, AttentionGeometry, Hints, OutputSlice, attention_geometry, blocks_config, head_permutation,
@@ -140,7 +140,8 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
             embedding_norms=outside.embedding_norms, input_projection=outside.input_projection,
             final_norms=outside.final_norms, output_readers=outside.output_readers,
             stream_parameters=outside.stream_parameters, geometry=attention_geometry(model.config, hints),
-            routers=block_routers, kept_dense=kept_dense(model.get_submodule(blocks_path)[0], block_routers))
+            routers=block_routers, kept_dense=kept_dense(model.get_submodule(blocks_path)[0], block_routers)
+            + uncalled_linears(model.get_submodule(blocks_path)[0], block.linears + block_routers))
         consumers = [(rel, feeds) for rel, feeds in block.feeds if rel not in readers and rel not in block_routers]
         names = [f"{blocks_path}.{i}.{rel}" for i in range(count) for rel, _ in consumers]
         probe = Probe(model, probe_data, names)

@@ -25,6 +25,7 @@ OWN = "parameter of {module}'s own computation (a bias or scale outside its line
 NORM = "norm inside {module}, acting on its own channels"
 ROUTER = "router state of {router} (routing only)"
 PER_LAYER = "embedding of the per-layer inputs, not a linear layer"
+UNCALLED = "a linear's weight that {owner} uses itself (never called as a module): no statistics of its inputs"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,14 @@ def kept_dense(block: nn.Module, routers: tuple[str, ...] = ()) -> tuple[KeptDen
         raise NotUnderstood(f"packed weights that are split into no linear layer: {', '.join(packed[:4])}"
                             f"{' ...' if len(packed) > 4 else ''}")
     return tuple(found)
+
+
+def uncalled_linears(block: nn.Module, called: tuple[str, ...]) -> tuple[KeptDense, ...]:
+    """The parameters of the linears of ``block`` that the traced forward pass never called: their owner uses
+    the weight itself (Mamba's ``dt_proj.weight @ x``), so no hook sees their inputs and no statistics exist."""
+    return tuple(KeptDense(f"{name}.{pname}", UNCALLED.format(owner=name.rpartition(".")[0] or "the block"))
+                 for name, module in block.named_modules() if is_linear(module) and name not in called
+                 for pname, _ in module.named_parameters(recurse=False))
 
 
 def _owner_with_own_state(owners: dict[str, nn.Module], name: str) -> nn.Module | None:

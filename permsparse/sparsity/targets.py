@@ -24,6 +24,7 @@ def select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig) -> t
     """
     m = config.nm[1] if config.nm else None
     known = {name for group in adapter.input_groups for name in group} | set(adapter.routers)
+    known |= {part.name.rpartition(".")[0] for part in adapter.kept_dense}  # a linear kept dense is not a target
     per_block, indivisible = [], []
     for i, block in enumerate(adapter.blocks(model)):
         prefix = f"{adapter.blocks_path}.{i}."
