@@ -64,11 +64,10 @@ EXPERTS = {
 PER_LAYER = {
     "gemma4_text": {"num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 16, "vocab_size_per_layer_input": 512,
                     "hidden_size_per_layer_input": 16, "layer_types": ["full_attention"] * 2},
-    "gemma3n_text": {"num_key_value_heads": 2, "head_dim": 16, "num_kv_shared_layers": 0,
-                     "vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 16, "laurel_rank": 8,
-                     "activation_sparsity_pattern": [0.0, 0.0], "layer_types": ["sliding_attention", "full_attention"],
-                     "sliding_window": 16},
 }
+GEMMA3N = {"num_key_value_heads": 2, "head_dim": 16, "num_kv_shared_layers": 0, "vocab_size_per_layer_input": 512,
+           "hidden_size_per_layer_input": 16, "laurel_rank": 8, "activation_sparsity_pattern": [0.0, 0.0],
+           "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16}
 
 
 def output(model, ids=INPUT):
@@ -150,6 +149,16 @@ def test_every_expert_layout_prunes_exports_folded_and_reloads(family, tmp_path)
                                      "router state of mlp.gate (routing only)" for i in range(2)}
     shared = [layer.name for layer in report.layers if "shared" in layer.name]
     assert bool(shared) == (family in ("llama4_text", "ernie4_5_moe", "nemotron_h"))
+
+
+def test_gemma3n_is_refused_in_one_line_naming_its_four_copies_of_the_stream():
+    """Gemma 3n's AltUp keeps four copies of the residual stream, made by three projections of the embeddings:
+    refused before any work, naming them (per-layer inputs alone, as Gemma 4 has them, prune)."""
+    from permsparse.discover import NotUnderstood
+
+    with pytest.raises(NotUnderstood, match=r"^the first block's input comes from several linears "
+                                            r"\(model\.altup_projections\.0, model\.altup_projections\.1, "):
+        adapter_for(tiny("gemma3n_text", options=GEMMA3N))
 
 
 @pytest.mark.parametrize("family", sorted(PER_LAYER))

@@ -7,7 +7,7 @@ is pruned, and none is moved by a permutation (discovery verifies every fold and
 them in place, so whatever they would break is found there). Each is recognised from the model – the
 module that owns it, its shape – and listed with why it stays dense, so the record says what was left.
 
-What cannot be kept dense silently is refused: weights of three or more axes that look like packed experts
+What cannot be kept dense silently is named, to be refused: weights of three or more axes that look like packed experts
 (one matrix per expert, not split into linears) would leave most of a mixture-of-experts model unpruned.
 """
 from __future__ import annotations
@@ -51,10 +51,17 @@ def _looks_packed(module: nn.Module, param: torch.Tensor) -> bool:
 def kept_dense(block: nn.Module, routers: tuple[str, ...] = ()) -> tuple[KeptDense, ...]:
     """Every parameter of ``block`` that no linear owns and no norm on the residual stream is, with the reason
     it stays dense (``routers``: block-relative modules of mixture-of-experts routers, whose other state is
-    listed as theirs). Vectors of plain norms and scales of the block are not listed (nothing to prune).
-    Raises :class:`NotUnderstood` for packed weights left unsplit."""
-    from .trace import NotUnderstood
+    listed as theirs). Vectors of plain norms and scales of the block are not listed (nothing to prune), nor
+    packed weights left unsplit (:func:`unsplit_weights` names them: they are refused)."""
+    return _classified(block, routers)[0]
 
+
+def unsplit_weights(block: nn.Module, routers: tuple[str, ...] = ()) -> list[str]:
+    """Packed weights of ``block`` that no layout split into linears, named with their module and shape."""
+    return _classified(block, routers)[1]
+
+
+def _classified(block: nn.Module, routers: tuple[str, ...]) -> tuple[tuple[KeptDense, ...], list[str]]:
     found, packed = [], []
     owners = {name: module for name, module in block.named_modules()}
     for name, module in block.named_modules():
@@ -83,10 +90,7 @@ def kept_dense(block: nn.Module, routers: tuple[str, ...] = ()) -> tuple[KeptDen
             else:
                 recurrent = _in_mixer_with_convolution(owners, name)
                 found.append(KeptDense(full, (STATE if recurrent else OWN).format(module=type(module).__name__)))
-    if packed:
-        raise NotUnderstood(f"packed weights that are split into no linear layer: {', '.join(packed[:4])}"
-                            f"{' ...' if len(packed) > 4 else ''}")
-    return tuple(found)
+    return tuple(found), packed
 
 
 def uncalled_linears(block: nn.Module, called: tuple[str, ...]) -> tuple[KeptDense, ...]:

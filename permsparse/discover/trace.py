@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .dense import unsplit_weights
 from .linears import is_linear, is_packed_experts
 from .towers import find_towers, main_input
 
@@ -97,8 +98,6 @@ def find_blocks(model: nn.Module) -> str:
 def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()) -> None:
     """Every block holds the same linears, and no packed expert weights left unsplit (every other weight of no
     linear stays dense: :func:`permsparse.discover.dense.kept_dense`; ``dense``: full names of routers)."""
-    from .dense import kept_dense
-
     blocks = model.get_submodule(blocks_path)
     packed = []
     for name, module in blocks.named_modules():
@@ -111,10 +110,10 @@ def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()
                             "permsparse.discover.experts_as_linears)")
     for i, block in enumerate(blocks):
         prefix = f"{blocks_path}.{i}."
-        try:
-            kept_dense(block, tuple(d.removeprefix(prefix) for d in dense if d.startswith(prefix)))
-        except NotUnderstood as err:
-            raise NotUnderstood(f"{blocks_path}.{i}: {err}") from None
+        unsplit = unsplit_weights(block, tuple(d.removeprefix(prefix) for d in dense if d.startswith(prefix)))
+        if unsplit:
+            raise NotUnderstood(f"{blocks_path}.{i}: packed weights that are split into no linear layer: "
+                                f"{', '.join(unsplit[:4])}{' ...' if len(unsplit) > 4 else ''}")
 
     def layout(block: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, tuple(m.weight.shape)) for n, m in block.named_modules() if is_linear(m)]
