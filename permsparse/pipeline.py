@@ -428,7 +428,8 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
     for i in blocks:
         with block_on(run.blocks[i], run.device):  # an offloaded block visits the device
             block, name, arguments = run.blocks[i], run.name(i), block_arguments(kwargs, i)
-            training, held_out = window_arguments(arguments, slice(0, count)), window_arguments(arguments, slice(count, None))
+            training = window_arguments(arguments, slice(0, count))
+            held_out = window_arguments(arguments, slice(count, None))
             with run.report.timed("statistics"):
                 stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], training,
                                                        needs_gram(config.start) or config.updates

@@ -6,7 +6,7 @@ import torch
 
 from permsparse import ExportConfig, PruneConfig, Search, check_checkpoint, export_checkpoint, prune
 from permsparse.checkpoint.record import read_record
-from permsparse.discover import discover, experts_as_linears, is_linear, linear_weight, primary_output
+from permsparse.discover import experts_as_linears, is_linear, linear_weight, primary_output
 from permsparse.discover.adapters import adapter_for
 
 from .conftest import CALIB, HOLDOUT, INPUT, reload, tiny_family
@@ -235,3 +235,16 @@ def test_the_conversion_policy_knows_the_mixers_linears():
             warnings.simplefilter("ignore", RuntimeWarning)
             result = deploy(model, names)
         assert not result["converted"] and set(result["not_converted"]) == set(names)
+
+
+def test_a_record_written_before_kept_dense_reads_with_none(tmp_path):
+    import json
+
+    model = tiny("lfm2")
+    prune_export_reload("lfm2", model, tmp_path)
+    path = tmp_path / "folded" / "permsparse.json"
+    data = json.loads(path.read_text())
+    assert data["report"]["kept_dense"]
+    del data["report"]["kept_dense"]
+    path.write_text(json.dumps(data))
+    assert read_record(tmp_path / "folded").report.kept_dense == {}

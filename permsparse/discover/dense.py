@@ -7,8 +7,9 @@ is pruned, and none is moved by a permutation (discovery verifies every fold and
 them in place, so whatever they would break is found there). Each is recognised from the model – the
 module that owns it, its shape – and listed with why it stays dense, so the record says what was left.
 
-What cannot be kept dense silently is named, to be refused: weights of three or more axes that look like packed experts
-(one matrix per expert, not split into linears) would leave most of a mixture-of-experts model unpruned.
+What cannot be kept dense silently is named, to be refused: weights of three or more axes that look like
+packed experts (one matrix per expert, not split into linears) would leave most of a mixture-of-experts model
+unpruned.
 """
 from __future__ import annotations
 

@@ -233,7 +233,8 @@ def _split_gated(packed: nn.Module, arguments: tuple[str, ...]) -> tuple[list[Ex
         transposed = gate_up.shape[1] == down.shape[2] if transposed is None else transposed
     else:
         return [], "no _apply_gate method says how its gate and up projections combine"
-    if getattr(packed, "has_bias", False) and not all(hasattr(packed, f"{n}_bias") for n in ("gate_up_proj", "down_proj")):
+    if getattr(packed, "has_bias", False) and not all(hasattr(packed, f"{n}_bias")
+                                                      for n in ("gate_up_proj", "down_proj")):
         return [], "has_bias is set but gate_up_proj_bias/down_proj_bias are missing"
     return _split_views(packed, gate_up, None, down, combine, bool(transposed), concatenated), ""
 

@@ -262,8 +262,8 @@ def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: Atte
         with torch.no_grad():
             for i in range(0, data.holdout_inputs.shape[0], learned.windows_per_step):
                 part = slice(i, i + learned.windows_per_step)
-                a, b = terms(weights, data.holdout_inputs[part], data.holdout_targets[part],
-                             window_arguments(data.kwargs if data.holdout_kwargs is None else data.holdout_kwargs, part))
+                held = data.kwargs if data.holdout_kwargs is None else data.holdout_kwargs
+                a, b = terms(weights, data.holdout_inputs[part], data.holdout_targets[part], window_arguments(held, part))
                 sums += torch.tensor([float(a), float(b)], dtype=torch.float64)
         num, den = distributed.sum_(sums).tolist()
         return num / max(den, 1e-12)
