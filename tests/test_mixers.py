@@ -248,3 +248,17 @@ def test_a_record_written_before_kept_dense_reads_with_none(tmp_path):
     del data["report"]["kept_dense"]
     path.write_text(json.dumps(data))
     assert read_record(tmp_path / "folded").report.kept_dense == {}
+
+
+@pytest.mark.parametrize("scope", ["e2e", "blockwise"])
+def test_the_learned_permutation_runs_on_a_gated_deltanet_model_and_keeps_its_best(scope, tmp_path):
+    """Learned from RIA's start on a Qwen3.5-like model (every layer a gated DeltaNet): the kept permutations are
+    the best judged on the held-out windows, never worse than the start, and the export reloads."""
+    from permsparse import Learned
+
+    learned = Learned(init="ria", steps=4, judge_every=2, tile=16, scope=scope)
+    report, _ = prune_export_reload("qwen3_5_text", tiny("qwen3_5_text"), tmp_path,
+                                    PruneConfig(permutation=learned, binding="shared"))
+    assert report.training
+    for record in report.training:
+        assert record.best_judged == min(value for _, value in record.judged) <= record.init_judged
