@@ -175,6 +175,7 @@ def test_per_layer_inputs_are_block_arguments_captured_per_window(family, tmp_pa
     per_layer = [kwargs.for_block(i)["per_layer_input"] for i in range(2)]
     assert kwargs.windowed == {"per_layer_input": 0} and per_layer[0].shape[0] == len(CALIB)
     assert not torch.equal(per_layer[0], per_layer[1])  # each block its own slice
+    assert "by model.per_layer_model_projection" in adapter_for(model).stream_problem  # it reads the embeddings
     windows = kwargs.windows(slice(2, 5)).for_block(1)
     assert torch.equal(windows.batch(2, 1)["per_layer_input"], per_layer[1][3:5])
     config = PruneConfig(permutation=Search("ria"), binding="global")

@@ -158,7 +158,7 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
                 attn_output = rel if attention else attn_output
         adapter = replace(adapter, producers=tuple(producers), not_foldable=tuple(not_foldable),
                           attn_output=attn_output)
-        problem = stream_problem(probe, adapter, outside.output_is_stream, outside.unplaced)
+        problem = stream_problem(probe, adapter, outside.output_is_stream, outside.unplaced, outside.side_readers)
     towers = find_towers(model)
     if towers is not None and not problem:  # the text-only probe does not show the image path into the stream
         problem = (f"image features from {towers.vision} enter the residual stream of {towers.language} outside its "

@@ -334,6 +334,7 @@ class ModelFacts:
     output_is_stream: bool
     stream_parameters: tuple[str, ...] = ()
     unplaced: tuple[str, ...] = ()
+    side_readers: tuple[str, ...] = ()  # linears outside the blocks reading the embeddings besides the stream
 
 
 def _stream_parameters(model: nn.Module, traced: Traced, stops: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -376,6 +377,8 @@ def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFact
         if found == {LAST}:
             readers.append(name)
             after |= marked
+    side = [name for name, (_, node, _) in outside.items() if name not in readers and name not in projections
+            and reach(node, {**linear_stops, **traced.embeddings})[0] & set(embeddings)]
     found, marked = reach(traced.output.grad_fn, {**linear_stops, **last}, norm_marks)
     output_is_stream = LAST in found
     if output_is_stream:
@@ -383,4 +386,4 @@ def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFact
     return ModelFacts(token if not projections and token in embeddings else "",
                       tuple(e for e in embeddings if e != token), ordered(before),
                       projections[0] if projections else "", ordered(after), ordered(readers), output_is_stream,
-                      parameters, unplaced)
+                      parameters, unplaced, ordered(side))
