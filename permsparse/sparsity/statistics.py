@@ -23,8 +23,8 @@ class BlockArguments(dict):
     shape ``(batch * heads, ...)``, a mask a model checks against the batch) are repeated to the batch a
     call runs: ``block(x, **arguments.batch(len(x)))``; the others broadcast as captured.
 
-    Arguments made from each window's own tokens and different in every block (Gemma's per-layer inputs, a
-    slice of a second embedding for every block) are ``windowed``: captured for every calibration window and every block, held along their
+    Arguments made from each window's own tokens (Gemma's per-layer inputs, a slice of a second embedding for
+    every block; the embeddings Zamba2 hands every block beside the stream) are ``windowed``: captured for every calibration window and every block, held along their
     window axis; :meth:`for_block` gives a block's, :meth:`windows` those of some windows, and a call on
     windows ``start .. start + size`` of them takes ``arguments.batch(size, start)``."""
 
@@ -120,9 +120,9 @@ def capture_block_inputs(
     to their parameter names. They are the same for every window of one length, so they are captured
     once, with batch 1, and broadcast over larger batches later; one that a model builds per window of the
     batch is captured with two windows too, to be repeated to each batch (:class:`BlockArguments`). One made
-    from each window's own tokens and different in every block (per-layer inputs) is captured for every window
-    and block. Any other argument that differs between windows, or grows with the batch otherwise, stops the
-    run in one line.
+    from each window's own tokens (per-layer inputs, different in every block; hidden states handed to every
+    block) is captured for every window and block. Any other argument that differs between windows (positions
+    or masks), or grows with the batch otherwise, stops the run in one line.
     """
     first = adapter.blocks(model)[0]
     signature = inspect.signature(first.forward)
@@ -172,10 +172,14 @@ def capture_block_inputs(
             per_window[name] = axis
     blocks = _every_block(model, adapter, samples, batch_size, windowed) if windowed else []
     shared = [name for name in windowed if all(torch.equal(block[name], blocks[0][name]) for block in blocks[1:])]
-    if shared:  # positions or masks that move with each window's content, the same in every block
-        raise ValueError(f"the blocks of {type(model).__name__} receive a {shared[0]} that differs between calibration "
+    states = [name for name in shared if blocks[0][name].shape[1:] == hidden[0].shape[1:]]
+    moving = [name for name in shared if name not in states]
+    if moving:  # positions or masks that move with each window's content, the same in every block
+        raise ValueError(f"the blocks of {type(model).__name__} receive a {moving[0]} that differs between calibration "
                          "windows (with images: positions or attention masks that depend on where the images "
                          "are); calibrate its language tower on text")
+    for block in blocks[1:]:  # the embeddings every block reads beside the stream (Zamba2): held once
+        block.update({name: blocks[0][name] for name in states})
     values = {k: v for k, v in kwargs.items() if k not in drop} | (blocks[0] if blocks else {})
     return torch.cat(hidden), BlockArguments(values, per_window, windowed, blocks)
 
