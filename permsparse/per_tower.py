@@ -73,6 +73,7 @@ def prefixed(report: PruneReport, prefix: str) -> PruneReport:
                for site in report.sites],
         training=[dataclasses.replace(t, scope=name(t.scope)) for t in report.training],
         skipped=[name(n) for n in report.skipped], dense=[name(n) for n in report.dense],
+        kept_dense={name(n): why for n, why in report.kept_dense.items()},
         uncalibrated=[name(n) for n in report.uncalibrated], kept_start=[name(n) for n in report.kept_start],
         quantized=[dataclasses.replace(q, name=name(q.name)) for q in report.quantized],
         unquantized=[name(n) for n in report.unquantized])
@@ -86,11 +87,12 @@ def merged(reports: list[PruneReport]) -> PruneReport:
                               training=list(first.training), skipped=list(first.skipped), dense=list(first.dense),
                               uncalibrated=list(first.uncalibrated), kept_start=list(first.kept_start),
                               quantized=list(first.quantized), unquantized=list(first.unquantized),
-                              stages=dict(first.stages))
+                              stages=dict(first.stages), kept_dense=dict(first.kept_dense))
     for report in rest:
         for part in ("layers", "sites", "training", "skipped", "dense", "uncalibrated", "kept_start", "quantized",
                      "unquantized"):
             getattr(out, part).extend(getattr(report, part))
+        out.kept_dense.update(report.kept_dense)
         for stage, seconds in report.stages.items():
             out.stages[stage] = out.stages.get(stage, 0.0) + seconds
         out.seconds += report.seconds

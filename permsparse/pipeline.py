@@ -40,7 +40,8 @@ from .run.placement import Placement, arrange_model, block_on, compute_device, i
 from .run.progress import bar
 from .run.resume import Progress, pack_mask, unpack_mask
 from .sparsity.scores import compute_score
-from .sparsity.statistics import InputStats, capture_block_inputs, collect_drift, collect_input_stats, run_block
+from .sparsity.statistics import (InputStats, block_arguments, capture_block_inputs, collect_drift, collect_input_stats,
+                                  run_block, window_arguments)
 from .sparsity.targets import select_targets
 from .per_tower import merged, prefixed, reading_projector_input, tower_config
 from .train.distill import dense_weights, distill
@@ -215,10 +216,11 @@ def start_run(model: nn.Module, config: PruneConfig, state_dir, progress: bool, 
                          "--exclude may leave none too); pass --allow-dense to save it unpruned")
     if state_dir is not None and key is None:
         key = resume_key(model, None, config)
-    routers = [f"{adapter.blocks_path}.{i}.{name}" for i in range(len(adapter.blocks(model)))
-               for name in adapter.kind(i).routers]
+    blocks = range(len(adapter.blocks(model)))
+    routers = [f"{adapter.blocks_path}.{i}.{name}" for i in blocks for name in adapter.kind(i).routers]
+    kept = {f"{adapter.blocks_path}.{i}.{part.name}": part.reason for i in blocks for part in adapter.kind(i).kept_dense}
     run = Run(model, adapter, adapter.attention(model.config), config, targets,
-              PruneReport(skipped=skipped, dense=routers), Progress(state_dir, key), progress,
+              PruneReport(skipped=skipped, dense=routers, kept_dense=kept), Progress(state_dir, key), progress,
               input_device(model) if device is None else device, offloaded)
     widths = {name: linear_weight(model.get_submodule(name)).shape[1] for name in target_names(run)}
     run.report.unquantized = indivisible(config.quant, widths, config.strict)
@@ -425,20 +427,22 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
                disable=not run.show)
     for i in blocks:
         with block_on(run.blocks[i], run.device):  # an offloaded block visits the device
-            block, name = run.blocks[i], run.name(i)
+            block, name, arguments = run.blocks[i], run.name(i), block_arguments(kwargs, i)
+            training = window_arguments(arguments, slice(0, count))
+            held_out = window_arguments(arguments, slice(count, None))
             with run.report.timed("statistics"):
-                stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], kwargs,
+                stats, dense_out = collect_input_stats(block, run.readers(i), inputs[:count], training,
                                                        needs_gram(config.start) or config.updates
                                                        or config.quant.needs_hessian, name, batch)
                 if reference is not None:
-                    next_reference = collect_drift(block, run.readers(i), inputs, reference, kwargs, stats, batch)
-                dense_holdout = (run_block(block, inputs[count:], kwargs, batch) if len(inputs) > count
+                    next_reference = collect_drift(block, run.readers(i), inputs, reference, arguments, stats, batch)
+                dense_holdout = (run_block(block, inputs[count:], held_out, batch) if len(inputs) > count
                                  else inputs[count:])
             with run.report.timed("search"):
                 plan = plan_block(run, i, stats, hidden)
             starts = dict(plan.perms) if learned is not None else None
             if learned is not None and any(not site.hidden for site in plan.sites):
-                block_data = BlockData(inputs[:count], dense_out, inputs[count:], dense_holdout, kwargs)
+                block_data = BlockData(inputs[:count], dense_out, inputs[count:], dense_holdout, training, held_out)
                 with run.report.timed("learning"):
                     perms, record = learn_block(plan, block_data, config, run.geometry)
                 plan.perms.update(perms)
@@ -448,7 +452,7 @@ def prune_block_by_block(run: Run, inputs: torch.Tensor, kwargs: dict, count: in
             quantize_pruned(run, plan, masks)
             with run.report.timed("statistics"):
                 if config.calibration.propagate == "pruned":
-                    inputs = run_block(block, inputs, kwargs, batch)
+                    inputs = run_block(block, inputs, arguments, batch)
                 else:
                     inputs = torch.cat([dense_out, dense_holdout])
             if not torch.isfinite(inputs).all():
@@ -506,15 +510,16 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
     inputs, the reconstruction pass). Searched starts and the learner's state are saved as they come,
     so an interrupted run resumes with training where it stopped."""
     config = run.config
-    first = inputs[:count]
+    first, training = inputs[:count], window_arguments(kwargs, slice(0, count))
     starts = run.progress.load("starts") or {}
     plans = []
     for i in bar(range(len(run.blocks)), desc="statistics and starts", disable=not run.show):
         name = run.name(i)
         want_gram = needs_gram(config.start) and name not in starts
         with run.report.timed("statistics"):
-            stats, inputs = collect_input_stats(run.blocks[i], run.readers(i), inputs[:count], kwargs, want_gram,
-                                                name, config.calibration.batch_size)
+            stats, inputs = collect_input_stats(run.blocks[i], run.readers(i), inputs[:count],
+                                                window_arguments(block_arguments(kwargs, i), slice(0, count)),
+                                                want_gram, name, config.calibration.batch_size)
         with run.report.timed("search"):
             plans.append(plan_block(run, i, stats, hidden, starts.get(name)))
         plans[-1].grams = {}  # the searches used them; held for every block they would not fit a large model
@@ -538,17 +543,17 @@ def prune_end_to_end(run: Run, inputs: torch.Tensor, kwargs: dict, windows: torc
         inputs = first  # GPTQ: block by block on the pruned (and quantized) model's inputs, as reconstruction does
         for i, (plan, block_masks) in enumerate(zip(bar(plans, desc="quantization", disable=not run.show), masks)):
             with run.report.timed("statistics"):
-                stats, _ = collect_input_stats(run.blocks[i], run.readers(i), inputs, kwargs, True, plan.name,
-                                               config.calibration.batch_size)
+                stats, _ = collect_input_stats(run.blocks[i], run.readers(i), inputs, block_arguments(training, i), True,
+                                               plan.name, config.calibration.batch_size)
             plan.grams = {name: stats[group[0]].gram for group in run.targets[i] for name in group}
             quantize_pruned(run, plan, block_masks)
             with run.report.timed("statistics"):
-                inputs = run_block(run.blocks[i], inputs, kwargs, config.calibration.batch_size)
+                inputs = run_block(run.blocks[i], inputs, block_arguments(training, i), config.calibration.batch_size)
         return
     inputs = first  # reconstruction: block by block on the pruned model's inputs, as SparseGPT does
     for i, plan in enumerate(bar(plans, desc="weight updates", disable=not run.show)):
         with run.report.timed("pruning"):
-            inputs = reconstruct_block(run, i, plan.perms, inputs, kwargs, hidden)
+            inputs = reconstruct_block(run, i, plan.perms, inputs, block_arguments(training, i), hidden)
 
 
 def reconstruct_block(run: Run, i: int, learned: dict[str, torch.Tensor | None], inputs: torch.Tensor, kwargs: dict,
@@ -627,8 +632,9 @@ def global_permutation(run: Run, inputs: torch.Tensor, kwargs: dict) -> torch.Te
     for i, block in enumerate(bar(run.blocks, desc="global permutation statistics", disable=not run.show)):
         readers = [g for g in run.targets[i] if all(name in run.adapter.kind(i).residual_readers for name in g)]
         with block_on(block, run.device), run.report.timed("statistics"):
-            stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs, kwargs, False,
-                                                run.name(i), config.calibration.batch_size)
+            stats, inputs = collect_input_stats(block, {g[0]: g[0] for g in readers}, inputs,
+                                                window_arguments(block_arguments(kwargs, i), slice(0, len(inputs))),
+                                                False, run.name(i), config.calibration.batch_size)
             for group in readers:
                 for name in group:
                     score = compute_score(config.host, linear_weight(block.get_submodule(name)),

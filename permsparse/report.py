@@ -105,6 +105,7 @@ class PruneReport:
     skipped: list[str] = field(default_factory=list)
     training: list[TrainingRecord] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)  # routers of mixture-of-experts layers: never pruned
+    kept_dense: dict[str, str] = field(default_factory=dict)  # parameters of no linear (full name: why), never pruned
     uncalibrated: list[str] = field(default_factory=list)  # no calibration token reached them: white-input stats
     kept_start: list[str] = field(default_factory=list)  # sites where the update kept the search, not the learned one
     distillation: DistillRecord | None = None  # the kept weights' distillation, when it ran

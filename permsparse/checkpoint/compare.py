@@ -443,6 +443,9 @@ def _layer_summary(entry: _Entry, has_identity: bool, has_errors: bool) -> str:
         parts.append(f"{len(report.skipped)} linears were left dense: " + ", ".join(report.skipped) + ".")
     if report.dense:
         parts.append(f"{len(report.dense)} mixture-of-experts routers stay dense: " + ", ".join(report.dense) + ".")
+    if report.kept_dense:
+        parts.append(f"{len(report.kept_dense)} parameters of no linear layer stay dense: "
+                     + ", ".join(f"{name} ({why})" for name, why in report.kept_dense.items()) + ".")
     if report.kept_start:
         parts.append(f"{len(report.kept_start)} sites kept the warm start's search, which the weight update "
                      "reconstructed better than the learned permutation: " + ", ".join(report.kept_start) + ".")

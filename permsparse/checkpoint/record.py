@@ -158,6 +158,9 @@ def read_record(folder: str | Path) -> CheckpointRecord:
     if version == 6 and "blocks" not in data:  # version 7 added only the kinds of the blocks
         data = {**data, "format_version": FORMAT_VERSION, "blocks": None}
         version = FORMAT_VERSION
+    report = data.get("report") if version == FORMAT_VERSION else None
+    if isinstance(report, dict) and "kept_dense" not in report:  # written before parameters of no linear were listed
+        data = {**data, "report": {**report, "kept_dense": {}}}
     if version != FORMAT_VERSION:
         raise RecordError(f"{path}: format version {version!r}, this permsparse reads version {FORMAT_VERSION}")
     return from_dict(CheckpointRecord, data, str(path))

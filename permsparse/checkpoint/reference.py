@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch import nn
 
-from ..discover import primary_output
+from ..discover import model_inputs, primary_output
 from ..data.images import reads_images
 from .record import LogitsSummary, Reference
 
@@ -52,10 +52,11 @@ def _model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def model_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of ``tokens`` or pixel values (final hidden states for a model without a head) as float32 on
-    the CPU (the model stays where it is)."""
+    the CPU (the model stays where it is), in one pass without a cache (a stack of state-space layers alone
+    cannot make the attention mask transformers builds for a cache)."""
     parameter = next(model.parameters())
     dtype = parameter.dtype if tokens.is_floating_point() else tokens.dtype
-    return primary_output(model(tokens.to(parameter.device, dtype))).float().cpu()
+    return primary_output(model(**model_inputs(model, tokens.to(parameter.device, dtype)))).float().cpu()
 
 
 def _sample_index(numel: int, seed: int) -> torch.Tensor:

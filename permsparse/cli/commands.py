@@ -131,6 +131,12 @@ def _prune_claimed(args, config: PruneConfig, export: ExportConfig, tasks: list[
                  len(record.loss), record.seconds_per_step, record.best_step, record.best_judged, moved)
     if report.dense:
         log.info("kept dense: %d mixture-of-experts routers (%s ...)", len(report.dense), report.dense[0])
+    if report.kept_dense:
+        reasons: dict[str, int] = {}
+        for why in report.kept_dense.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        log.info("kept dense: %d parameters of no linear layer (%s)", len(report.kept_dense),
+                 "; ".join(f"{count} x {why}" for why, count in reasons.items()))
     if report.uncalibrated:
         log.info("no calibration token reached %d expert linears; scored as if their inputs were white "
                  "(Wanda: by magnitude): %s", len(report.uncalibrated), ", ".join(report.uncalibrated))

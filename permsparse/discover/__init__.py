@@ -2,10 +2,12 @@
 
 :func:`discover` finds, for a Hugging Face model:
 
-- the blocks: the outermost ModuleList of modules holding linears (the largest one); a weight that
-  belongs to no linear is refused by name, except the routers of mixture-of-experts layers whose packed
-  experts are split into linears (:mod:`.experts`: discover such a model inside
-  :func:`experts_as_linears`; every expert then runs on every probe token);
+- the blocks: the outermost ModuleList of modules holding linears (the largest one). The routers of
+  mixture-of-experts layers whose packed experts are split into linears (:mod:`.experts`: discover such a
+  model inside :func:`experts_as_linears`; every expert then runs on every probe token) stay dense, and so
+  does every other weight of no linear – a state-space mixer's convolution, decay and step parameters, a
+  router's bias correction – listed with the reason (:mod:`.dense`); packed weights left unsplit are
+  refused by name;
 - the kinds of block (:class:`BlockKind`): blocks holding the same linears (names and shapes), showing
   the same facts in the traced pass and having the same routers are of one kind – a stack of dense and
   mixture-of-experts blocks, or of attention and linear-attention blocks, has several – and everything
@@ -38,6 +40,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .dense import KeptDense, kept_dense, uncalled_linears
 from .experts import ExpertLinears, every_expert_runs, experts_as_linears, is_packed_experts, routers
 from .linears import is_linear, linear_weight, permute_columns, permute_rows, permute_vector, stored_layout
 from .structure import (Adapter, AttentionGeometry, BlockKind, Hints, OutputSlice, attention_geometry, blocks_config, head_permutation,
@@ -48,7 +51,8 @@ from .trace import (INPUT, BlockFacts, NotUnderstood, Traced, block_facts, block
 from .verify import Probe, find_fold, stream_problem
 
 __all__ = [
-    "Adapter", "AttentionGeometry", "BlockKind", "ExpertLinears", "Hints", "NotUnderstood", "OutputSlice", "attention_geometry",
+    "Adapter", "AttentionGeometry", "BlockKind", "ExpertLinears", "Hints", "KeptDense", "NotUnderstood", "OutputSlice",
+    "attention_geometry",
     "discover", "experts_as_linears", "find_blocks", "head_permutation", "hidden_size", "is_linear", "is_packed_experts",
     "linear_weight", "model_inputs",
     "optional_submodule", "permute_columns", "permute_rows", "permute_vector", "TOWERS", "Towers", "TowerError", "find_towers",
@@ -89,8 +93,9 @@ def _evaluation(model: nn.Module):
 def plan_roles(model: nn.Module, blocks_path: str,
                linears: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """Residual readers and writers (block-relative) from the config's tensor-parallel plan: ``colwise*``
-    entries read the stream, ``rowwise*`` entries write it. None when there is no plan or it leaves a
-    linear of the block out."""
+    entries read the stream, ``rowwise*`` entries write it. None when there is no plan, it leaves a linear of
+    the block out or gathers a linear's output (``colwise_gather_output``: a state-space mixer's output
+    projection writes the stream under it)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     plan = getattr(config, "base_model_tp_plan", None)
     if not plan:
@@ -100,6 +105,8 @@ def plan_roles(model: nn.Module, blocks_path: str,
     readers, writers = [], []
     for rel in linears:
         styles = [style for key, style in plan.items() if fnmatch.fnmatchcase(f"{path}.0.{rel}", key)]
+        if any(s.endswith("gather_output") for s in styles):  # its output replicated: reader or writer alike
+            return None
         if any(s.startswith("colwise") for s in styles):
             readers.append(rel)
         elif any(s.startswith("rowwise") for s in styles):
@@ -134,14 +141,16 @@ def _block_kinds(blocks: nn.ModuleList, facts: list[BlockFacts],
     return kinds, [kinds.index(k) for k in range(len(keys))]
 
 
-def _kind_roles(model: nn.Module, blocks_path: str, facts: BlockFacts, routers_: tuple[str, ...]) -> BlockKind:
+def _kind_roles(model: nn.Module, blocks_path: str, block: nn.Module, facts: BlockFacts,
+                routers_: tuple[str, ...]) -> BlockKind:
     """A kind's input groups and stream roles, from its facts (and the tensor-parallel plan), without
-    routers."""
+    routers; and the parameters of its first ``block`` that stay dense."""
     readers, writers = plan_roles(model, blocks_path, facts.linears) or (facts.stream_readers, facts.writers)
     readers, writers = (tuple(n for n in names if n not in routers_) for names in (readers, writers))
     groups = tuple(g for g in (tuple(n for n in group if n not in routers_) for group in facts.groups) if g)
     return BlockKind(input_groups=groups, residual_readers=readers, residual_writers=writers, block_norms=facts.norms,
-                     routers=routers_)
+                     routers=routers_,
+                     kept_dense=kept_dense(block, routers_) + uncalled_linears(block, facts.linears + routers_))
 
 
 def _kind_folds(probe: Probe, adapter: Adapter, kind: BlockKind, members: list[int], facts: BlockFacts,
@@ -190,7 +199,7 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
         del traced  # the recorded graph is no longer needed
         adapter = Adapter(
             name=getattr(model.config, "model_type", type(model).__name__), blocks_path=blocks_path,
-            kinds=tuple(_kind_roles(model, blocks_path, facts[i], block_routers[i]) for i in firsts),
+            kinds=tuple(_kind_roles(model, blocks_path, blocks[i], facts[i], block_routers[i]) for i in firsts),
             block_kinds=tuple(block_kinds) if len(firsts) > 1 else (),
             token_embedding=outside.token_embedding, position_embeddings=outside.position_embeddings,
             embedding_norms=outside.embedding_norms, input_projection=outside.input_projection,
@@ -201,7 +210,7 @@ def discover(model: nn.Module, hints: Hints = Hints()) -> Adapter:
         kinds = tuple(_kind_folds(probe, adapter, kind, adapter.blocks_of(k, len(blocks)), facts[firsts[k]], between[k])
                       for k, kind in enumerate(adapter.kinds))
         adapter = replace(adapter, kinds=kinds)
-        problem = stream_problem(probe, adapter, outside.output_is_stream, outside.unplaced)
+        problem = stream_problem(probe, adapter, outside.output_is_stream, outside.unplaced, outside.side_readers)
     towers = find_towers(model)
     if towers is not None and not problem:  # the text-only probe does not show the image path into the stream
         problem = (f"image features from {towers.vision} enter the residual stream of {towers.language} outside its "

@@ -6,6 +6,8 @@ weight bit for bit.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -15,10 +17,32 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+ROUTED = ("hidden_states", "top_k_index", "top_k_weights")
+
+
 def is_packed_experts(module: nn.Module) -> bool:
-    """A module that stores its experts as 3-D ``gate_up_proj`` and ``down_proj`` parameters."""
+    """A module that stores its experts' projections packed: 3-D ``gate_up_proj`` (or, without a gate,
+    ``up_proj``) and ``down_proj`` parameters; one matrix per expert in a 3-D ``weight`` of a module that reads
+    the tokens sorted by expert (``forward(inputs, expert_size)``); or a module that routes tokens to experts
+    (``forward(hidden_states, top_k_index, top_k_weights)``) and holds parameters but no linear layer."""
     params = dict(module.named_parameters(recurse=False))
-    return all(name in params and params[name].dim() == 3 for name in ("gate_up_proj", "down_proj"))
+    if "down_proj" in params and params["down_proj"].dim() == 3 and any(
+            name in params and params[name].dim() == 3 for name in ("gate_up_proj", "up_proj")):
+        return True
+    if is_linear(module):
+        return False
+    arguments = _forward_arguments(module)
+    if "weight" in params and params["weight"].dim() == 3 and arguments == ("inputs", "expert_size"):
+        return True
+    return (arguments == ROUTED and any(True for _ in module.parameters())
+            and not any(is_linear(m) for m in module.modules()))
+
+
+def _forward_arguments(module: nn.Module) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(type(module).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return ()
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .dense import KeptDense
 from .linears import linear_weight, permute_columns, permute_rows, permute_vector
 from .trace import stream_axis
 
@@ -95,7 +96,8 @@ class BlockKind:
 
     The residual stream: ``residual_readers`` read it (through a norm), ``residual_writers`` add their rows
     to it, ``block_norms`` act on it. ``routers`` route tokens to mixture-of-experts linears: they stay
-    dense, and their columns read the residual stream.
+    dense, and their columns read the residual stream. ``kept_dense`` lists the parameters of no linear that
+    stay dense, with the reason (a state-space mixer's convolution and decay, a router's bias correction).
     """
 
     input_groups: tuple[tuple[str, ...], ...]
@@ -108,6 +110,7 @@ class BlockKind:
     routers: tuple[str, ...] = ()
     fold_norms: tuple[tuple[str, tuple[str, ...]], ...] = ()
     heads: AttentionGeometry | None = None
+    kept_dense: tuple[KeptDense, ...] = ()
 
     def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
         return dict(self.producers).get(consumer, ())
@@ -179,6 +182,7 @@ class Adapter:
     residual_writers = property(lambda self: self.single.residual_writers)
     block_norms = property(lambda self: self.single.block_norms)
     routers = property(lambda self: self.single.routers)
+    kept_dense = property(lambda self: self.single.kept_dense)
 
     def producers_of(self, consumer: str) -> tuple[OutputSlice, ...]:
         return self.single.producers_of(consumer)

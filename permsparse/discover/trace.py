@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .dense import unsplit_weights
 from .linears import is_linear, is_packed_experts
 from .towers import find_towers, main_input
 
@@ -95,24 +96,25 @@ def find_blocks(model: nn.Module) -> str:
 
 
 def check_blocks(model: nn.Module, blocks_path: str, dense: tuple[str, ...] = ()) -> None:
-    """No block holds a weight that is not a linear's or one of the ``dense`` modules' (full names:
-    routers); blocks may hold different linears (blocks of several kinds, :func:`block_layout`)."""
+    """No packed expert weights left unsplit, in any block (every other weight of no linear stays dense:
+    :func:`permsparse.discover.dense.kept_dense`; ``dense``: full names of routers); blocks may hold
+    different linears (blocks of several kinds, :func:`block_layout`)."""
     blocks = model.get_submodule(blocks_path)
-    packed, strange = [], []
+    packed = []
     for name, module in blocks.named_modules():
-        if is_linear(module) or f"{blocks_path}.{name}" in dense:
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3 and is_packed_experts(module):
-                packed.append(f"{blocks_path}.{name}.{pname}")
-            elif param.dim() > 1:
-                strange.append(f"{blocks_path}.{name}.{pname} ({type(module).__name__}, {tuple(param.shape)})")
+        if is_packed_experts(module) and f"{blocks_path}.{name}" not in dense:
+            packed += [f"{blocks_path}.{name}.{p}" for p, param in module.named_parameters(recurse=False)
+                       if param.dim() == 3]
     if packed:
         raise NotUnderstood(f"packed expert parameters {', '.join(packed[:4])}{' ...' if len(packed) > 4 else ''} "
                             "(3-D, mixture of experts) are not split into linears (discover them inside "
                             "permsparse.discover.experts_as_linears)")
-    if strange:
-        raise NotUnderstood(f"weights that belong to no linear layer: {', '.join(strange[:4])}")
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_path}.{i}."
+        unsplit = unsplit_weights(block, tuple(d.removeprefix(prefix) for d in dense if d.startswith(prefix)))
+        if unsplit:
+            raise NotUnderstood(f"{blocks_path}.{i}: packed weights that are split into no linear layer: "
+                                f"{', '.join(unsplit[:4])}{' ...' if len(unsplit) > 4 else ''}")
 
 
 def block_layout(block: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -139,7 +141,7 @@ def _channel_module(module: nn.Module) -> bool:
     """A module owning parameters, all of them vectors (norms, scales): it acts channel by channel."""
     params = list(module.parameters(recurse=False))
     return bool(params) and not is_linear(module) and not isinstance(module, nn.Embedding) \
-        and all(p.dim() == 1 for p in params)
+        and all(p.dim() == 1 for p in params) and not any(True for _ in module.children())
 
 
 def _fresh(tensor: torch.Tensor) -> torch.Tensor:
@@ -329,6 +331,7 @@ class ModelFacts:
     output_is_stream: bool
     stream_parameters: tuple[str, ...] = ()
     unplaced: tuple[str, ...] = ()
+    side_readers: tuple[str, ...] = ()  # linears outside the blocks reading the embeddings besides the stream
 
 
 def _stream_parameters(model: nn.Module, traced: Traced, stops: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -371,6 +374,8 @@ def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFact
         if found == {LAST}:
             readers.append(name)
             after |= marked
+    side = [name for name, (_, node, _) in outside.items() if name not in readers and name not in projections
+            and reach(node, {**linear_stops, **traced.embeddings})[0] & set(embeddings)]
     found, marked = reach(traced.output.grad_fn, {**linear_stops, **last}, norm_marks)
     output_is_stream = LAST in found
     if output_is_stream:
@@ -378,4 +383,4 @@ def model_facts(model: nn.Module, traced: Traced, blocks_path: str) -> ModelFact
     return ModelFacts(token if not projections and token in embeddings else "",
                       tuple(e for e in embeddings if e != token), ordered(before),
                       projections[0] if projections else "", ordered(after), ordered(readers), output_is_stream,
-                      parameters, unplaced)
+                      parameters, unplaced, ordered(side))

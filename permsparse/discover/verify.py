@@ -206,9 +206,11 @@ def off_width(model: nn.Module, adapter: Adapter, width: int) -> list[str]:
     return [f"{name} ({size})" for name, size in widths if size != width]
 
 
-def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool, unplaced: tuple[str, ...] = ()) -> str:
+def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool, unplaced: tuple[str, ...] = (),
+                   side_readers: tuple[str, ...] = ()) -> str:
     """Why one permutation of the whole residual stream would change the model's output; "" when a random
-    one, applied to every part found, leaves it unchanged."""
+    one, applied to every part found, leaves it unchanged. ``side_readers``: linears outside the blocks that
+    read the embeddings besides the stream (Gemma 4's per-layer projection), named when the check fails."""
     if unplaced:
         return f"the stream starts in {', '.join(unplaced)}, whose channels discovery cannot place"
     if output_is_stream:
@@ -228,4 +230,7 @@ def stream_problem(probe: Probe, adapter: Adapter, output_is_stream: bool, unpla
         permute_stream(probe.model, adapter, torch.argsort(perm))
     if probe.close(output, probe.output):
         return ""
+    if side_readers:
+        return (f"the embeddings are also read outside the blocks by {', '.join(side_readers)}, which a stream "
+                "permutation does not reach")
     return "permuting the parts found of the residual stream changes the output"

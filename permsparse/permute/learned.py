@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..run import distributed
 from ..discover.adapters import AttentionGeometry, is_linear, linear_weight, replaced_weights
-from ..sparsity.statistics import batch_arguments, block_output
+from ..sparsity.statistics import batch_arguments, block_output, window_arguments
 from ..config import Learned, PruneConfig
 from ..data.images import is_classifier
 from .objective import DenseStates, Terms, dense_states, hidden_distance, judge_model, model_terms, objective
@@ -225,6 +225,7 @@ class BlockData:
     holdout_inputs: Tensor
     holdout_targets: Tensor
     kwargs: dict
+    holdout_kwargs: dict | None = None  # the held-out windows' own, where arguments differ by window
 
 
 def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: AttentionGeometry, *,
@@ -241,16 +242,16 @@ def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: Atte
     total = int(distributed.sum_(torch.tensor(float(data.inputs.shape[0]), dtype=torch.float64)))
     schedule = _schedule(total, learned, config.calibration.seed)
 
-    def terms(weights: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def terms(weights: dict[str, Tensor], inputs: Tensor, targets: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
         with replaced_weights(block, {**fixed, **weights}):
-            out = block_output(block(inputs, **batch_arguments(data.kwargs, len(inputs))))
+            out = block_output(block(inputs, **batch_arguments(kwargs, len(inputs))))
         return hidden_distance(learned.hidden_loss, out, targets)
 
     def loss_fn(weights: dict[str, Tensor], step: int) -> Tensor:
         batch = schedule[step]
         mine = batch[batch % distributed.world() == distributed.rank()] // distributed.world()
         if len(mine):
-            num, den = terms(weights, data.inputs[mine], data.targets[mine])
+            num, den = terms(weights, data.inputs[mine], data.targets[mine], window_arguments(data.kwargs, mine))
         else:  # none of the step's windows is this process's: its share of the gradient is zero
             num = sum((w * 0).sum() for w in weights.values())
             den = torch.zeros((), device=num.device)
@@ -261,7 +262,8 @@ def learn_block(plan: Plan, data: BlockData, config: PruneConfig, geometry: Atte
         with torch.no_grad():
             for i in range(0, data.holdout_inputs.shape[0], learned.windows_per_step):
                 part = slice(i, i + learned.windows_per_step)
-                a, b = terms(weights, data.holdout_inputs[part], data.holdout_targets[part])
+                held = data.kwargs if data.holdout_kwargs is None else data.holdout_kwargs
+                a, b = terms(weights, data.holdout_inputs[part], data.holdout_targets[part], window_arguments(held, part))
                 sums += torch.tensor([float(a), float(b)], dtype=torch.float64)
         num, den = distributed.sum_(sums).tolist()
         return num / max(den, 1e-12)

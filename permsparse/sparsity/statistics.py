@@ -21,21 +21,59 @@ class BlockArguments(dict):
     """The keyword arguments every block receives besides its hidden states (rotary embeddings, masks,
     positions), captured for one window. Those that hold one slice per window of a batch (an ALiBi bias of
     shape ``(batch * heads, ...)``, a mask a model checks against the batch) are repeated to the batch a
-    call runs: ``block(x, **arguments.batch(len(x)))``; the others broadcast as captured."""
+    call runs: ``block(x, **arguments.batch(len(x)))``; the others broadcast as captured.
 
-    def __init__(self, values: dict, per_window: dict[str, int] | None = None):
+    Arguments made from each window's own tokens (Gemma's per-layer inputs, a slice of a second embedding for
+    every block; the embeddings Zamba2 hands every block beside the stream) are ``windowed``: captured for every calibration window and every block, held along their
+    window axis; :meth:`for_block` gives a block's, :meth:`windows` those of some windows, and a call on
+    windows ``start .. start + size`` of them takes ``arguments.batch(size, start)``."""
+
+    def __init__(self, values: dict, per_window: dict[str, int] | None = None, windowed: dict[str, int] | None = None,
+                 blocks: list[dict[str, torch.Tensor]] | None = None):
         super().__init__(values)
         self.per_window = per_window or {}  # name -> the axis that grows with the batch
+        self.windowed = windowed or {}  # name -> the axis holding one slice per calibration window
+        self.blocks = blocks or []  # per block: name -> that block's windowed argument, every window
 
-    def batch(self, size: int) -> dict:
-        if not self.per_window or size == 1:
+    def batch(self, size: int, start: int = 0) -> dict:
+        out = dict(self)
+        for name, axis in self.windowed.items():
+            out[name] = self[name].narrow(axis, start, size)
+        if self.per_window and size > 1:
+            out.update({name: torch.cat([self[name]] * size, dim=axis) for name, axis in self.per_window.items()})
+        return out if self.windowed or (self.per_window and size > 1) else self
+
+    def for_block(self, i: int) -> "BlockArguments":
+        if not self.windowed:
             return self
-        return {**self, **{name: torch.cat([self[name]] * size, dim=axis) for name, axis in self.per_window.items()}}
+        return BlockArguments({**self, **self.blocks[i]}, self.per_window, self.windowed, self.blocks)
+
+    def windows(self, index: slice | torch.Tensor) -> "BlockArguments":
+        if not self.windowed:
+            return self
+        def chosen(values: dict) -> dict:
+            return {name: (values[name][(slice(None),) * axis + (index,)] if isinstance(index, slice)
+                           else values[name].index_select(axis, index.to(values[name].device)))
+                    for name, axis in self.windowed.items()}
+
+        return BlockArguments({**self, **chosen(self)}, self.per_window, self.windowed,
+                              [chosen(block) for block in self.blocks])
 
 
-def batch_arguments(kwargs: dict, size: int) -> dict:
-    """``kwargs`` for a call on ``size`` windows (see :class:`BlockArguments`; a plain dict as it is)."""
-    return kwargs.batch(size) if isinstance(kwargs, BlockArguments) else kwargs
+def batch_arguments(kwargs: dict, size: int, start: int = 0) -> dict:
+    """``kwargs`` for a call on ``size`` windows starting at window ``start`` of those they hold (see
+    :class:`BlockArguments`; a plain dict as it is)."""
+    return kwargs.batch(size, start) if isinstance(kwargs, BlockArguments) else kwargs
+
+
+def block_arguments(kwargs: dict, i: int) -> dict:
+    """The arguments of block ``i`` (see :meth:`BlockArguments.for_block`; a plain dict as it is)."""
+    return kwargs.for_block(i) if isinstance(kwargs, BlockArguments) else kwargs
+
+
+def window_arguments(kwargs: dict, index: slice | torch.Tensor) -> dict:
+    """The arguments of some windows (see :meth:`BlockArguments.windows`; a plain dict as it is)."""
+    return kwargs.windows(index) if isinstance(kwargs, BlockArguments) else kwargs
 
 
 def _window_axis(one: torch.Tensor, two: torch.Tensor) -> int | None:
@@ -81,8 +119,10 @@ def capture_block_inputs(
     Other arguments (rotary embeddings, causal mask, positions), positional ones included, are bound
     to their parameter names. They are the same for every window of one length, so they are captured
     once, with batch 1, and broadcast over larger batches later; one that a model builds per window of the
-    batch is captured with two windows too, to be repeated to each batch (:class:`BlockArguments`). An
-    argument that differs between windows, or grows with the batch otherwise, stops the run in one line.
+    batch is captured with two windows too, to be repeated to each batch (:class:`BlockArguments`). One made
+    from each window's own tokens (per-layer inputs, different in every block; hidden states handed to every
+    block) is captured for every window and block. Any other argument that differs between windows (positions
+    or masks), or grows with the batch otherwise, stops the run in one line.
     """
     first = adapter.blocks(model)[0]
     signature = inspect.signature(first.forward)
@@ -110,9 +150,13 @@ def capture_block_inputs(
     finally:
         handle.remove()
     drop = {hidden_name, "cache", "past_key_values", "layer_past", "use_cache"}
-    per_window = {}
+    per_window, windowed = {}, {}
     for name, value in kwargs.items():
         if name in drop:
+            continue
+        axis = _own_window_axis(value, pair[name]) if len(samples) > 1 else None
+        if not _same(value, last[name]) and axis is not None:
+            windowed[name] = axis
             continue
         if not _same(value, last[name]):
             raise ValueError(f"the blocks of {type(model).__name__} receive a {name} that differs between calibration "
@@ -126,7 +170,61 @@ def capture_block_inputs(
                                  f"{tuple(value.shape)} for one window and {tuple(other.shape)} for two, which is not "
                                  "the first repeated: its windows cannot be replayed block by block")
             per_window[name] = axis
-    return torch.cat(hidden), BlockArguments({k: v for k, v in kwargs.items() if k not in drop}, per_window)
+    blocks = _every_block(model, adapter, samples, batch_size, windowed) if windowed else []
+    shared = [name for name in windowed if all(torch.equal(block[name], blocks[0][name]) for block in blocks[1:])]
+    states = [name for name in shared if blocks[0][name].shape[1:] == hidden[0].shape[1:]]
+    moving = [name for name in shared if name not in states]
+    if moving:  # positions or masks that move with each window's content, the same in every block
+        raise ValueError(f"the blocks of {type(model).__name__} receive a {moving[0]} that differs between calibration "
+                         "windows (with images: positions or attention masks that depend on where the images "
+                         "are); calibrate its language tower on text")
+    for block in blocks[1:]:  # the embeddings every block reads beside the stream (Zamba2): held once
+        block.update({name: blocks[0][name] for name in states})
+    values = {k: v for k, v in kwargs.items() if k not in drop} | (blocks[0] if blocks else {})
+    return torch.cat(hidden), BlockArguments(values, per_window, windowed, blocks)
+
+
+def _own_window_axis(one, two) -> int | None:
+    """The axis along which ``two`` (captured for windows 0 and 1) holds ``one`` (for window 0) and another
+    window's slice beside it: an argument made from each window's own tokens; None otherwise."""
+    if not (isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor)) or one.dim() != two.dim():
+        return None
+    for axis in range(one.dim()):
+        if (one.shape[axis] and two.shape[axis] == 2 * one.shape[axis]
+                and torch.equal(two.narrow(axis, 0, one.shape[axis]), one)):
+            return axis
+    return None
+
+
+def _every_block(model: nn.Module, adapter: Adapter, samples: torch.Tensor, batch_size: int,
+                 windowed: dict[str, int]) -> list[dict[str, torch.Tensor]]:
+    """The ``windowed`` arguments of every block, for every sample: one dense pass of the model up to its last
+    block, each block's arguments recorded as it is called."""
+    blocks = adapter.blocks(model)
+    names = [list(inspect.signature(block.forward).parameters) for block in blocks]
+    seen: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in windowed} for _ in blocks]
+
+    def hook(i):
+        def record(_module, args, kwargs):
+            bound = dict(zip(names[i], args)) | kwargs
+            for name in windowed:
+                seen[i][name].append(bound[name].detach())
+            if i == len(blocks) - 1:
+                raise _Captured
+        return record
+
+    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True, prepend=True)
+               for i, block in enumerate(blocks)]
+    try:
+        for start in range(0, samples.shape[0], batch_size):
+            try:
+                model(**model_inputs(model, samples[start:start + batch_size]))
+            except _Captured:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [{name: torch.cat(parts, dim=windowed[name]) for name, parts in block.items()} for block in seen]
 
 
 def _same(a, b) -> bool:
@@ -146,7 +244,7 @@ def block_output(out) -> torch.Tensor:
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
     """The block's outputs for all inputs, in mini-batches."""
     return torch.cat(
-        [block_output(block(inputs[i : i + batch_size], **batch_arguments(kwargs, len(inputs[i : i + batch_size]))))
+        [block_output(block(inputs[i : i + batch_size], **batch_arguments(kwargs, len(inputs[i : i + batch_size]), i)))
          for i in range(0, inputs.shape[0], batch_size)]
     )
 
@@ -235,7 +333,7 @@ def collect_drift(
     outputs = []
     with _input_hooks(block, readers, make_hook):
         for i in range(0, inputs.shape[0], batch_size):
-            arguments = batch_arguments(kwargs, len(inputs[i : i + batch_size]))
+            arguments = batch_arguments(kwargs, len(inputs[i : i + batch_size]), i)
             block(inputs[i : i + batch_size], **arguments)
             pruned = dict(seen)
             outputs.append(block_output(block(reference[i : i + batch_size], **arguments)))

@@ -27,6 +27,7 @@ def select_targets(model: nn.Module, adapter: Adapter, config: PruneConfig) -> t
     for i, block in enumerate(adapter.blocks(model)):
         prefix, kind = f"{adapter.blocks_path}.{i}.", adapter.kind(i)
         known = {name for group in kind.input_groups for name in group} | set(kind.routers)
+        known |= {part.name.rpartition(".")[0] for part in kind.kept_dense}  # a linear kept dense is not a target
         extra = tuple((name,) for name, mod in block.named_modules() if is_linear(mod) and name not in known)
         groups = []
         for group in tuple(kind.input_groups) + extra:
