@@ -14,8 +14,7 @@ def ria(scores: torch.Tensor, n: int, m: int, gen: torch.Generator, *, rounds: i
     that best completes its other ``m-1`` members: an exact linear assignment, so never a loss.
 
     The sums are float64, as the assignment's ties and near-ties need; only the groups gathered for one
-    slot are held in float64 at a time, the scores themselves stay in their own dtype (a float32 layer of
-    14336 x 4096 needs 0.2 GB for them, not two float64 copies of 0.5 GB each).
+    slot are held in float64 at a time; the scores themselves stay in their own dtype.
     """
     cols, groups = scores.shape[1], scores.shape[1] // m
     order = torch.sort(scores.double().sum(0), descending=True, stable=True).indices  # a passing copy
