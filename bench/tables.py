@@ -299,6 +299,24 @@ def render_update_cost(data: dict) -> str:
     return out
 
 
+def render_search_speed(data: dict) -> str:
+    base = data["protocol"].get("baseline")
+    heads = ["linear (out x in)", "search", "threads", "s"] + ([f"s at {base}", "speed-up", "same permutation"] if base else [])
+    rows = []
+    for r in data["results"]:
+        cells = [r["shape"], r["method"], str(r.get("threads", "?")), fmt(r["seconds"], ".1f") if r["seconds"] is not None
+                 else f"> {r['limit']:.0f}"]
+        if base:
+            cells += [fmt(r.get("baseline_seconds"), ".1f"), fmt(r.get("speedup"), ".2f"),
+                      {True: "yes", False: "no", None: "–"}[r.get("same_permutation")]]
+        rows.append(cells + [f"{r['load_before']:.1f} / {r['load_after']:.1f}" if "load_before" in r else "–"])
+    loads = [r.get("load_before", 0) for r in data["results"]] + [r.get("load_after", 0) for r in data["results"]]
+    busy = (f"The 1-minute load average reached {max(loads):.1f} on the {data['machine'].get('cpus', '?')} cores: other work "
+            "shared them (contended), so the seconds are stretched; the two columns ran one after the other.\n\n"
+            if max(loads) > (data["machine"].get("cpus") or 2) else "")
+    return header(data) + busy + table(heads + ["load before / after"], rows)
+
+
 def render_testbed_recipes(data: dict) -> str:
     trained = data.get("trained", {"rows": []})
     cost = {r["label"]: r for r in data.get("cpu_cost", {}).get("rows", [])}
@@ -401,7 +419,7 @@ def render_compressed(data: dict) -> str:
 
 RENDERERS = {"compressed": render_compressed, "demo": render_demo, "quant": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
-             "update_cost": render_update_cost, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
+             "update_cost": render_update_cost, "search_speed": render_search_speed, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 
 
 def renderer(name: str, data: dict):
