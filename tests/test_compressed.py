@@ -315,3 +315,66 @@ def test_prune_check_and_eval_a_compressed_checkpoint_from_the_command_line(tiny
     result = tmp_path / "eval.json"
     assert main(["eval", str(out), "--seqlen", "64", "--windows", "2", "--json", str(result)]) == 0
     assert json.loads(result.read_text())["perplexity"]["ppl"] > 1
+
+
+# --- GPU 2:4 modules made from the stored form (their kernels run under Triton's interpreter here) -----------------
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The Triton kernels of permsparse.deploy.triton_decode run by Triton's CPU interpreter (skipped without Triton,
+    or when this process defined them for a GPU)."""
+    import importlib
+    import os
+
+    pytest.importorskip("triton")
+    defined = sys.modules.get("permsparse.deploy.triton_decode")
+    if defined is not None and not defined.INTERPRETED:
+        pytest.skip("the Triton kernels were defined for the GPU earlier in this process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are defined and while they run
+    return importlib.import_module("permsparse.deploy.triton_decode")
+
+
+@pytest.mark.parametrize("quant", [None, "int4", "int8"], ids=["float32", "int4", "int8"])
+def test_gpu_modules_made_from_the_stored_form_compute_what_the_stored_linears_compute(quant, interpreted, tmp_path):
+    from permsparse.checkpoint.load import runtime_modules, stored_linears
+    from permsparse import Quantization
+    from permsparse.deploy.int4 import Int4Linear24
+    from permsparse.deploy.linear import Linear24
+
+    config = PruneConfig(permutation=Search("ria"), binding="per-linear",
+                         quant=Quantization("none") if quant is None else Quantization(quant, 16, method="rtn"))
+    model = BUILDERS["llama"]()
+    report = prune(model, None, config, windows=CALIB[:2], progress=False)
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report,
+                               export=ExportConfig("compressed", save_dtype="float32"))
+    stored_model = load(folder)  # the CPU load: each linear expands for its own forward
+    runtime_model = load(folder)
+    stored = stored_linears(runtime_model)
+    assert len(stored) == len(report.layers)
+    assert any(s.stored.input_order is not None for s in stored.values())  # per-linear orders become input gathers
+    done = runtime_modules(runtime_model, stored, (2, 4), "2:4", storages=("triton",))
+    assert sorted(done["converted"]) == sorted(stored) and not done["not_converted"]
+    kinds = {type(runtime_model.get_submodule(name)) for name in stored}
+    assert kinds == ({Int4Linear24} if quant == "int4" else {Linear24})
+    assert not stored_linears(runtime_model)
+    # against dense bf16: float32 kept values 1 + 2-bit positions 0.0625 (int8 runs dequantized to the model's float32);
+    # int4 codes 0.125 + positions 0.0625 + a bfloat16 scale per 16 inputs 0.0625
+    assert done["bytes"]["ratio"] == pytest.approx({None: 1.0625, "int4": 0.25, "int8": 1.0625}[quant])
+    for tokens in (INPUT[:, :5], INPUT):  # decode-sized calls run the kernel, longer ones (int4) the dequantized weight
+        with torch.no_grad():
+            expected = stored_model(tokens).logits
+            got = runtime_model(tokens).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_loading_on_a_machine_without_a_gpu_keeps_the_stored_form_and_says_why(tmp_path, pruned):
+    if torch.cuda.is_available():
+        pytest.skip("about machines without a CUDA GPU")
+    model, config, report = pruned("llama")
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
+    with pytest.warns(RuntimeWarning, match="needs a CUDA GPU"):
+        loaded = load(folder, semi_structured=True)
+    from permsparse.checkpoint.load import stored_linears
+
+    assert len(stored_linears(loaded)) == len(report.layers)
+    assert set(loaded.permsparse_deploy["semi_structured"]["not_converted"]) == set(stored_linears(loaded))
