@@ -19,12 +19,18 @@ causal LM with its head, an encoder as its bare model, :func:`permsparse.models.
   export ``folded`` (optionally with ``fallback="gather"``) to make them 2:4 in storage.
 
 A ``compressed`` checkpoint (:mod:`.compressed`) is built without reading any dense pruned weight: the
-model is made from its config with its parameters left uninitialised (no memory is touched), every
-pruned linear gets its stored form – its ``weight`` then expands for each use, so the model holds the
-compressed bytes plus one dense weight at a time – and the other tensors are loaded one by one. With
-``dense=True`` every pruned linear gets its expanded weight as an ordinary parameter instead (plain HF
-modules, the dense model's memory). Either way the model computes what the masked export computes, bit
-for bit in the same dtype. ``semi_structured=True`` expands (as ``dense=True``) and then converts.
+model is made from its config with every parameter on the meta device (no weight is allocated, not even
+uninitialised; its buffers are computed as usual), every pruned linear gets its stored form – its ``weight``
+then expands for each use, in an inference forward into one reused buffer, so the model holds the compressed
+bytes plus one dense weight at a time – and the other tensors are taken from the safetensors file as they
+are (memory-mapped, read when used). With ``dense=True`` every pruned linear gets its expanded weight as an
+ordinary parameter instead (plain HF modules, the dense model's memory). Either way the model computes what
+the masked export computes, bit for bit in the same dtype. With ``device="cuda"`` (or ``semi_structured=True``)
+the stored 2:4 linears become GPU 2:4 modules made from their stored form (:func:`runtime_modules`): int4 as
+:class:`permsparse.deploy.int4.Int4Linear24` (a Triton kernel that dequantizes in registers up to 16 tokens,
+dequantized 2:4 + cuSPARSELt above), the others as :class:`permsparse.deploy.Linear24` (int8/fp8 dequantized
+to the model's dtype); one linear's dense weight exists at a time. Without a CUDA GPU that warns and keeps
+the stored form.
 
 What was done is in ``model.permsparse_deploy``: ``{"gathers": [...], "gather_folds": {...},
 "semi_structured": {"converted": [...], "not_converted": {name: reason}, "storages": ..., "predicted_speedup":
@@ -73,7 +79,8 @@ def load(
     ``cusparselt`` or ``triton`` alone. ``workload``: calls per token count to expect (default: a
     2048-token prompt and 128 generated tokens). ``costs``: a cost table (or the JSON file ``permsparse
     speed`` writes) that spares timing the linears at load. ``dense``: a compressed checkpoint's pruned
-    linears as ordinary dense parameters instead of their stored form.
+    linears as ordinary dense parameters instead of their stored form; without it, a compressed checkpoint loaded
+    with ``device="cuda"`` or ``semi_structured=True`` gets GPU 2:4 modules made from its stored form.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown 2:4 backend {backend!r}; choose one of {', '.join(BACKENDS)}")
