@@ -378,3 +378,56 @@ def test_loading_on_a_machine_without_a_gpu_keeps_the_stored_form_and_says_why(t
 
     assert len(stored_linears(loaded)) == len(report.layers)
     assert set(loaded.permsparse_deploy["semi_structured"]["not_converted"]) == set(stored_linears(loaded))
+
+
+def test_the_skeleton_of_a_compressed_load_holds_no_weight_and_computes_its_buffers(monkeypatch):
+    from permsparse.checkpoint import load as loading
+
+    reference = BUILDERS["llama"]()
+    model = loading._skeleton(reference.config, torch.float32)
+    assert all(p.is_meta for p in model.parameters())  # no dense weight was allocated
+    buffers = dict(model.named_buffers())
+    assert buffers and all(torch.equal(buffers[name], b) for name, b in reference.named_buffers())  # rotary frequencies
+
+    class EmptyBuffer(torch.nn.Module):  # a buffer made by torch.empty and filled: made again the old way
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(4, 4))
+            self.register_buffer("table", torch.empty(3).fill_(2.0), persistent=False)
+
+    class Builder:
+        @staticmethod
+        def from_config(config, dtype):
+            return EmptyBuffer()
+
+    monkeypatch.setattr(loading, "auto_class", lambda config: Builder)
+    made = loading._skeleton(None, torch.float32)
+    assert made.weight.is_meta and torch.equal(made.table, torch.full((3,), 2.0))
+
+
+def test_inference_forwards_share_one_weight_buffer_and_never_touch_a_weight_handed_out(tmp_path, pruned, monkeypatch):
+    from permsparse.checkpoint.load import stored_linears
+
+    model, config, report = pruned("llama")
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
+    loaded = load(folder)
+    expected = logits(load(folder, dense=True))
+    first = next(iter(stored_linears(loaded).values()))
+    kept = first.weight  # outside a forward: a tensor of its own
+    copy_of_kept = kept.clone()
+    targets = []
+    expand = StoredWeight.expand
+
+    def recording(self, dtype=None, out=None, storage_order=False):
+        targets.append(None if out is None else out.untyped_storage().data_ptr())
+        return expand(self, dtype, out, storage_order)
+
+    monkeypatch.setattr(StoredWeight, "expand", recording)
+    assert torch.equal(logits(loaded), expected)  # the workspace grows to the largest linear in the first forward
+    targets.clear()
+    assert torch.equal(logits(loaded), expected)
+    assert len(targets) == len(report.layers) and len(set(targets)) == 1 and None not in targets  # then one buffer
+    assert torch.equal(kept, copy_of_kept)
+    x = torch.randn(3, first.stored.spec.shape[1], requires_grad=True)  # with autograd: a weight of its own
+    first(x).sum().backward()
+    torch.testing.assert_close(x.grad, first.weight.sum(0))
