@@ -412,7 +412,7 @@ def test_inference_forwards_share_one_weight_buffer_and_never_touch_a_weight_han
     folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
     loaded = load(folder)
     expected = logits(load(folder, dense=True))
-    first = next(iter(stored_linears(loaded).values()))
+    first, second = list(stored_linears(loaded).values())[:2]
     kept = first.weight  # outside a forward: a tensor of its own
     copy_of_kept = kept.clone()
     targets = []
@@ -428,6 +428,8 @@ def test_inference_forwards_share_one_weight_buffer_and_never_touch_a_weight_han
     assert torch.equal(logits(loaded), expected)
     assert len(targets) == len(report.layers) and len(set(targets)) == 1 and None not in targets  # then one buffer
     assert torch.equal(kept, copy_of_kept)
-    x = torch.randn(3, first.stored.spec.shape[1], requires_grad=True)  # with autograd: a weight of its own
-    first(x).sum().backward()
-    torch.testing.assert_close(x.grad, first.weight.sum(0))
+    x = torch.randn(3, first.stored.spec.shape[1]).to(first.stored.dtype).requires_grad_()  # autograd: weights of their own
+    y = first(x)
+    second(torch.randn(3, second.stored.spec.shape[1]).to(second.stored.dtype))  # would overwrite a shared buffer
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, first.weight.sum(0).expand(3, -1))
