@@ -35,41 +35,66 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
+def _input_tile(x_ptr, perm_ptr, rm, rk, M, K, stride_x, HAS_PERM: tl.constexpr):
+    """The ``BM x BK`` tile of the input, its columns read through the input permutation when there is one."""
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + rk, mask=rk < K, other=0)
+    else:
+        cols = rk
+    return tl.load(x_ptr + rm[:, None] * stride_x + cols[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                   other=0.0)
+
+
+@triton.jit
+def _spread(first, second, meta_ptr, rn, k0, N, K, stride_meta, BN: tl.constexpr, BK: tl.constexpr):
+    """The dense ``BN x BK`` tile of a 2:4 weight: each group's two kept values (``first``, ``second``, ``BN x
+    BK/4``) on the slots its 4-bit position code names, zeros elsewhere."""
+    rb = k0 // 8 + tl.arange(0, BK // 8)
+    meta = tl.load(meta_ptr + rn[:, None] * stride_meta + rb[None, :],
+                   mask=(rn[:, None] < N) & (rb[None, :] < K // 8), other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(meta & 15, meta >> 4), (BN, BK // 4))  # one 4-bit code per group
+    slot = tl.arange(0, 4)[None, None, :]
+    dense = tl.where(slot == (codes & 3)[:, :, None], first[:, :, None],
+                     tl.where(slot == (codes >> 2)[:, :, None], second[:, :, None], 0.0))
+    return tl.reshape(dense, (BN, BK))
+
+
+@triton.jit
+def _product(acc, x, weight, IEEE: tl.constexpr):
+    """``acc + x @ weight.T`` in float32 (IEEE: no TF32 rounding, for float32 inputs)."""
+    if IEEE:
+        acc += tl.dot(x, tl.trans(weight), input_precision="ieee")
+    else:
+        acc += tl.dot(x, tl.trans(weight))
+    return acc
+
+
+@triton.jit
+def _store(acc, bias_ptr, y_ptr, rn, rm, M, N, HAS_BIAS: tl.constexpr):
+    """The output tile, bias added, written once in the output's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
 def _sparse24_kernel(x_ptr, perm_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K,
                      stride_x, stride_values, stride_meta,
                      HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    rows_n = rn[:, None] < N
-    rows_m = rm[:, None] < M
     acc = tl.full((BM, BN), 0.0, tl.float32)  # tl.full, not tl.zeros (a @jit helper the interpreter may miss)
     for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + rk, mask=rk < K, other=0)
-        else:
-            cols = rk
-        x = tl.load(x_ptr + rm[:, None] * stride_x + cols[None, :], mask=rows_m & (rk[None, :] < K), other=0.0)
+        x = _input_tile(x_ptr, perm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_x, HAS_PERM)
         rv = k0 // 2 + tl.arange(0, BK // 2)
         values = tl.load(values_ptr + rn[:, None] * stride_values + rv[None, :],
-                         mask=rows_n & (rv[None, :] < K // 2), other=0.0)
-        rb = k0 // 8 + tl.arange(0, BK // 8)
-        meta = tl.load(meta_ptr + rn[:, None] * stride_meta + rb[None, :],
-                       mask=rows_n & (rb[None, :] < K // 8), other=0).to(tl.int32)
-        codes = tl.reshape(tl.join(meta & 15, meta >> 4), (BN, BK // 4))  # one 4-bit code per group
+                         mask=(rn[:, None] < N) & (rv[None, :] < K // 2), other=0.0)
         first, second = tl.split(tl.reshape(values, (BN, BK // 4, 2)))
-        slot = tl.arange(0, 4)[None, None, :]
-        dense = tl.where(slot == (codes & 3)[:, :, None], first[:, :, None],
-                         tl.where(slot == (codes >> 2)[:, :, None], second[:, :, None], 0.0))
-        weight = tl.reshape(dense, (BN, BK)).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(weight), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(weight))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=rows_m & (rn[None, :] < N))
+        weight = _spread(first, second, meta_ptr, rn, k0, N, K, stride_meta, BN, BK).to(x.dtype)
+        acc = _product(acc, x, weight, IEEE)
+    _store(acc, bias_ptr, y_ptr, rn, rm, M, N, HAS_BIAS)
 
 
 def blocks(tokens: int, out_features: int) -> tuple[int, int, int, int]:
@@ -118,38 +143,19 @@ def _sparse24_int4_kernel(x_ptr, perm_ptr, codes_ptr, meta_ptr, scales_ptr, bias
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    rows_n = rn[:, None] < N
-    rows_m = rm[:, None] < M
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + rk, mask=rk < K, other=0)
-        else:
-            cols = rk
-        x = tl.load(x_ptr + rm[:, None] * stride_x + cols[None, :], mask=rows_m & (rk[None, :] < K), other=0.0)
+        x = _input_tile(x_ptr, perm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_x, HAS_PERM)
         rg = k0 // 4 + tl.arange(0, BK // 4)  # the tile's groups of 4: one byte of two codes each
-        inside = rows_n & (rg[None, :] < K // 4)
+        inside = (rn[:, None] < N) & (rg[None, :] < K // 4)
         packed = tl.load(codes_ptr + rn[:, None] * stride_codes + rg[None, :], mask=inside, other=0).to(tl.int32)
         scale = tl.load(scales_ptr + rn[:, None] * stride_scales + (rg * 4 // G)[None, :], mask=inside,
                         other=0.0).to(tl.float32)
         first = (((packed & 15) ^ 8) - 8).to(tl.float32) * scale
         second = (((packed >> 4) ^ 8) - 8).to(tl.float32) * scale
-        rb = k0 // 8 + tl.arange(0, BK // 8)
-        meta = tl.load(meta_ptr + rn[:, None] * stride_meta + rb[None, :],
-                       mask=rows_n & (rb[None, :] < K // 8), other=0).to(tl.int32)
-        codes = tl.reshape(tl.join(meta & 15, meta >> 4), (BN, BK // 4))  # one 4-bit position code per group
-        slot = tl.arange(0, 4)[None, None, :]
-        dense = tl.where(slot == (codes & 3)[:, :, None], first[:, :, None],
-                         tl.where(slot == (codes >> 2)[:, :, None], second[:, :, None], 0.0))
-        weight = tl.reshape(dense, (BN, BK)).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(weight), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(weight))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=rows_m & (rn[None, :] < N))
+        weight = _spread(first, second, meta_ptr, rn, k0, N, K, stride_meta, BN, BK).to(x.dtype)
+        acc = _product(acc, x, weight, IEEE)
+    _store(acc, bias_ptr, y_ptr, rn, rm, M, N, HAS_BIAS)
 
 
 def int4_problem(out_features: int, in_features: int, group: int) -> str:
