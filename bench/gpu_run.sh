@@ -117,7 +117,9 @@ if mode != "check" and speed.exists():
         if "error" in r:
             print(f"| gpu_speed | {run} | failed | – | {r['error'][:100]} |")
             continue
-        if "rows" in r:
+        if "rows" in r and "best" not in r:  # the quantized run: one row per kind and token count
+            note = ", ".join(f"{x['kind']} {x['tokens']} x{x['speedup']:.2f}" for x in r["rows"])
+        elif "rows" in r:
             best = [x for x in r["rows"] if x["candidate"] == r["best"] and "speedup" in x]
             note = f"best {r['best']}: " + ", ".join(f"{x['shape']} x{x['speedup']:.2f}" for x in best)
         else:

@@ -10,7 +10,13 @@ pruned to 2:4 by magnitude, three runs:
 2. ``8b``: the LLaMA-3.1-8B shape, 8 of its 32 blocks, folded: the candidates without the two plain
    compile modes (run 1 places them) at 1 x 8192; the fastest at 4 x 2048, 1 x 2048 and decode;
 3. ``8b-permuted``: the same shape as a per-linear-binding export (residual readers and attention outputs
-   stored permuted, runtime gathers): the fastest candidate of run 2 only, at 1 x 8192, 4 x 2048 and decode.
+   stored permuted, runtime gathers): the fastest candidate of run 2 only, at 1 x 8192, 4 x 2048 and decode;
+4. ``quantized``: one LLaMA-3.1-8B block's seven linears (q, k, v, o, gate, up, down), random 2:4 weights, each
+   timed as the whole block replayed in one CUDA graph over enough copies of its weights to leave the L2 cache
+   cold, against dense bf16 ``F.linear`` in the same run: int4 2:4 (:class:`permsparse.deploy.int4.Int4Linear24`,
+   group 128: the Triton kernel at 1 and 16 tokens, dequantized 2:4 bf16 + cuSPARSELt at 2048) and FP8 x 2:4
+   (:class:`permsparse.deploy.fp8.Fp8Linear24`) at 2048 and 8192 tokens; the int4 kernel's relative error
+   against its dense dequantized weight is recorded beside.
 
 The linear costs measured for the conversion policy are shared between the runs. Prints the elapsed time as
 it goes, one table per run and the issue's targets against what was measured, and writes
@@ -44,11 +50,114 @@ EXPLORE_8B = ("eager", "graph", "compile+graph", "torch-semi", "torchao", "fp8")
 # The dry run's model: every LLaMA shape's structure (grouped-query attention, untied head), tiny
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, max_position_embeddings=256)
+QUANTIZED = "quantized"  # not a permsparse speed run: the linears of one block, quantized 2:4 against dense bf16
+BLOCK_8B = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096), "gate": (14336, 4096),
+            "up": (14336, 4096), "down": (4096, 14336)}
 RUNS = {  # name -> SpeedConfig fields; "candidates" of 8b-permuted come from 8b's best
     "1b": dict(shape="llama-3.2-1b", prefill=((1, 2048), (4, 2048), (1, 8192))),
     "8b": dict(shape="llama-3.1-8b", layers=8, prefill=((1, 8192), (4, 2048), (1, 2048)), candidates=EXPLORE_8B),
     "8b-permuted": dict(shape="llama-3.1-8b", layers=8, permuted=True, prefill=((1, 8192), (4, 2048))),
 }
+
+
+def int4_linear(out: int, width: int, group: int, device: str, generator):
+    """A random int4 2:4 linear as :class:`Int4Linear24` (codes, positions and group scales as a compressed checkpoint
+    stores them) and its dense dequantized weight's dtype-free reference :meth:`Int4Linear24.dequantize`."""
+    import torch
+
+    from permsparse.deploy.format import compress_nm, pack_int4
+    from permsparse.deploy.int4 import Int4Linear24
+    from permsparse.sparsity.masks import nm_mask
+
+    scores = torch.rand(out, width, generator=generator, device=device)
+    codes = torch.randint(-8, 8, (out, width), generator=generator, device=device, dtype=torch.int8)
+    codes = codes * nm_mask(scores, 2, 4).to(torch.int8)
+    kept, positions = compress_nm(codes, 2, 4)
+    scales = (torch.rand(out, width // group, generator=generator, device=device) * 0.01 + 1e-3).to(torch.bfloat16)
+    return Int4Linear24(pack_int4(kept), positions, scales, group)
+
+
+def quantized_rows(device: str, log, repeats: int = 5) -> dict:
+    """The ``quantized`` run (see the module docstring): rows of (kind, tokens, ms, dense ms, speedup)."""
+    import torch
+    import torch.nn.functional as F
+
+    from permsparse.deploy.costs import capture, event_ms
+    from permsparse.deploy.fp8 import Fp8Linear24, fp8_problem
+    from permsparse.sparsity.masks import nm_mask
+
+    began = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(0)
+    dense_bytes = sum(o * i * 2 for o, i in BLOCK_8B.values())
+
+    def copies(bytes_per_block: int) -> int:  # blocks cycled per replay: more than any GPU's L2 cache (256 MB)
+        return max(1, -(-256 * 2**20 // bytes_per_block))
+
+    def timed(blocks: list[list], tokens: int) -> float:
+        """Milliseconds per block: every copy's seven linears in one replayed graph (eager when not capturable)."""
+        x = {width: torch.randn(tokens, width, generator=generator, device=device, dtype=torch.bfloat16)
+             for width in {i for _, i in BLOCK_8B.values()}}
+        calls = [lambda m=m, w=w: m(x[w]) for block in blocks for m, w in block]
+        run = lambda: [call() for call in calls]  # noqa: E731
+        try:
+            replay = capture(run).replay
+        except RuntimeError:
+            replay = run
+        return event_ms(replay, repeats) / len(blocks)
+
+    def dense_block():
+        made = []
+        for out, width in BLOCK_8B.values():
+            w = torch.randn(out, width, generator=generator, device=device, dtype=torch.bfloat16) * width ** -0.5
+            made.append(((lambda x, w=w: F.linear(x, w)), width))
+        return made
+
+    rows, result = [], {"shape": "llama-3.1-8b block (7 linears)", "rows": rows, "notes": [],
+                        "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}}
+    dense = [dense_block() for _ in range(copies(dense_bytes))]
+    dense_ms = {tokens: timed(dense, tokens) for tokens in (1, 16, 2048, 8192)}
+    log(f"quantized: dense bf16 {', '.join(f'{t} tokens {ms:.3f} ms' for t, ms in dense_ms.items())}")
+    del dense
+    int4 = [[(int4_linear(o, i, 128, device, generator), i) for o, i in BLOCK_8B.values()]
+            for _ in range(copies(dense_bytes // 5))]
+    module = int4[0][4][0]  # gate: the kernel against its dense dequantized weight, bf16
+    x = torch.randn(16, module.in_features, generator=generator, device=device, dtype=torch.bfloat16)
+    reference = (x.float() @ module.dequantize(torch.bfloat16).float().T)
+    result["int4_kernel_relative_error"] = ((module(x).float() - reference).abs().max() / reference.abs().max()).item()
+    for tokens in (1, 16, 2048):
+        ms = timed(int4, tokens)
+        rows.append({"kind": "int4 2:4 g128", "tokens": tokens, "ms": ms, "dense_ms": dense_ms[tokens],
+                     "speedup": dense_ms[tokens] / ms})
+        log(f"quantized: int4 2:4 at {tokens} tokens {ms:.3f} ms, x{dense_ms[tokens] / ms:.2f} over dense bf16")
+    result["int4_bytes_per_block"] = sum(t.nbytes for block in int4[:1] for m, _ in block
+                                         for n, t in m.named_buffers() if n in ("codes", "meta", "scales"))
+    del int4
+    problem = fp8_problem()
+    if problem:
+        result["notes"].append(f"fp8: {problem}")
+    else:
+        fp8 = []
+        for out, width in BLOCK_8B.values():
+            linear = torch.nn.Linear(width, out, bias=False, device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                linear.weight.mul_(nm_mask(linear.weight.abs().float(), 2, 4))
+            fp8.append((Fp8Linear24.from_linear(linear), width))
+            del linear
+        for tokens in (2048, 8192):
+            ms = timed([fp8], tokens)
+            rows.append({"kind": "fp8 x 2:4", "tokens": tokens, "ms": ms, "dense_ms": dense_ms[tokens],
+                         "speedup": dense_ms[tokens] / ms})
+            log(f"quantized: fp8 x 2:4 at {tokens} tokens {ms:.3f} ms, x{dense_ms[tokens] / ms:.2f} over dense bf16")
+    result["seconds"] = time.perf_counter() - began
+    return result
+
+
+def quantized_table(result: dict) -> str:
+    lines = [f"quantized 2:4, {result['shape']}, ms per block", "| kind | tokens | ms | dense bf16 ms | speed-up |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['tokens']} | {r['ms']:.3f} | {r['dense_ms']:.3f} | {r['speedup']:.2f} |"
+              for r in result["rows"]]
+    return "\n".join(lines + [f"int4 kernel relative error: {result['int4_kernel_relative_error']:.2e}"] + result["notes"])
 
 
 def run_fields(run: str, results: dict) -> dict:
@@ -68,7 +177,8 @@ def main_dry_run(runs: list[str], device: str, out: Path) -> int:
     began, results, failed = time.perf_counter(), {}, []
     for run in runs:
         try:
-            results[run] = dry_run(SpeedConfig(**run_fields(run, results)), device)
+            results[run] = (dry_run_quantized(device) if run == QUANTIZED
+                            else dry_run(SpeedConfig(**run_fields(run, results)), device))
             errors = results[run]["logit_error"]
             ok = all(error <= results[run]["tolerance"] for error in errors.values())
             line = ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + ("" if ok else " (over the tolerance)")
@@ -115,6 +225,9 @@ def targets(results: dict) -> list[str]:
         decode = found.get("decode", {}).get("speedup")
         check(f"{run} decode batch 1", decode, 1.0)
         check(f"{run} decode batch 1, with the Triton decode kernel", decode, 1.3)
+    quantized = {(r["kind"], r["tokens"]): r["speedup"] for r in (results.get(QUANTIZED) or {}).get("rows", [])}
+    check("8B block int4 2:4 decode (1 token) / dense bf16", quantized.get(("int4 2:4 g128", 1)), 2.0)
+    check("8B block fp8 x 2:4 prefill (8192 tokens) / dense bf16", quantized.get(("fp8 x 2:4", 8192)), 1.3)
     for run, result in results.items():
         if result and "bytes" in result and result["bytes"]["linear_deployed"]:
             held = result["bytes"]["linear_deployed"] / result["bytes"]["linear_dense"]
@@ -158,9 +271,29 @@ def dry_run(config, device: str) -> dict:
             "tolerance": TOLERANCE[dtype], "seconds": time.perf_counter() - began}
 
 
+def dry_run_quantized(device: str) -> dict:
+    """The ``quantized`` run's code at a tiny shape, timing nothing: int4 2:4 linears at decode and prefill token
+    counts against their dense dequantized weights (the Triton kernel under its interpreter on the CPU)."""
+    import torch
+
+    began = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.float16
+    errors = {}
+    for tokens in (1, 16, 40):
+        module = int4_linear(48, 256, 128, device, generator)
+        x = torch.randn(tokens, 256, generator=generator, device=device).to(dtype)
+        reference = x.float() @ module.dequantize(dtype).float().T
+        with torch.no_grad():
+            errors[f"int4 {tokens} tokens"] = ((module(x).float() - reference).abs().max() / reference.abs().max()).item()
+    return {"model": "int4 2:4 linears 48x256, group 128", "logit_error": errors, "tolerance": 1e-2,
+            "seconds": time.perf_counter() - began}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
+    parser.add_argument("--runs", default=",".join([QUANTIZED, *RUNS]),  # the short quantized run first
+                        help=f"comma-separated, of {', '.join([*RUNS, QUANTIZED])}")
     parser.add_argument("--out", help="JSON file to write (default: bench/results/gpu_speed.json; a dry run: a "
                                       "temporary file)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -171,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu" and not args.dry_run:
         parser.error("--device cpu runs only the dry run (--dry-run): speed needs a GPU")
     runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if r not in RUNS]
+    unknown = [r for r in runs if r not in RUNS and r != QUANTIZED]
     if unknown:
-        print(f"bench/gpu_speed.py: unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}", file=sys.stderr)
+        print(f"bench/gpu_speed.py: unknown run {unknown[0]!r}; choose from {', '.join([*RUNS, QUANTIZED])}",
+              file=sys.stderr)
         return 2
     if args.dry_run:
         return main_dry_run(runs, args.device, Path(args.out or Path(tempfile.gettempdir()) / "gpu_speed_dry_run.json"))
@@ -201,9 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         return summary
 
     for run in runs:
-        fields = run_fields(run, results)
+        fields = {} if run == QUANTIZED else run_fields(run, results)
         log(f"run {run}: {fields}")
         try:
+            if run == QUANTIZED:
+                results[run] = quantized_rows("cuda", log)
+                tables.append(quantized_table(results[run]))
+                write()
+                continue
             results[run] = measure_speed(SpeedConfig(**fields), log=log, costs=costs)
         except Exception as err:  # noqa: BLE001 - keep the other runs; say what failed
             import traceback

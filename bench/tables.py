@@ -236,13 +236,16 @@ def render_gpu_speed(data: dict) -> str:
     """``permsparse speed``'s tables of each run and the targets (``bench/gpu_speed.py``); a file written
     before that command, its per-linear table."""
     if "runs" in data:
+        from gpu_speed import QUANTIZED, quantized_table
+
         from permsparse.deploy.speed import format_table
 
-        runs = [r for r in data["runs"].values() if "error" not in r]
-        gpu = runs[0]["machine"]["gpu"] if runs else "?"
+        runs = {name: r for name, r in data["runs"].items() if "error" not in r}
+        gpu = next((r["machine"]["gpu"] for r in runs.values() if "machine" in r), "?")
         failed = [f"{name}: {r['error']}" for name, r in data["runs"].items() if "error" in r]
+        tables = [quantized_table(r) if name == QUANTIZED else format_table(r) for name, r in runs.items()]
         return (f"*Run {data.get('date', '?')} on {gpu}: `{data['command']}`.*\n\n```\n"
-                + "\n\n".join([format_table(r) for r in runs] + failed) + "\n```\n\nTargets:\n\n```\n"
+                + "\n\n".join(tables + failed) + "\n```\n\nTargets:\n\n```\n"
                 + "\n".join(data["targets"]) + "\n```\n")
     rows = [[r["shape"].replace("x", " x "), str(r["tokens"]), fmt(r["dense_ms"], ".3f"), fmt(r.get("cusparselt_ms"), ".3f"),
              fmt(r.get("cusparselt_graph_ms"), ".3f"),

@@ -315,3 +315,121 @@ def test_prune_check_and_eval_a_compressed_checkpoint_from_the_command_line(tiny
     result = tmp_path / "eval.json"
     assert main(["eval", str(out), "--seqlen", "64", "--windows", "2", "--json", str(result)]) == 0
     assert json.loads(result.read_text())["perplexity"]["ppl"] > 1
+
+
+# --- GPU 2:4 modules made from the stored form (their kernels run under Triton's interpreter here) -----------------
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The Triton kernels of permsparse.deploy.triton_decode run by Triton's CPU interpreter (skipped without Triton,
+    or when this process defined them for a GPU)."""
+    import importlib
+    import os
+
+    pytest.importorskip("triton")
+    defined = sys.modules.get("permsparse.deploy.triton_decode")
+    if defined is not None and not defined.INTERPRETED:
+        pytest.skip("the Triton kernels were defined for the GPU earlier in this process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are defined and while they run
+    return importlib.import_module("permsparse.deploy.triton_decode")
+
+
+@pytest.mark.parametrize("quant", [None, "int4", "int8"], ids=["float32", "int4", "int8"])
+def test_gpu_modules_made_from_the_stored_form_compute_what_the_stored_linears_compute(quant, interpreted, tmp_path):
+    from permsparse.checkpoint.load import runtime_modules, stored_linears
+    from permsparse import Quantization
+    from permsparse.deploy.int4 import Int4Linear24
+    from permsparse.deploy.linear import Linear24
+
+    config = PruneConfig(permutation=Search("ria"), binding="per-linear",
+                         quant=Quantization("none") if quant is None else Quantization(quant, 16, method="rtn"))
+    model = BUILDERS["llama"]()
+    report = prune(model, None, config, windows=CALIB[:2], progress=False)
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report,
+                               export=ExportConfig("compressed", save_dtype="float32"))
+    stored_model = load(folder)  # the CPU load: each linear expands for its own forward
+    runtime_model = load(folder)
+    stored = stored_linears(runtime_model)
+    assert len(stored) == len(report.layers)
+    assert any(s.stored.input_order is not None for s in stored.values())  # per-linear orders become input gathers
+    done = runtime_modules(runtime_model, stored, (2, 4), "2:4", storages=("triton",))
+    assert sorted(done["converted"]) == sorted(stored) and not done["not_converted"]
+    kinds = {type(runtime_model.get_submodule(name)) for name in stored}
+    assert kinds == ({Int4Linear24} if quant == "int4" else {Linear24})
+    assert not stored_linears(runtime_model)
+    # against dense bf16: float32 kept values 1 + 2-bit positions 0.0625 (int8 runs dequantized to the model's float32);
+    # int4 codes 0.125 + positions 0.0625 + a bfloat16 scale per 16 inputs 0.0625
+    assert done["bytes"]["ratio"] == pytest.approx({None: 1.0625, "int4": 0.25, "int8": 1.0625}[quant])
+    for tokens in (INPUT[:, :5], INPUT):  # decode-sized calls run the kernel, longer ones (int4) the dequantized weight
+        with torch.no_grad():
+            expected = stored_model(tokens).logits
+            got = runtime_model(tokens).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_loading_on_a_machine_without_a_gpu_keeps_the_stored_form_and_says_why(tmp_path, pruned):
+    if torch.cuda.is_available():
+        pytest.skip("about machines without a CUDA GPU")
+    model, config, report = pruned("llama")
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
+    with pytest.warns(RuntimeWarning, match="needs a CUDA GPU"):
+        loaded = load(folder, semi_structured=True)
+    from permsparse.checkpoint.load import stored_linears
+
+    assert len(stored_linears(loaded)) == len(report.layers)
+    assert set(loaded.permsparse_deploy["semi_structured"]["not_converted"]) == set(stored_linears(loaded))
+
+
+def test_the_skeleton_of_a_compressed_load_holds_no_weight_and_computes_its_buffers(monkeypatch):
+    from permsparse.checkpoint import load as loading
+
+    reference = BUILDERS["llama"]()
+    model = loading._skeleton(reference.config, torch.float32)
+    assert all(p.is_meta for p in model.parameters())  # no dense weight was allocated
+    buffers = dict(model.named_buffers())
+    assert buffers and all(torch.equal(buffers[name], b) for name, b in reference.named_buffers())  # rotary frequencies
+
+    class EmptyBuffer(torch.nn.Module):  # a buffer made by torch.empty and filled: made again the old way
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(4, 4))
+            self.register_buffer("table", torch.empty(3).fill_(2.0), persistent=False)
+
+    class Builder:
+        @staticmethod
+        def from_config(config, dtype):
+            return EmptyBuffer()
+
+    monkeypatch.setattr(loading, "auto_class", lambda config: Builder)
+    made = loading._skeleton(None, torch.float32)
+    assert made.weight.is_meta and torch.equal(made.table, torch.full((3,), 2.0))
+
+
+def test_inference_forwards_share_one_weight_buffer_and_never_touch_a_weight_handed_out(tmp_path, pruned, monkeypatch):
+    from permsparse.checkpoint.load import stored_linears
+
+    model, config, report = pruned("llama")
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report, export=COMPRESSED)
+    loaded = load(folder)
+    expected = logits(load(folder, dense=True))
+    first, second = list(stored_linears(loaded).values())[:2]
+    kept = first.weight  # outside a forward: a tensor of its own
+    copy_of_kept = kept.clone()
+    targets = []
+    expand = StoredWeight.expand
+
+    def recording(self, dtype=None, out=None, storage_order=False):
+        targets.append(None if out is None else out.untyped_storage().data_ptr())
+        return expand(self, dtype, out, storage_order)
+
+    monkeypatch.setattr(StoredWeight, "expand", recording)
+    assert torch.equal(logits(loaded), expected)  # the workspace grows to the largest linear in the first forward
+    targets.clear()
+    assert torch.equal(logits(loaded), expected)
+    assert len(targets) == len(report.layers) and len(set(targets)) == 1 and None not in targets  # then one buffer
+    assert torch.equal(kept, copy_of_kept)
+    x = torch.randn(3, first.stored.spec.shape[1]).to(first.stored.dtype).requires_grad_()  # autograd: weights of their own
+    y = first(x)
+    second(torch.randn(3, second.stored.spec.shape[1]).to(second.stored.dtype))  # would overwrite a shared buffer
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, first.weight.sum(0).expand(3, -1))

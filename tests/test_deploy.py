@@ -119,6 +119,66 @@ def test_triton_kernel_tiles_more_tokens_and_ragged_widths(kernel):
     torch.testing.assert_close(kernel.matmul24(x, values, meta), x @ weight.T, atol=1e-5, rtol=1e-5)
 
 
+def int4_24(out: int, width: int, group: int, seed: int = 0, exact: bool = False):
+    """A 4-bit 2:4 weight as a compressed checkpoint stores it (``(codes, positions, scales, order)``) and its dense
+    dequantization in the linear's own input order. ``exact``: scales are powers of two, so that with small integer
+    inputs every product and sum is exact in float32 and any summation order gives the same bits."""
+    from permsparse.checkpoint.compressed import store_linear
+    from permsparse.quant import QuantizedWeight
+    from permsparse.quant.rtn import rtn
+
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(width, generator=gen)
+    stored = random_24(out, width, seed=seed)  # 2:4 in storage order, groups with 0, 1 or 2 non-zeros
+    weight = torch.empty_like(stored)
+    weight[:, order] = stored
+    if exact:
+        codes = torch.randint(-8, 8, (out, width), generator=gen, dtype=torch.int8) * (stored != 0)
+        scales = 2.0 ** -torch.randint(0, 4, (out, width // group), generator=gen).float()
+        quantized = QuantizedWeight("int4", codes, scales, group, order)
+    else:
+        quantized = rtn(weight, "int4", group, order)
+    record = store_linear(weight, nm=(2, 4), order=order, quantized=quantized, dtype=torch.bfloat16)
+    assert record.spec.quant == "int4" and record.problem() == ""
+    return record, quantized
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_triton_int4_kernel_is_exact_against_the_dequantized_weight(kernel, tokens):
+    record, quantized = int4_24(40, 256, 32, seed=tokens, exact=True)  # 40 rows: a ragged output tile
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randint(-4, 5, (tokens, 256), generator=gen).float()
+    bias = torch.randint(-4, 5, (40,), generator=gen).float()
+    dense = quantized.weight(torch.float32)
+    order = record.input_order.long()
+    got = kernel.matmul24_int4(x, record.values, record.positions, record._scales(), 32, bias, order)
+    assert got.shape == (tokens, 40) and got.is_contiguous()
+    assert torch.equal(got, x @ dense.T + bias)  # every product and sum exact: the same bits in any order
+    assert torch.equal(record.expand(torch.float32), dense)  # what a CPU load expands to
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [8, 64])
+def test_triton_int4_kernel_equals_the_dense_product_of_rtn_codes(kernel, dtype, group):
+    record, quantized = int4_24(48, 128, group, seed=group)
+    gen = torch.Generator().manual_seed(group)
+    x = torch.randn(3, 128, generator=gen).to(dtype)
+    scales = record._scales()  # bfloat16: every scale is exact there, so any float dtype of it is the same scale
+    for b, p in [(None, None), (torch.randn(48, generator=gen).to(dtype), record.input_order.long())]:
+        got = kernel.matmul24_int4(x, record.values, record.positions, scales, group, b, p)
+        xp = x if p is None else x[:, p]
+        expected = xp.float() @ quantized.dequantize(dtype).float().T + (0 if b is None else b.float())
+        assert got.dtype == dtype
+        tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(got.float(), expected, **tolerance)
+
+
+def test_triton_int4_kernel_refuses_a_group_it_cannot_read(kernel):
+    record, _ = int4_24(16, 64, 8)
+    with pytest.raises(ValueError, match="quantization group 6 is not a multiple of 4"):
+        kernel.matmul24_int4(torch.zeros(1, 64), record.values, record.positions, record._scales(), 6)
+
+
 # --- the deployed linear ------------------------------------------------------------------------------------------
 
 def test_linear24_triton_storage_runs_a_permuted_model(kernel):

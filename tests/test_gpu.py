@@ -131,3 +131,29 @@ def test_progress_saved_from_the_gpu_resumes_to_the_same_model(tmp_path, monkeyp
           placement=Placement("cuda"))
     for a, b in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("quant", ["none", "int4", "int8"])
+def test_a_compressed_checkpoint_loads_on_the_gpu_into_24_modules_without_densifying(quant, tmp_path):
+    from permsparse import Quantization, load
+    from permsparse.checkpoint.load import stored_linears
+    from permsparse.deploy.int4 import Int4Linear24
+    from permsparse.deploy.linear import Linear24
+
+    config = PruneConfig(permutation=Search("ria"), binding="per-linear",
+                         quant=Quantization(quant, 16, method="rtn") if quant != "none" else Quantization("none"))
+    model, report = pruned("llama", config, "cpu")
+    folder = export_checkpoint(model, None, tmp_path / "c", config, report,
+                               export=ExportConfig("compressed", save_dtype="bfloat16"))
+    reference = load(folder)  # the CPU's stored form, expanded per forward
+    deployed = load(folder, device="cuda")
+    done = deployed.permsparse_deploy["semi_structured"]
+    assert sorted(done["converted"]) == sorted(layer.name for layer in report.layers), done["not_converted"]
+    assert not stored_linears(deployed)
+    kinds = {type(deployed.get_submodule(layer.name)) for layer in report.layers}
+    assert kinds == ({Int4Linear24} if quant == "int4" else {Linear24})
+    for tokens in (INPUT[:, :4], INPUT):  # the decode kernels, then prefill (cuSPARSELt)
+        with torch.no_grad():
+            expected = reference(tokens).logits.float()
+            got = deployed(tokens.cuda()).logits.float().cpu()
+        assert ((got - expected).abs().max() / expected.abs().max()).item() < 5e-2

@@ -24,13 +24,15 @@ imported ``from_pretrained`` refuses the folder in one line naming :func:`permsp
 
 In memory a stored linear is a :class:`StoredWeight`: the module keeps its class and its forward, and its
 ``weight`` becomes a property that expands the stored form for each use (:func:`attach_stored`), so the
-model holds the compressed bytes plus one dense weight at a time.
+model holds the compressed bytes plus one dense weight at a time: in an inference forward (no autograd) every
+linear expands into one reused buffer of the largest linear's size, so a forward allocates no weight.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..deploy.format import compress_nm, decompress_nm, position_bytes, position_problem
+from ..deploy.format import compress_nm, decompress_nm, pack_int4, position_bytes, position_problem, unpack_int4
 from ..quant import KINDS, QuantizedWeight
 from ..serial import RecordError, from_dict
 
@@ -55,7 +57,9 @@ _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32:
 _SCALES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}
 # Rows dequantized at once when a weight expands: bounds the float32 intermediate to a few megabytes.
-_CHUNK_ENTRIES = 1 << 20
+_CHUNK_ENTRIES = 1 << 16
+# Kept entries whose positions are checked at once: their transients stay in the allocator's small bins.
+_CHECK_ENTRIES = 1 << 14
 
 __all__ = ["LinearSpec", "StoredWeight", "attach_stored", "detach_stored", "quantization_config", "read_stored",
            "stored_digest", "store_linear", "write_stored"]
@@ -82,18 +86,6 @@ def _dtype(name: str) -> torch.dtype:
     if name not in SAVE_DTYPES:
         raise ValueError(f"unknown stored dtype {name!r}; one of {', '.join(SAVE_DTYPES)}")
     return SAVE_DTYPES[name]
-
-
-def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes in [-8, 7] two a byte, the even column in the low nibble (a last odd column padded)."""
-    nibbles = (codes & 15).to(torch.uint8)
-    nibbles = torch.nn.functional.pad(nibbles, (0, nibbles.shape[1] % 2))
-    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-
-
-def _unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
-    nibbles = torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)[:, :count]
-    return (nibbles.to(torch.int8) ^ 8) - 8
 
 
 class StoredWeight(nn.Module):
@@ -144,7 +136,7 @@ class StoredWeight(nn.Module):
         values = self.values[start:stop]
         kept = spec.shape[1] if spec.pattern is None else spec.shape[1] // spec.pattern[1] * spec.pattern[0]
         if spec.quant == "int4":
-            values = _unpack_int4(values, kept)
+            values = unpack_int4(values, kept)
         elif spec.quant == "fp8":
             values = values.view(torch.float8_e4m3fn)
         if spec.pattern is None:
@@ -152,9 +144,11 @@ class StoredWeight(nn.Module):
         return decompress_nm(values, self.positions[start:stop], *spec.pattern)
 
     @torch.no_grad()
-    def expand(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The dense ``(out, in)`` weight in the linear's input order, in ``dtype`` (default: :attr:`dtype`),
-        written into ``out`` when given (any ``(out, in)`` view)."""
+    def expand(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+               storage_order: bool = False) -> torch.Tensor:
+        """The dense ``(out, in)`` weight in the linear's input order (``storage_order``: in the stored column
+        order, N:M there), in ``dtype`` (default: :attr:`dtype`), written into ``out`` when given (any
+        ``(out, in)`` view)."""
         dtype = self.dtype if dtype is None else dtype
         rows, width = self.spec.shape
         target = torch.empty(rows, width, dtype=dtype, device=self.values.device) if out is None else out
@@ -167,7 +161,7 @@ class StoredWeight(nn.Module):
                 stored = QuantizedWeight(self.spec.quant, stored, scales, self.spec.group).dequantize(dtype)
             else:
                 stored = stored.to(dtype)
-            if self.input_order is None:
+            if self.input_order is None or storage_order:
                 target[start:stop] = stored
             else:
                 target[start:stop].index_copy_(1, self.input_order.long(), stored)
@@ -210,9 +204,11 @@ class StoredWeight(nn.Module):
             if self.positions is None or tuple(self.positions.shape) != expected or self.positions.dtype != torch.uint8:
                 got = None if self.positions is None else tuple(self.positions.shape)
                 return f"positions of shape {got}, expected {expected} uint8"
-            problem = position_problem(self.positions, kept, *spec.pattern)
-            if problem:
-                return problem
+            step = max(1, _CHECK_ENTRIES // kept)  # a few rows at a time: small transients, no heap left behind
+            for start in range(0, rows, step):
+                problem = position_problem(self.positions[start:start + step], kept, *spec.pattern, first_row=start)
+                if problem:
+                    return problem
         elif self.positions is not None:
             return "positions stored for a dense linear"
         if spec.quant is not None:
@@ -263,7 +259,7 @@ def store_linear(weight: torch.Tensor, *, nm: tuple[int, int] | None, order: tor
     if nm is not None:
         values, positions = compress_nm(stored, *nm)
     if quantized is not None and quantized.kind == "int4":
-        values = _pack_int4(values)
+        values = pack_int4(values)
     scales = None
     if quantized is not None:
         scales = quantized.scales.to(torch.float32).contiguous().cpu()
@@ -363,15 +359,49 @@ def stored_from_tensors(name: str, spec: LinearSpec, get) -> StoredWeight:
 
 
 _CLASSES: dict[type, type] = {}
+_WORKSPACES = threading.local()  # per thread: (device, dtype) -> the flat buffer weights expand into in inference
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's flat buffer of at least ``numel`` elements for ``(device, dtype)``, grown as needed: the
+    dense weight of the linear running now, so an inference forward allocates no weight at all (the allocator
+    would otherwise be asked for, and fragment its heap with, one dense weight per linear per forward)."""
+    buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop((device, dtype), None)  # the smaller one goes before the larger one is made
+        buffer = buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 def _expanding_class(cls: type) -> type:
-    """``cls`` with ``weight`` a property that expands the module's stored form for each use."""
+    """``cls`` with ``weight`` a property that expands the module's stored form for each use. In a forward without
+    autograd the weight expands into this thread's workspace (:func:`_workspace`), overwritten by the next linear;
+    with autograd, or outside a forward, every access gives a tensor of its own."""
     if cls not in _CLASSES:
         def weight(self) -> torch.Tensor:
-            return self.stored.expand_as_module()
+            borrowed = self.__dict__.get("_borrowed")
+            return borrowed if borrowed is not None else self.stored.expand_as_module()
 
-        _CLASSES[cls] = type(f"Stored{cls.__name__}", (cls,), {"weight": property(weight), "__module__": __name__})
+        def forward(self, *args, **kwargs):
+            if torch.is_grad_enabled() or self.__dict__.get("_borrowed") is not None:
+                return cls.forward(self, *args, **kwargs)
+            stored = self.stored
+            rows, width = stored.spec.shape
+            flat = _workspace(rows * width, stored.dtype, stored.values.device)
+            if stored.spec.transposed:  # the module keeps (in, out); the weight fills its transpose
+                borrowed = flat.view(width, rows)
+                stored.expand(out=borrowed.t())
+            else:
+                borrowed = stored.expand(out=flat.view(rows, width))
+            self.__dict__["_borrowed"] = borrowed
+            try:
+                return cls.forward(self, *args, **kwargs)
+            finally:
+                del self.__dict__["_borrowed"]
+
+        _CLASSES[cls] = type(f"Stored{cls.__name__}", (cls,), {"weight": property(weight), "forward": forward,
+                                                              "__module__": __name__})
     return _CLASSES[cls]
 
 

@@ -25,11 +25,25 @@ import torch
 
 from ..sparsity.masks import nm_violation
 
-__all__ = ["compress", "compress_nm", "decompress", "decompress_nm", "format_problem", "nm_problem", "position_bits",
-           "position_bytes", "position_problem"]
+__all__ = ["compress", "compress_nm", "decompress", "decompress_nm", "format_problem", "nm_problem", "pack_int4",
+           "position_bits", "position_bytes", "position_problem", "unpack_int4"]
 
 # Rows expanded at once: bounds the int64 scatter index of a wide weight to a few megabytes.
-_CHUNK_ENTRIES = 1 << 20
+_CHUNK_ENTRIES = 1 << 16
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] two a byte, the even column in the low nibble (a last odd column padded): for 2:4
+    kept values, one byte holds the two kept entries of one group."""
+    nibbles = (codes & 15).to(torch.uint8)
+    nibbles = torch.nn.functional.pad(nibbles, (0, nibbles.shape[1] % 2))
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``(rows, count)`` int8 codes :func:`pack_int4` packed."""
+    nibbles = torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)[:, :count]
+    return (nibbles.to(torch.int8) ^ 8) - 8
 
 
 def position_bits(m: int) -> int:
@@ -100,19 +114,20 @@ def unpack_positions(positions: torch.Tensor, kept: int, m: int) -> torch.Tensor
     return _unpack(positions, kept, position_bits(m))
 
 
-def position_problem(positions: torch.Tensor, kept: int, n: int, m: int) -> str:
+def position_problem(positions: torch.Tensor, kept: int, n: int, m: int, first_row: int = 0) -> str:
     """Why packed ``positions`` of ``kept`` entries per row name no valid N:M pattern ("" when they do): a
     position outside its group, or positions not strictly increasing within a group (which would keep fewer
-    than N distinct entries, or one entry twice)."""
+    than N distinct entries, or one entry twice). Rows are named from ``first_row`` (a slice of a weight)."""
     within = unpack_positions(positions, kept, m).reshape(positions.shape[0], -1, n).to(torch.int16)
     outside = within >= m
     if outside.any():
         row, group, _ = outside.nonzero()[0].tolist()
-        return f"position {int(within[row, group].max())} outside its group of {m} (row {row}, group {group})"
+        return (f"position {int(within[row, group].max())} outside its group of {m} (row {row + first_row}, "
+                f"group {group})")
     repeated = (within[..., 1:] <= within[..., :-1]).any(-1)
     if repeated.any():
         row, group = repeated.nonzero()[0].tolist()
-        return (f"positions {within[row, group].tolist()} of row {row}, group {group} are not {n} distinct "
+        return (f"positions {within[row, group].tolist()} of row {row + first_row}, group {group} are not {n} distinct "
                 f"increasing positions")
     return ""
 

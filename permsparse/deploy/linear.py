@@ -72,7 +72,18 @@ class Linear24(nn.Module):
         cuSPARSELt's kept values are not stored row by row (``cusparselt+triton``)."""
         if not is_linear(module):
             raise ValueError(f"{type(module).__name__} is not a linear layer")
-        weight = linear_weight(module).detach().contiguous()
+        bias = getattr(module, "bias", None)
+        return cls.from_weight(linear_weight(module).detach(), storage, bias=bias, gather=getattr(module, GATHER, None),
+                               decode_max=decode_max, alg_id=alg_id)
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, storage: str, *, bias: torch.Tensor | None = None,
+                    gather: torch.Tensor | None = None, decode_max: int = 0, alg_id: int = 0) -> "Linear24":
+        """The 2:4 linear ``x[..., gather] @ weight.T + bias`` for a dense ``(out, in)`` weight that is 2:4 in
+        its column order (a compressed checkpoint's linear expanded in its storage order, with its input order
+        as ``gather``); ValueError as :meth:`from_linear`."""
+        weight = weight.contiguous()
         out_features, in_features = weight.shape
         values, meta = compress_values(weight)  # also refuses a weight that is not 2:4
         packed = None
@@ -85,8 +96,6 @@ class Linear24(nn.Module):
             values = None
         if storage == "cusparselt":
             meta = None
-        bias = getattr(module, "bias", None)
-        gather = getattr(module, GATHER, None)
         return cls(in_features, out_features, storage, packed=packed, meta=meta, values=values,
                    bias=None if bias is None else bias.detach().to(weight.dtype), gather=gather,
                    decode_max=decode_max, alg_id=alg_id)
