@@ -82,7 +82,7 @@ def sweep(types: list[str], jobs: int, timeout: float, root: Path, show=print) -
             del running[t]
             done[t] = result
             show(f"  {len(done):>3}/{len(types)} {t:<28} {result['status']:<15} {result['seconds']:6.1f} s  "
-                 f"{result['message'][:110]}")
+                 f"{result['message'][:110]}", flush=True)
     return [done[t] for t in types]
 
 

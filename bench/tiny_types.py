@@ -57,15 +57,18 @@ SIZES = {
     **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
     # multi-head latent attention: low-rank query and key-value projections
     "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2,
+    "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_num_heads": 2,
     # linear attention (gated DeltaNet) and state-space mixers
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "linear_num_heads": 4, "linear_head_dim": 16, "mamba_d_state": 16, "state_size": 16, "ssm_state_size": 16,
     "mamba_n_heads": 8, "mamba_num_heads": 8, "n_mamba_heads": 8, "mamba_head_dim": 16, "mamba_headdim": 16,
     "time_step_rank": 8, "mamba_dt_rank": 8, "mamba_d_ssm": 128, "mamba_d_head": 16, "moe_k": 2,
     # per-layer inputs (Gemma 3n, Gemma 4), sliding and chunked attention
-    "hidden_size_per_layer_input": 16, "laurel_rank": 8, "sliding_window": 64, "attention_chunk_size": 64,
+    "codebook_dim": 64, "dim_ff": 128, "dim_head": 16, "rotary_dim": 8, "hidden_size_per_layer_input": 16, "laurel_rank": 8, "sliding_window": 64, "attention_chunk_size": 64,
 }
+# Sizes whose default is None (derived from others, or "the same as the heads") that the model needs small too.
+UNSET_SIZES = ("head_dim", "num_key_value_heads", "intermediate_size", "num_experts_per_tok", "n_routed_experts",
+               "kv_channels")
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "depth", "encoder_layers", "decoder_layers")
 DECODER_CONFIGS = ("text_config",)  # the sub-config that holds a vision-language model's decoder stack
 # Fields that make a stack of two kinds: dense first layers, experts or attention every other layer.
@@ -78,7 +81,10 @@ OVERRIDES = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "lfm2": {"layer_types": ["conv", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
-    "gemma4_text": {"global_head_dim": 16}, "gemma4": {"global_head_dim": 16},
+    "gemma4_text": {"head_dim": 16, "global_head_dim": 16}, "gemma4": {"head_dim": 16, "global_head_dim": 16},
+    "mamba2": {"num_heads": 8},  # its heads are the state-space mixer's: 8 of 16 fill hidden x expand
+    "zaya": {"num_experts_per_tok": 1},  # the only value its config accepts
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
 }
 LONGEST_PREFIX = 8  # a stack of more layers keeps the first layer of each kind instead of a prefix
@@ -155,6 +161,11 @@ def _layer_count(config) -> tuple[str, int] | None:
     return None
 
 
+def _layer_counts(config, count: int) -> dict[str, int]:
+    """Every layer count field ``config`` has (a decoder's, an encoder's), set to ``count``."""
+    return {name: count for name in LAYER_COUNTS if _is_int(_fields(config).get(name))}
+
+
 def _per_layer(config, count: int) -> dict[str, list]:
     """The fields of ``config`` that hold one kind per layer: lists of ``count`` strings, booleans or 0/1."""
     out = {}
@@ -175,9 +186,15 @@ def _index_lists(config, count: int) -> dict[str, list[int]]:
             and all(_is_int(v) and 0 <= v < count for v in value)}
 
 
+TEXT_TOKENS = re.compile(r"^_?(pad|bos|eos|sep|cls|unk|mask|decoder_start)_token_(id|index)$")
+
+
 def _token_fields(config) -> list[str]:
+    """Special token ids to move above the tokenizer's vocabulary: those of images, videos, audio, ... (random
+    text then never holds one), and text ones (padding, start, end, ...) that lie above it already."""
     return [name for name, value in _fields(config).items()
-            if _is_int(value) and re.search(r"token_(id|index)$", name)]
+            if _is_int(value) and re.search(r"token_(id|index)$", name)
+            and not (TEXT_TOKENS.match(name) and value < TOKENIZER_VOCAB)]
 
 
 def _shrunk(config, decoder: bool, model_type: str, token: list[int]) -> dict:
@@ -190,32 +207,37 @@ def _shrunk(config, decoder: bool, model_type: str, token: list[int]) -> dict:
         if isinstance(value, PretrainedConfig):
             sub = _shrunk(value, name in DECODER_CONFIGS, model_type, token)
             out[name] = {**_as_dict(value, name in DECODER_CONFIGS), **sub}
-        elif name in SIZES and _is_int(value):
+        elif name in SIZES and (_is_int(value) or (value is None and name in UNSET_SIZES)):
             out[name] = SIZES[name]
         elif decoder and name in KIND_FIELDS:
             out[name] = KIND_FIELDS[name]
+    if "qk_rope_head_dim" in out:  # multi-head latent attention: no grouped keys, head_dim is the rotary part
+        out.update({k: SIZES["qk_rope_head_dim"] for k in ("head_dim",) if k in out})
+        out.update({k: SIZES["num_attention_heads"] for k in ("num_key_value_heads",) if k in out})
     for name in _token_fields(config):
         token[0] += 1
         out[name] = VOCAB - token[0]
     counted = _layer_count(config)
-    if counted and not decoder:
-        out[counted[0]] = 1
+    if counted and not decoder:  # a vision tower, an audio encoder: one layer
+        out.update(_layer_counts(config, 1))
+        out.update({k: v[:1] for k, v in _per_layer(config, counted[1]).items()})
     if decoder and model_type in OVERRIDES:
         for name, value in OVERRIDES[model_type].items():
             out[name] = {**out.get(name, {}), **value} if isinstance(value, dict) else value
         given = [len(v) for v in OVERRIDES[model_type].values() if isinstance(v, list)]
         if given:
-            out[(counted or ("num_hidden_layers",))[0]] = given[0]
-    if decoder and "rope_parameters" in _fields(config) and _reads_mrope(model_type):
-        rope = out.get("rope_parameters", _fields(config).get("rope_parameters")) or {}
-        if "rope_type" in rope or "rope_theta" in rope or not rope:
+            out.update(_layer_counts(config, given[0]) or {"num_hidden_layers": given[0]})
+    if decoder and "rope_parameters" in _fields(config) and _reads_mrope(model_type, type(config).__module__):
+        rope = out.get("rope_parameters", _fields(config).get("rope_parameters")) or {"rope_type": "default",
+                                                                                       "rope_theta": 10000.0}
+        if "rope_type" in rope or "rope_theta" in rope:
             rotary = rope.get("partial_rotary_factor") or _fields(config).get("partial_rotary_factor") or 1.0
             sections = rope.get("mrope_section") or [16, 24, 24]
             out["rope_parameters"] = {**rope, "mrope_section": _rescaled(sections, int(SIZES["head_dim"] * rotary) // 2)}
     return out
 
 
-def _reads_mrope(model_type: str) -> bool:
+def _reads_mrope(model_type: str, config_module: str) -> bool:
     """Whether the modelling code of ``model_type`` splits its rotary embedding into multimodal sections (with
     sections of its own when the config gives none)."""
     import importlib
@@ -223,12 +245,20 @@ def _reads_mrope(model_type: str) -> bool:
 
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-    try:
-        module = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}")
-        modeling = importlib.import_module(f"{module.__name__}.modeling_{module.__name__.rsplit('.', 1)[1]}")
-        return "mrope_section" in inspect.getsource(modeling)
-    except (ImportError, OSError, TypeError):
-        return False
+    folders, seen = [model_type_to_module_name(model_type), config_module.split(".")[-2]], set()
+    while folders:  # the type's modelling code and the modelling code it imports from other types
+        folder = folders.pop()
+        if folder in seen:
+            continue
+        seen.add(folder)
+        try:
+            source = inspect.getsource(importlib.import_module(f"transformers.models.{folder}.modeling_{folder}"))
+        except (ImportError, OSError, TypeError):
+            continue
+        if "mrope_section" in source:
+            return True
+        folders += re.findall(r"from \.\.(\w+)\.modeling_\w+ import", source)
+    return False
 
 
 def _rescaled(sections: list[int], total: int) -> list[int]:
@@ -256,10 +286,11 @@ def _stack(config, overrides: dict) -> tuple[dict, str]:
     signatures = [s + tuple(i in v for v in indexed.values()) for i, s in enumerate(signatures)]
     kinds = list(dict.fromkeys(signatures))
     if len(kinds) <= 1:
-        return {name: 2, **{k: v[:2] for k, v in per_layer.items()}}, _kind_words(config, {}, overrides)
+        return ({**(_layer_counts(config, 2) or {name: 2}), **{k: v[:2] for k, v in per_layer.items()}},
+                _kind_words(config, {}, overrides))
     prefix = max(signatures.index(k) for k in kinds) + 1
     keep = list(range(prefix)) if prefix <= LONGEST_PREFIX else sorted(signatures.index(k) for k in kinds)
-    out = {name: len(keep), **{k: [v[i] for i in keep] for k, v in per_layer.items()}}
+    out = {**(_layer_counts(config, len(keep)) or {name: len(keep)}), **{k: [v[i] for i in keep] for k, v in per_layer.items()}}
     out.update({k: [j for j, i in enumerate(keep) if i in v] for k, v in indexed.items()})
     return out, _kind_words(config, {k: out[k] for k in (*per_layer, *indexed)}, overrides)
 
