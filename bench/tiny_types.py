@@ -64,17 +64,18 @@ SIZES = {
     "mamba_n_heads": 8, "mamba_num_heads": 8, "n_mamba_heads": 8, "mamba_head_dim": 16, "mamba_headdim": 16,
     "time_step_rank": 8, "mamba_dt_rank": 8, "mamba_d_ssm": 128, "mamba_d_head": 16, "moe_k": 2,
     # per-layer inputs (Gemma 3n, Gemma 4), sliding and chunked attention
-    "codebook_dim": 64, "dim_ff": 128, "dim_head": 16, "rotary_dim": 8, "hidden_size_per_layer_input": 16, "laurel_rank": 8, "sliding_window": 64, "attention_chunk_size": 64,
+    "codebook_dim": 64, "dim_ff": 128, "dff": 128, "dim_head": 16, "rotary_dim": 8, "hidden_size_per_layer_input": 16, "laurel_rank": 8, "sliding_window": 64, "attention_chunk_size": 64,
 }
 # Sizes whose default is None (derived from others, or "the same as the heads") that the model needs small too.
 UNSET_SIZES = ("head_dim", "num_key_value_heads", "intermediate_size", "num_experts_per_tok", "n_routed_experts",
                "kv_channels")
-LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "depth", "encoder_layers", "decoder_layers")
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "depth", "encoder_layers", "decoder_layers",
+                "num_encoder_layers", "num_decoder_layers")
 DECODER_CONFIGS = ("text_config",)  # the sub-config that holds a vision-language model's decoder stack
 # Fields that make a stack of two kinds: dense first layers, experts or attention every other layer.
 KIND_FIELDS = {"first_k_dense_replace": 1, "mlp_only_layers": [0], "decoder_sparse_step": 1, "attn_layer_period": 2,
                "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_indices": [1],
-               "moe_layer_start_index": 1, "interleave_moe_layer_step": 1}
+               "moe_layer_start_index": 1, "interleave_moe_layer_step": 1, "num_kv_shared_layers": 0}
 # Per type, merged into its decoder's config: kinds a default config leaves out (its default stack holds one kind),
 # sizes passed as arguments that are no field, a field the model reads that its default config lacks.
 OVERRIDES = {
@@ -282,16 +283,22 @@ def _stack(config, overrides: dict) -> tuple[dict, str]:
     name, count = _layer_count(config) or ("num_hidden_layers", 2)
     per_layer = _per_layer(config, count)
     signatures = [tuple(v[i] for v in per_layer.values()) for i in range(count)]
+    sized = {k: v for k, v in _fields(config).items() if k in SIZES and isinstance(v, (list, tuple)) and len(v) == count}
+    numbers = {k: list(v) for k, v in _fields(config).items() if k not in sized and k not in per_layer
+               and isinstance(v, (list, tuple)) and len(v) == count and not INDEX_LIST.search(k)
+               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}  # a value per layer
     indexed = _index_lists(config, count)
     signatures = [s + tuple(i in v for v in indexed.values()) for i, s in enumerate(signatures)]
     kinds = list(dict.fromkeys(signatures))
     if len(kinds) <= 1:
-        return ({**(_layer_counts(config, 2) or {name: 2}), **{k: v[:2] for k, v in per_layer.items()}},
-                _kind_words(config, {}, overrides))
+        return ({**(_layer_counts(config, 2) or {name: 2}), **{k: v[:2] for k, v in (per_layer | numbers).items()},
+                 **{k: [SIZES[k]] * 2 for k in sized}}, _kind_words(config, {}, overrides))
     prefix = max(signatures.index(k) for k in kinds) + 1
     keep = list(range(prefix)) if prefix <= LONGEST_PREFIX else sorted(signatures.index(k) for k in kinds)
     out = {**(_layer_counts(config, len(keep)) or {name: len(keep)}), **{k: [v[i] for i in keep] for k, v in per_layer.items()}}
     out.update({k: [j for j, i in enumerate(keep) if i in v] for k, v in indexed.items()})
+    out.update({k: [SIZES[k]] * len(keep) for k in sized})  # a size per layer (Gemma 3n's MLP widths)
+    out.update({k: [v[i] for i in keep] for k, v in numbers.items()})
     return out, _kind_words(config, {k: out[k] for k in (*per_layer, *indexed)}, overrides)
 
 
@@ -387,8 +394,9 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 
 
 def count_matrices(model, record: dict) -> tuple[int, int, int, list[str]]:
-    """Inside the blocks of the record's pruned linears: matrices (a 3-D packed tensor: one per expert), those
-    pruned, those pruned and at least half zero, and the names (within a block) of those left dense."""
+    """Inside the blocks of the record's pruned linears: matrices (a packed expert tensor: one per expert; any other
+    tensor of two or more dimensions, a convolution's, one), those pruned, those pruned and at least half zero,
+    and the names (within a block) of those left dense."""
     pruned = {layer["name"] for layer in record["report"]["layers"]}
     blocks = sorted({m.group(1) for name in pruned if (m := re.match(r"(.*?\.\d+)\.", name))})
     matrices = done = half = 0
@@ -399,8 +407,9 @@ def count_matrices(model, record: dict) -> tuple[int, int, int, list[str]]:
                 continue
             full = f"{block}.{name}"
             owner = full.rsplit(".", 1)[0]
+            packed = param.dim() == 3 and any(p.startswith(f"{owner}.0.") for p in pruned)  # experts split to prune
             slices = ([(param[e], any(p.startswith(f"{owner}.{e}.") for p in pruned)) for e in range(param.shape[0])]
-                      if param.dim() == 3 else [(param, full.removesuffix(".weight") in pruned)])
+                      if packed else [(param, full.removesuffix(".weight") in pruned)])
             for matrix, is_pruned in slices:
                 matrices += 1
                 if not is_pruned:
@@ -428,7 +437,11 @@ def verdict(model_type: str, workdir: Path, token_folder: Path | None = None) ->
         return _timed(out, started)
     out.kinds = tiny.kinds
     folder, pruned = Path(workdir) / "tiny", Path(workdir) / "pruned"
-    tiny.model.save_pretrained(folder)
+    try:
+        tiny.model.save_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - transformers cannot save the model it built
+        out.status, out.message = "cannot be built", f"save_pretrained: {type(err).__name__}: {_first_line(err)}"
+        return _timed(out, started)
     tokenizer(token_folder).save_pretrained(folder)
     out.layers = _layer_total(tiny.model)
     del tiny
