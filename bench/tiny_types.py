@@ -304,7 +304,7 @@ def _stack(config, overrides: dict) -> tuple[dict, str]:
 
 def _kind_words(config, lists: dict, overrides: dict) -> str:
     words = [f"{k}={v}" for k, v in overrides.items() if k in KIND_FIELDS and _fields(config).get(k) is not None]
-    words += [f"{k}={','.join(map(str, v))}" for k, v in lists.items() if len(set(map(str, v))) > 1 or k in OVERRIDES]
+    words += [f"{k}={','.join(map(str, v))}" for k, v in lists.items() if len(set(map(str, v))) > 1]
     return "; ".join(words)
 
 
@@ -449,7 +449,7 @@ def verdict(model_type: str, workdir: Path, token_folder: Path | None = None) ->
         rc, err = _cli(["prune", "--model", str(folder), "--perm", "ria", "--export", "folded", "--calib", "shakespeare",
                         "--nsamples", "8", "--seqlen", "32", "--eval-windows", "0", "--quiet", "--out", str(pruned)])
         if rc != 0:
-            out.status, out.message = "refused", err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
+            out.status, out.message = "refused", _error_line(err, rc)
             return _timed(out, started)
         rc, err = _cli(["check", str(pruned)])
         auto = AutoModelForCausalLM if out.mapping == "causal-lm" else AutoModelForImageTextToText
@@ -461,13 +461,24 @@ def verdict(model_type: str, workdir: Path, token_folder: Path | None = None) ->
         return _timed(out, started)
     problems = []
     if rc != 0:
-        problems.append(f"check fails: {err.strip().splitlines()[-1] if err.strip() else rc}")
+        problems.append(f"check fails: {_error_line(err, rc)}")
     if out.pruned == 0:
         problems.append("no matrix inside the blocks is pruned")
     if out.half_zero < out.pruned:
         problems.append(f"{out.pruned - out.half_zero} of {out.pruned} pruned matrices are not half zero")
     out.status, out.message = ("fails", "; ".join(problems)) if problems else ("pass", "")
     return _timed(out, started)
+
+
+def _error_line(err: str, rc: int) -> str:
+    """The command's error line (its last ``permsparse: error:`` line), saying how many more lines followed it:
+    a refusal is meant to be one line."""
+    lines = err.strip().splitlines()
+    at = max((i for i, line in enumerate(lines) if line.startswith("permsparse: error:")), default=len(lines) - 1)
+    if at < 0:
+        return f"exit {rc}"
+    more = len(lines) - at - 1
+    return lines[at] + (f" (+{more} more line{'s' * (more > 1)})" if more else "")
 
 
 def _layer_total(model) -> int:
