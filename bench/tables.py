@@ -420,7 +420,30 @@ def render_compressed(data: dict) -> str:
             f"{same}.\n\n" + sizes + "\n" + loads)
 
 
-RENDERERS = {"compressed": render_compressed, "demo": render_demo, "quant": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
+def render_families(data: dict) -> str:
+    """bench/families.py: how many types of each mapping have each status, then every type's verdict."""
+    p = data["protocol"]
+    line = (f"Protocol: every causal-LM and image-text-to-text model type of transformers {p['transformers']} "
+            f"({p['types']} types), built tiny and random from its config (hidden 64, one layer of each kind of its "
+            f"stack, `bench/tiny_types.py`), then `{p['prune']}`, `permsparse check`, reloaded with plain "
+            "transformers and every matrix inside the blocks counted; one process per type, "
+            f"{p['jobs']} at a time, killed after {p['timeout_s']:.0f} s; {p['wall_s']:.0f} s wall in all. "
+            "Pruned: matrices at least half zero / matrices the record names as pruned; dense: the other matrices "
+            "inside the blocks.\n\n")
+    statuses = list(next(iter(p["counts"].values())))
+    counts = table(["mapping", *statuses], [[m, *(str(c[s]) for s in statuses)] for m, c in p["counts"].items()])
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = [[r["model_type"], r["mapping"], r["status"], str(r["layers"] or "–"), cell(r["kinds"]) or "–",
+             f"{r['half_zero']} / {r['pruned']}" if r["pruned"] else "–", cell(", ".join(r["dense"])) or "–",
+             cell(r["message"].removeprefix("permsparse: error: "))[:220] or "–"] for r in data["results"]]
+    return (header(data) + line + counts + "\n"
+            + table(["type", "mapping", "status", "blocks", "kinds", "pruned", "dense", "message"], rows))
+
+
+RENDERERS = {"families": render_families, "compressed": render_compressed, "demo": render_demo, "quant": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "search_speed": render_search_speed, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 

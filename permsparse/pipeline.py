@@ -25,7 +25,7 @@ from torch import nn
 from .config import Learned, PruneConfig
 from .data.calibration import CalibrationSet, calibration, source_digest
 from .data.images import reads_images
-from .data.imagetext import images_attached
+from .data.imagetext import images_attached, require_processor
 from .discover import experts_as_linears, find_blocks, find_towers, is_packed_experts, vision_tower
 from .discover.adapters import Adapter, AttentionGeometry, adapter_for, linear_weight
 from .permute.learned import BlockData, Plan, learn_block, learn_model, tile_size
@@ -115,6 +115,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, *, windows: torch.Te
     if windows is not None and ("vision" if windows.is_floating_point() else "language") not in pruned:
         raise ValueError(f"the windows given are {'images' if windows.is_floating_point() else 'token ids'}, which "
                          f"the {config.towers} tower does not read")
+    if "vision" in pruned and tokenizer is not None and not (windows is not None and windows.is_floating_point()):
+        require_processor(tokenizer, f"--towers {config.towers} (the vision tower calibrates on images)")
     reports = []
     for tower in pruned:
         vision = tower == "vision"

@@ -412,3 +412,44 @@ def test_vision_tower_objective_reads_what_the_projector_reads(layer, strategy):
     torch.testing.assert_close(read, seen[0])
     with torch.no_grad():  # only inside: the tower's own output is back after
         assert tower(pixels).last_hidden_state.shape != read.shape
+
+
+def test_a_vlm_whose_processor_cannot_be_built_prunes_its_language_tower_on_text(tmp_path, capsys):
+    """Qwen2-VL's processor needs torchvision (for its video processor), which this machine lacks: the model still
+    prunes its language tower on text with its tokenizer, saying so in one line; image-text calibration and the
+    vision tower then name what is missing, in one line each."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: Qwen2-VL's processor builds here")
+    from transformers import Qwen2VLImageProcessor
+
+    from permsparse.cli import main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import tiny_types
+
+    folder, out = tmp_path / "tiny-qwen2-vl", tmp_path / "pruned"
+    tiny_types.build("qwen2_vl").model.save_pretrained(folder)
+    tiny_types.tokenizer().save_pretrained(folder)
+    Qwen2VLImageProcessor().save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    common = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "0", "--perm", "ria", "--quiet"]
+    capsys.readouterr()
+    assert main(["prune", "--model", str(folder), "--calib", "shakespeare", "--export", "folded", *common,
+                 "--out", str(out)]) == 0
+    said = [line for line in (out / "log.txt").read_text().splitlines() if "processor cannot be built" in line]
+    assert len(said) == 1 and "Qwen2VLVideoProcessor requires the Torchvision library" in said[0]
+    assert main(["check", str(out)]) == 0
+    record = json.loads((out / "permsparse.json").read_text())
+    names = [layer["name"] for layer in record["report"]["layers"]]
+    assert names and all(name.startswith("model.language_model.layers.") for name in names)
+    for argv in (["--calib", "cifar10-captions:1,shakespeare:1"], ["--towers", "vision", "--calib", "cifar10"]):
+        capsys.readouterr()
+        assert main(["prune", "--model", str(folder), *argv, *common, "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("permsparse: error: ") and "needs the model's processor" in err
+        assert "Qwen2VLVideoProcessor requires the Torchvision library" in err
+        assert not (tmp_path / "refused").exists()

@@ -17,7 +17,7 @@ from ..run import distributed
 from ..run.cache import cache_dir
 from ..run.identity import hash_file_into
 from . import images, text as texts
-from .imagetext import ImageTextWindows, draw_image_text, image_table, is_image_text_source
+from .imagetext import ImageTextWindows, draw_image_text, image_table, is_image_text_source, require_processor
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -73,6 +73,8 @@ def text_windows(model: nn.Module, tokenizer, config: PruneConfig, wanted: int,
     come from the text parts."""
     calib = config.calibration
     text, paired, shares = _mixture_shares(calib.source, calib.nsamples, wanted)
+    if paired and is_vlm(model):  # refused before the text is drawn
+        require_processor(tokenizer, f"image-text calibration ({paired[0][0]})")
     counts = [sum(share[:len(text)]) for share in shares]
     windows = holdout = torch.zeros(0, calib.seqlen, dtype=torch.long)
     extra = None

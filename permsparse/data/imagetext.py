@@ -32,6 +32,19 @@ def is_image_text_source(source: str) -> bool:
     return source in SOURCES
 
 
+def require_processor(preprocessor, purpose: str):
+    """``preprocessor`` when it is a vision-language model's processor (it has an image processor); else a
+    one-line error saying that ``purpose`` needs one and, for a tokenizer loaded in its place, why the processor
+    could not be built (its ``processor_error``)."""
+    if getattr(preprocessor, "image_processor", None) is not None:
+        return preprocessor
+    reason = getattr(preprocessor, "processor_error", None)
+    why = (f"its processor could not be built here ({reason})" if reason
+           else f"{type(preprocessor).__name__} is no processor")
+    raise ValueError(f"{purpose} needs the model's processor (its image processor and tokenizer), and {why}: "
+                     "calibrate the language tower on text, or run where the processor can be built")
+
+
 @dataclass
 class ImageTextWindows:
     """Token ids ``(N, seqlen)``, per window its image inputs (keyed by the processor's names), and the
@@ -116,6 +129,7 @@ def draw_image_text(processor, source: str, nsamples: int, seqlen: int, seed: in
     seeded random images of its training split (disjoint between the two) and their captions."""
     if source not in SOURCES:
         raise ValueError(f"unknown image-text source {source!r}; one of {', '.join(SOURCES)}")
+    require_processor(processor, f"image-text calibration ({source})")
     images = load_images(SOURCES[source])
     order = sample(len(images), len(images), seed)
     captions = [CAPTION.format(name) for name in images.classes]

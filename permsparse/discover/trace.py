@@ -170,6 +170,8 @@ def trace(model: nn.Module, blocks_path: str, inputs: torch.Tensor) -> Traced:
 
     def embedding_hook(name):
         def hook(_module, _args, output):
+            if not isinstance(output, torch.Tensor):  # an embedding returning more (ProphetNet's positions): not a stream start
+                return None
             fresh = _fresh(output)
             traced.embeddings[fresh.grad_fn] = name
             return fresh

@@ -13,6 +13,7 @@ tokenizer, a vision-language model with its processor (image processor and token
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from .smollm2 import ALIAS as SMOLLM2_ALIAS, load_gguf, load_smollm2
 from .vit_testbed import ALIAS as TESTBED_ALIAS, testbed_folder
 from .vlm_testbed import ALIAS as VLM_ALIAS, vlm_folder
 
+log = logging.getLogger("permsparse")
 __all__ = ["MINILM_ALIAS", "SMOLLM2_ALIAS", "TESTBED_ALIAS", "VLM_ALIAS", "auto_class", "cache_dir", "is_vlm", "load_model",
            "load_preprocessor", "text_tokenizer", "vlm_classes"]
 
@@ -51,13 +53,26 @@ def auto_class(config: PretrainedConfig):
 def load_preprocessor(spec: str | Path, model: PreTrainedModel):
     """What turns raw inputs into ``model``'s inputs: its processor (image processor and tokenizer) for a
     vision-language model, its image processor for a vision model (from its ``preprocessor_config.json``),
-    else its tokenizer."""
+    else its tokenizer.
+
+    A vision-language model whose processor cannot be built here (none saved, or one that needs a library this
+    machine lacks, as Qwen2-VL's video processor needs torchvision) comes with its tokenizer alone, which says
+    why in ``processor_error``: its language tower still calibrates on text, and what needs images names
+    what is missing (:func:`permsparse.data.imagetext.require_processor`)."""
     if is_vlm(model):
         try:
             return AutoProcessor.from_pretrained(spec)
-        except (OSError, ValueError, TypeError) as err:
-            raise FileNotFoundError(f"{spec} has no processor config, which a vision-language model needs to "
-                                    f"read images and text ({type(err).__name__})") from None
+        except (ImportError, OSError, ValueError, TypeError) as err:
+            reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except (ImportError, OSError, ValueError, TypeError):
+            raise FileNotFoundError(f"{spec} has neither a processor nor a tokenizer that can be built here, which a "
+                                    f"vision-language model needs to read images and text ({reason})") from None
+        tokenizer.processor_error = reason
+        log.warning("%s: its processor cannot be built here (%s); the language tower calibrates on text with its "
+                    "tokenizer alone", spec, reason)
+        return tokenizer
     if not reads_images(model):
         return AutoTokenizer.from_pretrained(spec)
     try:
