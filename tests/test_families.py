@@ -259,3 +259,25 @@ def test_weights_of_no_linear_are_kept_dense_with_their_reason():
                     "mixer.conv1d.weight": "convolution over positions", "mixer.conv1d.bias": "convolution over positions",
                     **{f"mixer.dt_proj.{p}": "a linear's weight that mixer uses itself (never called as a module): no "
                                              "statistics of its inputs" for p in ("weight", "bias")}}
+
+
+def test_a_block_that_fails_on_its_own_is_named_and_a_failure_of_ours_stays_a_traceback():
+    """A family's block that fails when run without its model (transformers' code raising) is refused in one
+    line naming the block; an error raised inside permsparse is not disguised as one."""
+    from permsparse.discover import linear_weight
+    from permsparse.sparsity.statistics import run_block
+
+    class NeedsItsModel(torch.nn.Module):
+        def forward(self, hidden, layer_idx=None):
+            return {3: hidden}[layer_idx]  # a map the model would have filled
+
+    class CallsUs(torch.nn.Module):
+        def forward(self, hidden):
+            return linear_weight(hidden)  # fails inside permsparse
+
+    x = torch.zeros(4, 3, 8)
+    assert torch.equal(run_block(NeedsItsModel(), x, {"layer_idx": 3}, 2), x)
+    with pytest.raises(NotUnderstood, match=r"NeedsItsModel fails when run on its own .*KeyError: 0"):
+        run_block(NeedsItsModel(), x, {"layer_idx": 0}, 2)
+    with pytest.raises(AttributeError):
+        run_block(CallsUs(), x, {}, 2)

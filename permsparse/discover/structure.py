@@ -38,16 +38,17 @@ class Hints:
 
 
 def attention_geometry(config, hints: Hints = Hints()) -> AttentionGeometry | None:
-    """The attention geometry a (text) config states, or None when it names no heads."""
+    """The attention geometry a (text) config states, or None when it names no heads or they differ per
+    layer (transformers' per-layer config attributes refuse a single value)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(config, "num_attention_heads", None)
-    if not heads:
+    try:
+        heads = getattr(config, "num_attention_heads", None)
+        if not heads:
+            return None
+        kv = hints.kv_heads(config) if hints.kv_heads is not None else getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    except RuntimeError:  # AmbiguousGlobalPerLayerAttributeError: a geometry per layer
         return None
-    if hints.kv_heads is not None:
-        kv = hints.kv_heads(config)
-    else:
-        kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return AttentionGeometry(heads, kv, head_dim)
 
 

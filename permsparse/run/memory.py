@@ -70,6 +70,15 @@ def _ffn_width(model: nn.Module, blocks_path: str) -> int:
     return max(widths) if widths else 0
 
 
+def _most_heads(cfg) -> int:
+    """The attention heads of a layer, the most of any layer where the config sets them per layer."""
+    try:
+        return getattr(cfg, "num_attention_heads", 1) or 1
+    except RuntimeError:  # transformers' per-layer attributes refuse one value for the model
+        return max((getattr(layer, "num_attention_heads", 1) or 1 for layer in getattr(cfg, "per_layer_config", ())),
+                   default=1)
+
+
 def estimate(model: nn.Module, blocks_path: str, config: PruneConfig, windows: torch.Tensor,
              holdout: torch.Tensor) -> Estimate:
     """What ``prune`` will hold for ``model`` (its stack of blocks at ``blocks_path``) under ``config`` with
@@ -78,7 +87,7 @@ def estimate(model: nn.Module, blocks_path: str, config: PruneConfig, windows: t
     hidden = cfg.hidden_size
     layers = len(model.get_submodule(blocks_path))
     ffn = _ffn_width(model, blocks_path)
-    heads = getattr(cfg, "num_attention_heads", 1)
+    heads = _most_heads(cfg)
     dtype_bytes = next(model.parameters()).element_size()
     count, seqlen = windows.shape[0] + holdout.shape[0], windows.shape[1]
     stream = count * seqlen * hidden * dtype_bytes

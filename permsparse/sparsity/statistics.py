@@ -6,15 +6,18 @@ hidden states, never the whole model's activations.
 from __future__ import annotations
 
 import inspect
+import os
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..run import distributed
 from ..discover.adapters import Adapter, linear_weight
-from ..discover import model_inputs
+from ..discover import NotUnderstood, model_inputs
 
 
 class BlockArguments(dict):
@@ -240,11 +243,29 @@ def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def _call_alone(block: nn.Module, inputs: torch.Tensor, kwargs: dict):
+    """``block`` on ``inputs`` with the arguments the model passed it. A family's block that fails when run
+    without the rest of its model (state it expects the model to have set, an index into a map the model
+    keeps) is named in one line; a failure inside permsparse itself stays a traceback."""
+    try:
+        return block(inputs, **kwargs)
+    except Exception as error:  # noqa: BLE001 - classified by where it was raised
+        frames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)][1:]
+        if not frames or any(name.startswith(_PACKAGE) for name in frames):
+            raise
+        raise NotUnderstood(f"{type(block).__name__} fails when run on its own with the arguments the model "
+                            f"passed it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                            f"in {frames[-1].rpartition('/')[2]})") from error
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
     """The block's outputs for all inputs, in mini-batches."""
     return torch.cat(
-        [block_output(block(inputs[i : i + batch_size], **batch_arguments(kwargs, len(inputs[i : i + batch_size]), i)))
+        [block_output(_call_alone(block, inputs[i : i + batch_size], batch_arguments(kwargs, len(inputs[i : i + batch_size]), i)))
          for i in range(0, inputs.shape[0], batch_size)]
     )
 
