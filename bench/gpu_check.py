@@ -221,7 +221,7 @@ def part_searches(setup: Setup):
     out = {}
     for shape in shapes:
         for method in ("ria", "output", "cp"):
-            out[f"{method} {shape}"] = search_speed.search_seconds(method, shape, setup.device)
+            out[f"{method} {shape}"] = search_speed.search_seconds(method, shape, setup.device)[0]
             yield dict(out)
 
 
