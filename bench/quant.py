@@ -85,7 +85,7 @@ def run_row(row: Row, args) -> dict:
     import torch
 
     from permsparse import load_model, perplexity, prune
-    from permsparse.data import check_disjoint, token_stream
+    from permsparse.data.text import check_disjoint, token_stream
     from permsparse.report import peak_rss_mb
     from permsparse.serial import to_dict
 

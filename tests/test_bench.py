@@ -199,3 +199,23 @@ def test_zero_shot_over_seeds_pairs_within_each_seed_and_pools_the_differences()
     # each seed: +25 points on the same items, standard error 25 (differences 0, 1, 0, 0: sd 0.5, 4 items);
     # pooled: +25 ± sqrt(2 * 25²) / 2
     assert learned == "| learned | 75.0 | 75.0 | +25.00 ± 25.00, +25.00 ± 25.00 | +25.00 ± 17.68 |"
+
+
+def test_every_permsparse_name_a_bench_script_imports_exists():
+    """Imports inside a benchmark's functions run only when its rows do: a name moved in the library would
+    fail hours into a run. Every ``from permsparse... import name`` of bench/ must resolve now."""
+    import ast
+    import importlib
+
+    missing = []
+    for script in sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("permsparse"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{script.name}:{node.lineno} {node.module}.{alias.name}")
+    assert not missing
