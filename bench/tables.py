@@ -443,7 +443,7 @@ def render_families(data: dict) -> str:
             + table(["type", "mapping", "status", "blocks", "kinds", "pruned", "dense", "message"], rows))
 
 
-RENDERERS = {"families": render_families, "compressed": render_compressed, "demo": render_demo, "quant": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
+RENDERERS = {"families": render_families, "compressed": render_compressed, "demo": render_demo, "quant": render_quant, "quant_learned": render_quant, "vlm": render_vlm, "encoder": render_encoder, "vision": render_vision, "zeroshot_300": render_zeroshot_paired,
              "permutation": render_permutation, "learned_cost": render_learned_cost, "gpu_speed": render_gpu_speed,
              "update_cost": render_update_cost, "search_speed": render_search_speed, "testbed_recipes": render_testbed_recipes, "gpu_check": render_gpu_check}
 
