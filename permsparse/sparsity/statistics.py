@@ -258,7 +258,7 @@ def _call_alone(block: nn.Module, inputs: torch.Tensor, kwargs: dict):
             raise
         raise NotUnderstood(f"{type(block).__name__} fails when run on its own with the arguments the model "
                             f"passed it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                            f"in {frames[-1].rpartition('/')[2]})") from error
+                            f"in {os.path.basename(frames[-1])})") from error
 
 
 @torch.no_grad()
